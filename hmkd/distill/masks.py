@@ -1,0 +1,158 @@
+"""Foreground / background masks on an FPN level grid (paper Sec. 3.2.1, DESIGN "HMKD" item 1).
+
+All boxes are ``xyxy`` in pixels of the *resized input frame* (the detector transform's output).
+Padding of the batch is bottom/right, so cell ``(x, y)`` of a level with stride ``s`` covers the
+pixels ``[x*s, (x+1)*s) x [y*s, (y+1)*s)``.
+
+Projection rule (:func:`project_boxes`), applied to each axis independently:
+
+* a box spanning ``[a, b)`` pixels on an axis covers the cells it overlaps:
+  ``first = floor(a / s)``, ``last = ceil(b / s) - 1``;
+* if the box is smaller than one cell on that axis (``b - a < s``; this also catches degenerate
+  or inverted boxes, the only way the range above can come out empty), it covers just the cell
+  holding its centre on that axis: ``first = last = floor((a + b) / 2 / s)``;
+* both indices are then clamped to the grid ``[0, W-1]`` (x) / ``[0, H-1]`` (y), so a box past
+  the border marks the border cells it would have spilled over.
+
+So a box smaller than a cell in both directions marks exactly the cell holding its centre.
+Every function here is fully vectorised: boxes are padded to ``[B, Nmax, 4]`` and their cell
+ranges broadcast against the ``[H, W]`` grid; there is no Python loop over boxes, cells or images.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["pad_boxes", "project_boxes", "box_mask", "fg_bg_masks"]
+
+
+def pad_boxes(boxes: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    """Stack a batch of per-image boxes into one zero-padded tensor.
+
+    Args:
+        boxes: one ``[N_b, 4]`` tensor per image (``N_b`` may be 0), all on the same device.
+
+    Returns:
+        ``(padded, valid)``: ``padded`` is ``[B, Nmax, 4]`` (floating dtype: the input's if it is
+        floating, else float32; padded rows are 0) and ``valid`` a bool ``[B, Nmax]`` that is True
+        for real boxes. ``Nmax`` is 0 when no image has a box.
+    """
+    n_img = len(boxes)
+    if n_img == 0:
+        return torch.zeros(0, 0, 4), torch.zeros(0, 0, dtype=torch.bool)
+    flat = torch.cat([b.reshape(-1, 4) for b in boxes], dim=0)
+    device = flat.device
+    if not flat.is_floating_point():
+        flat = flat.float()
+    counts = torch.tensor([b.reshape(-1, 4).shape[0] for b in boxes], device=device, dtype=torch.long)
+    n_max = int(counts.max().item()) if n_img else 0
+    padded = flat.new_zeros(n_img, n_max, 4)
+    valid = torch.zeros(n_img, n_max, dtype=torch.bool, device=device)
+    if flat.shape[0] > 0:
+        img_idx = torch.repeat_interleave(torch.arange(n_img, device=device), counts)
+        starts = torch.cumsum(counts, 0) - counts
+        slot = torch.arange(flat.shape[0], device=device) - starts[img_idx]
+        padded[img_idx, slot] = flat
+        valid[img_idx, slot] = True
+    return padded, valid
+
+
+def _axis_range(lo: Tensor, hi: Tensor, stride: int, size: int) -> tuple[Tensor, Tensor]:
+    """Inclusive cell range on one axis for pixel extents ``[lo, hi)`` (see the module rule)."""
+    first = torch.floor(lo / stride)
+    last = torch.ceil(hi / stride) - 1
+    centre = torch.floor((lo + hi) * 0.5 / stride)
+    small = (hi - lo) < stride
+    first = torch.where(small, centre, first)
+    last = torch.where(small, centre, last)
+    first = first.clamp(0, size - 1).long()
+    last = last.clamp(0, size - 1).long()
+    return first, last
+
+
+def project_boxes(boxes_padded: Tensor, stride: int, feat_hw: tuple[int, int]) -> Tensor:
+    """Project pixel boxes onto a level grid as inclusive cell index ranges.
+
+    Args:
+        boxes_padded: ``[B, N, 4]`` xyxy boxes in input-frame pixels (e.g. from :func:`pad_boxes`).
+        stride: the level's stride ``s`` in pixels (4 for P2, 8 for P3, ...).
+        feat_hw: the level's grid size ``(H, W)``.
+
+    Returns:
+        LongTensor ``[B, N, 4]`` of ``(x0, y0, x1, y1)`` inclusive cell indices, following the module
+        rule: overlapped cells ``floor(x1_px/s) .. ceil(x2_px/s)-1``; on an axis where the box is
+        smaller than a cell, the cell holding its centre; clamped to ``[0, W-1]`` / ``[0, H-1]``.
+        Always ``x0 <= x1`` and ``y0 <= y1``.
+    """
+    h, w = int(feat_hw[0]), int(feat_hw[1])
+    b = boxes_padded
+    if not b.is_floating_point():
+        b = b.float()
+    x0, x1 = _axis_range(b[..., 0], b[..., 2], stride, w)
+    y0, y1 = _axis_range(b[..., 1], b[..., 3], stride, h)
+    return torch.stack([x0, y0, x1, y1], dim=-1)
+
+
+def _inside(cells: Tensor, valid: Tensor, feat_hw: tuple[int, int]) -> Tensor:
+    """Bool ``[B, N, H, W]``: cell lies in the (valid) box's projected range."""
+    h, w = int(feat_hw[0]), int(feat_hw[1])
+    device = cells.device
+    ys = torch.arange(h, device=device).view(1, 1, h, 1)
+    xs = torch.arange(w, device=device).view(1, 1, 1, w)
+    c = cells[..., None, None]  # [B, N, 4, 1, 1]
+    in_x = (xs >= c[:, :, 0]) & (xs <= c[:, :, 2])  # [B, N, 1, W]
+    in_y = (ys >= c[:, :, 1]) & (ys <= c[:, :, 3])  # [B, N, H, 1]
+    return in_x & in_y & valid[:, :, None, None]
+
+
+def box_mask(boxes: Sequence[Tensor], feat_hw: tuple[int, int], stride: int) -> Tensor:
+    """Bool ``[B, H, W]`` mask of the cells covered by any projected box of each image.
+
+    Same cells as the ``M`` of :func:`fg_bg_masks`; use it for a subset of the boxes (e.g. the
+    small-object mask). Images without boxes give an all-False map.
+    """
+    h, w = int(feat_hw[0]), int(feat_hw[1])
+    padded, valid = pad_boxes(boxes)
+    if padded.shape[1] == 0:
+        return torch.zeros(len(boxes), h, w, dtype=torch.bool, device=padded.device)
+    cells = project_boxes(padded, stride, (h, w))
+    return _inside(cells, valid, (h, w)).any(dim=1)
+
+
+def fg_bg_masks(
+    boxes: Sequence[Tensor], feat_hw: tuple[int, int], stride: int
+) -> tuple[Tensor, Tensor]:
+    """Binary foreground mask ``M`` and scale mask ``K`` of paper Sec. 3.2.1 (FGD's scale mask).
+
+    Args:
+        boxes: one ``[N_b, 4]`` xyxy pixel box tensor per image (``N_b`` may be 0).
+        feat_hw: the level's grid size ``(H, W)``.
+        stride: the level's stride in pixels.
+
+    Returns:
+        ``(M, K)``, both float32 ``[B, H, W]`` on the boxes' device.
+        ``M = 1`` on cells covered by any projected box, else 0.
+        ``K = min_g 1/(H_g*W_g)`` over the boxes ``g`` covering the cell (``H_g, W_g >= 1`` the box's
+        size in cells from :func:`project_boxes`), and ``1/N_bg`` on background cells, ``N_bg`` the
+        image's number of background cells (if ``N_bg = 0`` there is no background cell and nothing
+        is divided by zero). An image without boxes has ``M = 0`` and ``K = 1/(H*W)``.
+    """
+    h, w = int(feat_hw[0]), int(feat_hw[1])
+    padded, valid = pad_boxes(boxes)
+    n_img, device = padded.shape[0], padded.device
+    if padded.shape[1] == 0:
+        m = torch.zeros(n_img, h, w, device=device)
+        return m, torch.full((n_img, h, w), 1.0 / (h * w), device=device)
+    cells = project_boxes(padded, stride, (h, w))
+    inside = _inside(cells, valid, (h, w))  # [B, N, H, W]
+    area = ((cells[..., 2] - cells[..., 0] + 1) * (cells[..., 3] - cells[..., 1] + 1)).float()
+    # min over covering boxes of 1/area == 1/(max covering area); 0 where no box covers.
+    max_area = torch.where(inside, area[:, :, None, None], area.new_zeros(())).amax(dim=1)
+    fg = max_area > 0
+    m = fg.float()
+    n_bg = (~fg).sum(dim=(1, 2)).clamp(min=1).float()  # [B]
+    k = torch.where(fg, 1.0 / max_area.clamp(min=1.0), (1.0 / n_bg)[:, None, None].expand(n_img, h, w))
+    return m, k

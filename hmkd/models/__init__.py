@@ -1,0 +1,42 @@
+"""Detectors, backbones, feature taps and weight loading."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from hmkd.config import ModelConfig, model_kwargs
+from hmkd.models.backbones import BACKBONES, LEVELS, build_backbone, level_index
+from hmkd.models.detectors import DEFAULT_LEVELS, DETECTORS, build_detector, count_parameters, fpn_channels_of
+from hmkd.models.tap import DetectorTap, TapOutput, backbone_features, name_levels, renormalise
+from hmkd.models.weights import load_weights, read_state_dict
+
+
+def build_model(cfg: ModelConfig, num_classes: int | None = None, *, load: bool = True) -> nn.Module:
+    """Build the detector a :class:`ModelConfig` describes and load its weights file if it names one."""
+    model = build_detector(**model_kwargs(cfg, num_classes))
+    if load and cfg.backbone_weights:
+        load_weights(model, cfg.backbone_weights, prefix="backbone.body", strict=False)
+    if load and cfg.weights:
+        load_weights(model, cfg.weights)
+    return model
+
+
+__all__ = [
+    "BACKBONES",
+    "DETECTORS",
+    "DEFAULT_LEVELS",
+    "LEVELS",
+    "DetectorTap",
+    "TapOutput",
+    "backbone_features",
+    "build_backbone",
+    "build_detector",
+    "build_model",
+    "count_parameters",
+    "fpn_channels_of",
+    "level_index",
+    "load_weights",
+    "name_levels",
+    "read_state_dict",
+    "renormalise",
+]

@@ -22,6 +22,7 @@ ranges broadcast against the ``[H, W]`` grid; there is no Python loop over boxes
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -123,7 +124,11 @@ def box_mask(boxes: Sequence[Tensor], feat_hw: tuple[int, int], stride: int) -> 
 
 
 def fg_bg_masks(
-    boxes: Sequence[Tensor], feat_hw: tuple[int, int], stride: int
+    boxes: Sequence[Tensor],
+    feat_hw: tuple[int, int],
+    stride: int,
+    *,
+    overlap: Literal["min", "max"] = "min",
 ) -> tuple[Tensor, Tensor]:
     """Binary foreground mask ``M`` and scale mask ``K`` of paper Sec. 3.2.1 (FGD's scale mask).
 
@@ -131,15 +136,21 @@ def fg_bg_masks(
         boxes: one ``[N_b, 4]`` xyxy pixel box tensor per image (``N_b`` may be 0).
         feat_hw: the level's grid size ``(H, W)``.
         stride: the level's stride in pixels.
+        overlap: rule for cells covered by several boxes. ``"min"`` (default, HMKD paper Sec.
+            3.2.1): the minimum of their ``1/(H_g*W_g)``, i.e. the largest box wins. ``"max"``
+            (FGD, Yang et al. 2022, "we choose the smallest box"): the maximum, i.e. the smallest
+            box wins.
 
     Returns:
         ``(M, K)``, both float32 ``[B, H, W]`` on the boxes' device.
         ``M = 1`` on cells covered by any projected box, else 0.
-        ``K = min_g 1/(H_g*W_g)`` over the boxes ``g`` covering the cell (``H_g, W_g >= 1`` the box's
-        size in cells from :func:`project_boxes`), and ``1/N_bg`` on background cells, ``N_bg`` the
-        image's number of background cells (if ``N_bg = 0`` there is no background cell and nothing
-        is divided by zero). An image without boxes has ``M = 0`` and ``K = 1/(H*W)``.
+        ``K = min_g 1/(H_g*W_g)`` (``max_g`` with ``overlap="max"``) over the boxes ``g`` covering
+        the cell (``H_g, W_g >= 1`` the box's size in cells from :func:`project_boxes`), and
+        ``1/N_bg`` on background cells, ``N_bg`` the image's number of background cells (if
+        ``N_bg = 0`` there is no background cell and nothing is divided by zero). An image without boxes has ``M = 0`` and ``K = 1/(H*W)``.
     """
+    if overlap not in ("min", "max"):
+        raise ValueError(f"fg_bg_masks: overlap must be 'min' or 'max', got {overlap!r}")
     h, w = int(feat_hw[0]), int(feat_hw[1])
     padded, valid = pad_boxes(boxes)
     n_img, device = padded.shape[0], padded.device
@@ -149,10 +160,15 @@ def fg_bg_masks(
     cells = project_boxes(padded, stride, (h, w))
     inside = _inside(cells, valid, (h, w))  # [B, N, H, W]
     area = ((cells[..., 2] - cells[..., 0] + 1) * (cells[..., 3] - cells[..., 1] + 1)).float()
-    # min over covering boxes of 1/area == 1/(max covering area); 0 where no box covers.
-    max_area = torch.where(inside, area[:, :, None, None], area.new_zeros(())).amax(dim=1)
-    fg = max_area > 0
+    area = area[:, :, None, None]
+    if overlap == "min":  # min of 1/area == 1/(largest covering area); 0 where no box covers
+        cover_area = torch.where(inside, area, area.new_zeros(())).amax(dim=1)
+    else:  # "max": max of 1/area == 1/(smallest covering area); 0 where no box covers
+        big = area.new_full((), float(h * w + 1))
+        cover_area = torch.where(inside, area, big).amin(dim=1)
+        cover_area = torch.where(cover_area > h * w, cover_area.new_zeros(()), cover_area)
+    fg = cover_area > 0
     m = fg.float()
     n_bg = (~fg).sum(dim=(1, 2)).clamp(min=1).float()  # [B]
-    k = torch.where(fg, 1.0 / max_area.clamp(min=1.0), (1.0 / n_bg)[:, None, None].expand(n_img, h, w))
+    k = torch.where(fg, 1.0 / cover_area.clamp(min=1.0), (1.0 / n_bg)[:, None, None].expand(n_img, h, w))
     return m, k

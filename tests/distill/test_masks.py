@@ -16,13 +16,13 @@ def _b(*rows: list[float]) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.float32).reshape(-1, 4)
 
 
-def _slow_reference(boxes, feat_hw, stride):
+def _slow_reference(boxes, feat_hw, stride, pick=min):
     """Cell-by-cell loop over the documented rule, independent of the vectorised code."""
     h, w = feat_hw
     ms, ks = [], []
     for bx in boxes:
         m = torch.zeros(h, w)
-        k = torch.full((h, w), math.inf)
+        k = torch.full((h, w), math.nan)
         for x1, y1, x2, y2 in bx.tolist():
             def rng(a, b, size):
                 if b - a < stride:
@@ -38,7 +38,8 @@ def _slow_reference(boxes, feat_hw, stride):
             for yy in range(cy0, cy1 + 1):
                 for xx in range(cx0, cx1 + 1):
                     m[yy, xx] = 1.0
-                    k[yy, xx] = min(k[yy, xx].item(), 1.0 / area)
+                    old = k[yy, xx].item()
+                    k[yy, xx] = 1.0 / area if math.isnan(old) else pick(old, 1.0 / area)
         n_bg = int((m == 0).sum())
         k[m == 0] = 1.0 / n_bg if n_bg else 0.0
         ms.append(m)
@@ -98,6 +99,16 @@ def test_two_overlapping_boxes_take_minimum():
     assert k[0, 1, 0] == pytest.approx(1 / 4)
     assert k[0, 2, 4] == pytest.approx(1 / 8)
     _check_k_bg(m[0], k[0], 1 / 13)
+
+
+def test_overlap_max_rule_smallest_box_wins():
+    m, k = fg_bg_masks([_b([0, 0, 16, 16], [8, 8, 40, 24])], (H, W), 8, overlap="max")
+    assert m.sum() == 11
+    assert k[0, 1, 1] == pytest.approx(1 / 4)  # max(1/4, 1/8)
+    assert k[0, 2, 4] == pytest.approx(1 / 8)
+    _check_k_bg(m[0], k[0], 1 / 13)
+    with pytest.raises(ValueError, match="overlap"):
+        fg_bg_masks([_b()], (H, W), 8, overlap="mean")
 
 
 def test_box_smaller_than_cell_marks_centre_cell():
@@ -179,6 +190,9 @@ def test_matches_slow_reference_loop():
     assert torch.allclose(k, rk)
     assert torch.equal(box_mask(boxes, feat_hw, stride), rm.bool())
     assert torch.equal(box_mask(boxes[1:2], feat_hw, stride)[0], rm[1].bool())
+    m, k = fg_bg_masks(boxes, feat_hw, stride, overlap="max")
+    rm, rk = _slow_reference(boxes, feat_hw, stride, pick=max)
+    assert torch.equal(m, rm) and torch.allclose(k, rk)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

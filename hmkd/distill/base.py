@@ -1,0 +1,172 @@
+"""The distiller interface every method shares (``none`` = plain training of one detector).
+
+A :class:`Distiller` holds the student, the frozen teacher and the method's own modules. Each step
+``losses = distiller(images, targets, iteration)`` runs ONE ordinary forward of the student (its FPN
+maps come from a :class:`~hmkd.models.DetectorTap`), one ``torch.no_grad()`` pass of the teacher's
+backbone + FPN on the very same transformed batch, and the method's losses. The result is a flat,
+prefixed dict (``student.loss_classifier``, ``distill.small_p2``, ``aux.identification`` ...) whose
+sum is backpropagated once:
+
+- ``student.*`` and ``distill.*`` terms train the student and the distiller's modules (adapters,
+  GcBlocks, student-side projections) with the main optimiser;
+- ``aux.*`` terms train only modules that have their own optimiser (:meth:`extra_optimizers`, e.g.
+  the matching decoder); their inputs come from the teacher and are detached, and the distillation
+  terms detach the decoder's outputs, so the two never mix.
+
+The teacher is kept out of ``parameters()``, ``state_dict()`` and DDP: it is frozen, in eval mode,
+and moved with the distiller by ``.to()``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
+
+import torch
+from torch import nn
+
+from hmkd.errors import ConfigError
+from hmkd.models.tap import DetectorTap, TapOutput, backbone_features, renormalise
+
+SMALL_AREA = 32 * 32
+
+
+@dataclass
+class NoOptions:
+    """The ``none`` method has no options."""
+
+
+@dataclass
+class DistillInputs:
+    """Everything a distillation loss may read for one batch.
+
+    Attributes:
+        student: the student's tapped forward (features ``P*``, resized targets, sizes).
+        teacher_features: the teacher's FPN maps on the same transformed batch (no grad).
+        boxes: per image, GT boxes in the resized frame ``[N,4]``.
+        labels: per image, GT labels ``[N]``.
+        small: per image, bool ``[N]``: object area < 32x32 in the original image (COCO's "small").
+        image_sizes: resized (unpadded) sizes.
+    """
+
+    student: TapOutput
+    teacher_features: dict[str, torch.Tensor]
+    boxes: list[torch.Tensor]
+    labels: list[torch.Tensor]
+    small: list[torch.Tensor]
+    image_sizes: list[tuple[int, int]]
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+def small_flags(targets: list[dict[str, torch.Tensor]], small_area: float = SMALL_AREA) -> list[torch.Tensor]:
+    """Per-box bool "small object" flags from ORIGINAL-frame targets (``area`` if given, else box area)."""
+    out = []
+    for t in targets:
+        if "area" in t and len(t["area"]) == len(t["boxes"]):
+            area = t["area"].to(torch.float32)
+        else:
+            b = t["boxes"]
+            area = (b[:, 2] - b[:, 0]).clamp(min=0) * (b[:, 3] - b[:, 1]).clamp(min=0)
+        out.append(area < small_area)
+    return out
+
+
+class Distiller(nn.Module):
+    """Base distiller; as is, the ``none`` method (the student's own detection losses only)."""
+
+    name: ClassVar[str] = "none"
+    Options: ClassVar[type] = NoOptions
+    needs_teacher: ClassVar[bool] = False
+
+    def __init__(self, student: nn.Module, teacher: nn.Module | None = None, options: Any = None) -> None:
+        super().__init__()
+        self.options = options if options is not None else self.Options()
+        self.student = student
+        self._teacher: list[nn.Module] = []  # hidden from parameters()/state_dict()/DDP
+        if self.needs_teacher and teacher is None:
+            raise ConfigError(f"method {self.name!r} needs a teacher (config 'teacher' with 'weights')")
+        if teacher is not None:
+            teacher.eval()
+            for p in teacher.parameters():
+                p.requires_grad_(False)
+            self._teacher.append(teacher)
+        self._tap = DetectorTap(student)
+
+    # -- teacher handling ---------------------------------------------------------------------
+    @property
+    def teacher(self) -> nn.Module | None:
+        """The frozen teacher (not a registered sub-module)."""
+        return self._teacher[0] if self._teacher else None
+
+    def _apply(self, fn: Callable, recurse: bool = True) -> "Distiller":  # .to(), .cuda(), .double()
+        super()._apply(fn, recurse)
+        if self._teacher:
+            self._teacher[0]._apply(fn)
+        return self
+
+    def train(self, mode: bool = True) -> "Distiller":
+        super().train(mode)
+        if self._teacher:
+            self._teacher[0].eval()
+        return self
+
+    def wrap_student(self, wrapped: nn.Module) -> None:
+        """Run the student through ``wrapped`` (e.g. its DDP wrapper); hooks stay on the inner model."""
+        self._tap.remove()
+        self._tap = DetectorTap(wrapped)
+
+    # -- parameters -----------------------------------------------------------------------------
+    def extra_modules(self) -> dict[str, nn.Module]:
+        """Modules trained by their own optimiser (``aux.*`` losses), by name. None by default."""
+        return {}
+
+    def student_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.student.parameters() if p.requires_grad]
+
+    def distiller_parameters(self) -> list[nn.Parameter]:
+        """Trainable parameters of the method's own modules optimised with the student."""
+        skip = {id(p) for p in self.student.parameters()}
+        for m in self.extra_modules().values():
+            skip.update(id(p) for p in m.parameters())
+        return [p for p in self.parameters() if p.requires_grad and id(p) not in skip]
+
+    def extra_optimizers(self) -> list[tuple[str, torch.optim.Optimizer, float | None]]:
+        """``(name, optimiser, grad-clip max-norm)`` for each extra module; built once and cached."""
+        return []
+
+    # -- the step -------------------------------------------------------------------------------
+    def teacher_features(self, tensors: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The teacher's P-named FPN maps on a batch the student's transform produced."""
+        teacher = self.teacher
+        assert teacher is not None
+        with torch.no_grad():
+            return dict(backbone_features(teacher, renormalise(tensors, self.student, teacher)))
+
+    def forward(
+        self,
+        images: list[torch.Tensor],
+        targets: list[dict[str, torch.Tensor]],
+        iteration: int | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """One training step's losses, flat and prefixed (sum them and backpropagate once)."""
+        small = small_flags(targets)
+        res = self._tap(images, targets)
+        losses = {f"student.{k}": v for k, v in res.output.items()}
+        if self.teacher is None or not self.needs_teacher:
+            return losses
+        t_feats = self.teacher_features(res.tensors)
+        resized = res.targets or []
+        inputs = DistillInputs(
+            student=res,
+            teacher_features=t_feats,
+            boxes=[t["boxes"] for t in resized],
+            labels=[t["labels"] for t in resized],
+            small=small,
+            image_sizes=res.image_sizes,
+        )
+        losses.update(self.distill_losses(inputs, iteration))
+        return losses
+
+    def distill_losses(self, inputs: DistillInputs, iteration: int | None) -> dict[str, torch.Tensor]:
+        """The method's loss terms (``distill.*`` and ``aux.*``). None for the base."""
+        return {}

@@ -1,0 +1,298 @@
+"""The ``hmkd`` command line. Every sub-command is a thin layer over a library function.
+
+Errors of the project's own type (:class:`hmkd.errors.HMKDError`) print as one line
+``hmkd: error: <message>`` and exit with status 2; nothing partial is left behind as if complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import Any, Sequence
+
+from hmkd.errors import HMKDError
+
+
+def _load_cfg(args: argparse.Namespace):
+    from hmkd.config import load_config
+
+    return load_config(args.config, list(getattr(args, "overrides", []) or []))
+
+
+# -- list ---------------------------------------------------------------------------------------
+def cmd_list(args: argparse.Namespace) -> int:
+    if args.what == "detectors":
+        from hmkd.models import DETECTORS as table
+    elif args.what == "backbones":
+        from hmkd.models import BACKBONES as table
+    elif args.what == "methods":
+        from hmkd.distill.registry import DESCRIPTIONS, _load_builtin
+
+        _load_builtin()
+        table = DESCRIPTIONS
+    else:
+        from hmkd.data import DATASETS as table
+    width = max(len(k) for k in table)
+    for k, v in table.items():
+        print(f"{k:<{width}}  {v}")
+    return 0
+
+
+# -- data ---------------------------------------------------------------------------------------
+def cmd_data_synth(args: argparse.Namespace) -> int:
+    from hmkd.data.synthetic import generate_synthetic
+
+    info = generate_synthetic(
+        args.out, n_train=args.train, n_val=args.val, size=args.size, seed=args.seed, preset=args.preset
+    )
+    print(json.dumps(info, indent=2, default=str))
+    return 0
+
+
+def cmd_data_visdrone(args: argparse.Namespace) -> int:
+    from hmkd.data.visdrone import convert_visdrone
+
+    stats = convert_visdrone(args.src, args.out)
+    print(json.dumps(stats, indent=2, default=str))
+    return 0
+
+
+# -- train / distill / eval ---------------------------------------------------------------------
+def cmd_train(args: argparse.Namespace) -> int:
+    from hmkd.engine.trainer import train
+
+    cfg = _load_cfg(args)
+    if args.cmd == "distill" and cfg.distill.method == "none":
+        from hmkd.errors import ConfigError
+
+        raise ConfigError(f"{args.config}: distill.method is 'none'; use 'hmkd train' or set distill.method")
+    metrics = train(cfg, output_dir=args.output_dir, resume=args.resume, progress=not args.no_progress)
+    print(json.dumps(metrics, indent=2, default=str))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from hmkd.engine.trainer import evaluate
+
+    cfg = _load_cfg(args)
+    metrics = evaluate(cfg, weights=args.weights, out_dir=args.out, progress=not args.no_progress)
+    print(json.dumps({k: {m: v for m, v in d.items() if m != "per_class"} for k, d in metrics.items()}, indent=2))
+    return 0
+
+
+# -- demo ---------------------------------------------------------------------------------------
+def cmd_demo(args: argparse.Namespace) -> int:
+    from hmkd.demo import run_demo
+
+    results = run_demo(out_dir=args.out, quick=args.quick, progress=not args.no_progress)
+    print(results["table"])
+    return 0
+
+
+# -- bench / viz / export -----------------------------------------------------------------------
+def _named_weights(items: Sequence[str] | None) -> list[tuple[str, str]]:
+    out = []
+    for i, item in enumerate(items or []):
+        name, sep, path = item.partition("=")
+        out.append((name, path) if sep else (os.path.splitext(os.path.basename(item))[0] or f"model{i}", item))
+    return out
+
+
+def cmd_bench_speed(args: argparse.Namespace) -> int:
+    from hmkd.bench.speed import speed_report_from_config
+
+    cfg = _load_cfg(args)
+    res = speed_report_from_config(
+        cfg,
+        weights=_named_weights(args.weights),
+        out_dir=args.out,
+        input_size=(args.size, args.size),
+        device=args.device,
+        iters=args.iters,
+        onnx=args.onnx,
+    )
+    print(res.get("table", json.dumps(res, indent=2, default=str)))
+    return 0
+
+
+def cmd_bench_accuracy(args: argparse.Namespace) -> int:
+    from hmkd.bench.accuracy import run_accuracy_bench
+
+    cfg = _load_cfg(args)
+    res = run_accuracy_bench(
+        cfg,
+        methods=args.methods,
+        seeds=args.seeds,
+        out_dir=args.out,
+        teacher=args.teacher,
+        ablation=args.ablation,
+        progress=not args.no_progress,
+    )
+    print(res["table"])
+    return 0
+
+
+def cmd_bench_cost(args: argparse.Namespace) -> int:
+    from hmkd.bench.cost import run_cost_bench
+
+    cfg = _load_cfg(args)
+    res = run_cost_bench(cfg, methods=args.methods, out_dir=args.out, iters=args.iters, warmup=args.warmup)
+    print(res["table"])
+    return 0
+
+
+def cmd_viz_detections(args: argparse.Namespace) -> int:
+    from hmkd.viz.detections import draw_detections_from_config
+
+    cfg = _load_cfg(args)
+    paths = draw_detections_from_config(
+        cfg, weights=_named_weights(args.weights), images=args.images, out_dir=args.out, score_thresh=args.score_thresh
+    )
+    print("\n".join(paths))
+    return 0
+
+
+def cmd_viz_heatmap(args: argparse.Namespace) -> int:
+    from hmkd.viz.heatmap import gradcam_from_config
+
+    cfg = _load_cfg(args)
+    paths = gradcam_from_config(
+        cfg, weights=_named_weights(args.weights), images=args.images, level=args.level, out_dir=args.out
+    )
+    print("\n".join(paths))
+    return 0
+
+
+def cmd_export_onnx(args: argparse.Namespace) -> int:
+    from hmkd.export.onnx import export_from_config
+
+    cfg = _load_cfg(args)
+    info = export_from_config(cfg, weights=args.weights, out_path=args.out, input_size=(args.size, args.size))
+    print(json.dumps(info, indent=2, default=str))
+    return 0
+
+
+# -- parser -------------------------------------------------------------------------------------
+def _add_config(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="YAML config (see configs/)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.iters=100")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="hmkd", description="Hierarchical Matching Knowledge Distillation toolkit")
+    ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("list", help="list registered detectors, backbones, methods or datasets")
+    p.add_argument("what", choices=["detectors", "backbones", "methods", "datasets"])
+    p.set_defaults(func=cmd_list)
+
+    data = sub.add_parser("data", help="data set tools").add_subparsers(dest="data_cmd", required=True)
+    p = data.add_parser("synth", help="generate the synthetic small-object data set (COCO format)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--train", type=int, default=1000)
+    p.add_argument("--val", type=int, default=200)
+    p.add_argument("--size", type=int, default=320)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--preset", default="default", help="default | hard")
+    p.set_defaults(func=cmd_data_synth)
+    p = data.add_parser("visdrone", help="convert VisDrone-DET txt annotations to COCO JSON")
+    p.add_argument("--src", required=True, help="folder with images/ and annotations/")
+    p.add_argument("--out", required=True, help="output JSON file")
+    p.set_defaults(func=cmd_data_visdrone)
+
+    for name, helptext in (("train", "train one detector (teacher or plain student)"), ("distill", "train a student with a frozen teacher")):
+        p = sub.add_parser(name, help=helptext)
+        _add_config(p)
+        p.add_argument("--output-dir", default=None)
+        p.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/last_checkpoint.pth")
+        p.add_argument("--no-progress", action="store_true")
+        p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="COCO evaluation of a checkpoint on the config's val split")
+    _add_config(p)
+    p.add_argument("--weights", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("demo", help="the whole story on the synthetic data set, on CPU")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--quick", action="store_true", help="tiny settings (< 3 minutes)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_demo)
+
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_cmd", required=True)
+    p = bench.add_parser("speed", help="params, GFLOPs and latency of each model")
+    _add_config(p)
+    p.add_argument("--weights", action="append", help="NAME=CKPT (repeatable)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--size", type=int, default=320)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--onnx", action="store_true", help="also time the ONNX export with onnxruntime")
+    p.set_defaults(func=cmd_bench_speed)
+    p = bench.add_parser("accuracy", help="every method side by side (paper Table 1)")
+    _add_config(p)
+    p.add_argument("--methods", nargs="+", default=None)
+    p.add_argument("--seeds", type=int, default=2)
+    p.add_argument("--teacher", default=None, help="reuse a trained teacher checkpoint")
+    p.add_argument("--ablation", default=None, help="supplement | heads | start_level | inquiry_head")
+    p.add_argument("--out", required=True)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_bench_accuracy)
+    p = bench.add_parser("cost", help="seconds per step and memory of each method against no-KD")
+    _add_config(p)
+    p.add_argument("--methods", nargs="+", default=None)
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_bench_cost)
+
+    viz = sub.add_parser("viz", help="pictures").add_subparsers(dest="viz_cmd", required=True)
+    p = viz.add_parser("detections", help="detections of several models side by side (paper Fig. 4)")
+    _add_config(p)
+    p.add_argument("--weights", action="append", required=True, help="[NAME=]CKPT (repeatable)")
+    p.add_argument("--images", nargs="+", required=True)
+    p.add_argument("--score-thresh", type=float, default=0.3)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_viz_detections)
+    p = viz.add_parser("heatmap", help="Grad-CAM on an FPN level (paper Fig. 1)")
+    _add_config(p)
+    p.add_argument("--weights", action="append", required=True, help="[NAME=]CKPT (repeatable)")
+    p.add_argument("--images", nargs="+", required=True)
+    p.add_argument("--level", default="P3")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_viz_heatmap)
+
+    exp = sub.add_parser("export", help="export for deployment").add_subparsers(dest="export_cmd", required=True)
+    p = exp.add_parser("onnx", help="ONNX export checked with onnxruntime")
+    _add_config(p)
+    p.add_argument("--weights", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--size", type=int, default=320)
+    p.set_defaults(func=cmd_export_onnx)
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``hmkd`` command."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(name)s: %(message)s"
+    )
+    try:
+        return int(args.func(args) or 0)
+    except HMKDError as e:
+        print(f"hmkd: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("hmkd: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

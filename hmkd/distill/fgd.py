@@ -160,7 +160,8 @@ class FGDLoss(nn.Module):
         key = _DETECTOR_PRESET.get(detector)
         if key is None:
             raise ValueError(
-                f"FGDLoss.for_detector: unknown detector {detector!r}; expected one of {sorted(_DETECTOR_PRESET)}"
+                f"FGDLoss.for_detector: unknown detector {detector!r}; "
+                f"expected one of {sorted(_DETECTOR_PRESET)}"
             )
         kwargs: dict[str, object] = dict(FGD_PRESETS[key])
         kwargs.update(overrides)

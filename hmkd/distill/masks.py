@@ -147,7 +147,8 @@ def fg_bg_masks(
         ``K = min_g 1/(H_g*W_g)`` (``max_g`` with ``overlap="max"``) over the boxes ``g`` covering
         the cell (``H_g, W_g >= 1`` the box's size in cells from :func:`project_boxes`), and
         ``1/N_bg`` on background cells, ``N_bg`` the image's number of background cells (if
-        ``N_bg = 0`` there is no background cell and nothing is divided by zero). An image without boxes has ``M = 0`` and ``K = 1/(H*W)``.
+        ``N_bg = 0`` there is no background cell and nothing is divided by zero). An image
+        without boxes has ``M = 0`` and ``K = 1/(H*W)``.
     """
     if overlap not in ("min", "max"):
         raise ValueError(f"fg_bg_masks: overlap must be 'min' or 'max', got {overlap!r}")
@@ -170,5 +171,6 @@ def fg_bg_masks(
     fg = cover_area > 0
     m = fg.float()
     n_bg = (~fg).sum(dim=(1, 2)).clamp(min=1).float()  # [B]
-    k = torch.where(fg, 1.0 / cover_area.clamp(min=1.0), (1.0 / n_bg)[:, None, None].expand(n_img, h, w))
+    k_bg = (1.0 / n_bg)[:, None, None].expand(n_img, h, w)
+    k = torch.where(fg, 1.0 / cover_area.clamp(min=1.0), k_bg)
     return m, k

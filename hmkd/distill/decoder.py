@@ -1,0 +1,462 @@
+"""Hierarchical matching decoder of HMKD (Sec. 3.2.2, Fig. 3; DESIGN.md item 3).
+
+Inquiries (one per object) attend over the teacher's key/value maps::
+
+    b_i   = MLP([class_emb(label_i) ; sine(cx, cy, w, h)]) (+ Linear(T_l sampled at the centre))
+    K     = F_k(X + F_pe(V)),  O = F_v(X),  q_i = F_q(b_i)         split into N_m heads of c
+    m_ij  = softmax_U(k_j . q_ij / sqrt(c))
+
+X is the concatenation (along positions) of the given key maps: HMKD passes the single level
+l-1 map, the ICD baseline passes all FPN levels. V is a 2-D sine positional embedding per map
+plus a learned per-map level embedding when more than one map is given.
+
+The decoder is trained only by the ICD-style auxiliary task (:meth:`MatchingDecoder.aux_loss`),
+on the teacher side: it never sends gradients into its input maps (they are detached inside).
+
+Boxes are xyxy in pixels of the resized input frame; ``image_sizes`` are the per-image resized
+(h, w) before batch padding (torchvision ``ImageList.image_sizes``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "sine_box_encoding",
+    "sine_pos_embed_2d",
+    "split_heads",
+    "MatchingDecoder",
+]
+
+
+def _sine_1d(values: Tensor, dim: int, temperature: float) -> Tensor:
+    """DETR sine/cosine features of scalars in [0, 1]: ``[..] -> [.., dim]``.
+
+    Feature 2k is ``sin(2*pi*v / T^(2k/dim))`` and feature 2k+1 ``cos`` of the same argument.
+    """
+    if dim % 2 != 0:
+        raise ValueError(f"sine encoding: per-coordinate dim must be even, got {dim}")
+    k = torch.arange(dim // 2, device=values.device, dtype=torch.float32)
+    freq = temperature ** (2.0 * k / dim)  # [dim/2]
+    arg = values.float()[..., None] * (2.0 * math.pi) / freq
+    return torch.stack((arg.sin(), arg.cos()), dim=-1).flatten(-2)
+
+
+def sine_box_encoding(boxes_norm: Tensor, dim: int, temperature: float = 10000.0) -> Tensor:
+    """DETR-style sine encoding of normalised boxes.
+
+    Args:
+        boxes_norm: [N, 4] as (cx, cy, w, h) in [0, 1] (relative to the image size).
+        dim: output width; ``dim / 4`` features per coordinate (so ``dim % 8 == 0``).
+        temperature: frequency base.
+
+    Returns:
+        [N, dim] = concat over (cx, cy, w, h) of interleaved (sin, cos) of ``2*pi*v / T^(2k/d)``
+        with d = dim/4, k = 0..d/2-1. At v = 0 each block is (0, 1, 0, 1, ...). Values in [-1, 1].
+    """
+    if dim % 8 != 0:
+        raise ValueError(f"sine_box_encoding: dim must be a multiple of 8, got {dim}")
+    enc = _sine_1d(boxes_norm, dim // 4, temperature)  # [N, 4, dim/4]
+    return enc.flatten(-2).to(boxes_norm.dtype if boxes_norm.is_floating_point() else torch.float32)
+
+
+def sine_pos_embed_2d(
+    h: int,
+    w: int,
+    dim: int,
+    temperature: float = 10000.0,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """DETR-style 2-D sine positional embedding of an h x w grid.
+
+    Cell (x, y) is at normalised coordinates ((x + 0.5) / w, (y + 0.5) / h) (cell centres,
+    consistent with normalised box centres); the first ``dim/2`` features encode x, the last
+    ``dim/2`` encode y, each as interleaved (sin, cos) as in :func:`sine_box_encoding`.
+
+    Returns:
+        [h * w, dim] in raster (row-major) order, matching ``map.flatten(2)``.
+    """
+    if dim % 4 != 0:
+        raise ValueError(f"sine_pos_embed_2d: dim must be a multiple of 4, got {dim}")
+    ys = (torch.arange(h, device=device, dtype=torch.float32) + 0.5) / h
+    xs = (torch.arange(w, device=device, dtype=torch.float32) + 0.5) / w
+    ex = _sine_1d(xs, dim // 2, temperature)  # [w, dim/2]
+    ey = _sine_1d(ys, dim // 2, temperature)  # [h, dim/2]
+    emb = torch.cat((ex[None, :, :].expand(h, w, -1), ey[:, None, :].expand(h, w, -1)), dim=-1)
+    return emb.reshape(h * w, dim).to(dtype)
+
+
+def split_heads(x: Tensor, heads: int) -> Tensor:
+    """[B, U, hidden] -> [B, heads, U, hidden / heads]."""
+    b, u, hidden = x.shape
+    return x.reshape(b, u, heads, hidden // heads).transpose(1, 2)
+
+
+def _mlp(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out_dim))
+
+
+def _xyxy_to_cxcywh(boxes: Tensor) -> Tensor:
+    x1, y1, x2, y2 = boxes.unbind(-1)
+    return torch.stack(((x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1), dim=-1)
+
+
+def _cxcywh_to_xyxy(boxes: Tensor) -> Tensor:
+    cx, cy, w, h = boxes.unbind(-1)
+    return torch.stack((cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2), dim=-1)
+
+
+def _pad_by_image(values: Tensor, img: Tensor, batch: int) -> tuple[Tensor, Tensor]:
+    """Scatter flat rows with image index ``img`` into [B, Nmax, ...] plus a validity mask.
+
+    Rows keep their relative order within each image (stable sort by image index).
+    """
+    n = values.shape[0]
+    counts = torch.bincount(img, minlength=batch) if n else torch.zeros(batch, dtype=torch.long, device=values.device)
+    nmax = int(counts.max()) if batch else 0
+    out = values.new_zeros((batch, nmax) + tuple(values.shape[1:]))
+    valid = torch.zeros(batch, nmax, dtype=torch.bool, device=values.device)
+    if n == 0:
+        return out, valid
+    order = torch.sort(img, stable=True).indices
+    img_sorted = img[order]
+    starts = torch.cumsum(counts, 0) - counts
+    pos = torch.arange(n, device=values.device) - starts[img_sorted]
+    out[img_sorted, pos] = values[order]
+    valid[img_sorted, pos] = True
+    return out, valid
+
+
+class MatchingDecoder(nn.Module):
+    """Instance-conditional multi-head attention decoder (HMKD hierarchical matching / ICD).
+
+    Args:
+        in_channels: channels C of the teacher maps (keys/values and the query map).
+        num_classes: number of object classes K. Labels index ``nn.Embedding(K + 1, hidden/2)``
+            directly, so they must lie in [0, K] (torchvision convention: 1..K objects, 0
+            background; padded inquiries use 0).
+        hidden: attention width (multiple of 16 and of ``heads``).
+        heads: number of heads N_m; per-head width c = hidden / heads.
+        query_feature: add Linear(C -> hidden) of the query map bilinearly sampled at each box
+            centre to the inquiry (the "low-resolution, high-semantic" part of HMKD).
+        fakes_per_real: fake inquiries per real object in :meth:`aux_loss`.
+        max_key_maps: size of the learned level-embedding table (ICD passes up to 5 levels).
+        real_jitter: relative jitter of the real inquiries' boxes in :meth:`aux_loss`.
+        fake_size_jitter: fake box sides are real sides scaled by ``exp(U(-j, j))``.
+        temperature: sine-encoding temperature.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        hidden: int = 256,
+        heads: int = 8,
+        query_feature: bool = True,
+        fakes_per_real: int = 3,
+        *,
+        max_key_maps: int = 8,
+        real_jitter: float = 0.1,
+        fake_size_jitter: float = 0.5,
+        temperature: float = 10000.0,
+    ) -> None:
+        super().__init__()
+        if hidden % 16 != 0:
+            raise ValueError(f"MatchingDecoder: hidden must be a multiple of 16, got {hidden}")
+        if hidden % heads != 0:
+            raise ValueError(f"MatchingDecoder: heads ({heads}) must divide hidden ({hidden})")
+        if fakes_per_real < 0:
+            raise ValueError(f"MatchingDecoder: fakes_per_real must be >= 0, got {fakes_per_real}")
+        self.in_channels = in_channels
+        self.num_classes = num_classes
+        self.hidden = hidden
+        self.heads = heads
+        self.head_dim = hidden // heads
+        self.query_feature = query_feature
+        self.fakes_per_real = fakes_per_real
+        self.real_jitter = real_jitter
+        self.fake_size_jitter = fake_size_jitter
+        self.temperature = temperature
+
+        # inquiry encoder
+        self.class_embed = nn.Embedding(num_classes + 1, hidden // 2)
+        self.inquiry_mlp = _mlp(hidden, hidden, hidden)  # F_b
+        self.query_feat_proj = nn.Linear(in_channels, hidden) if query_feature else None
+        # attention projections
+        self.pos_proj = nn.Linear(hidden, in_channels)  # F_pe
+        self.level_embed = nn.Parameter(torch.empty(max_key_maps, hidden))
+        nn.init.normal_(self.level_embed)
+        self.key_proj = nn.Linear(in_channels, hidden)  # F_k
+        self.value_proj = nn.Linear(in_channels, hidden)  # F_v
+        self.query_proj = nn.Linear(hidden, hidden)  # F_q
+        # auxiliary heads
+        self.ident_head = _mlp(hidden, hidden, 1)
+        self.loc_head = _mlp(hidden, hidden, 4)
+
+    # ------------------------------------------------------------------ inquiries
+    def _encode(
+        self,
+        boxes: Tensor,
+        labels: Tensor,
+        img: Tensor,
+        sizes_hw: Tensor,
+        query_map: Tensor | None,
+        query_stride: int | None,
+    ) -> Tensor:
+        """Encode flat boxes [N,4] xyxy px of images ``img`` [N] into inquiries [N, hidden]."""
+        wh = sizes_hw[img].flip(-1).to(boxes.dtype)  # [N, 2] as (w, h)
+        cxcywh = _xyxy_to_cxcywh(boxes)
+        norm = (cxcywh / torch.cat((wh, wh), dim=-1)).clamp(0.0, 1.0)
+        delta = torch.cat(
+            (self.class_embed(labels.long()), sine_box_encoding(norm, self.hidden // 2, self.temperature)),
+            dim=-1,
+        )
+        q = self.inquiry_mlp(delta.to(self.class_embed.weight.dtype))
+        if self.query_feat_proj is not None:
+            if query_map is None or query_stride is None:
+                raise ValueError("MatchingDecoder: query_feature=True needs query_map and query_stride")
+            qm = query_map.detach()
+            hq, wq = qm.shape[-2:]
+            # align_corners=False: -1/+1 are the outer edges of the padded map; a centre at
+            # pixel p lies at map coordinate p / stride (cell x spans [x, x+1)).
+            gx = 2.0 * cxcywh[:, 0] / (query_stride * wq) - 1.0
+            gy = 2.0 * cxcywh[:, 1] / (query_stride * hq) - 1.0
+            grid = qm.new_zeros(qm.shape[0], boxes.shape[0], 1, 2)
+            # each image samples only its own boxes: put them at their own row, others at 0
+            grid[img, torch.arange(boxes.shape[0], device=boxes.device), 0] = torch.stack(
+                (gx, gy), dim=-1
+            ).to(qm.dtype)
+            sampled = F.grid_sample(qm, grid, mode="bilinear", padding_mode="border", align_corners=False)
+            feat = sampled[img, :, torch.arange(boxes.shape[0], device=boxes.device), 0]  # [N, C]
+            q = q + self.query_feat_proj(feat)
+        return q
+
+    def build_inquiries(
+        self,
+        boxes: list[Tensor],
+        labels: list[Tensor],
+        image_sizes: list[tuple[int, int]],
+        query_map: Tensor | None = None,
+        query_stride: int | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """Encode every object as an inquiry b_i, padded per image.
+
+        Args:
+            boxes: per image [N_b, 4] xyxy in input pixels (N_b may be 0).
+            labels: per image [N_b] class indices in [0, num_classes].
+            image_sizes: per image resized (h, w); boxes are normalised by them.
+            query_map: teacher's level-l map [B, C, H, W] (needed when ``query_feature``).
+            query_stride: stride of ``query_map`` in input pixels.
+
+        Returns:
+            queries [B, Nq, hidden] (Nq = max N_b; padded rows are finite but meaningless) and
+            valid [B, Nq] bool.
+        """
+        flat_boxes, flat_labels, img, sizes = self._flatten(boxes, labels, image_sizes)
+        enc = self._encode(flat_boxes, flat_labels, img, sizes, query_map, query_stride)
+        return _pad_by_image(enc, img, len(boxes))
+
+    def _flatten(
+        self,
+        boxes: list[Tensor],
+        labels: list[Tensor],
+        image_sizes: list[tuple[int, int]],
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        if not (len(boxes) == len(labels) == len(image_sizes)):
+            raise ValueError(
+                f"MatchingDecoder: {len(boxes)} box lists, {len(labels)} label lists, "
+                f"{len(image_sizes)} image sizes"
+            )
+        device = self.class_embed.weight.device
+        counts = torch.tensor([int(b.shape[0]) for b in boxes], device=device, dtype=torch.long)
+        flat_boxes = torch.cat([b.reshape(-1, 4) for b in boxes]).to(device=device, dtype=torch.float32)
+        flat_labels = torch.cat([lab.reshape(-1) for lab in labels]).to(device=device, dtype=torch.long)
+        img = torch.repeat_interleave(torch.arange(len(boxes), device=device), counts)
+        sizes = torch.tensor([[int(h), int(w)] for h, w in image_sizes], device=device, dtype=torch.float32)
+        return flat_boxes, flat_labels, img, sizes
+
+    # ------------------------------------------------------------------ attention
+    def _keys_values(self, key_maps: list[Tensor]) -> tuple[Tensor, Tensor]:
+        """Keys and values [B, heads, U, c] of the concatenated key maps (detached inputs)."""
+        if len(key_maps) == 0:
+            raise ValueError("MatchingDecoder: key_maps is empty")
+        if len(key_maps) > self.level_embed.shape[0]:
+            raise ValueError(
+                f"MatchingDecoder: {len(key_maps)} key maps but max_key_maps={self.level_embed.shape[0]}"
+            )
+        xs, pes = [], []
+        for i, km in enumerate(key_maps):  # loop over a handful of FPN levels
+            km = km.detach()
+            h, w = km.shape[-2:]
+            xs.append(km.flatten(2).transpose(1, 2))  # [B, HW, C]
+            pe = sine_pos_embed_2d(h, w, self.hidden, self.temperature, device=km.device, dtype=km.dtype)
+            if len(key_maps) > 1:
+                pe = pe + self.level_embed[i].to(km.dtype)
+            pes.append(pe)
+        x = torch.cat(xs, dim=1)  # [B, U, C]
+        v_pos = torch.cat(pes, dim=0)  # [U, hidden]
+        keys = self.key_proj(x + self.pos_proj(v_pos))
+        values = self.value_proj(x)
+        return split_heads(keys, self.heads), split_heads(values, self.heads)
+
+    def value_heads(self, x: Tensor) -> Tensor:
+        """Split [B, U, hidden] into heads: [B, heads, U, c]."""
+        return split_heads(x, self.heads)
+
+    def _queries(self, queries: Tensor) -> Tensor:
+        return split_heads(self.query_proj(queries), self.heads)  # [B, heads, Nq, c]
+
+    def attend(
+        self,
+        queries: Tensor,
+        key_maps: list[Tensor],
+        key_padding_mask: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """Attention masks m and teacher values O.
+
+        By default no key padding mask is applied: the batch-padding region of the maps is
+        kept as attendable positions (it is zero-padded image content, which the learned
+        attention learns to ignore, and the student's values cover the same positions). Pass
+        ``key_padding_mask`` (see :meth:`key_padding_mask`) to exclude it.
+
+        Args:
+            queries: [B, Nq, hidden] from :meth:`build_inquiries`.
+            key_maps: list of teacher maps [B, C, H_k, W_k] (detached inside).
+            key_padding_mask: optional bool [B, U], True where a position must be ignored.
+
+        Returns:
+            m [B, heads, Nq, U] (rows sum to 1) and values [B, heads, U, c].
+        """
+        k, v = self._keys_values(key_maps)
+        q = self._queries(queries)
+        logits = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(self.head_dim)
+        if key_padding_mask is not None:
+            logits = logits.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
+        return logits.softmax(dim=-1), v
+
+    @staticmethod
+    def key_padding_mask(
+        image_sizes: list[tuple[int, int]],
+        key_hw: list[tuple[int, int]],
+        strides: list[int],
+        device: torch.device | str | None = None,
+    ) -> Tensor:
+        """Bool [B, U], True at cells outside each image's valid region.
+
+        Cell (x, y) of a stride-s map is valid when ``x * s < w`` and ``y * s < h`` (it holds at
+        least one image pixel), so every image keeps at least one valid cell.
+        """
+        sizes = torch.tensor([[int(h), int(w)] for h, w in image_sizes], device=device)
+        masks = []
+        for (h, w), s in zip(key_hw, strides):  # loop over FPN levels
+            ys = torch.arange(h, device=device) * s
+            xs = torch.arange(w, device=device) * s
+            ok = (ys[None, :, None] < sizes[:, 0, None, None]) & (xs[None, None, :] < sizes[:, 1, None, None])
+            masks.append(~ok.flatten(1))
+        return torch.cat(masks, dim=1)
+
+    def forward(
+        self,
+        boxes: list[Tensor],
+        labels: list[Tensor],
+        image_sizes: list[tuple[int, int]],
+        key_maps: list[Tensor],
+        query_map: Tensor | None = None,
+        query_stride: int | None = None,
+        key_padding_mask: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """:meth:`build_inquiries` then :meth:`attend`: returns (m, values, valid)."""
+        queries, valid = self.build_inquiries(boxes, labels, image_sizes, query_map, query_stride)
+        m, values = self.attend(queries, key_maps, key_padding_mask)
+        return m, values, valid
+
+    # ------------------------------------------------------------------ auxiliary task
+    def aux_loss(
+        self,
+        boxes: list[Tensor],
+        labels: list[Tensor],
+        image_sizes: list[tuple[int, int]],
+        key_maps: list[Tensor],
+        query_map: Tensor | None = None,
+        query_stride: int | None = None,
+        *,
+        key_padding_mask: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, Tensor]:
+        """ICD-style auxiliary task that trains the decoder (teacher side only).
+
+        Inquiries per image: its real objects with jittered boxes (centre shifted by
+        ``U(-j, j)`` x side, each side scaled by ``exp(U(-j, j))``, j = ``real_jitter``; without
+        the jitter the localisation target would be identically zero) and
+        ``fakes_per_real`` x N_b fake ones: class uniform in [1, num_classes], centre uniform in
+        the image, (w, h) of a real box drawn uniformly from the whole batch with each side
+        scaled by ``exp(U(-j_f, j_f))``, j_f = ``fake_size_jitter``. From each inquiry's
+        attended value (sum_j m_ij O_j, heads concatenated) one MLP predicts a real/fake
+        logit and another 4 offsets ``(gt - inquiry) / (w, h, w, h)`` of the inquiry box (xyxy).
+
+        Returns:
+            ``{"identification": BCE over real + fake inquiries (mean),
+            "localisation": L1 over the real inquiries' 4 offsets (mean)}``; both are 0 (with a
+            graph to the decoder's parameters) when the batch has no objects.
+        """
+        gt, lab, img, sizes = self._flatten(boxes, labels, image_sizes)
+        n = gt.shape[0]
+        if n == 0:
+            zero = sum(p.sum() for p in self.parameters()) * 0.0
+            return {"identification": zero, "localisation": zero.clone()}
+        device = gt.device
+
+        def rand(*shape: int) -> Tensor:
+            return torch.rand(*shape, device=device, generator=generator)
+
+        # real inquiries: jittered gt boxes
+        gt_c = _xyxy_to_cxcywh(gt)
+        gt_wh = gt_c[:, 2:].clamp(min=1.0)
+        j = self.real_jitter
+        ctr = gt_c[:, :2] + (rand(n, 2) * 2 - 1) * j * gt_wh
+        side = gt_wh * torch.exp((rand(n, 2) * 2 - 1) * j)
+        real_c = torch.cat((ctr, side), dim=-1)
+
+        # fake inquiries
+        nf = n * self.fakes_per_real
+        fake_img = img.repeat_interleave(self.fakes_per_real)
+        size_wh = sizes[fake_img].flip(-1)  # (w, h)
+        fake_ctr = rand(nf, 2) * size_wh
+        src = torch.randint(0, n, (nf,), device=device, generator=generator)
+        fake_side = gt_wh[src] * torch.exp((rand(nf, 2) * 2 - 1) * self.fake_size_jitter)
+        fake_c = torch.cat((fake_ctr, fake_side), dim=-1)
+        fake_lab = torch.randint(1, max(2, self.num_classes + 1), (nf,), device=device, generator=generator)
+        fake_lab = fake_lab.clamp(max=self.num_classes)
+
+        all_c = torch.cat((real_c, fake_c))
+        all_boxes = _cxcywh_to_xyxy(all_c)
+        all_lab = torch.cat((lab, fake_lab))
+        all_img = torch.cat((img, fake_img))
+        is_real = torch.cat((torch.ones(n, device=device), torch.zeros(nf, device=device)))
+        # localisation targets (fakes get zeros; they are masked out)
+        wh4 = all_c[:, 2:].repeat(1, 2)
+        tgt = torch.cat((gt, gt.new_zeros(nf, 4)))
+        loc_t = (tgt - all_boxes) / wh4
+
+        enc = self._encode(all_boxes, all_lab, all_img, sizes, query_map, query_stride)
+        queries, valid = _pad_by_image(enc, all_img, len(boxes))
+        real_p, _ = _pad_by_image(is_real, all_img, len(boxes))
+        loc_p, _ = _pad_by_image(loc_t, all_img, len(boxes))
+
+        k, v = self._keys_values(key_maps)
+        q = self._queries(queries)
+        attn_mask = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]
+        att = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # [B, heads, Nq, c]
+        att = att.transpose(1, 2).flatten(2)  # [B, Nq, hidden]
+
+        ident_logit = self.ident_head(att).squeeze(-1)
+        ident = F.binary_cross_entropy_with_logits(ident_logit[valid], real_p[valid].to(ident_logit.dtype))
+        real_mask = valid & (real_p > 0.5)
+        loc_pred = self.loc_head(att)
+        loc = F.l1_loss(loc_pred[real_mask], loc_p[real_mask].to(loc_pred.dtype))
+        return {"identification": ident, "localisation": loc}

@@ -1,0 +1,60 @@
+"""Small pieces the distillers share: level selection and the student-to-teacher adapter."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from hmkd.errors import ConfigError
+from hmkd.models.backbones import level_index
+from hmkd.models.detectors import fpn_channels_of
+
+
+def detector_levels(model: nn.Module) -> list[str]:
+    """The P-named levels a detector's FPN produces (ours or torchvision's own)."""
+    inner = getattr(model, "module", model)
+    levels = getattr(inner.backbone, "levels", None)
+    if levels:
+        return list(levels)
+    # torchvision BackboneWithFPN: infer from a dry run on a tiny input
+    import torch
+
+    from hmkd.models.tap import backbone_features
+
+    p = next(inner.parameters())
+    with torch.no_grad():
+        was = inner.training
+        inner.eval()
+        feats = backbone_features(inner, torch.zeros(1, 3, 256, 256, device=p.device, dtype=p.dtype))
+        inner.train(was)
+    return list(feats)
+
+
+def resolve_levels(requested: list[str] | None, student: nn.Module, teacher: nn.Module, key: str) -> list[str]:
+    """Requested levels (default: every level both detectors have), checked against both."""
+    common = [l for l in detector_levels(student) if l in set(detector_levels(teacher))]
+    if requested is None:
+        return common
+    for l in requested:
+        level_index(l)
+        if l not in common:
+            raise ConfigError(f"distill.options.{key}: level {l} is not produced by both detectors (common: {common})")
+    return list(requested)
+
+
+def stride_of(level: str) -> int:
+    """Stride in pixels of ``P{l}``: ``2**l``."""
+    return 2 ** level_index(level)
+
+
+def make_adapter(student: nn.Module, teacher: nn.Module) -> nn.Module:
+    """1x1 conv from the student's FPN channels to the teacher's, identity when equal."""
+    cs, ct = fpn_channels_of(student), fpn_channels_of(teacher)
+    return nn.Identity() if cs == ct else nn.Conv2d(cs, ct, kernel_size=1)
+
+
+def detector_kind(model: nn.Module) -> str:
+    """``faster_rcnn`` | ``mask_rcnn`` | ``retinanet`` | ``fcos`` from the model's class."""
+    name = type(getattr(model, "module", model)).__name__
+    return {"FasterRCNN": "faster_rcnn", "MaskRCNN": "mask_rcnn", "RetinaNet": "retinanet", "FCOS": "fcos"}.get(
+        name, "faster_rcnn"
+    )

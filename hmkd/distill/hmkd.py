@@ -1,0 +1,268 @@
+"""HMKD: Hierarchical Matching Knowledge Distillation (Ma et al., JCST 2024, Sec. 3), as a distiller.
+
+Per step, with ``S'_l = adapter(S_l)`` and ``T_l`` the teacher's map at level ``l``:
+
+* ``distill.others_pN`` (Sec. 3.2.1 / 3.3, ``L_others``): for each distilled level,
+  ``sum_xy M K MSE_c(S', T)`` (M: foreground mask, K: scale mask; fg only by default,
+  ``others_bg_weight`` adds the background half).
+* For each matching pair (queries at ``l``, keys/values at ``l-1``; default ``l = P3``):
+
+  - ``distill.inquiry_pL`` (Sec. 3.2.2): the Inquiry Head on ``S_l`` trained with sigmoid focal loss
+    towards the cells within ``s_l`` cells of a small object's centre.
+  - ``distill.small_fg_pL-1``: imitation ``sum_xy Ms Ks MSE_c(S', T)`` at level ``l-1`` over the
+    small-object foreground ``Ms`` = cells of small GT boxes UNION the Inquiry Head's candidate
+    cells (``MAP_l > t``) upsampled to ``l-1``; ``Ks`` is K on GT cells and ``1/N_cand`` on
+    candidate-only cells (each image's candidate region weighs as one object).
+  - ``distill.small_attn_pL-1``: ``1/(N_m N_s) sum_j sum_i <m_ij, MSE_c(LN O^S_j, LN O^T_j)>`` with
+    ``m_ij`` the matching decoder's attention of inquiry ``i`` (small objects; ``inquiries: all``
+    for every object) over level ``l-1``, ``O^T = F_v(T_{l-1})``, ``O^S`` the student-side value
+    projection of ``S'_{l-1}``; ``m`` and ``O^T`` are detached.
+  - ``aux.identification_pL`` / ``aux.localisation_pL``: the decoder's own ICD-style task (teacher
+    side only, its own AdamW).
+* ``distill.bg_pN`` (Sec. 3.2.3): ``sum f'(|T - S'|)^2`` with a trainable GcBlock (``bg_form: fgd``:
+  ``sum (f'_s(S') - f'_t(T))^2``).
+
+Total: ``L_det + alpha * L_bg + beta * L_small`` (alpha, beta applied here; the logged terms are
+already weighted). ``reduction`` fixes how sums scale, see :class:`HMKDOptions`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from hmkd.distill.base import Distiller, DistillInputs
+from hmkd.distill.common import resolve_levels, stride_of
+from hmkd.distill.decoder import MatchingDecoder
+from hmkd.distill.gcblock import GcBlock, background_loss
+from hmkd.distill.inquiry import InquiryHead, candidate_cells, inquiry_loss, inquiry_targets, widen_to_finer_level
+from hmkd.distill.losses import StudentValueProjection, attention_weighted_mse, masked_feature_mse
+from hmkd.distill.masks import box_mask, fg_bg_masks
+from hmkd.distill.registry import register
+from hmkd.errors import ConfigError
+from hmkd.models.backbones import level_index
+from hmkd.models.detectors import fpn_channels_of
+
+#: Input area (pixels) that ``reduction: size_normalised`` rescales sums to: an 800 x 1333 COCO image.
+REFERENCE_AREA = 800 * 1333
+
+
+@dataclass
+class HMKDOptions:
+    """Options of HMKD; every reading of the paper we had to choose is one of these.
+
+    Attributes:
+        levels: levels of ``L_others`` and ``L_bg`` (default: the three finest levels both
+            detectors have, i.e. P2-P4 for Faster/Mask R-CNN).
+        start_level: level of the inquiries; keys/values come from the next finer level
+            (default: the second-finest common level, P3 for Faster/Mask R-CNN: Table 7).
+        pairs: several starting levels, e.g. ``[P3, P4]`` ("P2 to P4"); overrides start_level.
+        heads, hidden: decoder heads N_m (Table 6) and width (paper: 8, 256).
+        query_feature: inquiries also add the teacher's level-l feature at the object.
+        inquiries: ``small`` (objects with area < small_area, COCO's "small") or ``all``.
+        fakes_per_real: fake inquiries per real one in the decoder's auxiliary task.
+        inquiry_head: use the Inquiry Head (Table 5-style switch).
+        inquiry_radius, inquiry_threshold: ``s_l`` (cells) and ``t``.
+        inquiry_weight: weight of the Inquiry Head's focal loss (it trains the student too).
+        supplement: use the supplemental (background) distillation (Table 5).
+        bg_form: ``paper`` (``f'(|T-S'|)^2``) or ``fgd`` (FGD's global loss, two GcBlocks).
+        alpha, beta: balance factors (paper: 1e-3 each with ``reduction: sum``; default 1 with
+            ``reduction: mean``).
+        reduction: ``mean`` (default): means over channels (and pixels for ``L_bg``), the masked
+            sums of ``L_others`` averaged over objects, so every term is O(feature MSE) at any
+            image size and object count and ``alpha = beta = 1`` is the working default at CPU
+            sizes; ``sum`` (paper/FGD: sums over channels and pixels divided by the batch size,
+            growing with image area and channel count; use with the paper's ``alpha = beta =
+            1e-3``, see configs/coco_*.yaml); ``size_normalised``: ``sum`` rescaled to an
+            800x1333 input, so the paper's values mean the same at any image size.
+        others_bg_weight: weight of the background half of ``L_others`` (paper formula: 0).
+        decoder_lr, decoder_weight_decay, decoder_clip: the decoder's own AdamW (DESIGN: 1e-4,
+            1e-4; the paper's 1e-3 is an option) and its grad-norm clip.
+        warmup_iters: iterations during which only the decoder learns (no attention-weighted
+            term), since attention from an untrained decoder is noise (ICD: 1000).
+        small_area: area threshold of a small object in original-image pixels.
+    """
+
+    levels: list[str] | None = None
+    start_level: str | None = None
+    pairs: list[str] | None = None
+    heads: int = 8
+    hidden: int = 256
+    query_feature: bool = True
+    inquiries: str = "small"
+    fakes_per_real: int = 3
+    inquiry_head: bool = True
+    inquiry_radius: float = 2.0
+    inquiry_threshold: float = 0.5
+    inquiry_weight: float = 1.0
+    supplement: bool = True
+    bg_form: str = "paper"
+    alpha: float = 1.0
+    beta: float = 1.0
+    reduction: str = "mean"
+    others_bg_weight: float = 0.0
+    decoder_lr: float = 1e-4
+    decoder_weight_decay: float = 1e-4
+    decoder_clip: float | None = 1.0
+    warmup_iters: int = 0
+    small_area: float = 32.0 * 32.0
+
+    def check(self) -> None:
+        """Validate values (the types were checked when the config was read)."""
+        choices = {"inquiries": ("small", "all"), "bg_form": ("paper", "fgd"), "reduction": ("sum", "size_normalised", "mean")}
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ConfigError(f"distill.options.{key} must be one of {', '.join(allowed)}, got {getattr(self, key)!r}")
+        if self.hidden % self.heads or self.hidden % 16:
+            raise ConfigError(f"distill.options.heads={self.heads} must divide hidden={self.hidden} (a multiple of 16)")
+
+
+@register("hmkd", "HMKD: hierarchical matching (small-object inquiries over finer teacher maps) + supplemental GcBlock")
+class HMKDDistiller(Distiller):
+    """HMKD around a student and a frozen teacher; see the module docstring for the terms."""
+
+    Options = HMKDOptions
+    needs_teacher = True
+
+    def __init__(self, student: nn.Module, teacher: nn.Module | None, options: HMKDOptions) -> None:
+        super().__init__(student, teacher, options)
+        options.check()
+        assert self.teacher is not None
+        o = options
+        common = resolve_levels(None, student, self.teacher, "levels")
+        self.levels = resolve_levels(o.levels, student, self.teacher, "levels") if o.levels else common[:3]
+        starts = o.pairs or [o.start_level or common[1]]
+        for s in starts:
+            li = level_index(s)
+            if s not in common or f"P{li - 1}" not in common:
+                raise ConfigError(
+                    f"distill.options.start_level {s} needs P{li} and P{li - 1} in both detectors (common: {common}); "
+                    "for RetinaNet/FCOS set model.levels to P2-P7 or start at P4"
+                )
+        self.pairs = list(starts)
+        cs, ct = fpn_channels_of(student), fpn_channels_of(self.teacher)
+        num_classes = _num_classes(student)
+        needed = sorted(set(self.levels) | {f"P{level_index(s) - 1}" for s in self.pairs}, key=level_index)
+        self.adapters = nn.ModuleDict(
+            {l: (nn.Identity() if cs == ct else nn.Conv2d(cs, ct, kernel_size=1)) for l in needed}
+        )
+        self.decoders = nn.ModuleDict(
+            {
+                s: MatchingDecoder(ct, num_classes, hidden=o.hidden, heads=o.heads, query_feature=o.query_feature,
+                                   fakes_per_real=o.fakes_per_real)
+                for s in self.pairs
+            }
+        )
+        self.value_proj = nn.ModuleDict({s: StudentValueProjection(ct, o.hidden, o.heads) for s in self.pairs})
+        self.inquiry_heads = nn.ModuleDict({s: InquiryHead(cs) for s in self.pairs}) if o.inquiry_head else None
+        self.gc = nn.ModuleDict({l: GcBlock(ct) for l in self.levels}) if o.supplement else None
+        self.gc_t = nn.ModuleDict({l: GcBlock(ct) for l in self.levels}) if o.supplement and o.bg_form == "fgd" else None
+        self._extra_opts: list[tuple[str, torch.optim.Optimizer, float | None]] | None = None
+
+    # -- optimisation ---------------------------------------------------------------------------
+    def extra_modules(self) -> dict[str, nn.Module]:
+        return {"decoder": self.decoders}
+
+    def extra_optimizers(self) -> list[tuple[str, torch.optim.Optimizer, float | None]]:
+        if self._extra_opts is None:
+            o = self.options
+            opt = torch.optim.AdamW(self.decoders.parameters(), lr=o.decoder_lr, weight_decay=o.decoder_weight_decay)
+            self._extra_opts = [("decoder", opt, o.decoder_clip)]
+        return self._extra_opts
+
+    # -- loss scale -----------------------------------------------------------------------------
+    def _sum_scale(self, input_hw: tuple[int, int], channels: int) -> tuple[float, float]:
+        """(factor for channel-mean quantities to become the configured reduction, pixel-sum factor)."""
+        r = self.options.reduction
+        if r == "mean":
+            return 1.0, 0.0
+        area_factor = REFERENCE_AREA / float(input_hw[0] * input_hw[1]) if r == "size_normalised" else 1.0
+        return float(channels), area_factor
+
+    # -- the losses -----------------------------------------------------------------------------
+    def distill_losses(self, inputs: DistillInputs, iteration: int | None) -> dict[str, torch.Tensor]:
+        o = self.options
+        s_feats, t_feats = inputs.student.features, inputs.teacher_features
+        input_hw = tuple(inputs.student.tensors.shape[-2:])
+        adapted = {l: self.adapters[l](s_feats[l]) for l in self.adapters}
+        ch_factor, area_factor = self._sum_scale(input_hw, next(iter(t_feats.values())).shape[1])
+        out: dict[str, torch.Tensor] = {}
+        masks: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+        def mk(level: str) -> tuple[torch.Tensor, torch.Tensor]:
+            if level not in masks:
+                masks[level] = fg_bg_masks(inputs.boxes, tuple(t_feats[level].shape[-2:]), stride_of(level))
+            return masks[level]
+
+        # L_others: fg/bg-separated imitation on every distilled level (K makes it scale-free).
+        # With reduction "mean" the per-image sum over objects becomes a mean over objects.
+        n_img = max(1, len(inputs.boxes))
+        per_obj = (lambda n: n_img / max(1.0, float(n))) if o.reduction == "mean" else (lambda n: 1.0)
+        n_obj = sum(int(b.shape[0]) for b in inputs.boxes)
+        for l in self.levels:
+            m, k = mk(l)
+            val = masked_feature_mse(adapted[l], t_feats[l], m, k, bg_weight=o.others_bg_weight)
+            out[f"distill.others_{l.lower()}"] = o.beta * ch_factor * per_obj(n_obj) * val
+
+        small_boxes = [b[s] for b, s in zip(inputs.boxes, inputs.small)]
+        keep = small_boxes if o.inquiries == "small" else inputs.boxes
+        keep_labels = [lab[s] for lab, s in zip(inputs.labels, inputs.small)] if o.inquiries == "small" else inputs.labels
+        warm = iteration is not None and iteration < o.warmup_iters
+        for start in self.pairs:
+            fine = f"P{level_index(start) - 1}"
+            fine_hw = tuple(t_feats[fine].shape[-2:])
+            # Inquiry Head -> candidate small-object cells, widened to the finer level
+            small_fg = box_mask(small_boxes, fine_hw, stride_of(fine))
+            _, k_fine = mk(fine)
+            k_small = k_fine
+            if self.inquiry_heads is not None:
+                logits = self.inquiry_heads[start](s_feats[start])
+                centers = [torch.stack(((b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2), dim=-1) for b in small_boxes]
+                target = inquiry_targets(centers, tuple(logits.shape[-2:]), stride_of(start), o.inquiry_radius)
+                out[f"distill.inquiry_{start.lower()}"] = o.inquiry_weight * inquiry_loss(logits, target)
+                cand = widen_to_finer_level(candidate_cells(logits, o.inquiry_threshold), fine_hw)
+                cand_only = cand & ~small_fg
+                n_cand = cand_only.flatten(1).sum(1).clamp(min=1).to(k_fine.dtype)[:, None, None]
+                k_small = torch.where(cand_only, 1.0 / n_cand, k_fine)
+                small_fg = small_fg | cand
+                n_regions = sum(int(b.shape[0]) for b in small_boxes) + int(cand_only.flatten(1).any(1).sum())
+            else:
+                n_regions = sum(int(b.shape[0]) for b in small_boxes)
+            val = masked_feature_mse(adapted[fine], t_feats[fine], small_fg.to(k_small.dtype), k_small)
+            out[f"distill.small_fg_{fine.lower()}"] = o.beta * ch_factor * per_obj(n_regions) * val
+
+            # hierarchical matching: inquiries at `start`, keys/values at `fine` (teacher side)
+            dec = self.decoders[start]
+            q_map = t_feats[start] if o.query_feature else None
+            aux = dec.aux_loss(keep, keep_labels, inputs.image_sizes,
+                               [t_feats[fine]], q_map, stride_of(start))
+            for k, v in aux.items():
+                out[f"aux.{k}_{start.lower()}"] = v
+            if not warm:
+                m_att, v_t, valid = dec(keep, keep_labels, inputs.image_sizes, [t_feats[fine]], q_map, stride_of(start))
+                v_s = self.value_proj[start](adapted[fine])
+                out[f"distill.small_attn_{fine.lower()}"] = o.beta * attention_weighted_mse(m_att, v_s, v_t.detach(), valid)
+
+        # supplemental (background) distillation with GcBlocks
+        if self.gc is not None:
+            for l in self.levels:
+                gc_t = self.gc_t[l] if self.gc_t is not None else None
+                t = t_feats[l].detach()
+                if o.reduction == "mean":
+                    val = background_loss(t, adapted[l], self.gc[l], form=o.bg_form, gc_t=gc_t, reduction="mean")
+                else:
+                    val = background_loss(t, adapted[l], self.gc[l], form=o.bg_form, gc_t=gc_t, reduction="sum") * area_factor
+                out[f"distill.bg_{l.lower()}"] = o.alpha * val
+        return out
+
+
+def _num_classes(model: nn.Module) -> int:
+    """Object classes (without background) of a torchvision detector."""
+    inner = getattr(model, "module", model)
+    rh = getattr(inner, "roi_heads", None)
+    if rh is not None:
+        return int(rh.box_predictor.cls_score.out_features) - 1
+    head = inner.head.classification_head
+    return int(head.num_classes) - 1

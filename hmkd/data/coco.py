@@ -1,0 +1,402 @@
+"""COCO-format detection data set (any data set whose annotations are a COCO JSON).
+
+Choices made here (each is also what torchvision's detection references do unless noted):
+
+* Category ids, whatever they are, map to contiguous labels ``1..K`` in sorted-id order; label 0 is
+  the background. ``cat_to_label``/``label_to_cat`` hold the mapping; ``class_names[0]`` is
+  ``"__background__"``.
+* Crowd annotations (``iscrowd=1``) are not training targets: with ``train=True`` they are left out
+  of the returned target. With ``train=False`` they are kept (with ``iscrowd=1``); evaluation reads
+  the JSON through :func:`gt_json_for` anyway.
+* Boxes are clipped to the image; a box whose width or height is ``<= 1e-3`` after clipping is
+  dropped. The counts (and the number of images left without boxes) are in ``dataset.stats`` and
+  one summary line is logged when the set is loaded. Images without boxes are kept; their targets
+  hold empty tensors (``boxes`` ``[0, 4]``, ``labels`` ``[0]`` ...), which torchvision detectors accept.
+* Masks (``with_masks=True``) come from polygon or RLE segmentations via pycocotools, at the size
+  the JSON gives for the image. An annotation without a usable segmentation gets its (clipped) box
+  as mask; such cases are counted in ``stats["mask_from_box"]``.
+* Annotations missing ``id``/``area``/``iscrowd`` are filled in (``area`` = box area) so COCOeval can
+  use the data; ``gt_json_for`` then hands the filled dict, not the file, to evaluation.
+* Bad input raises :class:`hmkd.errors.DataError` with one line naming the file and entry: a file
+  that is not JSON, a missing top-level key, an annotation without ``bbox``/``category_id``/
+  ``image_id`` or with a category or image that is not listed, an image file that is missing,
+  unreadable or truncated, or whose size disagrees with the JSON (checked when the item is read).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import math
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+
+from hmkd.errors import DataError
+
+from .transforms import ToTensor
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["CocoDetection", "load_coco_json", "validate_coco_dict", "coco_from_dict", "MIN_BOX_SIZE"]
+
+MIN_BOX_SIZE = 1e-3
+"""Boxes whose clipped width or height is at most this many pixels are dropped."""
+
+_REQUIRED_KEYS = ("images", "annotations", "categories")
+
+
+def _one_line(text: Any) -> str:
+    """Collapse an exception text onto one line."""
+    return " ".join(str(text).split())
+
+
+def load_coco_json(path: str | os.PathLike) -> dict:
+    """Read a COCO JSON file and validate it (see :func:`validate_coco_dict`).
+
+    Raises:
+        DataError: the file is missing, is not JSON or is not a valid COCO detection file.
+    """
+    data = _read_json(path)
+    validate_coco_dict(data, str(path))
+    return data
+
+
+def _read_json(path: str | os.PathLike) -> Any:
+    p = Path(path)
+    try:
+        with open(p, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise DataError(f"{p}: annotation file not found") from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"{p}: not a JSON file ({_one_line(e)})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{p}: cannot read annotation file ({_one_line(e)})") from None
+    return data
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def validate_coco_dict(data: Any, source: str) -> bool:
+    """Check the structure of a COCO detection dict in place and fill optional fields.
+
+    Missing ``id`` (annotation), ``iscrowd`` (0) and ``area`` (box area) are filled in.
+
+    Args:
+        data: the parsed JSON.
+        source: file name (or description) used in error messages.
+
+    Returns:
+        True when a field had to be filled in (the dict now differs from the file).
+
+    Raises:
+        DataError: one line naming ``source`` and the key or entry at fault.
+    """
+    if not isinstance(data, dict):
+        raise DataError(f"{source}: top level must be a JSON object with keys images/annotations/categories")
+    for key in _REQUIRED_KEYS:
+        if key not in data:
+            raise DataError(f"{source}: missing top-level key '{key}'")
+        if not isinstance(data[key], list):
+            raise DataError(f"{source}: top-level key '{key}' must be a list, got {type(data[key]).__name__}")
+
+    cat_ids: set[int] = set()
+    for i, c in enumerate(data["categories"]):
+        if not isinstance(c, dict) or "id" not in c:
+            raise DataError(f"{source}: categories[{i}] has no 'id'")
+        if not isinstance(c["id"], int) or isinstance(c["id"], bool):
+            raise DataError(f"{source}: categories[{i}] id {c['id']!r} is not an integer")
+        if c["id"] in cat_ids:
+            raise DataError(f"{source}: categories[{i}] repeats category id {c['id']}")
+        cat_ids.add(c["id"])
+    if not cat_ids:
+        raise DataError(f"{source}: 'categories' is empty")
+
+    img_ids: set[int] = set()
+    for i, im in enumerate(data["images"]):
+        if not isinstance(im, dict):
+            raise DataError(f"{source}: images[{i}] is not an object")
+        for key in ("id", "file_name", "width", "height"):
+            if key not in im:
+                raise DataError(f"{source}: images[{i}] has no '{key}'")
+        if not isinstance(im["id"], int) or isinstance(im["id"], bool):
+            raise DataError(f"{source}: images[{i}] id {im['id']!r} is not an integer")
+        for key in ("width", "height"):
+            if not isinstance(im[key], int) or im[key] <= 0:
+                raise DataError(f"{source}: images[{i}] (id {im['id']}) has invalid {key} {im[key]!r}")
+        if im["id"] in img_ids:
+            raise DataError(f"{source}: images[{i}] repeats image id {im['id']}")
+        img_ids.add(im["id"])
+
+    modified = False
+    next_id = 1 + max(
+        (a["id"] for a in data["annotations"] if isinstance(a, dict) and isinstance(a.get("id"), int)),
+        default=0,
+    )
+    seen_ids: set[int] = set()
+    for i, a in enumerate(data["annotations"]):
+        if not isinstance(a, dict):
+            raise DataError(f"{source}: annotations[{i}] is not an object")
+        name = f"annotations[{i}]" + (f" (id {a['id']})" if "id" in a else "")
+        for key in ("image_id", "category_id", "bbox"):
+            if key not in a:
+                raise DataError(f"{source}: {name} has no '{key}'")
+        if a["category_id"] not in cat_ids:
+            raise DataError(f"{source}: {name} has category_id {a['category_id']!r}, which is not in 'categories'")
+        if a["image_id"] not in img_ids:
+            raise DataError(f"{source}: {name} has image_id {a['image_id']!r}, which is not in 'images'")
+        bbox = a["bbox"]
+        if not isinstance(bbox, list) or len(bbox) != 4 or not all(_is_number(v) for v in bbox):
+            raise DataError(f"{source}: {name} bbox {bbox!r} is not 4 finite numbers [x, y, w, h]")
+        if "id" not in a or not isinstance(a["id"], int) or a["id"] in seen_ids:
+            a["id"] = next_id
+            next_id += 1
+            modified = True
+        seen_ids.add(a["id"])
+        if "iscrowd" not in a:
+            a["iscrowd"] = 0
+            modified = True
+        elif a["iscrowd"] not in (0, 1, True, False):
+            raise DataError(f"{source}: {name} iscrowd {a['iscrowd']!r} is not 0 or 1")
+        if "area" not in a:
+            a["area"] = float(max(bbox[2], 0.0) * max(bbox[3], 0.0))
+            modified = True
+        elif not _is_number(a["area"]):
+            raise DataError(f"{source}: {name} area {a['area']!r} is not a finite number")
+    return modified
+
+
+def coco_from_dict(data: dict) -> COCO:
+    """Build a pycocotools ``COCO`` index from an in-memory dict without printing."""
+    coco = COCO()
+    coco.dataset = data
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return coco
+
+
+def _usable_segmentation(seg: Any) -> Any | None:
+    """Return the segmentation if pycocotools can rasterise it (polygons with >= 3 points), else None."""
+    if isinstance(seg, list):
+        polys = [p for p in seg if isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0]
+        return polys or None
+    if isinstance(seg, dict) and "counts" in seg and "size" in seg:
+        return seg
+    return None
+
+
+class CocoDetection(torch.utils.data.Dataset):
+    """A COCO-format detection data set returning ``(image, target)`` pairs.
+
+    Args:
+        images_dir: folder the images' ``file_name`` entries are relative to.
+        ann_file: path of the COCO JSON, or an already-built COCO dict (used by VisDrone).
+        train: training targets (crowd boxes left out) or evaluation targets (crowd kept).
+        transforms: callable ``(image, target) -> (image, target)``; ``None`` means ``ToTensor()``.
+        with_masks: add ``masks`` (uint8 ``[N, H, W]``) to the target.
+        source: name used in messages when ``ann_file`` is a dict.
+    """
+
+    def __init__(
+        self,
+        images_dir: str | os.PathLike,
+        ann_file: str | os.PathLike | dict,
+        *,
+        train: bool,
+        transforms: Callable | None = None,
+        with_masks: bool = False,
+        source: str | None = None,
+    ) -> None:
+        self.images_dir = Path(images_dir)
+        if isinstance(ann_file, dict):
+            self.ann_file: str | None = None
+            self.source = source or "<in-memory COCO dict>"
+            data = ann_file
+            validate_coco_dict(data, self.source)
+            self._gt_modified = True  # no file to point evaluation at
+        else:
+            self.ann_file = str(ann_file)
+            self.source = source or self.ann_file
+            data = _read_json(ann_file)
+            self._gt_modified = validate_coco_dict(data, self.source)
+        self.train = bool(train)
+        self.with_masks = bool(with_masks)
+        self.transforms = transforms if transforms is not None else ToTensor()
+        self.coco = coco_from_dict(data)
+
+        self.cat_ids: list[int] = sorted(self.coco.cats.keys())
+        self.cat_to_label: dict[int, int] = {c: i + 1 for i, c in enumerate(self.cat_ids)}
+        self.label_to_cat: dict[int, int] = {i + 1: c for i, c in enumerate(self.cat_ids)}
+        self.class_names: list[str] = ["__background__"] + [
+            str(self.coco.cats[c].get("name", f"class_{c}")) for c in self.cat_ids
+        ]
+        self.num_classes: int = len(self.cat_ids)
+        self.ids: list[int] = sorted(self.coco.imgs.keys())
+        self._prepare_targets()
+
+    # ------------------------------------------------------------------ loading
+    def _prepare_targets(self) -> None:
+        """Clip boxes, drop degenerate ones, count, and keep per-image arrays."""
+        stats = {
+            "images": len(self.ids),
+            "annotations": len(self.coco.dataset["annotations"]),
+            "crowd": 0,
+            "clipped": 0,
+            "dropped": 0,
+            "empty_images": 0,
+            "mask_from_box": 0,
+        }
+        self._per_image: dict[int, dict[str, np.ndarray]] = {}
+        for img_id in self.ids:
+            info = self.coco.imgs[img_id]
+            w, h = float(info["width"]), float(info["height"])
+            anns = self.coco.imgToAnns.get(img_id, [])
+            boxes, labels, areas, crowd, ann_ids = [], [], [], [], []
+            for a in anns:
+                x, y, bw, bh = (float(v) for v in a["bbox"])
+                x1, y1, x2, y2 = x, y, x + bw, y + bh
+                cx1, cy1 = min(max(x1, 0.0), w), min(max(y1, 0.0), h)
+                cx2, cy2 = min(max(x2, 0.0), w), min(max(y2, 0.0), h)
+                is_crowd = int(bool(a.get("iscrowd", 0)))
+                stats["crowd"] += is_crowd
+                if cx2 - cx1 <= MIN_BOX_SIZE or cy2 - cy1 <= MIN_BOX_SIZE:
+                    stats["dropped"] += 1
+                    continue
+                if (cx1, cy1, cx2, cy2) != (x1, y1, x2, y2):
+                    stats["clipped"] += 1
+                boxes.append((cx1, cy1, cx2, cy2))
+                labels.append(self.cat_to_label[a["category_id"]])
+                areas.append(float(a["area"]))
+                crowd.append(is_crowd)
+                ann_ids.append(a["id"])
+            arr = {
+                "boxes": np.asarray(boxes, dtype=np.float32).reshape(-1, 4),
+                "labels": np.asarray(labels, dtype=np.int64),
+                "area": np.asarray(areas, dtype=np.float32),
+                "iscrowd": np.asarray(crowd, dtype=np.int64),
+                "ann_ids": np.asarray(ann_ids, dtype=np.int64),
+            }
+            if not (arr["iscrowd"] == 0).any():
+                stats["empty_images"] += 1
+            self._per_image[img_id] = arr
+        self.stats = stats
+        logger.info(
+            "%s: %d images, %d annotations (%d crowd), %d boxes clipped to the image, "
+            "%d degenerate boxes dropped, %d images without boxes",
+            self.source,
+            stats["images"],
+            stats["annotations"],
+            stats["crowd"],
+            stats["clipped"],
+            stats["dropped"],
+            stats["empty_images"],
+        )
+
+    # ------------------------------------------------------------------ access
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def get_height_and_width(self, idx: int) -> tuple[int, int]:
+        """Image size from the JSON, without opening the image (for aspect-ratio grouping)."""
+        info = self.coco.imgs[self.ids[idx]]
+        return int(info["height"]), int(info["width"])
+
+    def image_path(self, idx: int) -> Path:
+        """Path of the ``idx``-th image."""
+        return self.images_dir / self.coco.imgs[self.ids[idx]]["file_name"]
+
+    def _load_image(self, idx: int) -> Image.Image:
+        img_id = self.ids[idx]
+        info = self.coco.imgs[img_id]
+        path = self.images_dir / info["file_name"]
+        try:
+            with Image.open(path) as im:
+                im.load()
+                image = im.convert("RGB")
+        except FileNotFoundError:
+            raise DataError(f"{path}: image file not found (image id {img_id} in {self.source})") from None
+        except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
+            raise DataError(
+                f"{path}: unreadable or truncated image ({_one_line(e)}) (image id {img_id} in {self.source})"
+            ) from None
+        if image.size != (info["width"], info["height"]):
+            raise DataError(
+                f"{path}: image is {image.width}x{image.height} but {self.source} says "
+                f"{info['width']}x{info['height']} (image id {img_id})"
+            )
+        return image
+
+    def _mask(self, ann_id: int, box: np.ndarray, h: int, w: int) -> np.ndarray:
+        ann = self.coco.anns[int(ann_id)]
+        seg = _usable_segmentation(ann.get("segmentation"))
+        if seg is None:
+            self.stats["mask_from_box"] += 1  # counted in the process that reads the item
+            m = np.zeros((h, w), dtype=np.uint8)
+            x1, y1 = int(math.floor(box[0])), int(math.floor(box[1]))
+            x2, y2 = int(math.ceil(box[2])), int(math.ceil(box[3]))
+            m[y1:y2, x1:x2] = 1
+            return m
+        try:
+            if isinstance(seg, list):
+                rle = mask_utils.merge(mask_utils.frPyObjects(seg, h, w))
+            elif isinstance(seg["counts"], list):
+                rle = mask_utils.frPyObjects(seg, h, w)
+            else:
+                rle = dict(seg)
+                if isinstance(rle["counts"], str):
+                    rle["counts"] = rle["counts"].encode("ascii")
+            m = mask_utils.decode(rle)
+        except Exception as e:  # pycocotools raises assorted types on bad RLE
+            raise DataError(
+                f"{self.source}: annotation id {ann_id} has an unusable segmentation ({_one_line(e)})"
+            ) from None
+        if m.shape != (h, w):
+            raise DataError(
+                f"{self.source}: annotation id {ann_id} segmentation size {list(m.shape)} differs from image {h}x{w}"
+            )
+        return m.astype(np.uint8)
+
+    def __getitem__(self, idx: int) -> tuple[Any, dict[str, torch.Tensor]]:
+        img_id = self.ids[idx]
+        image = self._load_image(idx)
+        arr = self._per_image[img_id]
+        keep = arr["iscrowd"] == 0 if self.train else np.ones(len(arr["iscrowd"]), dtype=bool)
+        target: dict[str, torch.Tensor] = {
+            "boxes": torch.from_numpy(arr["boxes"][keep].copy()).reshape(-1, 4),
+            "labels": torch.from_numpy(arr["labels"][keep].copy()),
+            "image_id": torch.tensor(img_id, dtype=torch.int64),
+            "area": torch.from_numpy(arr["area"][keep].copy()),
+            "iscrowd": torch.from_numpy(arr["iscrowd"][keep].copy()),
+        }
+        if self.with_masks:
+            h, w = image.height, image.width
+            ann_ids = arr["ann_ids"][keep]
+            boxes = arr["boxes"][keep]
+            if len(ann_ids):
+                masks = np.stack([self._mask(a, b, h, w) for a, b in zip(ann_ids, boxes)])
+            else:
+                masks = np.zeros((0, h, w), dtype=np.uint8)
+            target["masks"] = torch.from_numpy(masks)
+        return self.transforms(image, target)
+
+    def gt_dict(self) -> dict:
+        """The (validated, possibly filled-in) COCO dict the data set was built from."""
+        return self.coco.dataset
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(source={self.source!r}, images={len(self)}, "
+            f"classes={self.num_classes}, train={self.train}, with_masks={self.with_masks})"
+        )

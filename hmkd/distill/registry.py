@@ -38,7 +38,7 @@ def build_distiller(
     if method not in METHODS:
         raise ConfigError(f"unknown method {method!r} (known: {', '.join(METHODS)})")
     cls = METHODS[method]
-    opts = from_dict(cls.Options, {**(options or {}), **kw}, src="distill.options")
+    opts = from_dict(cls.Options, {**(options or {}), **kw}, src="config", prefix="distill.options.")
     return cls(student, teacher, opts)
 
 

@@ -196,7 +196,9 @@ class MatchingDecoder(nn.Module):
         self.query_proj = nn.Linear(hidden, hidden)  # F_q
         # auxiliary heads
         self.ident_head = _mlp(hidden, hidden, 1)
-        self.loc_head = _mlp(hidden, hidden, 4)
+        # localisation sees what was attended, WHERE it was (attended positional embedding) and
+        # the inquiry itself: values carry no position, so offsets need the other two.
+        self.loc_head = _mlp(3 * hidden, hidden, 4)
 
     # ------------------------------------------------------------------ inquiries
     def _encode(
@@ -281,8 +283,9 @@ class MatchingDecoder(nn.Module):
         return flat_boxes, flat_labels, img, sizes
 
     # ------------------------------------------------------------------ attention
-    def _keys_values(self, key_maps: list[Tensor]) -> tuple[Tensor, Tensor]:
-        """Keys and values [B, heads, U, c] of the concatenated key maps (detached inputs)."""
+    def _keys_values(self, key_maps: list[Tensor], with_pos: bool = False):
+        """Keys and values [B, heads, U, c] of the concatenated key maps (detached inputs);
+        with ``with_pos`` also the positional embedding V [U, hidden]."""
         if len(key_maps) == 0:
             raise ValueError("MatchingDecoder: key_maps is empty")
         if len(key_maps) > self.level_embed.shape[0]:
@@ -302,6 +305,8 @@ class MatchingDecoder(nn.Module):
         v_pos = torch.cat(pes, dim=0)  # [U, hidden]
         keys = self.key_proj(x + self.pos_proj(v_pos))
         values = self.value_proj(x)
+        if with_pos:
+            return split_heads(keys, self.heads), split_heads(values, self.heads), v_pos
         return split_heads(keys, self.heads), split_heads(values, self.heads)
 
     def value_heads(self, x: Tensor) -> Tensor:
@@ -397,7 +402,9 @@ class MatchingDecoder(nn.Module):
         the image, (w, h) of a real box drawn uniformly from the whole batch with each side
         scaled by ``exp(U(-j_f, j_f))``, j_f = ``fake_size_jitter``. From each inquiry's
         attended value (sum_j m_ij O_j, heads concatenated) one MLP predicts a real/fake
-        logit and another 4 offsets ``(gt - inquiry) / (w, h, w, h)`` of the inquiry box (xyxy).
+        logit and another, from the attended value, the attended positional embedding
+        (sum_j m_ij V_j) and the inquiry, 4 offsets ``(gt - inquiry) / (w, h, w, h)`` of the
+        inquiry box (xyxy).
 
         Returns:
             ``{"identification": BCE over real + fake inquiries (mean),
@@ -448,15 +455,18 @@ class MatchingDecoder(nn.Module):
         real_p, _ = _pad_by_image(is_real, all_img, len(boxes))
         loc_p, _ = _pad_by_image(loc_t, all_img, len(boxes))
 
-        k, v = self._keys_values(key_maps)
+        k, v, pos = self._keys_values(key_maps, with_pos=True)
         q = self._queries(queries)
         attn_mask = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]
-        att = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # [B, heads, Nq, c]
-        att = att.transpose(1, 2).flatten(2)  # [B, Nq, hidden]
+        c = v.shape[-1]
+        pos_h = split_heads(pos[None].expand(v.shape[0], -1, -1).to(v.dtype), self.heads)  # [B, heads, U, c]
+        both = F.scaled_dot_product_attention(q, k, torch.cat((v, pos_h), dim=-1), attn_mask=attn_mask)
+        att = both[..., :c].transpose(1, 2).flatten(2)  # [B, Nq, hidden]: sum_j m_ij O_j
+        att_pos = both[..., c:].transpose(1, 2).flatten(2)  # [B, Nq, hidden]: sum_j m_ij V_j
 
         ident_logit = self.ident_head(att).squeeze(-1)
         ident = F.binary_cross_entropy_with_logits(ident_logit[valid], real_p[valid].to(ident_logit.dtype))
         real_mask = valid & (real_p > 0.5)
-        loc_pred = self.loc_head(att)
+        loc_pred = self.loc_head(torch.cat((att, att_pos, queries), dim=-1))
         loc = F.l1_loss(loc_pred[real_mask], loc_p[real_mask].to(loc_pred.dtype))
         return {"identification": ident, "localisation": loc}

@@ -1,0 +1,141 @@
+"""Data sets: COCO-format JSON, VisDrone-DET and the built-in synthetic small-object set.
+
+Every data set yields ``(image, target)`` with the torchvision detection target convention (see
+:mod:`hmkd.data.coco`); :func:`build_dataset` builds one by kind and :func:`gt_json_for` gives the
+COCO ground truth that :mod:`hmkd.engine.evaluator` scores it against.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hmkd.errors import ConfigError, DataError
+
+from .coco import CocoDetection
+from .synthetic import generate_synthetic
+from .transforms import build_transforms, collate_fn
+from .visdrone import VisDroneDetection, convert_visdrone
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "DATASETS",
+    "CocoDetection",
+    "VisDroneDetection",
+    "build_dataset",
+    "build_transforms",
+    "collate_fn",
+    "convert_visdrone",
+    "generate_synthetic",
+    "gt_json_for",
+    "base_dataset",
+]
+
+DATASETS: dict[str, str] = {
+    "coco": "any COCO-format detection set: images_dir + ann_file (COCO 2017 and others); boxes and masks",
+    "visdrone": "VisDrone-DET folder (images/ + annotations/*.txt); ignored regions and class 0/11 become crowd boxes",
+    "synthetic": "built-in deterministic small-object shapes set, generated on first use (presets default/hard)",
+}
+
+
+def build_dataset(
+    kind: str,
+    *,
+    train: bool,
+    root: str,
+    ann_file: str | None = None,
+    images_dir: str | None = None,
+    hflip: bool = True,
+    scales: list[int] | None = None,
+    max_size: int = 1333,
+    with_masks: bool = False,
+    synth: dict | None = None,
+) -> CocoDetection:
+    """Build a detection data set by kind with the standard transforms.
+
+    Args:
+        kind: ``"coco"``, ``"visdrone"`` or ``"synthetic"`` (see ``DATASETS``).
+        train: training split/targets and augmentations (flip, multi-scale) vs evaluation.
+        root: for ``coco``, the folder ``ann_file``/``images_dir`` are relative to (when they are
+            relative); for ``visdrone``, the folder holding ``images/`` and ``annotations/``; for
+            ``synthetic``, the generator's output folder (train → train split, else val split).
+        ann_file: COCO JSON (``coco`` only; required).
+        images_dir: image folder (``coco`` only; default ``root``).
+        hflip: random horizontal flip when training.
+        scales: shorter-side sizes for multi-scale training (``None``: no resize here).
+        max_size: longer-side cap for multi-scale training.
+        with_masks: add instance masks to targets (``coco`` and ``synthetic``).
+        synth: parameters of :func:`hmkd.data.synthetic.generate_synthetic` (``n_train``, ``n_val``,
+            ``size``, ``seed``, ``preset`` and preset overrides). The set is generated on first use
+            and reused when ``root/meta.json`` records the same parameters.
+
+    Raises:
+        ConfigError: unknown kind, or a missing/misplaced argument for that kind.
+        DataError: the data files are missing or malformed.
+    """
+    transforms = build_transforms(train, hflip=hflip, scales=scales, max_size=max_size)
+    rootp = Path(root)
+    if kind == "coco":
+        if not ann_file:
+            raise ConfigError("data.ann_file is required for data set kind 'coco'")
+        ann = Path(ann_file) if os.path.isabs(ann_file) else rootp / ann_file
+        imgs = rootp if images_dir is None else (Path(images_dir) if os.path.isabs(images_dir) else rootp / images_dir)
+        return CocoDetection(imgs, ann, train=train, transforms=transforms, with_masks=with_masks)
+    if kind == "visdrone":
+        if with_masks:
+            raise ConfigError("data.with_masks is not available for kind 'visdrone' (VisDrone-DET has boxes only)")
+        return VisDroneDetection(rootp, train=train, transforms=transforms)
+    if kind == "synthetic":
+        params: dict[str, Any] = dict(synth or {})
+        meta = rootp / "meta.json"
+        if synth is None and meta.is_file():
+            logger.info("using the synthetic set already in %s", rootp)
+        else:
+            generate_synthetic(rootp, **params)
+        split = "train" if train else "val"
+        return CocoDetection(
+            rootp / split / "images", rootp / "annotations" / f"{split}.json", train=train,
+            transforms=transforms, with_masks=with_masks,
+        )
+    raise ConfigError(f"data.kind {kind!r} is unknown; choose one of {sorted(DATASETS)}")
+
+
+def base_dataset(dataset: Any) -> tuple[CocoDetection, list[int] | None]:
+    """Unwrap ``torch.utils.data.Subset`` layers: ``(coco_dataset, image_ids_or_None)``."""
+    indices: list[int] | None = None
+    ds = dataset
+    while isinstance(ds, torch.utils.data.Subset):
+        idx = [int(i) for i in ds.indices]
+        indices = idx if indices is None else [idx[i] for i in indices]
+        ds = ds.dataset
+    if not isinstance(ds, CocoDetection):
+        raise DataError(f"data set {type(ds).__name__} is not COCO-backed; cannot derive its ground truth")
+    ids = None if indices is None else [ds.ids[i] for i in indices]
+    return ds, ids
+
+
+def gt_json_for(dataset: Any) -> str | dict:
+    """COCO ground truth to evaluate ``dataset`` against.
+
+    Returns the annotation file path when the data set was read unchanged from a file, otherwise
+    the COCO dict (VisDrone, or a JSON whose missing ``id``/``area``/``iscrowd`` were filled in). For
+    a ``Subset`` the dict is restricted to the subset's images, so images not evaluated do not count
+    as misses.
+    """
+    ds, ids = base_dataset(dataset)
+    if ids is None:
+        if ds.ann_file is not None and not ds._gt_modified:
+            return ds.ann_file
+        return ds.coco.dataset
+    keep = set(ids)
+    d = ds.coco.dataset
+    return {
+        **{k: v for k, v in d.items() if k not in ("images", "annotations")},
+        "images": [im for im in d["images"] if im["id"] in keep],
+        "annotations": [a for a in d["annotations"] if a["image_id"] in keep],
+    }

@@ -1,0 +1,124 @@
+"""Checkpoint files: atomic writes, one-line errors on unreadable files, RNG state capture.
+
+A training checkpoint is a dict (see :func:`hmkd.engine.trainer.train`)::
+
+    {"model": student state dict,            # a plain detector checkpoint: build_model(weights=path)
+     "distiller": the method's own modules,   # adapters, GcBlocks, decoder ... (no student keys)
+     "optimizer": ..., "extra_optimizers": {name: state}, "scheduler": ..., "scaler": ... | None,
+     "iteration": int, "rng": [per-rank RNG states], "config": dict, "trainer": {...}}
+
+Files are written atomically: the object is saved to a temporary file in the same directory,
+flushed and ``os.fsync``-ed, then moved over the destination with ``os.replace`` (atomic on POSIX
+and Windows), and the directory entry is synced where the OS allows it. A crash or a full disk
+mid-write leaves the previous file untouched and no partial file under the final name.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from typing import Any
+
+import numpy as np
+import torch
+
+from hmkd.errors import CheckpointError
+
+LAST = "last_checkpoint.pth"
+BEST = "model_best.pth"
+FINAL = "model_final.pth"
+
+
+def _fsync_dir(directory: str) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # e.g. Windows: directories cannot be opened
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(obj: Any, path: str) -> str:
+    """``torch.save(obj)`` to ``path`` atomically (temp file + flush + fsync + ``os.replace``)."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(directory)
+    return path
+
+
+def load_checkpoint(path: str, map_location: Any = "cpu") -> dict[str, Any]:
+    """Read a checkpoint written by :func:`save_checkpoint`; :class:`CheckpointError` if unreadable."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: checkpoint file not found")
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:  # truncated, not a torch file, pickle errors ...
+        msg = " ".join(str(e).split())[:200]
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {msg})") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: not an hmkd checkpoint (holds a {type(obj).__name__}, expected a dict)")
+    return obj
+
+
+def load_training_checkpoint(path: str, map_location: Any = "cpu") -> dict[str, Any]:
+    """Like :func:`load_checkpoint`, and check the entries ``resume`` needs are there."""
+    ckpt = load_checkpoint(path, map_location)
+    missing = [k for k in ("model", "optimizer", "scheduler", "iteration") if k not in ckpt]
+    if missing:
+        raise CheckpointError(
+            f"{path}: not a training checkpoint (missing {', '.join(missing)}); a weights-only file cannot be resumed"
+        )
+    return ckpt
+
+
+# -- random number generators -------------------------------------------------------------------
+def capture_rng_state() -> dict[str, Any]:
+    """The states of Python's, NumPy's, torch's CPU and (when initialised) every CUDA generator."""
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": None,
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Inverse of :func:`capture_rng_state` (CUDA states are restored when both sides have CUDA)."""
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"].cpu())
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available():
+        n = min(len(cuda), torch.cuda.device_count())
+        for i in range(n):
+            torch.cuda.set_rng_state(cuda[i].cpu(), i)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and CUDA)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)

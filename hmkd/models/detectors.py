@@ -38,6 +38,26 @@ DEFAULT_LEVELS = {
 _DEFAULT_ANCHOR_SCALE = {"faster_rcnn": 8.0, "mask_rcnn": 8.0, "retinanet": 4.0, "fcos": 1.0}
 
 
+def _mask_background_logit(out: dict[str, torch.Tensor], training: bool) -> dict[str, torch.Tensor]:
+    """At inference, make the label-0 (background) logit -inf: it is never a positive in training,
+    but an untrained one-stage head would otherwise emit label-0 detections (no data-set category)."""
+    if not training:
+        cls = out["cls_logits"].clone()
+        cls[..., 0] = float("-inf")
+        out = {**out, "cls_logits": cls}
+    return out
+
+
+class _RetinaNetHead(RetinaNetHead):
+    def forward(self, x: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        return _mask_background_logit(super().forward(x), self.training)
+
+
+class _FCOSHead(FCOSHead):
+    def forward(self, x: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        return _mask_background_logit(super().forward(x), self.training)
+
+
 def build_detector(
     detector: str = "faster_rcnn",
     backbone: str = "resnet50",
@@ -115,7 +135,7 @@ def build_detector(
         octaves = (1.0, 2 ** (1 / 3), 2 ** (2 / 3))
         sizes = tuple(tuple(int(round(scale * s * o)) for o in octaves) for s in strides)
         anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
-        head = RetinaNetHead(
+        head = _RetinaNetHead(
             fpn_channels,
             anchors.num_anchors_per_location()[0],
             n_cls,
@@ -135,7 +155,7 @@ def build_detector(
 
     sizes = tuple((int(round(scale * s)),) for s in strides)
     anchors = AnchorGenerator(sizes, ((1.0,),) * len(sizes))
-    head = FCOSHead(fpn_channels, 1, n_cls, num_convs=head_convs)
+    head = _FCOSHead(fpn_channels, 1, n_cls, num_convs=head_convs)
     return FCOS(
         body,
         n_cls,

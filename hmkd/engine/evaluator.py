@@ -1,0 +1,452 @@
+"""COCO evaluation of torchvision detectors: results conversion, metrics, evaluator, inference loop.
+
+Metrics are COCO-API numbers (pycocotools' ``COCOeval`` protocol: 10 IoU thresholds .50:.95, 101
+recall points, maxDets 100, small/medium/large = area < 32^2 / < 96^2 / above), reported in percent
+(``COCOeval.stats * 100``). Where COCOeval has nothing to score (e.g. ``APl`` when the ground truth
+holds no large object) it returns -1; we report ``nan`` instead (as detectron2 does), and
+:func:`write_eval_outputs` writes it as JSON ``null``.
+
+Engine: pycocotools' ``COCOeval`` (the reference). ``faster-coco-eval`` 1.8 (C++ matching and
+accumulation) can be chosen with ``engine="faster"`` for speed on large sets, but it is not the
+default: on random test sets (boxes and masks, small/medium/large and crowd ground truth) its
+matches agree and its stats differ from pycocotools' only in the last bits (about 1e-14 relative,
+a different floating-point summation order), so numbers are not bit-identical.
+``tests/engine/test_evaluator.py`` checks the default against ``COCOeval`` exactly and the
+``faster`` engine to 1e-9. Detections for ``segm`` are loaded without their
+``bbox`` key (as detectron2 does), so a detection's area is its mask area, not its box area.
+
+Distributed runs: :class:`COCOEvaluator` and :func:`inference_on_dataset` gather results from all
+ranks (``all_gather_object``) and drop the duplicate images a ``DistributedSampler`` pads with.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+from tqdm import tqdm
+
+from hmkd.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "COCOEvaluator",
+    "coco_metrics",
+    "detections_to_coco",
+    "inference_on_dataset",
+    "write_eval_outputs",
+    "SUMMARY_KEYS",
+]
+
+SUMMARY_KEYS: tuple[str, ...] = (
+    "mAP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl",
+)
+"""Names of ``COCOeval.stats[0:12]`` in order."""
+
+_IOU_TYPES = ("bbox", "segm")
+
+
+# ------------------------------------------------------------------------------------ conversion
+def detections_to_coco(
+    outputs: Sequence[Mapping[str, torch.Tensor]],
+    image_ids: Sequence[int],
+    label_to_cat: Mapping[int, int],
+    with_masks: bool = False,
+) -> list[dict]:
+    """Convert torchvision detection outputs to the COCO results format.
+
+    Args:
+        outputs: one dict per image with ``boxes`` (xyxy, original image pixels), ``scores``,
+            ``labels`` (contiguous 1..K) and, with masks, ``masks`` (``[N, 1, H, W]`` probabilities
+            or ``[N, H, W]``).
+        image_ids: the COCO image id of each output.
+        label_to_cat: contiguous label → the data set's own category id.
+        with_masks: also emit ``segmentation`` (mask > 0.5, compressed RLE, counts as str).
+
+    Returns:
+        ``[{"image_id", "category_id", "bbox": [x, y, w, h], "score"(, "segmentation")}, ...]``.
+
+    Raises:
+        DataError: a label has no category (model and data set disagree on the classes).
+    """
+    if len(outputs) != len(image_ids):
+        raise ValueError(f"detections_to_coco: {len(outputs)} outputs but {len(image_ids)} image ids")
+    results: list[dict] = []
+    for out, img_id in zip(outputs, image_ids):
+        boxes = out["boxes"].detach().to("cpu", torch.float64)
+        if boxes.numel() == 0:
+            continue
+        scores = out["scores"].detach().to("cpu", torch.float64).tolist()
+        labels = out["labels"].detach().to("cpu").tolist()
+        xywh = boxes.clone()
+        xywh[:, 2:] -= xywh[:, :2]
+        xywh = xywh.tolist()
+        rles = None
+        if with_masks:
+            if "masks" not in out:
+                raise ValueError("detections_to_coco: with_masks=True but the output has no 'masks'")
+            m = out["masks"].detach().to("cpu")
+            if m.dim() == 4:
+                m = m[:, 0]
+            binary = (m > 0.5) if m.is_floating_point() else (m > 0)
+            arr = np.asfortranarray(binary.numpy().astype(np.uint8).transpose(1, 2, 0))
+            rles = mask_utils.encode(arr)
+        for k, (label, box, score) in enumerate(zip(labels, xywh, scores)):
+            if label not in label_to_cat:
+                raise DataError(
+                    f"model label {label} has no category in the data set (labels "
+                    f"{min(label_to_cat)}..{max(label_to_cat)}); check the model's num_classes"
+                )
+            r = {"image_id": int(img_id), "category_id": int(label_to_cat[label]), "bbox": box, "score": score}
+            if rles is not None:
+                rle = rles[k]
+                r["segmentation"] = {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")}
+            results.append(r)
+    return results
+
+
+# ------------------------------------------------------------------------------------ metrics
+def _load_gt_dict(gt: str | os.PathLike | dict) -> dict:
+    """A private, validated copy of the ground truth (COCOeval mutates the annotations it reads)."""
+    from hmkd.data.coco import load_coco_json, validate_coco_dict
+
+    if isinstance(gt, dict):
+        data = copy.deepcopy(gt)
+        validate_coco_dict(data, "<ground-truth dict>")
+        return data
+    return load_coco_json(gt)
+
+
+def _quiet() -> contextlib.AbstractContextManager:
+    return contextlib.redirect_stdout(io.StringIO())
+
+
+def _make_eval(engine: str, gt_data: dict, dets: list[dict], iou_type: str) -> Any:
+    """Build a COCOeval-like object of the chosen engine, evaluated, accumulated and summarised."""
+    if engine == "pycocotools":
+        with _quiet():
+            gt = COCO()
+            gt.dataset = gt_data
+            gt.createIndex()
+            if dets:
+                dt = gt.loadRes(dets)
+            else:
+                dt = COCO()
+                dt.dataset = {"images": list(gt_data["images"]), "categories": copy.deepcopy(gt_data["categories"]),
+                              "annotations": []}
+                dt.createIndex()
+            ev = COCOeval(gt, dt, iou_type)
+        return ev
+    if engine == "faster":
+        from faster_coco_eval import COCO as FCOCO
+        from faster_coco_eval import COCOeval_faster
+
+        gt = FCOCO(gt_data, print_function=logger.debug)
+        if dets:
+            dt = gt.loadRes(dets)
+        else:
+            dt = FCOCO(
+                {"images": list(gt_data["images"]), "categories": copy.deepcopy(gt_data["categories"]),
+                 "annotations": []},
+                print_function=logger.debug,
+            )
+        return COCOeval_faster(gt, dt, iou_type, print_function=logger.debug)
+    raise ValueError(f"unknown COCO evaluation engine {engine!r}; use 'pycocotools' or 'faster'")
+
+
+def _class_names(gt_data: dict, cat_ids: list[int], class_names: Sequence[str] | None) -> list[str]:
+    if class_names is not None:
+        names = list(class_names)
+        if len(names) == len(cat_ids) + 1:
+            names = names[1:]  # drop "__background__"
+        if len(names) != len(cat_ids):
+            raise ValueError(
+                f"class_names has {len(class_names)} entries but the ground truth has {len(cat_ids)} categories"
+            )
+    else:
+        by_id = {c["id"]: str(c.get("name", f"class_{c['id']}")) for c in gt_data["categories"]}
+        names = [by_id[c] for c in cat_ids]
+    out, seen = [], set()
+    for name, cid in zip(names, cat_ids):
+        key = name if name not in seen else f"{name} ({cid})"
+        seen.add(key)
+        out.append(key)
+    return out
+
+
+def _pct(x: float) -> float:
+    return float(x) * 100.0 if x >= 0 else math.nan
+
+
+def coco_metrics(
+    gt: str | os.PathLike | dict,
+    detections: Sequence[dict],
+    iou_types: Sequence[str] = ("bbox",),
+    class_names: Sequence[str] | None = None,
+    *,
+    image_ids: Iterable[int] | None = None,
+    engine: str = "pycocotools",
+) -> dict[str, dict[str, Any]]:
+    """COCO metrics of ``detections`` against ``gt``, in percent.
+
+    Args:
+        gt: COCO ground truth, a JSON path or a COCO-format dict (not modified).
+        detections: COCO results (see :func:`detections_to_coco`); may be empty.
+        iou_types: any of ``"bbox"``, ``"segm"``.
+        class_names: names for ``per_class`` in sorted-category-id order (with or without a leading
+            ``"__background__"``); default: the ground truth's category names.
+        image_ids: evaluate only these images (default: every image of ``gt``).
+        engine: ``"pycocotools"`` (default) or ``"faster"`` (faster-coco-eval).
+
+    Returns:
+        ``{iou_type: {"mAP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs",
+        "ARm", "ARl", "per_class": {name: AP}}}``; ``nan`` where COCOeval has nothing to score.
+    """
+    gt_data = _load_gt_dict(gt)
+    cat_ids = sorted(c["id"] for c in gt_data["categories"])
+    names = _class_names(gt_data, cat_ids, class_names)
+    known_imgs = {im["id"] for im in gt_data["images"]}
+    for d in detections:
+        if d.get("image_id") not in known_imgs:
+            raise DataError(f"detection for image_id {d.get('image_id')!r}, which is not in the ground truth")
+    ids = None if image_ids is None else sorted({int(i) for i in image_ids})
+    if ids is not None:
+        missing = [i for i in ids if i not in known_imgs]
+        if missing:
+            raise DataError(f"image_ids {missing[:5]} are not in the ground truth")
+    results: dict[str, dict[str, Any]] = {}
+    for iou_type in iou_types:
+        if iou_type not in _IOU_TYPES:
+            raise ValueError(f"iou_type {iou_type!r} is not supported; use one of {_IOU_TYPES}")
+        data = gt_data if len(iou_types) == 1 else copy.deepcopy(gt_data)
+        if iou_type == "segm":
+            for a in data["annotations"]:
+                if "segmentation" not in a or a["segmentation"] in (None, []):
+                    raise DataError(
+                        f"ground truth annotation id {a.get('id')} has no 'segmentation'; segm evaluation needs masks"
+                    )
+            dets = []
+            for d in detections:
+                if "segmentation" not in d:
+                    raise ValueError("segm evaluation needs detections with 'segmentation' (with_masks=True)")
+                d2 = {k: v for k, v in d.items() if k != "bbox"}
+                dets.append(copy.deepcopy(d2))
+        else:
+            dets = [{k: copy.deepcopy(v) for k, v in d.items() if k != "segmentation"} for d in detections]
+        ev = _make_eval(engine, data, dets, iou_type)
+        if ids is not None:
+            ev.params.imgIds = ids
+        with _quiet():
+            ev.evaluate()
+            ev.accumulate()
+            ev.summarize()
+        stats = [float(s) for s in ev.stats[: len(SUMMARY_KEYS)]]
+        out: dict[str, Any] = {k: _pct(v) for k, v in zip(SUMMARY_KEYS, stats)}
+        precision = np.asarray(ev.eval["precision"])  # [T, R, K, A, M]
+        eval_cats = list(ev.params.catIds)
+        per_class = {}
+        for name, cid in zip(names, cat_ids):
+            k = eval_cats.index(cid)
+            p = precision[:, :, k, 0, -1]
+            p = p[p > -1]
+            per_class[name] = float(p.mean() * 100.0) if p.size else math.nan
+        out["per_class"] = per_class
+        results[iou_type] = out
+        logger.info(
+            "%s: mAP %.2f AP50 %.2f AP75 %.2f APs %.2f APm %.2f APl %.2f (%d detections, %s)",
+            iou_type, out["mAP"], out["AP50"], out["AP75"], out["APs"], out["APm"], out["APl"], len(dets), engine,
+        )
+    return results
+
+
+# ------------------------------------------------------------------------------------ distributed
+def _dist_world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _gather_unique(image_ids: list[int], results: list[dict]) -> tuple[list[int], list[dict]]:
+    """All-gather (image ids, results) and keep each image's results from the first rank that had it."""
+    if _dist_world() == 1:
+        return image_ids, results
+    parts: list[Any] = [None] * _dist_world()
+    dist.all_gather_object(parts, (image_ids, results))
+    seen: set[int] = set()
+    all_ids: list[int] = []
+    all_results: list[dict] = []
+    for ids, res in parts:
+        new = [i for i in dict.fromkeys(ids) if i not in seen]
+        new_set = set(new)
+        all_ids.extend(new)
+        all_results.extend(r for r in res if r["image_id"] in new_set)
+        seen.update(new)
+    return all_ids, all_results
+
+
+# ------------------------------------------------------------------------------------ evaluator
+class COCOEvaluator:
+    """detectron2-style evaluator: ``reset()``, ``process(targets, outputs)``, ``evaluate()``.
+
+    Only the images seen by ``process`` are scored, so evaluating on part of a data set does not
+    count the unseen images' objects as misses.
+
+    Args:
+        gt: COCO ground truth (path or dict), e.g. ``hmkd.data.gt_json_for(dataset)``.
+        label_to_cat: contiguous label → category id (``dataset.label_to_cat``).
+        iou_types: ``("bbox",)``, ``("segm",)`` or both.
+        class_names: names for ``per_class`` (``dataset.class_names``).
+        engine: ``"pycocotools"`` or ``"faster"``.
+    """
+
+    def __init__(
+        self,
+        gt: str | os.PathLike | dict,
+        label_to_cat: Mapping[int, int],
+        iou_types: Sequence[str] = ("bbox",),
+        class_names: Sequence[str] | None = None,
+        *,
+        engine: str = "pycocotools",
+    ) -> None:
+        self.gt = gt
+        self.label_to_cat = dict(label_to_cat)
+        self.iou_types = tuple(iou_types)
+        self.class_names = None if class_names is None else list(class_names)
+        self.engine = engine
+        self.with_masks = "segm" in self.iou_types
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything processed so far."""
+        self._image_ids: list[int] = []
+        self._results: list[dict] = []
+
+    def process(self, targets: Sequence[Mapping[str, Any]], outputs: Sequence[Mapping[str, torch.Tensor]]) -> None:
+        """Add a batch: ``targets`` give ``image_id``, ``outputs`` are the model's detections."""
+        ids = [int(t["image_id"]) for t in targets]
+        self._image_ids.extend(ids)
+        self._results.extend(detections_to_coco(outputs, ids, self.label_to_cat, with_masks=self.with_masks))
+
+    @property
+    def detections(self) -> list[dict]:
+        """COCO results processed so far (this rank only)."""
+        return self._results
+
+    def evaluate(self) -> dict[str, dict[str, Any]]:
+        """Metrics over every processed image (gathered over ranks; ``{}`` on ranks other than 0)."""
+        ids, results = _gather_unique(self._image_ids, self._results)
+        if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+            return {}
+        if not ids:
+            logger.warning("COCOEvaluator.evaluate: no image was processed")
+            return {}
+        return coco_metrics(self.gt, results, self.iou_types, self.class_names, image_ids=ids, engine=self.engine)
+
+
+# ------------------------------------------------------------------------------------ inference
+def inference_on_dataset(
+    model: torch.nn.Module,
+    loader: Iterable,
+    device: torch.device | str,
+    label_to_cat: Mapping[int, int],
+    with_masks: bool = False,
+    progress: bool = True,
+) -> list[dict]:
+    """Run a torchvision detection model over a loader of ``(images, targets)`` and collect COCO results.
+
+    The model is put in eval mode (its previous mode is restored) and run under
+    ``torch.inference_mode()``; it must return boxes in the coordinates of the images it is given
+    (torchvision detectors do). In a distributed run the results of all ranks are gathered.
+
+    Returns:
+        COCO results (see :func:`detections_to_coco`).
+    """
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    results: list[dict] = []
+    image_ids: list[int] = []
+    n_images, compute_time = 0, 0.0
+    start = time.perf_counter()
+    try:
+        with torch.inference_mode():
+            for images, targets in tqdm(loader, desc="inference", disable=not progress, dynamic_ncols=True):
+                images = [img.to(device, non_blocking=True) for img in images]
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                t0 = time.perf_counter()
+                outputs = model(images)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                compute_time += time.perf_counter() - t0
+                outputs = [{k: v.to("cpu") for k, v in o.items()} for o in outputs]
+                ids = [int(t["image_id"]) for t in targets]
+                image_ids.extend(ids)
+                results.extend(detections_to_coco(outputs, ids, label_to_cat, with_masks=with_masks))
+                n_images += len(images)
+    finally:
+        model.train(was_training)
+    total = time.perf_counter() - start
+    logger.info(
+        "inference: %d images in %.1f s (model %.3f s/image), %d detections",
+        n_images, total, compute_time / max(n_images, 1), len(results),
+    )
+    _, results = _gather_unique(image_ids, results)
+    return results
+
+
+# ------------------------------------------------------------------------------------ outputs
+def _json_safe(x: Any) -> Any:
+    if isinstance(x, float):
+        return None if not math.isfinite(x) else x
+    if isinstance(x, Mapping):
+        return {str(k): _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    if isinstance(x, np.generic):
+        return _json_safe(x.item())
+    return x
+
+
+def _write_json_atomic(path: Path, data: Any) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, allow_nan=False)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_eval_outputs(out_dir: str | os.PathLike, metrics: Mapping[str, Any], detections: Sequence[dict]) -> dict[str, str]:
+    """Write ``metrics.json`` and ``detections.json`` into ``out_dir`` atomically.
+
+    Each file is written to a temporary file in the same folder and renamed over the target, so a
+    reader never sees a half-written file. Non-finite metrics (``nan``) are written as ``null``.
+
+    Returns:
+        ``{"metrics": path, "detections": path}``.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"metrics": out / "metrics.json", "detections": out / "detections.json"}
+    _write_json_atomic(paths["metrics"], _json_safe(metrics))
+    _write_json_atomic(paths["detections"], _json_safe(list(detections)))
+    return {k: str(v) for k, v in paths.items()}

@@ -237,6 +237,10 @@ def load_config(path: str | None, overrides: list[str] | None = None) -> Config:
     raw = _read_yaml(path) if path else {}
     if overrides:
         raw = merge(raw, parse_overrides(overrides))
+    if isinstance(raw.get("teacher"), dict) and isinstance(raw.get("model", {}), dict):
+        # the teacher inherits every model key it does not set (but never the student's weights)
+        inherited = {k: v for k, v in raw.get("model", {}).items() if k not in ("weights", "backbone_weights")}
+        raw["teacher"] = merge(inherited, raw["teacher"])
     return from_dict(Config, raw, src=path or "config")
 
 

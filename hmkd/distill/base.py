@@ -134,6 +134,19 @@ class Distiller(nn.Module):
         """``(name, optimiser, grad-clip max-norm)`` for each extra module; built once and cached."""
         return []
 
+    def step_extra_optimizers(self) -> None:
+        """Clip, step and zero the method's own optimisers (e.g. the matching decoder's AdamW).
+
+        Call it after ``loss.backward()``, next to your own ``optimizer.step()``.
+        """
+        for _, opt, clip in self.extra_optimizers():
+            if clip is not None:
+                params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
+                if params:
+                    torch.nn.utils.clip_grad_norm_(params, clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
     # -- the step -------------------------------------------------------------------------------
     def teacher_features(self, tensors: torch.Tensor) -> dict[str, torch.Tensor]:
         """The teacher's P-named FPN maps on a batch the student's transform produced."""

@@ -17,7 +17,7 @@ import torch
 from hmkd.errors import ConfigError, DataError
 
 from .coco import CocoDetection
-from .synthetic import generate_synthetic
+from .synthetic import generate_synthetic, synthetic_exists
 from .transforms import build_transforms, collate_fn
 from .visdrone import VisDroneDetection, convert_visdrone
 
@@ -34,6 +34,7 @@ __all__ = [
     "generate_synthetic",
     "gt_json_for",
     "base_dataset",
+    "synthetic_exists",
 ]
 
 DATASETS: dict[str, str] = {

@@ -31,6 +31,7 @@ import json
 import logging
 import math
 import os
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -202,7 +203,8 @@ class CocoDetection(torch.utils.data.Dataset):
 
     Args:
         images_dir: folder the images' ``file_name`` entries are relative to.
-        ann_file: path of the COCO JSON, or an already-built COCO dict (used by VisDrone).
+        ann_file: path of the COCO JSON, or an already-built COCO dict (used by VisDrone; it is
+            validated and filled in place, and kept as ``coco.dataset``).
         train: training targets (crowd boxes left out) or evaluation targets (crowd kept).
         transforms: callable ``(image, target) -> (image, target)``; ``None`` means ``ToTensor()``.
         with_masks: add ``masks`` (uint8 ``[N, H, W]``) to the target.
@@ -357,7 +359,9 @@ class CocoDetection(torch.utils.data.Dataset):
                 rle = dict(seg)
                 if isinstance(rle["counts"], str):
                     rle["counts"] = rle["counts"].encode("ascii")
-            m = mask_utils.decode(rle)
+            with warnings.catch_warnings():  # pycocotools 2.0.x + numpy 2 warns on every decode
+                warnings.simplefilter("ignore", DeprecationWarning)
+                m = mask_utils.decode(rle)
         except Exception as e:  # pycocotools raises assorted types on bad RLE
             raise DataError(
                 f"{self.source}: annotation id {ann_id} has an unusable segmentation ({_one_line(e)})"

@@ -6,30 +6,33 @@ Layout written by :func:`generate_synthetic`::
     out_dir/annotations/train.json        out_dir/annotations/val.json
     out_dir/meta.json                     (parameters + statistics; written last)
 
-How an image is made (all randomness from a numpy ``Generator`` seeded by ``(seed, split, index, preset)``,
-so the same arguments give byte-identical JSON and identical pixels, and image ``i`` does not depend
-on how many images are generated):
+How an image is made (all randomness from a numpy ``Generator`` seeded by
+``(seed, split, index, crc32(preset))``, so the same arguments give byte-identical JSON and
+identical pixels, and image ``i`` does not depend on how many images are generated):
 
 1. Background: a two-colour linear gradient in muted palette colours, low-frequency colour noise
    (bilinearly upsampled coarse grid) and, in some images, a stripe texture.
-2. Distractors in the same palette as the objects: elongated ellipses, strokes, lumpy blobs and
-   soft (Gaussian) blobs, so colour never gives the class or the objectness away.
+2. Distractors in the same palette as the objects: elongated ellipses, thin strokes, lobed blobs
+   and soft (Gaussian) blobs, so colour never gives the class or the objectness away; none of them
+   is one of the class shapes.
 3. Objects: classes are shapes (``disc, square, triangle, ring, cross, diamond`` by default;
-   ``hexagon`` and ``star`` join in the hard preset), colour drawn independently of the class.
-   Sizes (side of the shape's box) follow a mixture: mostly small (< 32 px), some medium, a few
-   large; larger objects are painted first. Shapes are rasterised with supersampled coverage (anti-aliased edges); the object's mask
-   is coverage >= 0.5. Objects are painted in order, later ones on top, optionally clustered next to
-   earlier ones. An object is only placed if every object (itself included, also against the image
-   border) keeps at least ``min_visible`` of its pixels and ``min_pixels`` pixels; otherwise it is
-   re-placed (``place_tries`` times) or skipped. So every painted object is labelled, and no labelled
-   object is mostly hidden.
+   ``hexagon`` and ``star`` join in the hard preset), colour drawn independently of the class
+   (redrawn, up to 4 times, while within ``min_colour_distance`` of the local background, then
+   blended toward the background by the ``contrast`` factor). Sizes (side of the shape's box)
+   follow a mixture: mostly small (< 32 px), some medium, a few large. Shapes are rasterised with
+   supersampled coverage (anti-aliased edges); the object's mask is coverage >= 0.5. Objects are
+   painted largest first, later ones on top, optionally clustered next to earlier ones. An object
+   is only placed if every object (itself included, also against the image border) keeps at least
+   ``min_visible`` of its pixels and ``min_pixels`` pixels; otherwise it is re-placed
+   (``place_tries`` times) or skipped. So every painted object is labelled, and no labelled object
+   is mostly hidden.
 4. Sensor noise over everything, then rounding to uint8.
 
 Annotations are of what is *visible*: ``segmentation`` is the compressed RLE of the visible mask
 (exact for tiny objects, unlike polygons), ``area`` its pixel count, ``bbox`` its tight box
 ``[x, y, w, h]`` in pixels, ``iscrowd`` 0.
 
-Presets: ``"default"`` (DESIGN.md's set: 6-32 objects of 6-160 px, ~75% small, high contrast) and
+Presets: ``"default"`` (DESIGN.md's set: 6-32 objects of 6-160 px, about 80% small, high contrast) and
 ``"hard"`` (benchmark set: 30-60 objects, mostly 4-16 px, clustered and overlapping, 8 classes with
 confusable pairs disc/hexagon, square/diamond, cross/star, lower contrast and more noise), any of
 whose keys can be overridden (see ``PRESETS``). A folder already holding a set made with the same
@@ -88,6 +91,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "cluster_prob": 0.1,
         "min_visible": 0.6,
         "min_pixels": 8,
+        "min_colour_distance": 60.0,  # palette colour vs local background, max over RGB (0-255)
         "place_tries": 6,
     },
     "hard": {
@@ -103,6 +107,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "cluster_prob": 0.45,
         "min_visible": 0.5,
         "min_pixels": 6,
+        "min_colour_distance": 60.0,
         "place_tries": 6,
     },
 }
@@ -275,8 +280,11 @@ def _distractors(rng: np.random.Generator, img: np.ndarray, cfg: dict) -> None:
             x0, y0, cov = _rasterise(_square, {}, cx, cy, length / 2, width, angle)
         elif kind == 2:  # lumpy blob: several overlapping discs
             n = int(rng.integers(3, 6))
-            offs = rng.normal(0, 0.5, (n, 2))
-            radii = rng.uniform(0.25, 0.5, n)
+            # lobes spread around a ring so the blob never reads as a disc
+            ang = np.sort(rng.uniform(0, 2 * math.pi, n))
+            rad = rng.uniform(0.35, 0.6, n)
+            offs = np.stack([rad * np.cos(ang), rad * np.sin(ang)], axis=1)
+            radii = rng.uniform(0.28, 0.42, n)
 
             def lumpy(u: np.ndarray, v: np.ndarray, p: dict, offs=offs, radii=radii) -> np.ndarray:
                 out = np.zeros(u.shape, dtype=bool)
@@ -324,6 +332,7 @@ def render_image(
     lo, hi = cfg["objects_per_image"]
     n_obj = int(rng.integers(lo, hi + 1))
     min_vis, min_px = float(cfg["min_visible"]), int(cfg["min_pixels"])
+    min_dist = float(cfg["min_colour_distance"])
     jitter = math.radians(float(cfg["rotation_jitter"]))
     # larger objects are painted first, so small ones sit on top (and are rarely rejected)
     sides = sorted((_draw_size(rng, cfg, size) for _ in range(n_obj)), reverse=True)
@@ -382,6 +391,10 @@ def render_image(
             own[m_in] = idx
             # colour: blend toward the local background for low contrast, plus a linear shading
             patch_bg = img[iy0:iy1, ix0:ix1].reshape(-1, 3).mean(axis=0)
+            for _c in range(4):  # a colour too close to the background would make the object invisible
+                if float(np.abs(base_colour - patch_bg).max()) >= min_dist:
+                    break
+                base_colour = _colour(rng)
             colour = patch_bg + contrast * (base_colour - patch_bg)
             ys = np.linspace(-1, 1, h, dtype=np.float32)[:, None]
             xs = np.linspace(-1, 1, w, dtype=np.float32)[None, :]

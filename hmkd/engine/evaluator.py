@@ -42,6 +42,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from tqdm import tqdm
 
+from hmkd.data.coco import load_coco_json, validate_coco_dict
 from hmkd.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -125,8 +126,6 @@ def detections_to_coco(
 # ------------------------------------------------------------------------------------ metrics
 def _load_gt_dict(gt: str | os.PathLike | dict) -> dict:
     """A private, validated copy of the ground truth (COCOeval mutates the annotations it reads)."""
-    from hmkd.data.coco import load_coco_json, validate_coco_dict
-
     if isinstance(gt, dict):
         data = copy.deepcopy(gt)
         validate_coco_dict(data, "<ground-truth dict>")

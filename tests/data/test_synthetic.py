@@ -14,6 +14,9 @@ from hmkd.data.coco import CocoDetection
 from hmkd.data.synthetic import generate_synthetic, synthetic_exists
 from hmkd.errors import ConfigError
 
+# pycocotools 2.0.x + numpy 2 warns on every mask decode
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+
 TINY = {"n_train": 4, "n_val": 2, "size": 96}
 
 

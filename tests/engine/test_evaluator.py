@@ -23,6 +23,9 @@ from hmkd.engine.evaluator import (
 )
 from hmkd.errors import DataError
 
+# pycocotools 2.0.x + numpy 2 warns on every mask decode
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+
 SIZES = {1: (100, 100), 2: (150, 200), 3: (64, 64), 4: (300, 300)}  # image id -> (h, w)
 
 

@@ -73,7 +73,9 @@ def build_dataset(
         with_masks: add instance masks to targets (``coco`` and ``synthetic``).
         synth: parameters of :func:`hmkd.data.synthetic.generate_synthetic` (``n_train``, ``n_val``,
             ``size``, ``seed``, ``preset`` and preset overrides). The set is generated on first use
-            and reused when ``root/meta.json`` records the same parameters.
+            and reused when ``root/meta.json`` records the same parameters (other parameters
+            regenerate it). With ``synth`` empty or ``None``, an existing set in ``root`` is used
+            as it is, and a missing one is generated with the defaults.
 
     Raises:
         ConfigError: unknown kind, or a missing/misplaced argument for that kind.
@@ -94,7 +96,7 @@ def build_dataset(
     if kind == "synthetic":
         params: dict[str, Any] = dict(synth or {})
         meta = rootp / "meta.json"
-        if synth is None and meta.is_file():
+        if not synth and meta.is_file():
             logger.info("using the synthetic set already in %s", rootp)
         else:
             generate_synthetic(rootp, **params)

@@ -1,0 +1,131 @@
+"""Detection pictures and Grad-CAM heat maps on tiny random detectors: real PNGs of the expected size."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from hmkd.config import Config, ModelConfig
+from hmkd.errors import ConfigError
+from hmkd.viz.detections import (
+    SMALL_COLOUR,
+    as_model,
+    class_colour,
+    draw_detections,
+    draw_panels,
+    load_image,
+    specs_from_config,
+    title_height,
+)
+from hmkd.viz.heatmap import gradcam, gradcam_heatmaps
+
+
+def tiny(detector: str = "fcos", **kw) -> ModelConfig:
+    # 160 px: with 32 FPN channels, GroupNorm(32) in the FCOS/RetinaNet head needs P7 larger than 1x1
+    base = dict(
+        detector=detector, backbone="resnet18", num_classes=3, fpn_channels=32, min_size=160, max_size=160,
+        rpn_pre_nms_top_n_test=100, rpn_post_nms_top_n_test=30, score_thresh=0.01,
+    )
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    d = tmp_path_factory.mktemp("imgs")
+    rng = np.random.default_rng(0)
+    a = d / "a.png"
+    Image.fromarray(rng.integers(0, 255, (150, 200, 3), dtype=np.uint8)).save(a)
+    sub = d / "sub"
+    sub.mkdir()
+    b = sub / "a.jpg"  # same stem, other size and format
+    Image.fromarray(rng.integers(0, 255, (120, 170, 3), dtype=np.uint8)).save(b)
+    return [str(a), str(b)]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    torch.manual_seed(1)
+    model = as_model(tiny())
+    path = tmp_path_factory.mktemp("ckpt") / "distilled.pt"
+    torch.save({"model": model.state_dict(), "iteration": 3}, path)
+    return str(path)
+
+
+def test_draw_panels_injected_detections():
+    w, h = 200, 150
+    img = Image.new("RGB", (w, h), (0, 0, 0))
+    big = {"boxes": torch.tensor([[20.0, 30.0, 120.0, 100.0], [5.0, 5.0, 60.0, 60.0]]),
+           "scores": torch.tensor([0.9, 0.1]), "labels": torch.tensor([1, 2])}
+    small = {"boxes": torch.tensor([[150.0, 40.0, 160.0, 50.0]]), "scores": torch.tensor([0.8]), "labels": torch.tensor([2])}
+    pic = draw_panels(img, [("teacher", big), ("student", small)], score_thresh=0.3, small_area=32 * 32)
+    bar = title_height(w)
+    assert pic.size == (2 * w + 4, h + bar)
+    px = pic.load()
+    assert px[20, bar + 65] == class_colour(1)  # left edge of the large box, class colour
+    assert px[5, bar + 50] == (0, 0, 0)  # score 0.1 < 0.3: not drawn
+    x0 = w + 4
+    assert px[x0 + 148, bar + 45] == SMALL_COLOUR  # red outer outline of the small box
+    assert px[x0 + 150, bar + 45] == class_colour(2)  # class-coloured box inside it
+
+
+def test_draw_detections_end_to_end(images, ckpt, tmp_path):
+    cfg = tiny()
+    out = draw_detections([("student", cfg), ("distilled", (cfg, ckpt))], images, tmp_path, score_thresh=0.0)
+    assert [p.rsplit("/", 1)[-1] for p in out] == ["a.png", "a_2.png"]
+    for path, src in zip(out, images):
+        w, h = Image.open(src).size
+        with Image.open(path) as im:
+            im.load()
+            assert im.format == "PNG" and im.size == (2 * w + 4, h + title_height(w))
+            # the panels differ from the source: boxes were drawn
+            panel = np.asarray(im.convert("RGB"))[title_height(w):, :w]
+            assert (panel != np.asarray(Image.open(src).convert("RGB"))).any()
+    rec = json.loads((tmp_path / "detections.json").read_text())
+    dets = rec["images"][images[0]]
+    assert set(dets) == {"student", "distilled"} and len(dets["student"]["boxes"]) > 0
+    assert min(dets["student"]["labels"]) >= 1
+
+
+def test_specs_from_config_and_num_classes(ckpt):
+    cfg = Config(model=tiny(num_classes=None), teacher=tiny(backbone="resnet34", num_classes=None))
+    specs = dict(specs_from_config(cfg, [("teacher", None), ("hmkd", ckpt)]))
+    assert specs["teacher"][0].backbone == "resnet34" and specs["hmkd"][0].backbone == "resnet18"
+    model = as_model(specs["hmkd"])  # class count read off the checkpoint
+    assert model.head.classification_head.num_classes == 4
+    with pytest.raises(ConfigError, match="num_classes"):
+        as_model(specs["teacher"])
+    with pytest.raises(ConfigError, match="teacher"):
+        specs_from_config(Config(model=tiny()), [("teacher", ckpt)])
+
+
+def test_gradcam_map_and_no_side_effects(images):
+    torch.manual_seed(0)
+    model = as_model(tiny())
+    img = load_image(images[0])
+    cam, info = gradcam(model, img, "P3", topk=5)
+    assert cam.shape == (150, 200) and np.isfinite(cam).all() and cam.max() > 0 and not info["zero"]
+    assert len(info["scores"]) == 5 and info["grid"] == (16, 20)  # 150x200 -> 120x160, padded 128x160, /8
+    assert all(p.grad is None and p.requires_grad for p in model.parameters())
+    assert not model.training and model.score_thresh == 0.01
+    _, none_small = gradcam(model, img, "P3", target="small", small_area=1.0)  # no detection that small
+    assert none_small["zero"] and len(none_small["scores"]) == 0
+    with pytest.raises(ConfigError, match="P3, P4, P5, P6, P7"):
+        gradcam(model, img, "P2")
+
+
+@pytest.mark.parametrize("detector,level", [("fcos", "P3"), ("faster_rcnn", "P2")])
+def test_gradcam_heatmaps_pictures(images, tmp_path, detector, level):
+    cfg = tiny(detector)
+    torch.manual_seed(0)
+    models = [("teacher", as_model(cfg)), ("student", as_model(cfg)), ("hmkd", as_model(cfg))]
+    out = gradcam_heatmaps(models, images[:1], level, tmp_path, topk=5, target="topk")
+    assert out == [str(tmp_path / f"a_gradcam_{level}.png")]
+    with Image.open(out[0]) as im:
+        assert im.size == (3 * 200 + 2 * 4, 150 + title_height(200))
+        arr = np.asarray(im.convert("RGB"))[title_height(200):, :200].astype(int)
+    assert arr.std() > 0

@@ -112,7 +112,7 @@ def test_gradcam_map_and_no_side_effects(images):
     assert len(info["scores"]) == 5 and info["grid"] == (16, 20)  # 150x200 -> 120x160, padded 128x160, /8
     assert all(p.grad is None and p.requires_grad for p in model.parameters())
     assert not model.training and model.score_thresh == 0.01
-    _, none_small = gradcam(model, img, "P3", target="small", small_area=1.0)  # no detection that small
+    _, none_small = gradcam(model, img, "P3", target="small", small_area=0.0)  # no detection that small
     assert none_small["zero"] and len(none_small["scores"]) == 0
     with pytest.raises(ConfigError, match="P3, P4, P5, P6, P7"):
         gradcam(model, img, "P2")

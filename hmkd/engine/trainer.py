@@ -1,0 +1,772 @@
+"""Iteration-based training of a student detector (with or without a teacher) and evaluation.
+
+:func:`train` is torchvision's ``references/detection`` loop reshaped around a
+:class:`~hmkd.distill.base.Distiller` and counted in iterations:
+
+    losses = distiller(images, targets, it)          # flat, prefixed loss dict
+    total = sum(losses.values())                      # a non-finite term stops the run
+    total.backward()                                  # once; DDP averages the student's gradients
+    all-reduce the distiller's own gradients          # (outside DDP; multi-process only)
+    clip, step the main optimiser and each of the distiller's extra optimisers, step the schedule
+
+Method ``none`` is plain training of one detector (how teachers are trained). Everything a run
+writes goes to ``output_dir`` (default ``runs/<cfg.name>``)::
+
+    config.yaml          the resolved config, written at start
+    log.jsonl            every log_period-th step: iteration, lr, each loss term, total, s/iter, memory
+    last_checkpoint.pth  every ckpt_period iterations, on SIGINT/SIGTERM and at the end (resumable)
+    model_best.pth       best bbox mAP so far (student weights + metrics)
+    model_final.pth      the student at the end (a plain detector checkpoint)
+    eval/                metrics.json + detections.json of the final evaluation
+    metrics.json         final metrics, best, timing
+    loss_curve.png       the logged loss terms
+
+Fault tolerance:
+
+- checkpoints are written atomically (:mod:`hmkd.engine.checkpoint`);
+- ``resume=True`` continues from ``last_checkpoint.pth`` and reaches the same weights, bit for bit,
+  as an uninterrupted run with the same seed on CPU. What makes it exact: the data order is a
+  function of (seed, iteration) (:class:`~hmkd.engine.sampler.InfiniteBatchSampler`, skipping
+  consumed samples arithmetically), each sample's augmentation draws from its own seed
+  (:class:`~hmkd.engine.sampler.SeededDataset`), and the Python/NumPy/torch/CUDA generator states
+  of every rank, the optimisers, schedule and AMP scaler are restored. This holds for any
+  ``data.workers`` (workers only change who loads a sample, not what it is). On GPU the data and
+  random streams are equally exact, but CUDA kernels (atomics in backward, cuDNN algorithm
+  choice) are not bitwise deterministic, so weights agree to floating-point noise only;
+- a non-finite loss raises :class:`~hmkd.errors.NonFiniteLossError` naming the terms and the
+  iteration before any parameter is touched; the last checkpoint stays as it was;
+- SIGINT/SIGTERM: the current iteration finishes, a checkpoint is saved and
+  :class:`TrainingInterrupted` (a ``KeyboardInterrupt``) is raised; a second SIGINT stops at once.
+
+Distributed (``torchrun``): see :mod:`hmkd.engine.distributed`. Only rank 0 writes files and shows
+progress; evaluation runs each rank on its shard and scores the gathered detections on rank 0.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import math
+import os
+import signal
+import threading
+import time
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+from tqdm import tqdm
+
+from hmkd.config import Config, save_config, to_dict
+from hmkd.engine import checkpoint as ckpt_io
+from hmkd.engine import distributed as du
+from hmkd.engine.logging_utils import JsonlLogger, TensorBoardLogger, peak_memory_mb, plot_loss_curve, read_jsonl
+from hmkd.engine.optim import build_optimizer, build_scheduler, clip_gradients
+from hmkd.engine.sampler import InfiniteBatchSampler, SeededDataset, mix_seed
+from hmkd.errors import CheckpointError, ConfigError, NonFiniteLossError
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "TrainingInterrupted",
+    "build_data",
+    "evaluate",
+    "evaluate_model",
+    "method_needs_teacher",
+    "resolve_output_dir",
+    "train",
+]
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGINT/SIGTERM stopped training after a checkpoint was saved; ``--resume`` continues.
+
+    Attributes: ``iteration`` reached, ``checkpoint`` path, ``output_dir``.
+    """
+
+    def __init__(self, iteration: int, checkpoint: str | None, output_dir: str) -> None:
+        self.iteration = iteration
+        self.checkpoint = checkpoint
+        self.output_dir = output_dir
+        super().__init__(
+            f"training interrupted at iteration {iteration}; checkpoint {checkpoint}; rerun with --resume to continue"
+        )
+
+
+# ------------------------------------------------------------------------------------ helpers
+def resolve_output_dir(cfg: Config, output_dir: str | None = None) -> str:
+    """``output_dir`` argument, else ``cfg.output_dir``, else ``runs/<cfg.name>``."""
+    return output_dir or cfg.output_dir or os.path.join("runs", cfg.name)
+
+
+def method_needs_teacher(method: str) -> bool:
+    """Whether distillation method ``method`` needs a teacher (ConfigError if it is unknown)."""
+    from hmkd.distill import registry
+
+    registry._load_builtin()
+    if method not in registry.METHODS:
+        raise ConfigError(f"distill.method {method!r} is unknown (known: {', '.join(registry.METHODS)})")
+    return bool(registry.METHODS[method].needs_teacher)
+
+
+def _is_mask_model(cfg: Config) -> bool:
+    return cfg.model.detector == "mask_rcnn"
+
+
+def build_data(cfg: Config, *, train: bool) -> Any:
+    """The training or validation split of ``cfg.data`` (see :func:`hmkd.data.build_dataset`)."""
+    from hmkd.data import build_dataset
+
+    d = cfg.data
+    return build_dataset(
+        d.kind,
+        train=train,
+        root=d.root,
+        ann_file=d.train_ann if train else d.val_ann,
+        images_dir=d.train_images if train else d.val_images,
+        hflip=d.hflip,
+        scales=d.scales,
+        max_size=cfg.model.max_size,
+        with_masks=bool(train and (d.with_masks or _is_mask_model(cfg))),
+        synth=to_dict(d.synth),
+    )
+
+
+def _build_data_ranked(ctx: du.DistContext, cfg: Config, *, train: bool) -> Any:
+    """Rank 0 builds first (a synthetic set is generated on first use), then the others read it."""
+    if ctx.is_main:
+        ds = build_data(cfg, train=train)
+    du.barrier(ctx)
+    if not ctx.is_main:
+        ds = build_data(cfg, train=train)
+    return ds
+
+
+def _check_config(cfg: Config) -> None:
+    t, d = cfg.train, cfg.data
+    for key, value, low in (
+        ("train.iters", t.iters, 0),
+        ("train.eval_period", t.eval_period, 0),
+        ("train.ckpt_period", t.ckpt_period, 0),
+        ("train.log_period", t.log_period, 0),
+        ("train.warmup_iters", t.warmup_iters, 0),
+        ("data.batch_size", d.batch_size, 1),
+        ("data.eval_batch_size", d.eval_batch_size, 1),
+        ("data.workers", d.workers, 0),
+    ):
+        if value < low:
+            raise ConfigError(f"{key} must be >= {low}, got {value}")
+
+
+def _num_classes(cfg: Config, dataset: Any) -> int:
+    n_data = int(dataset.num_classes)
+    n = cfg.model.num_classes
+    if n is not None and n != n_data:
+        raise ConfigError(f"model.num_classes is {n} but the data set has {n_data} classes")
+    if cfg.teacher is not None and cfg.teacher.num_classes is not None and cfg.teacher.num_classes != n_data:
+        raise ConfigError(
+            f"teacher.num_classes is {cfg.teacher.num_classes} but the student (and data set) has {n_data}: "
+            "teacher and student must have the same classes"
+        )
+    return n_data
+
+
+def _resolved(cfg: Config, output_dir: str, num_classes: int) -> Config:
+    out = copy.deepcopy(cfg)
+    out.output_dir = output_dir
+    out.model = dataclasses.replace(out.model, num_classes=num_classes)
+    if out.teacher is not None:
+        out.teacher = dataclasses.replace(out.teacher, num_classes=num_classes)
+    return out
+
+
+def _json_safe(x: Any) -> Any:
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {str(k): _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    return x
+
+
+def _write_json(path: str, data: Any) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(_json_safe(data), f, indent=2)
+    os.replace(tmp, path)
+
+
+def _to_device(images: list[torch.Tensor], targets: list[dict[str, Any]], device: torch.device) -> tuple[list, list]:
+    nb = device.type == "cuda"
+    images = [im.to(device, non_blocking=nb) for im in images]
+    targets = [{k: (v.to(device, non_blocking=nb) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
+    return images, targets
+
+
+def _worker_init(_: int) -> None:
+    """DataLoader workers ignore SIGINT/SIGTERM: the main process decides when to stop (it saves a
+    checkpoint first) and shuts them down; a worker dying of Ctrl-C would abort that save."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+class _StopSignal:
+    """SIGINT/SIGTERM set a flag checked at the end of each iteration; a second SIGINT stops at once."""
+
+    def __init__(self) -> None:
+        self.requested: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        if self.requested is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = signum
+        logger.warning(
+            "%s received: finishing this iteration and saving a checkpoint (SIGINT again to stop at once)",
+            signal.Signals(signum).name,
+        )
+
+    def __enter__(self) -> "_StopSignal":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                try:
+                    self._old[sig] = signal.signal(sig, self._handler)
+                except (ValueError, OSError):  # pragma: no cover - unusual embedding
+                    pass
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old.clear()
+
+
+# ------------------------------------------------------------------------------------ evaluation
+def evaluate_model(
+    model: nn.Module,
+    dataset: Any,
+    *,
+    device: torch.device,
+    batch_size: int = 1,
+    workers: int = 0,
+    with_masks: bool = False,
+    progress: bool = True,
+    ctx: du.DistContext | None = None,
+) -> tuple[dict[str, dict[str, Any]], list[dict]]:
+    """COCO metrics and detections of ``model`` on ``dataset`` (bbox; segm too with ``with_masks``).
+
+    In a multi-process run each rank infers on its shard (indices ``rank::world_size``), the
+    detections are gathered and scored on rank 0, and every rank returns the same metrics. The
+    detections are put in (image id, per-image) order, so the result does not depend on the number
+    of processes. The caller's random streams are left untouched.
+    """
+    from hmkd.data import gt_json_for
+    from hmkd.data.transforms import collate_fn
+    from hmkd.engine.evaluator import coco_metrics, inference_on_dataset
+
+    ctx = ctx or du.DistContext(device=device)
+    shard = dataset if not ctx.distributed else Subset(dataset, list(range(ctx.rank, len(dataset), ctx.world_size)))
+    loader = DataLoader(
+        shard,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=collate_fn,
+        pin_memory=device.type == "cuda",
+        worker_init_fn=_worker_init if workers > 0 else None,
+    )
+    fork_devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=fork_devices):
+        detections = inference_on_dataset(
+            model, loader, device, dataset.label_to_cat, with_masks=with_masks, progress=progress and ctx.is_main
+        )
+    detections = sorted(detections, key=lambda d: d["image_id"])  # stable: per-image order kept
+    metrics: dict[str, dict[str, Any]] = {}
+    if ctx.is_main:
+        iou_types = ("bbox", "segm") if with_masks else ("bbox",)
+        metrics = coco_metrics(gt_json_for(dataset), detections, iou_types, getattr(dataset, "class_names", None))
+    metrics = du.broadcast_object(ctx, metrics)
+    return metrics, detections
+
+
+def evaluate(cfg: Config, *, weights: str, out_dir: str, progress: bool = True) -> dict[str, dict[str, Any]]:
+    """``hmkd eval``: build ``cfg.model``, load ``weights``, score the val split, write the outputs.
+
+    Writes ``metrics.json`` and ``detections.json`` to ``out_dir`` (rank 0) and returns the metrics
+    ``{"bbox": {...}}`` (plus ``"segm"`` for Mask R-CNN). Runs sharded under torchrun.
+    """
+    from hmkd.engine.evaluator import write_eval_outputs
+    from hmkd.models import build_model, load_weights
+
+    ctx = du.init_distributed(cfg.device)
+    try:
+        val = _build_data_ranked(ctx, cfg, train=False)
+        n = _num_classes(cfg, val)
+        model = build_model(cfg.model, n, load=False)
+        load_weights(model, weights)
+        model.to(ctx.device).eval()
+        metrics, dets = evaluate_model(
+            model,
+            val,
+            device=ctx.device,
+            batch_size=cfg.data.eval_batch_size,
+            workers=cfg.data.workers,
+            with_masks=_is_mask_model(cfg),
+            progress=progress,
+            ctx=ctx,
+        )
+        if ctx.is_main:
+            write_eval_outputs(out_dir, metrics, dets)
+        du.barrier(ctx)
+        return metrics
+    finally:
+        du.cleanup(ctx)
+
+
+# ------------------------------------------------------------------------------------ training
+def train(
+    cfg: Config, *, output_dir: str | None = None, resume: bool = False, progress: bool = True
+) -> dict[str, Any]:
+    """Train ``cfg.model`` with ``cfg.distill.method`` for ``cfg.train.iters`` iterations.
+
+    Args:
+        cfg: the run's config (teacher built from ``cfg.teacher``; its ``weights`` are required
+            when the method needs a teacher).
+        output_dir: where everything is written (default ``cfg.output_dir`` or ``runs/<cfg.name>``).
+        resume: continue from ``output_dir/last_checkpoint.pth`` (a fresh start, with a warning,
+            when there is none).
+        progress: tqdm bar (rank 0).
+
+    Returns:
+        The final metrics (also ``metrics.json``): ``{"bbox": {...}, ["segm": {...},] "best": {...},
+        "timing": {...}, "iteration": N, "status": "finished", "output_dir": ...}``.
+
+    Raises:
+        ConfigError, DataError, CheckpointError: bad inputs (one-line messages).
+        NonFiniteLossError: a loss term became NaN/inf (the last checkpoint is left intact).
+        TrainingInterrupted: SIGINT/SIGTERM; a checkpoint was saved first.
+    """
+    _check_config(cfg)
+    ctx = du.init_distributed(cfg.device)
+    try:
+        return _Run(cfg, ctx, resolve_output_dir(cfg, output_dir), resume, progress).run()
+    finally:
+        du.cleanup(ctx)
+
+
+class _Run:
+    """One training run (kept as an object so the loop's state is in one place)."""
+
+    def __init__(self, cfg: Config, ctx: du.DistContext, output_dir: str, resume: bool, progress: bool) -> None:
+        self.ctx = ctx
+        self.out = output_dir
+        self.resume = resume
+        self.progress = progress and ctx.is_main
+        self.device = ctx.device
+        self.raw_cfg = cfg
+        self.amp = bool(cfg.train.amp)
+        if self.amp and self.device.type != "cuda":
+            warnings.warn("train.amp is ignored on CPU (mixed precision needs CUDA)", stacklevel=3)
+            logger.warning("train.amp is ignored on CPU (mixed precision needs CUDA)")
+            self.amp = False
+
+    # -- setup ----------------------------------------------------------------------------------
+    def _setup(self) -> None:
+        from hmkd.distill.registry import build_distiller
+        from hmkd.models import build_model
+
+        cfg, ctx = self.raw_cfg, self.ctx
+        method = cfg.distill.method
+        needs_teacher = method_needs_teacher(method)
+        if needs_teacher:
+            if cfg.teacher is None:
+                raise ConfigError(f"distill.method {method!r} needs a teacher: add a 'teacher' section with 'weights'")
+            if not cfg.teacher.weights:
+                raise ConfigError(
+                    f"distill.method {method!r} needs a trained teacher: set teacher.weights to its checkpoint"
+                )
+        elif cfg.teacher is not None:
+            logger.info("distill.method %r uses no teacher; the 'teacher' section is ignored", method)
+
+        if ctx.is_main:
+            os.makedirs(self.out, exist_ok=True)
+        ckpt_io.seed_everything(cfg.seed)
+        self.train_set = _build_data_ranked(ctx, cfg, train=True)
+        self.val_set = _build_data_ranked(ctx, cfg, train=False)
+        if len(self.train_set) == 0:
+            raise ConfigError(f"the training split of data.root={cfg.data.root!r} holds no image")
+        n = _num_classes(cfg, self.train_set)
+        if int(self.val_set.num_classes) != n:
+            raise ConfigError(f"train split has {n} classes but val split has {self.val_set.num_classes}")
+        self.num_classes = n
+        self.cfg = _resolved(cfg, self.out, n)
+
+        student = build_model(cfg.model, n)
+        teacher = build_model(cfg.teacher, n) if needs_teacher else None
+        self.distiller = build_distiller(method, student, teacher, cfg.distill.options)
+        self.distiller.to(self.device)
+        self.distiller.train()
+        self.student = student
+        self.extra_modules = self.distiller.extra_modules()
+        self.extra_params = [p for m in self.extra_modules.values() for p in m.parameters() if p.requires_grad]
+        self.main_params = self.distiller.student_parameters() + self.distiller.distiller_parameters()
+        self.sync_params = self.distiller.distiller_parameters() + self.extra_params  # outside DDP
+
+        if ctx.distributed:
+            du.broadcast_module(ctx, self.distiller)
+            ddp = nn.parallel.DistributedDataParallel(
+                student, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
+            self.distiller.wrap_student(ddp)
+            self.ddp = ddp
+
+        self.optimizer = build_optimizer(cfg.train, self.main_params)
+        self.scheduler = build_scheduler(cfg.train, self.optimizer)
+        self.extras = list(self.distiller.extra_optimizers())
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp) if self.amp else None
+        self.iteration = 0
+        self.best = {"iteration": None, "mAP": None}
+        self.evals: list[dict[str, Any]] = []
+        self.train_seconds = 0.0
+        self.eval_seconds = 0.0
+
+    def _paths(self) -> dict[str, str]:
+        return {k: os.path.join(self.out, v) for k, v in (("last", ckpt_io.LAST), ("best", ckpt_io.BEST), ("final", ckpt_io.FINAL))}
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def _state(self) -> dict[str, Any]:
+        rng = du.all_gather_object(self.ctx, ckpt_io.capture_rng_state())  # collective: every rank
+        return {
+            "model": self.student.state_dict(),
+            "distiller": {k: v for k, v in self.distiller.state_dict().items() if not k.startswith("student.")},
+            "optimizer": self.optimizer.state_dict(),
+            "extra_optimizers": {name: opt.state_dict() for name, opt, _ in self.extras},
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "iteration": self.iteration,
+            "rng": rng,
+            "config": to_dict(self.cfg),
+            "method": self.cfg.distill.method,
+            "trainer": {
+                "best": dict(self.best),
+                "evals": list(self.evals),
+                "train_seconds": self.train_seconds,
+                "eval_seconds": self.eval_seconds,
+                "world_size": self.ctx.world_size,
+            },
+        }
+
+    def _save_last(self) -> str:
+        state = self._state()
+        path = self._paths()["last"]
+        if self.ctx.is_main:
+            ckpt_io.save_checkpoint(state, path)
+        du.barrier(self.ctx)
+        return path
+
+    def _save_weights(self, key: str, metrics: dict[str, Any] | None = None) -> None:
+        """``model_best.pth`` / ``model_final.pth``: the student's weights + config (rank 0)."""
+        if not self.ctx.is_main:
+            return
+        ckpt_io.save_checkpoint(
+            {
+                "model": self.student.state_dict(),
+                "iteration": self.iteration,
+                "config": to_dict(self.cfg),
+                "method": self.cfg.distill.method,
+                "metrics": metrics,
+            },
+            self._paths()[key],
+        )
+
+    def _load(self, path: str) -> None:
+        ckpt = ckpt_io.load_training_checkpoint(path)
+        try:
+            self.student.load_state_dict(ckpt["model"])
+            own = {k for k in self.distiller.state_dict() if not k.startswith("student.")}
+            saved = ckpt.get("distiller") or {}
+            missing, unexpected = sorted(own - set(saved)), sorted(set(saved) - own)
+            if missing or unexpected:
+                raise CheckpointError(
+                    f"{path}: distiller state does not fit method {self.cfg.distill.method!r} "
+                    f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+                )
+            self.distiller.load_state_dict(saved, strict=False)
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            saved_extra = ckpt.get("extra_optimizers") or {}
+            for name, opt, _ in self.extras:
+                if name not in saved_extra:
+                    raise CheckpointError(f"{path}: no state for extra optimiser {name!r}")
+                opt.load_state_dict(saved_extra[name])
+            sched = dict(ckpt["scheduler"])
+            sched["lr_lambdas"] = [None] * len(self.scheduler.lr_lambdas)  # the schedule comes from the config
+            self.scheduler.load_state_dict(sched)
+            for group, base, fn in zip(self.optimizer.param_groups, self.scheduler.base_lrs, self.scheduler.lr_lambdas):
+                group["lr"] = base * fn(self.scheduler.last_epoch)
+            if self.scaler is not None and ckpt.get("scaler"):
+                self.scaler.load_state_dict(ckpt["scaler"])
+        except CheckpointError:
+            raise
+        except (RuntimeError, KeyError, ValueError) as e:
+            msg = " ".join(str(e).split())[:300]
+            raise CheckpointError(f"{path}: does not fit this run's model/optimiser ({msg})") from None
+        self.iteration = int(ckpt["iteration"])
+        tr = ckpt.get("trainer") or {}
+        self.best = dict(tr.get("best") or self.best)
+        self.evals = list(tr.get("evals") or [])
+        self.train_seconds = float(tr.get("train_seconds", 0.0))
+        self.eval_seconds = float(tr.get("eval_seconds", 0.0))
+        rng = ckpt.get("rng") or []
+        if len(rng) == self.ctx.world_size:
+            ckpt_io.restore_rng_state(rng[self.ctx.rank])
+        else:
+            logger.warning(
+                "%s was saved by %d process(es), this run has %d: random streams reseeded (not bitwise resumable)",
+                path, len(rng), self.ctx.world_size,
+            )
+            ckpt_io.seed_everything(mix_seed(self.cfg.seed, self.ctx.rank, self.iteration))
+        logger.info("resumed from %s at iteration %d", path, self.iteration)
+
+    # -- evaluation -----------------------------------------------------------------------------
+    def _evaluate(self, final: bool = False) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        metrics, dets = evaluate_model(
+            self.student,
+            self.val_set,
+            device=self.device,
+            batch_size=self.cfg.data.eval_batch_size,
+            workers=self.cfg.data.workers,
+            with_masks=_is_mask_model(self.cfg),
+            progress=self.progress,
+            ctx=self.ctx,
+        )
+        self.distiller.train()
+        self.eval_seconds += time.perf_counter() - t0
+        bbox = metrics.get("bbox", {})
+        summary = {k: v for k, v in bbox.items() if k != "per_class"}
+        self.evals.append({"iteration": self.iteration, "bbox": summary})
+        if self.ctx.is_main:
+            self.log.write({"iteration": self.iteration, "eval": {k: {m: v for m, v in d.items() if m != "per_class"} for k, d in metrics.items()}})
+            if self.tb is not None:
+                self.tb.write(self.iteration, summary, prefix="val/")
+            if final:
+                from hmkd.engine.evaluator import write_eval_outputs
+
+                write_eval_outputs(os.path.join(self.out, "eval"), metrics, dets)
+        m = bbox.get("mAP")
+        if m is not None and math.isfinite(m) and (self.best["mAP"] is None or m > self.best["mAP"]):
+            self.best = {"iteration": self.iteration, "mAP": m}
+            self._save_weights("best", metrics)
+        return metrics
+
+    # -- the loop -------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        self._setup()
+        cfg, ctx, tcfg = self.cfg, self.ctx, self.cfg.train
+        paths = self._paths()
+        resumed = False
+        if self.resume:
+            if os.path.isfile(paths["last"]):
+                self._load(paths["last"])
+                resumed = True
+            else:
+                logger.warning("resume: no %s; starting from scratch", paths["last"])
+        elif ctx.is_main and os.path.isfile(paths["last"]):
+            logger.warning("%s exists and resume is off: starting from scratch (it will be overwritten)", paths["last"])
+        if not resumed:
+            ckpt_io.seed_everything(mix_seed(cfg.seed, ctx.rank) if ctx.distributed else cfg.seed)
+
+        self.log = JsonlLogger(os.path.join(self.out, "log.jsonl"))
+        self.tb = None
+        if ctx.is_main:
+            save_config(cfg, os.path.join(self.out, "config.yaml"))
+            if resumed:
+                self.log.truncate_after(self.iteration)
+            elif os.path.exists(self.log.path):
+                os.remove(self.log.path)
+            if tcfg.tensorboard:
+                self.tb = TensorBoardLogger(os.path.join(self.out, "tensorboard"))
+        try:
+            with _StopSignal() as stop:
+                self._loop(stop)
+            return self._finish()
+        finally:
+            if self.tb is not None:
+                self.tb.close()
+
+    def _loader(self) -> DataLoader:
+        from hmkd.data.transforms import collate_fn
+
+        sampler = InfiniteBatchSampler(
+            len(self.train_set),
+            self.cfg.data.batch_size,
+            seed=self.cfg.seed,
+            shuffle=True,
+            rank=self.ctx.rank,
+            world_size=self.ctx.world_size,
+            start_iter=self.iteration,
+        )
+        workers = self.cfg.data.workers
+        return DataLoader(
+            SeededDataset(self.train_set),
+            batch_sampler=sampler,
+            num_workers=workers,
+            collate_fn=collate_fn,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=workers > 0,
+            worker_init_fn=_worker_init if workers > 0 else None,
+            # the loader's own generator: creating it leaves the global random stream alone
+            generator=torch.Generator().manual_seed(mix_seed(self.cfg.seed, self.iteration, 17)),
+        )
+
+    def _loop(self, stop: _StopSignal) -> None:
+        cfg, ctx, tcfg = self.cfg, self.ctx, self.cfg.train
+        total_iters = tcfg.iters
+        if self.iteration >= total_iters:
+            return
+        data = iter(self._loader())
+        bar = tqdm(total=total_iters, initial=self.iteration, disable=not self.progress, desc=cfg.name, dynamic_ncols=True)
+        window: dict[str, list[float]] = {}
+        win_time, win_data, win_n = 0.0, 0.0, 0
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        amp_ctx = (
+            (lambda: torch.autocast(device_type="cuda", dtype=torch.float16))
+            if self.amp
+            else (lambda: torch.autocast(device_type=self.device.type, enabled=False))
+        )
+        last_ckpt = self._paths()["last"] if os.path.isfile(self._paths()["last"]) else None
+        try:
+            while self.iteration < total_iters:
+                it = self.iteration
+                t0 = time.perf_counter()
+                images, targets = next(data)
+                images, targets = _to_device(images, targets, self.device)
+                t_data = time.perf_counter() - t0
+
+                with amp_ctx():
+                    losses = self.distiller(images, targets, it)
+                if not losses:
+                    raise ConfigError(f"method {cfg.distill.method!r} returned no loss at iteration {it + 1}")
+                names = list(losses)
+                total = sum(losses.values())
+                values = torch.stack([v.detach().float().reshape(()) for v in [*losses.values(), total]]).tolist()
+                bad = [k for k, v in zip(names + ["total"], values) if not math.isfinite(v)]
+                (nonfinite,) = du.all_reduce_flags(ctx, bool(bad))  # every rank stops together
+                if nonfinite:
+                    detail = ", ".join(f"{k}={v}" for k, v in zip(names + ["total"], values) if not math.isfinite(v))
+                    where = detail or "a term on another rank"
+                    raise NonFiniteLossError(
+                        f"non-finite loss at iteration {it + 1}: {where}; stopped before the update "
+                        f"(last good checkpoint: {last_ckpt or 'none yet'})"
+                    )
+
+                self.optimizer.zero_grad(set_to_none=True)
+                for _, opt, _ in self.extras:
+                    opt.zero_grad(set_to_none=True)
+                if self.scaler is not None:
+                    self.scaler.scale(total).backward()
+                else:
+                    total.backward()
+                du.allreduce_gradients(ctx, self.sync_params)
+                if self.scaler is not None:
+                    self.scaler.unscale_(self.optimizer)
+                    for _, opt, _ in self.extras:
+                        self.scaler.unscale_(opt)
+                clip_gradients(self.main_params, tcfg.clip_grad)
+                for _, opt, clip in self.extras:
+                    clip_gradients([p for g in opt.param_groups for p in g["params"]], clip)
+                lr = self.optimizer.param_groups[0]["lr"]
+                if self.scaler is not None:
+                    self.scaler.step(self.optimizer)
+                    for _, opt, _ in self.extras:
+                        self.scaler.step(opt)
+                    self.scaler.update()
+                else:
+                    self.optimizer.step()
+                    for _, opt, _ in self.extras:
+                        opt.step()
+                self.scheduler.step()
+                self.iteration = it + 1
+                dt = time.perf_counter() - t0
+                self.train_seconds += dt
+
+                for k, v in zip(names + ["total"], values):
+                    window.setdefault(k, []).append(v)
+                win_time, win_data, win_n = win_time + dt, win_data + t_data, win_n + 1
+                bar.update(1)
+                if self.progress:
+                    bar.set_postfix(loss=f"{values[-1]:.3f}", lr=f"{lr:.2e}", refresh=False)
+
+                done = self.iteration >= total_iters
+                (stop_now,) = du.all_reduce_flags(ctx, stop.requested is not None)
+                if done or (tcfg.log_period and self.iteration % tcfg.log_period == 0):
+                    self._log_step(lr, window, win_time / win_n, win_data / win_n)
+                    window, win_time, win_data, win_n = {}, 0.0, 0.0, 0
+                if tcfg.eval_period and self.iteration % tcfg.eval_period == 0 and not done:
+                    self._evaluate()
+                if (tcfg.ckpt_period and self.iteration % tcfg.ckpt_period == 0) or stop_now or done:
+                    last_ckpt = self._save_last()
+                if stop_now and not done:
+                    raise TrainingInterrupted(self.iteration, last_ckpt, self.out)
+        finally:
+            bar.close()
+
+    def _log_step(self, lr: float, window: dict[str, list[float]], sec: float, data_sec: float) -> None:
+        means = {k: sum(v) / len(v) for k, v in window.items()}
+        if self.ctx.distributed:
+            parts = du.all_gather_object(self.ctx, means)
+            keys = {k for p in parts for k in p}
+            means = {k: sum(p[k] for p in parts if k in p) / sum(1 for p in parts if k in p) for k in sorted(keys)}
+        if not self.ctx.is_main:
+            return
+        rec: dict[str, Any] = {"iteration": self.iteration, "lr": lr}
+        rec.update({k: v for k, v in means.items() if k != "total"})
+        rec["total"] = means.get("total")
+        rec["sec_per_iter"] = sec
+        rec["data_sec"] = data_sec
+        rec["peak_mem_mb"] = peak_memory_mb(self.device)
+        self.log.write(rec)
+        if self.tb is not None:
+            self.tb.write(self.iteration, {k: v for k, v in rec.items() if k != "iteration"})
+
+    def _finish(self) -> dict[str, Any]:
+        metrics = self._evaluate(final=True)
+        self._save_weights("final", metrics)
+        ctx = self.ctx
+        n = self.iteration
+        result: dict[str, Any] = dict(metrics)
+        result.update(
+            {
+                "status": "finished",
+                "iteration": n,
+                "method": self.cfg.distill.method,
+                "best": dict(self.best),
+                "evals": list(self.evals),
+                "timing": {
+                    "train_seconds": self.train_seconds,
+                    "sec_per_iter": self.train_seconds / n if n else None,
+                    "eval_seconds": self.eval_seconds,
+                    "images_per_sec": (n * self.cfg.data.batch_size * ctx.world_size / self.train_seconds)
+                    if self.train_seconds > 0
+                    else None,
+                    "device": str(self.device),
+                    "world_size": ctx.world_size,
+                    "amp": self.amp,
+                },
+                "output_dir": self.out,
+            }
+        )
+        if ctx.is_main:
+            _write_json(os.path.join(self.out, "metrics.json"), result)
+            try:
+                plot_loss_curve(read_jsonl(self.log.path), os.path.join(self.out, "loss_curve.png"))
+            except Exception as e:  # a figure is not worth failing a finished run
+                logger.warning("could not draw loss_curve.png: %s", e)
+        du.barrier(ctx)
+        return result

@@ -1,0 +1,248 @@
+"""The training engine end to end on a tiny synthetic set (CPU, a few iterations each).
+
+Covers: the files a run writes, a resumed run reaching bit-identical weights to an uninterrupted
+one (interrupted by SIGINT, and after a crash on a non-finite loss), the non-finite-loss stop,
+teacher configuration errors, ``evaluate`` agreeing with the run's own final evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hmkd.config import load_config
+from hmkd.distill.base import Distiller
+from hmkd.distill.registry import register
+from hmkd.engine import checkpoint as ck
+from hmkd.engine.sampler import InfiniteBatchSampler
+from hmkd.engine.trainer import TrainingInterrupted, evaluate, train
+from hmkd.errors import ConfigError, NonFiniteLossError
+from hmkd.models import build_model, fpn_channels_of
+
+
+# -- a tiny distiller exercising every part of the interface ---------------------------------------
+@dataclass
+class ToyOptions:
+    weight: float = 0.5
+    nan_at: int | None = None  # make distill.toy NaN at this (0-based) iteration
+    interrupt_at: int | None = None  # send ourselves SIGINT during this iteration
+
+
+@register("toy_test", "test-only: adapter MSE to the teacher's P3 with noise, plus an aux probe")
+class ToyDistiller(Distiller):
+    Options = ToyOptions
+    needs_teacher = True
+
+    def __init__(self, student, teacher=None, options=None):
+        super().__init__(student, teacher, options)
+        self.adapter = nn.Conv2d(fpn_channels_of(student), fpn_channels_of(teacher), 1)
+        self.probe = nn.Linear(fpn_channels_of(teacher), 1)
+        self._extra = None
+
+    def extra_modules(self):
+        return {"probe": self.probe}
+
+    def extra_optimizers(self):
+        if self._extra is None:
+            self._extra = [("probe", torch.optim.AdamW(self.probe.parameters(), lr=1e-2), 1.0)]
+        return self._extra
+
+    def distill_losses(self, inputs, iteration):
+        t = inputs.teacher_features["P3"]
+        noise = 1 + 0.1 * torch.rand_like(t)  # draws from the global RNG: resume must restore it
+        loss = self.options.weight * F.mse_loss(self.adapter(inputs.student.features["P3"]), t * noise)
+        if self.options.nan_at == iteration:
+            loss = loss * float("nan")
+        if self.options.interrupt_at == iteration:
+            os.kill(os.getpid(), signal.SIGINT)
+        aux = (self.probe(t.mean((2, 3))) - 1).pow(2).mean()
+        return {"distill.toy": loss, "aux.toy": aux}
+
+
+TINY_MODEL = [
+    "model.detector=fcos", "model.backbone=resnet18", "model.fpn_channels=32", "model.head_convs=1",
+    "model.levels=[P3,P4,P5,P6]",
+    "model.min_size=128", "model.max_size=128", "model.detections_per_img=20", "model.topk_candidates=100",
+]
+
+
+@pytest.fixture(scope="module")
+def synth_root(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("synth"))
+
+
+@pytest.fixture(scope="module")
+def teacher_weights(tmp_path_factory, synth_root):
+    cfg = load_config(None, TINY_MODEL + ["model.num_classes=6"])
+    torch.manual_seed(123)
+    path = str(tmp_path_factory.mktemp("teacher") / "teacher.pth")
+    torch.save(build_model(cfg.model).state_dict(), path)
+    return path
+
+
+def make_cfg(synth_root, *extra, teacher=None):
+    items = [
+        "name=tiny", "device=cpu", "seed=7",
+        "data.kind=synthetic", f"data.root={synth_root}", "data.synth.n_train=4", "data.synth.n_val=3",
+        "data.synth.size=128", "data.batch_size=2", "data.eval_batch_size=2", "data.workers=0",
+        *TINY_MODEL,
+        "train.iters=4", "train.warmup_iters=2", "train.lr=0.001", "train.log_period=1", "train.ckpt_period=0",
+        "train.eval_period=0",
+    ]
+    if teacher:
+        items += [f"teacher.{o.split('=', 1)[0].split('.', 1)[1]}={o.split('=', 1)[1]}" for o in TINY_MODEL]
+        items += [f"teacher.weights={teacher}", "distill.method=toy_test"]
+    return load_config(None, items + list(extra))
+
+
+def _no_nan(x):
+    """nan -> None, recursively (nan != nan would fail a dict comparison)."""
+    if isinstance(x, dict):
+        return {k: _no_nan(v) for k, v in x.items()}
+    return None if isinstance(x, float) and x != x else x
+
+
+def _same_state(a: dict, b: dict, what: str) -> None:
+    assert a.keys() == b.keys(), what
+    for k in a:
+        va, vb = a[k], b[k]
+        if isinstance(va, dict):
+            _same_state(va, vb, f"{what}.{k}")
+        elif torch.is_tensor(va):
+            assert torch.equal(va, vb), f"{what}.{k} differs"
+        else:
+            assert va == vb, f"{what}.{k}: {va} != {vb}"
+
+
+# -- tests ---------------------------------------------------------------------------------------------
+def test_end_to_end_writes_outputs_and_weights_load(synth_root, tmp_path):
+    out = str(tmp_path / "run")
+    cfg = make_cfg(synth_root, "train.iters=3", "train.eval_period=2", "train.ckpt_period=2", "train.amp=true")
+    with pytest.warns(UserWarning, match="amp"):
+        metrics = train(cfg, output_dir=out, progress=False)
+    for f in ("config.yaml", "log.jsonl", "metrics.json", "loss_curve.png", "model_final.pth", "model_best.pth",
+              "last_checkpoint.pth", "eval/metrics.json", "eval/detections.json"):
+        assert os.path.isfile(os.path.join(out, f)), f
+    assert metrics["status"] == "finished" and metrics["iteration"] == 3
+    assert set(metrics["bbox"]) >= {"mAP", "AP50", "AP75", "APs", "APm", "APl", "per_class"}
+    assert metrics["timing"]["sec_per_iter"] > 0 and metrics["timing"]["amp"] is False
+    assert [e["iteration"] for e in metrics["evals"]] == [2, 3]
+
+    steps = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+    train_steps = [r for r in steps if "total" in r]
+    assert [r["iteration"] for r in train_steps] == [1, 2, 3]
+    for r in train_steps:
+        assert {"lr", "total", "sec_per_iter", "peak_mem_mb", "student.classification"} <= set(r)
+        assert r["total"] == pytest.approx(sum(v for k, v in r.items() if k.startswith("student.")), rel=1e-5)
+    assert train_steps[0]["lr"] == pytest.approx(0.001 * 0.001)  # warm-up starts at lr * warmup_factor
+    assert json.load(open(os.path.join(out, "metrics.json")))["iteration"] == 3
+
+    saved = load_config(os.path.join(out, "config.yaml"))
+    assert saved.model.num_classes == 6 and saved.output_dir == out
+    final = torch.load(os.path.join(out, "model_final.pth"), weights_only=False)
+    saved.model.weights = os.path.join(out, "model_final.pth")
+    again = build_model(saved.model)
+    for k, v in again.state_dict().items():
+        assert torch.equal(v, final["model"][k])
+
+    ev = evaluate(cfg, weights=os.path.join(out, "model_final.pth"), out_dir=str(tmp_path / "ev"), progress=False)
+    assert json.load(open(tmp_path / "ev" / "detections.json")) == json.load(open(os.path.join(out, "eval", "detections.json")))
+    assert _no_nan(ev) == _no_nan({"bbox": metrics["bbox"]})
+
+
+@pytest.fixture(scope="module")
+def straight_run(synth_root, teacher_weights, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("straight"))
+    train(make_cfg(synth_root, teacher=teacher_weights), output_dir=out, progress=False)
+    return out
+
+
+def _assert_same_run(a: str, b: str) -> None:
+    fa = ck.load_checkpoint(os.path.join(a, "model_final.pth"))
+    fb = ck.load_checkpoint(os.path.join(b, "model_final.pth"))
+    _same_state(fa["model"], fb["model"], "model")
+    la = ck.load_checkpoint(os.path.join(a, "last_checkpoint.pth"))
+    lb = ck.load_checkpoint(os.path.join(b, "last_checkpoint.pth"))
+    assert la["iteration"] == lb["iteration"] == 4
+    _same_state(la["distiller"], lb["distiller"], "distiller")
+    _same_state(la["optimizer"]["state"], lb["optimizer"]["state"], "optimizer")
+    _same_state(la["extra_optimizers"]["probe"]["state"], lb["extra_optimizers"]["probe"]["state"], "probe")
+    assert la["scheduler"]["last_epoch"] == lb["scheduler"]["last_epoch"]
+    log_a = [json.loads(x) for x in open(os.path.join(a, "log.jsonl"))]
+    log_b = [json.loads(x) for x in open(os.path.join(b, "log.jsonl"))]
+    assert [r["iteration"] for r in log_a] == [r["iteration"] for r in log_b]
+    for ra, rb in zip(log_a, log_b):
+        if "total" in ra:
+            assert ra["total"] == rb["total"] and ra["lr"] == rb["lr"]
+
+
+def test_sigint_then_resume_matches_uninterrupted_run(synth_root, teacher_weights, straight_run, tmp_path):
+    out = str(tmp_path / "interrupted")
+    cfg = make_cfg(synth_root, "distill.options.interrupt_at=1", teacher=teacher_weights)
+    with pytest.raises(TrainingInterrupted) as e:
+        train(cfg, output_dir=out, progress=False)
+    assert e.value.iteration == 2 and isinstance(e.value, KeyboardInterrupt)
+    assert ck.load_checkpoint(os.path.join(out, "last_checkpoint.pth"))["iteration"] == 2
+    assert not os.path.exists(os.path.join(out, "model_final.pth"))
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+
+    train(make_cfg(synth_root, teacher=teacher_weights), output_dir=out, resume=True, progress=False)
+    _assert_same_run(straight_run, out)
+
+
+def test_nonfinite_loss_stops_keeps_checkpoint_and_resume_matches(synth_root, teacher_weights, straight_run, tmp_path):
+    out = str(tmp_path / "nan")
+    cfg = make_cfg(synth_root, "distill.options.nan_at=2", "train.ckpt_period=2", teacher=teacher_weights)
+    with pytest.raises(NonFiniteLossError) as e:
+        train(cfg, output_dir=out, progress=False)
+    msg = str(e.value)
+    assert "distill.toy" in msg and "iteration 3" in msg and "\n" not in msg
+    assert "student." not in msg  # only the bad term is named (and the total)
+    last = ck.load_checkpoint(os.path.join(out, "last_checkpoint.pth"))
+    assert last["iteration"] == 2
+    # the last good checkpoint resumes to exactly the uninterrupted run
+    train(make_cfg(synth_root, "train.ckpt_period=2", teacher=teacher_weights), output_dir=out, resume=True, progress=False)
+    _assert_same_run(straight_run, out)
+
+
+def test_teacher_configuration_errors(synth_root, teacher_weights, tmp_path):
+    cfg = make_cfg(synth_root, "distill.method=toy_test")
+    with pytest.raises(ConfigError, match="needs a teacher"):
+        train(cfg, output_dir=str(tmp_path / "a"), progress=False)
+    cfg = make_cfg(synth_root, "teacher.weights=null", teacher=teacher_weights)
+    with pytest.raises(ConfigError, match="teacher.weights"):
+        train(cfg, output_dir=str(tmp_path / "b"), progress=False)
+    cfg = make_cfg(synth_root, "teacher.num_classes=3", teacher=teacher_weights)
+    with pytest.raises(ConfigError, match="same classes"):
+        train(cfg, output_dir=str(tmp_path / "c"), progress=False)
+    with pytest.raises(ConfigError, match="unknown"):
+        train(make_cfg(synth_root, "distill.method=nope"), output_dir=str(tmp_path / "d"), progress=False)
+
+
+def test_tensorboard_is_optional(synth_root, tmp_path):
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        with pytest.raises(ConfigError, match="tensorboard"):
+            train(make_cfg(synth_root, "train.tensorboard=true", "train.iters=1"), output_dir=str(tmp_path), progress=False)
+    else:  # pragma: no cover - not installed here
+        pytest.skip("tensorboard is installed")
+
+
+def test_sampler_order_is_resumable_without_loading():
+    s = InfiniteBatchSampler(5, 2, seed=3)
+    it = iter(s)
+    stream = [next(it) for _ in range(8)]  # crosses three epochs
+    resumed = iter(InfiniteBatchSampler(5, 2, seed=3, start_iter=5))
+    assert [next(resumed) for _ in range(3)] == stream[5:]
+    for epoch in range(3):  # each epoch is a permutation
+        idx = [i for b in stream for i, _ in b][epoch * 5 : epoch * 5 + 5]
+        assert sorted(idx) == list(range(5))
+    assert len({seed for b in stream for _, seed in b}) == 16  # one augmentation seed per draw

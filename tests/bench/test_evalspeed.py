@@ -1,0 +1,36 @@
+"""hmkd.bench.evalspeed: hmkd's COCO numbers against pycocotools' on a small synthetic set."""
+
+from __future__ import annotations
+
+import json
+
+from hmkd.bench.evalspeed import make_synthetic_coco, run_evalspeed
+
+
+def test_synthetic_coco_is_deterministic_and_mixed():
+    gt, dets = make_synthetic_coco(20, 10, seed=3)
+    gt2, dets2 = make_synthetic_coco(20, 10, seed=3)
+    assert gt == gt2 and dets == dets2
+    assert len(gt["images"]) == 20 and len(dets) == 200
+    areas = [a["area"] for a in gt["annotations"]]
+    assert min(areas) < 32**2 and max(areas) > 96**2  # small and large objects
+    assert {a["category_id"] for a in gt["annotations"]} == {1, 2, 3}
+
+
+def test_evalspeed_50_images_identical_numbers(tmp_path):
+    res = run_evalspeed(str(tmp_path), n_images=50, dets_per_image=20, seed=0)
+    v = res["variants"]
+    assert list(v)[0] == "pycocotools"
+    assert v["hmkd"]["vs_pycocotools"]["identical"], v["hmkd"]["vs_pycocotools"]
+    # hmkd reports percent: pycocotools' stats x 100, exactly
+    assert v["hmkd"]["stats_percent"] == [x * 100.0 if x >= 0 else None for x in v["pycocotools"]["stats"]]
+    for name, r in v.items():
+        assert r["seconds"] > 0 and r["speedup"] > 0, name
+        assert len(r["stats"]) == 12
+        # every engine agrees with pycocotools far below any printed digit
+        if name != "pycocotools":
+            assert r["vs_pycocotools"]["max_abs_diff"] < 1e-9, name
+    data = json.loads((tmp_path / "evalspeed.json").read_text())
+    assert data["n_images"] == 50 and data["n_detections"] == 1000
+    assert "| variant | seconds |" in (tmp_path / "evalspeed.md").read_text()
+    assert res["target"]["identical"] is True

@@ -49,6 +49,9 @@ class InfiniteBatchSampler(Sampler):
         shuffle: permute each epoch (True) or go in index order.
         rank, world_size: this rank's shard of the global stream.
         start_iter: first iteration to yield (resume): earlier positions are skipped arithmetically.
+        start_position: global stream position of ``start_iter`` (default ``start_iter * B * W``);
+            a resume passes the number of samples already consumed, so that the stream goes on
+            where it stopped even if the number of processes or the batch size changed.
     """
 
     def __init__(
@@ -61,6 +64,7 @@ class InfiniteBatchSampler(Sampler):
         rank: int = 0,
         world_size: int = 1,
         start_iter: int = 0,
+        start_position: int | None = None,
     ) -> None:
         if size <= 0:
             raise ValueError("InfiniteBatchSampler: the data set is empty")
@@ -75,6 +79,9 @@ class InfiniteBatchSampler(Sampler):
         self.rank = int(rank)
         self.world_size = int(world_size)
         self.start_iter = int(start_iter)
+        self.start_position = (
+            int(start_position) if start_position is not None else self.start_iter * self.batch_size * self.world_size
+        )
         self._perm_epoch = -1
         self._perm: list[int] = []
 
@@ -92,7 +99,8 @@ class InfiniteBatchSampler(Sampler):
 
     def positions(self, iteration: int) -> range:
         """Global stream positions this rank reads at ``iteration``."""
-        start = (iteration * self.world_size + self.rank) * self.batch_size
+        step = (iteration - self.start_iter) * self.world_size + self.rank
+        start = self.start_position + step * self.batch_size
         return range(start, start + self.batch_size)
 
     def batch(self, iteration: int) -> list[tuple[int, int]]:

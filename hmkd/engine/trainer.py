@@ -30,7 +30,9 @@ Fault tolerance:
   consumed samples arithmetically), each sample's augmentation draws from its own seed
   (:class:`~hmkd.engine.sampler.SeededDataset`), and the Python/NumPy/torch/CUDA generator states
   of every rank, the optimisers, schedule and AMP scaler are restored. This holds for any
-  ``data.workers`` (workers only change who loads a sample, not what it is). On GPU the data and
+  ``data.workers`` (workers only change who loads a sample, not what it is). Resuming with another
+  number of processes (or batch size) continues the data stream at the consumed-sample count, but
+  the random streams are then reseeded, so that resume is not bitwise. On GPU the data and
   random streams are equally exact, but CUDA kernels (atomics in backward, cuDNN algorithm
   choice) are not bitwise deterministic, so weights agree to floating-point noise only;
 - a non-finite loss raises :class:`~hmkd.errors.NonFiniteLossError` naming the terms and the
@@ -412,9 +414,15 @@ class _Run:
         self.distiller.to(self.device)
         self.distiller.train()
         self.student = student
-        self.extra_modules = self.distiller.extra_modules()
-        self.extra_params = [p for m in self.extra_modules.values() for p in m.parameters() if p.requires_grad]
         self.main_params = self.distiller.student_parameters() + self.distiller.distiller_parameters()
+        self.extras = list(self.distiller.extra_optimizers())
+        extra: dict[int, nn.Parameter] = {}
+        for m in self.distiller.extra_modules().values():
+            extra.update((id(p), p) for p in m.parameters() if p.requires_grad)
+        for _, opt, _ in self.extras:
+            extra.update((id(p), p) for g in opt.param_groups for p in g["params"])
+        main_ids = {id(p) for p in self.main_params}
+        self.extra_params = [p for k, p in extra.items() if k not in main_ids]
         self.sync_params = self.distiller.distiller_parameters() + self.extra_params  # outside DDP
 
         if ctx.distributed:
@@ -427,13 +435,13 @@ class _Run:
 
         self.optimizer = build_optimizer(cfg.train, self.main_params)
         self.scheduler = build_scheduler(cfg.train, self.optimizer)
-        self.extras = list(self.distiller.extra_optimizers())
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp) if self.amp else None
         self.iteration = 0
         self.best = {"iteration": None, "mAP": None}
         self.evals: list[dict[str, Any]] = []
         self.train_seconds = 0.0
         self.eval_seconds = 0.0
+        self.samples_seen = 0  # global data-stream position (all ranks together)
 
     def _paths(self) -> dict[str, str]:
         return {k: os.path.join(self.out, v) for k, v in (("last", ckpt_io.LAST), ("best", ckpt_io.BEST), ("final", ckpt_io.FINAL))}
@@ -458,6 +466,7 @@ class _Run:
                 "train_seconds": self.train_seconds,
                 "eval_seconds": self.eval_seconds,
                 "world_size": self.ctx.world_size,
+                "samples_seen": self.samples_seen,
             },
         }
 
@@ -521,6 +530,9 @@ class _Run:
         self.evals = list(tr.get("evals") or [])
         self.train_seconds = float(tr.get("train_seconds", 0.0))
         self.eval_seconds = float(tr.get("eval_seconds", 0.0))
+        self.samples_seen = int(
+            tr.get("samples_seen", self.iteration * self.cfg.data.batch_size * int(tr.get("world_size", 1)))
+        )
         rng = ckpt.get("rng") or []
         if len(rng) == self.ctx.world_size:
             ckpt_io.restore_rng_state(rng[self.ctx.rank])
@@ -610,6 +622,7 @@ class _Run:
             rank=self.ctx.rank,
             world_size=self.ctx.world_size,
             start_iter=self.iteration,
+            start_position=self.samples_seen,
         )
         workers = self.cfg.data.workers
         return DataLoader(
@@ -693,6 +706,7 @@ class _Run:
                         opt.step()
                 self.scheduler.step()
                 self.iteration = it + 1
+                self.samples_seen += cfg.data.batch_size * ctx.world_size
                 dt = time.perf_counter() - t0
                 self.train_seconds += dt
 

@@ -246,3 +246,6 @@ def test_sampler_order_is_resumable_without_loading():
         idx = [i for b in stream for i, _ in b][epoch * 5 : epoch * 5 + 5]
         assert sorted(idx) == list(range(5))
     assert len({seed for b in stream for _, seed in b}) == 16  # one augmentation seed per draw
+    # resuming with another batch size (or process count) goes on at the consumed-sample position
+    other = InfiniteBatchSampler(5, 3, seed=3, start_iter=2, start_position=4)
+    assert other.batch(2) == stream[2] + stream[3][:1] and other.batch(3) == stream[3][1:] + stream[4]

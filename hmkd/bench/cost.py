@@ -433,10 +433,14 @@ class _MethodRun:
 def _time_part(fn: Callable[[], Any], leaves: Callable[[], list[torch.Tensor]], reps: int, device: torch.device) -> dict[str, float]:
     """Median forward and backward seconds of ``fn`` (returns a scalar loss, or None: forward only)."""
     fwd, bwd = [], []
+    peak = None
     for r in range(reps + 1):  # first run discarded
         for t in leaves():
             t.grad = None
         _sync(device)
+        if device.type == "cuda" and r == reps:  # memory of the part's forward + backward, once
+            torch.cuda.reset_peak_memory_stats(device)
+            before = torch.cuda.memory_allocated(device)
         t0 = time.perf_counter()
         loss = fn()
         _sync(device)
@@ -445,10 +449,16 @@ def _time_part(fn: Callable[[], Any], leaves: Callable[[], list[torch.Tensor]], 
             loss.backward()
         _sync(device)
         t2 = time.perf_counter()
+        if device.type == "cuda" and r == reps:
+            peak = (torch.cuda.max_memory_allocated(device) - before) / 2**20
+        del loss
         if r:
             fwd.append(t1 - t0)
             bwd.append(t2 - t1)
-    return {"forward_s": _median(fwd), "backward_s": _median(bwd), "total_s": _median(fwd) + _median(bwd)}
+    out = {"forward_s": _median(fwd), "backward_s": _median(bwd), "total_s": _median(fwd) + _median(bwd)}
+    if peak is not None:
+        out["peak_extra_mb"] = peak
+    return out
 
 
 def hmkd_part_costs(distiller: nn.Module, inputs: Any, *, reps: int = 5, device: torch.device | None = None) -> dict[str, dict[str, float]]:
@@ -457,7 +467,8 @@ def hmkd_part_costs(distiller: nn.Module, inputs: Any, *, reps: int = 5, device:
     Calls the building blocks exactly as :meth:`HMKDDistiller.distill_losses` does (same options,
     modules and inputs), each part on its own; student maps are leaf copies (``requires_grad``)
     so a backward stops there. Parameter gradients these runs leave are cleared afterwards.
-    Returns ``{part: {"forward_s", "backward_s", "total_s"}}``; the parts are ``masks``,
+    Returns ``{part: {"forward_s", "backward_s", "total_s"}}`` (on CUDA also ``peak_extra_mb``: the
+    peak memory of the part's forward + backward above what was allocated before); the parts are ``masks``,
     ``adapters``, ``inquiry_head``, ``decoder_aux``, ``decoder_attention``, ``others``,
     ``small_fg``, ``attention_term`` and ``gcblock_bg``.
     """
@@ -675,12 +686,17 @@ def _markdown(res: dict[str, Any]) -> str:
     hm = next((r for r in rows if r["method"] == "hmkd"), None)
     if hm is not None and "parts" in hm:
         step = hm["step_s"]
+        mem = all("peak_extra_mb" in p for p in hm["parts"].values())
+
+        def mcol(names: list[str]) -> str:
+            return f" {max(hm['parts'][n]['peak_extra_mb'] for n in names if n in hm['parts']):.0f} |" if mem else ""
+
         lines += [
             "",
             "HMKD parts, each timed on its own on the last step's captured inputs (ms, median):",
             "",
-            "| part | forward | backward | total | % of HMKD step |",
-            "|---|---:|---:|---:|---:|",
+            "| part | forward | backward | total | % of HMKD step |" + (" extra peak memory (MB) |" if mem else ""),
+            "|---|---:|---:|---:|---:|" + ("---:|" if mem else ""),
         ]
         for group, names in PART_GROUPS.items():
             parts = [hm["parts"][n] for n in names if n in hm["parts"]]
@@ -688,12 +704,13 @@ def _markdown(res: dict[str, Any]) -> str:
                 continue
             f = sum(p["forward_s"] for p in parts)
             b = sum(p["backward_s"] for p in parts)
-            lines.append(f"| {group} | {_fmt_ms(f)} | {_fmt_ms(b)} | {_fmt_ms(f + b)} | {100 * (f + b) / step:.2f}% |")
+            lines.append(f"| {group} | {_fmt_ms(f)} | {_fmt_ms(b)} | {_fmt_ms(f + b)} | {100 * (f + b) / step:.2f}% |"
+                         + mcol(names))
             if len(names) > 1:
                 for n in names:
                     p = hm["parts"][n]
                     lines.append(f"| &nbsp;&nbsp;{n} | {_fmt_ms(p['forward_s'])} | {_fmt_ms(p['backward_s'])} | "
-                                 f"{_fmt_ms(p['total_s'])} | {100 * p['total_s'] / step:.2f}% |")
+                                 f"{_fmt_ms(p['total_s'])} | {100 * p['total_s'] / step:.2f}% |" + mcol([n]))
     t = res.get("targets")
     if t:
         lines += ["", "Issue-8 targets (HMKD against no-KD):", ""]

@@ -10,7 +10,10 @@ category, plus random boxes; random scores), then times, in one process on the s
 * ``hmkd``: :func:`hmkd.engine.evaluator.coco_metrics` as the code calls it (its default engine);
 * ``hmkd_faster``: the same with ``engine="faster"`` (faster-coco-eval's C++ matching and
   accumulation), when the default is not already that;
-* ``faster_coco_eval``: plain faster-coco-eval (``COCO`` + ``loadRes`` + ``COCOeval_faster``).
+* ``faster_coco_eval``: plain faster-coco-eval (``COCO`` + ``loadRes`` + ``COCOeval_faster``);
+* ``faster_exact``: the prototype :func:`faster_exact_eval` — faster-coco-eval with its one
+  floating-point difference from pycocotools (``tp / (tp + fp)`` without pycocotools' ``+ eps``
+  on the first point of a curve) corrected exactly, so that the numbers are identical.
 
 Every variant starts from the same in-memory ground-truth dict and results list (each gets its own
 copy outside the timed region, as the APIs mutate them) and is timed end to end (index building,
@@ -141,6 +144,77 @@ def _faster_plain(gt: dict, dets: list) -> dict[str, Any]:
             "recall": np.asarray(ev.eval["recall"])}
 
 
+def faster_exact_eval(gt: dict, dets: list, iou_type: str = "bbox", img_ids: list[int] | None = None) -> Any:
+    """faster-coco-eval, with its ``precision`` made bit-identical to pycocotools' (prototype engine).
+
+    faster-coco-eval's C++ accumulate (from detectron2's ``COCOeval_opt``) computes a point of the
+    precision curve as ``tp / (tp + fp)``, pycocotools as ``tp / (tp + fp + np.spacing(1))``. For
+    ``tp + fp >= 2`` the ``eps`` vanishes in float64 (``n + 2^-52 == n``), so the two agree; for
+    ``tp + fp == 1`` — the stretch of the curve from the first non-ignored detection up to the
+    second one — pycocotools has ``1 / (1 + 2^-52) = 1 - 2^-52`` where faster-coco-eval has 1.0
+    when that first detection is a true positive. After the precision envelope that value is
+    what pycocotools samples at every recall threshold ``r <= 1 / npig`` when the *second*
+    non-ignored detection is not a true positive (otherwise the second point, 2/2 = 1.0, lifts both
+    to 1.0). Matching and recall are the same (checked on random sets).
+
+    This finds those curves without re-doing any matching: a second C++ accumulate over the same
+    per-image evaluations with recall thresholds ``{1/npig, 2/npig}`` gives, per curve, the
+    precision at the first and second true positive; the condition is "first == 1.0 and
+    second < 1.0". Those entries are set to pycocotools' value, then ``summarize`` runs as usual.
+    """
+    import faster_coco_eval.faster_eval_api_cpp as _C
+    from faster_coco_eval import COCO as FCOCO
+    from faster_coco_eval import COCOeval_faster
+
+    quiet = lambda *a, **k: None  # noqa: E731
+    g = FCOCO(gt, print_function=quiet)
+    d = g.loadRes(dets)
+    ev = COCOeval_faster(g, d, iou_type, print_function=quiet, separate_eval=True)
+    if img_ids is not None:
+        ev.params.imgIds = list(img_ids)
+    ev.evaluate()
+    ev.accumulate()
+    p = ev._paramsEval
+    prec = ev.eval["precision"]
+    t_n, _, k_n, a_n, m_n = prec.shape
+    cidx = {c: i for i, c in enumerate(p.catIds)} if p.useCats else None
+    imgs = set(p.imgIds)
+    area_rng = np.asarray(p.areaRng, dtype=np.float64)
+    npig = np.zeros((k_n, a_n), dtype=np.int64)  # pycocotools' count of gtIgnore == 0 per curve
+    for ann in g.dataset["annotations"]:
+        if ann["image_id"] not in imgs or ann.get("iscrowd", 0):
+            continue
+        k = cidx.get(ann["category_id"]) if cidx is not None else 0
+        if k is not None:
+            npig[k] += ~((ann["area"] < area_rng[:, 0]) | (ann["area"] > area_rng[:, 1]))
+    ns = np.unique(npig[npig > 0])
+    ev.n_precision_fixed = 0
+    if ns.size:
+        thr = np.unique(np.concatenate([1.0 / ns, 2.0 / ns]))
+        p2 = copy.deepcopy(p)
+        p2.recThrs = thr.tolist()
+        e2 = np.asarray(_C.COCOevalAccumulate(p2, ev._evalImgs_cpp)["precision"]).reshape(t_n, len(thr), k_n, a_n, m_n)
+        rec = np.asarray(p.recThrs, dtype=np.float64)
+        one = np.ones(1, dtype=np.float64)
+        value = (one / (one * 0.0 + one + np.spacing(1)))[0]  # pycocotools' tp / (fp + tp + eps) at tp=1, fp=0
+        for k, a in zip(*np.nonzero(npig)):
+            n = npig[k, a]
+            i1, i2 = np.searchsorted(thr, 1.0 / n), np.searchsorted(thr, 2.0 / n)
+            cond = (e2[:, i1, k, a, :] == 1.0) & (e2[:, i2, k, a, :] < 1.0)  # [T, M]
+            rmask = rec <= 1.0 / n
+            for t, m in zip(*np.nonzero(cond)):
+                prec[t, rmask, k, a, m] = value
+                ev.n_precision_fixed += int(rmask.sum())
+    ev.summarize()
+    return ev
+
+
+def _faster_exact(gt: dict, dets: list) -> dict[str, Any]:
+    ev = faster_exact_eval(gt, dets)
+    return {"stats": [float(v) for v in ev.stats[:12]], "precision": np.asarray(ev.eval["precision"]),
+            "recall": np.asarray(ev.eval["recall"]), "n_precision_fixed": ev.n_precision_fixed}
+
+
 def _hmkd(engine: str | None) -> Any:
     def run(gt: dict, dets: list) -> dict[str, Any]:
         from hmkd.engine.evaluator import coco_metrics
@@ -197,8 +271,8 @@ def run_evalspeed(
         out_dir: where ``evalspeed.json`` and ``evalspeed.md`` go.
         n_images, dets_per_image, seed: the synthetic set (:func:`make_synthetic_coco`).
         repeats: runs of each variant; the minimum time is reported (all are kept in the JSON).
-        variants: subset of ``pycocotools``, ``hmkd``, ``hmkd_faster``, ``faster_coco_eval``
-            (default: all; ``pycocotools`` is always run, as the reference).
+        variants: subset of ``pycocotools``, ``hmkd``, ``hmkd_faster``, ``faster_coco_eval``,
+            ``faster_exact`` (default: all; ``pycocotools`` is always run, as the reference).
 
     Returns:
         ``{"table": Markdown, "variants": {name: {"seconds", "speedup", "stats", "vs_pycocotools"}},
@@ -213,6 +287,7 @@ def run_evalspeed(
         "hmkd": _hmkd(None),
         "hmkd_faster": _hmkd("faster"),
         "faster_coco_eval": _faster_plain,
+        "faster_exact": _faster_exact,
     }
     names = list(variants) if variants else list(runners)
     if engine == "faster" and "hmkd_faster" in names and not variants:
@@ -231,6 +306,8 @@ def run_evalspeed(
             del g, d
         raw[name] = r
         results[name] = {"seconds": min(times), "seconds_all": times, "stats": r["stats"]}
+        if "n_precision_fixed" in r:
+            results[name]["n_precision_fixed"] = r["n_precision_fixed"]
         if "percent" in r:  # what hmkd reports (percent, None where COCOeval gives -1)
             results[name]["stats_percent"] = [None if r["percent"][k] != r["percent"][k] else r["percent"][k] for k in _KEYS]
         logger.info("evalspeed: %s %.2f s", name, min(times))
@@ -304,6 +381,7 @@ _LABELS = {
     "hmkd": "hmkd coco_metrics (default engine)",
     "hmkd_faster": "hmkd coco_metrics(engine='faster')",
     "faster_coco_eval": "faster-coco-eval COCOeval_faster (plain)",
+    "faster_exact": "prototype: faster-coco-eval + exact precision fix (faster_exact_eval)",
 }
 
 
@@ -326,6 +404,12 @@ def _markdown(res: dict[str, Any]) -> str:
     if f and "precision_identical" in f:
         lines += ["", f"faster-coco-eval precision array identical to pycocotools': {f['precision_identical']}, "
                       f"recall: {f['recall_identical']} (max |diff| of precision {f['precision_max_abs_diff']:.3g})."]
+    x = v.get("faster_exact")
+    if x and "precision_identical" in x.get("vs_pycocotools", {}):
+        c = x["vs_pycocotools"]
+        lines += ["", f"Prototype faster_exact_eval: precision identical {c['precision_identical']}, recall identical "
+                      f"{c['recall_identical']}, 12 stats identical {c['identical']} "
+                      f"({x.get('n_precision_fixed', 0)} precision entries set to pycocotools' 1 - 2^-52)."]
     t = res.get("target")
     if t:
         lines += ["", f"Target (hmkd >= {t['target']:.0f}x pycocotools with identical numbers): "

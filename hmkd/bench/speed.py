@@ -28,6 +28,7 @@ Outputs in ``out_dir``: ``speed.json``, ``speed.md`` (Markdown table) and ``gflo
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 import platform
@@ -181,6 +182,13 @@ def measure_latency(model: nn.Module, image: torch.Tensor, *, warmup: int = 5, i
             if i >= warmup:
                 times.append((time.perf_counter() - t0) * 1000.0)
     return _stats(times)
+
+
+def _on_cpu(model: nn.Module) -> nn.Module:
+    """``model`` itself when on the CPU, else a CPU copy (the caller's module stays where it is)."""
+    if next(model.parameters()).device.type == "cpu":
+        return model
+    return copy.deepcopy(model).cpu()
 
 
 def _onnx_latency(model: nn.Module, name: str, image: torch.Tensor, out_dir: Path, warmup: int, iters: int) -> dict[str, Any]:
@@ -369,7 +377,7 @@ def speed_report(
                 "network_input": flops["network_input"],
                 "detections": n_det,
                 **timing,
-                "onnx": _onnx_latency(model.cpu(), name, img, out, warmup, iters) if onnx else None,
+                "onnx": _onnx_latency(_on_cpu(model), name, img, out, warmup, iters) if onnx else None,
             }
         report["models"][name] = entry
         del model

@@ -134,8 +134,10 @@ def validate_coco_dict(data: Any, source: str) -> bool:
                 raise DataError(f"{source}: images[{i}] has no '{key}'")
         if not isinstance(im["id"], int) or isinstance(im["id"], bool):
             raise DataError(f"{source}: images[{i}] id {im['id']!r} is not an integer")
+        if not isinstance(im["file_name"], str) or not im["file_name"]:
+            raise DataError(f"{source}: images[{i}] (id {im['id']}) file_name {im['file_name']!r} is not a file name")
         for key in ("width", "height"):
-            if not isinstance(im[key], int) or im[key] <= 0:
+            if not isinstance(im[key], int) or isinstance(im[key], bool) or im[key] <= 0:
                 raise DataError(f"{source}: images[{i}] (id {im['id']}) has invalid {key} {im[key]!r}")
         if im["id"] in img_ids:
             raise DataError(f"{source}: images[{i}] repeats image id {im['id']}")
@@ -154,9 +156,9 @@ def validate_coco_dict(data: Any, source: str) -> bool:
         for key in ("image_id", "category_id", "bbox"):
             if key not in a:
                 raise DataError(f"{source}: {name} has no '{key}'")
-        if a["category_id"] not in cat_ids:
+        if isinstance(a["category_id"], (list, dict)) or a["category_id"] not in cat_ids:
             raise DataError(f"{source}: {name} has category_id {a['category_id']!r}, which is not in 'categories'")
-        if a["image_id"] not in img_ids:
+        if isinstance(a["image_id"], (list, dict)) or a["image_id"] not in img_ids:
             raise DataError(f"{source}: {name} has image_id {a['image_id']!r}, which is not in 'images'")
         bbox = a["bbox"]
         if not isinstance(bbox, list) or len(bbox) != 4 or not all(_is_number(v) for v in bbox):
@@ -195,6 +197,66 @@ def _usable_segmentation(seg: Any) -> Any | None:
         return polys or None
     if isinstance(seg, dict) and "counts" in seg and "size" in seg:
         return seg
+    return None
+
+
+def _rle_string_counts(s: bytes) -> list[int] | None:
+    """The run lengths of a compressed COCO RLE string (pycocotools' ``rleFrString``), None if malformed."""
+    counts: list[int] = []
+    p, n = 0, len(s)
+    while p < n:
+        x, k, more = 0, 0, True
+        while more:
+            if p >= n or k > 12:  # cut off in the middle of a number, or absurdly long
+                return None
+            c = s[p] - 48
+            if not 0 <= c < 64:
+                return None
+            x |= (c & 0x1F) << (5 * k)
+            more = bool(c & 0x20)
+            p += 1
+            k += 1
+            if not more and c & 0x10:
+                x |= -1 << (5 * k)
+        if len(counts) > 2:
+            x += counts[-2]
+        counts.append(x)
+    return counts
+
+
+def segmentation_problem(seg: Any, h: int, w: int) -> str | None:
+    """Why pycocotools must not rasterise ``seg`` for an ``h`` x ``w`` image, or None if it is safe.
+
+    pycocotools' C code trusts its input: a polygon with huge or NaN coordinates allocates without
+    bound, and RLE counts that do not add up to ``h * w`` write past the mask. So polygons must be
+    finite numbers within one image size of the image, and an RLE must have ``size == [h, w]``
+    and non-negative counts summing to ``h * w``.
+    """
+    if isinstance(seg, list):
+        for poly in seg:
+            if not all(_is_number(v) for v in poly):
+                return "polygon holds a value that is not a finite number"
+            xs, ys = poly[0::2], poly[1::2]
+            if min(xs) < -w or max(xs) > 2 * w or min(ys) < -h or max(ys) > 2 * h:
+                return f"polygon coordinates lie far outside the {w}x{h} image"
+        return None
+    size = seg.get("size")
+    if not isinstance(size, list) or [v for v in size] != [h, w] or any(isinstance(v, bool) for v in size):
+        return f"RLE size {size!r} differs from image {h}x{w}"
+    counts = seg["counts"]
+    if isinstance(counts, str):
+        try:
+            counts = _rle_string_counts(counts.encode("ascii"))
+        except UnicodeEncodeError:
+            counts = None
+    elif isinstance(counts, bytes):
+        counts = _rle_string_counts(counts)
+    elif not isinstance(counts, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in counts):
+        counts = None
+    if counts is None:
+        return "RLE counts are malformed"
+    if any(v < 0 for v in counts) or sum(counts) != h * w:
+        return f"RLE counts do not add up to the {h}x{w} image"
     return None
 
 
@@ -350,6 +412,9 @@ class CocoDetection(torch.utils.data.Dataset):
             x2, y2 = int(math.ceil(box[2])), int(math.ceil(box[3]))
             m[y1:y2, x1:x2] = 1
             return m
+        problem = segmentation_problem(seg, h, w)
+        if problem is not None:
+            raise DataError(f"{self.source}: annotation id {ann_id} has an unusable segmentation ({problem})")
         try:
             if isinstance(seg, list):
                 rle = mask_utils.merge(mask_utils.frPyObjects(seg, h, w))

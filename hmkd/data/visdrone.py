@@ -23,8 +23,9 @@ how we express "ignored" so that pycocotools' COCOeval can score the set):
   Every image must have its ``.txt`` (empty files are fine: an image without objects); a txt
   without an image is ignored with a warning.
 * Parsing: blank lines are skipped and one trailing comma is allowed. A row with a field count
-  other than 8, a non-numeric field or a category outside 0..11 raises
-  :class:`hmkd.errors.DataError` naming the file and the line number.
+  other than 8, a non-numeric or non-finite (nan/inf) field, a non-integer score, category,
+  truncation or occlusion, or a category outside 0..11 raises :class:`hmkd.errors.DataError`
+  naming the file and the line number.
 * Metrics computed this way are COCO-API numbers on VisDrone, not the VisDrone toolkit's numbers
   (which use maxDets 500 and their own matching); say so when reporting.
 """
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import tempfile
 from collections.abc import Callable
@@ -98,10 +100,15 @@ def parse_visdrone_txt(path: str | os.PathLike) -> list[tuple[int, tuple[float, 
         if len(fields) != 8:
             raise DataError(f"{p}:{lineno}: expected 8 comma-separated fields, got {len(fields)}: {line!r}")
         try:
-            box = tuple(float(v) for v in fields[:4])
-            score, cat, trunc, occl = (int(float(v)) for v in fields[4:])
+            values = [float(v) for v in fields]
         except ValueError:
             raise DataError(f"{p}:{lineno}: non-numeric field in {line!r}") from None
+        if not all(math.isfinite(v) for v in values):
+            raise DataError(f"{p}:{lineno}: non-finite number (nan/inf) in {line!r}")
+        if not all(v.is_integer() for v in values[4:]):
+            raise DataError(f"{p}:{lineno}: score, object_category, truncation and occlusion must be integers in {line!r}")
+        box = tuple(values[:4])
+        score, cat, trunc, occl = (int(v) for v in values[4:])
         if not 0 <= cat <= 11:
             raise DataError(f"{p}:{lineno}: object_category {cat} is outside 0..11")
         rows.append((lineno, box, score, cat, trunc, occl))  # type: ignore[arg-type]

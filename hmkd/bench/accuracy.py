@@ -231,6 +231,8 @@ def _teacher_config(cfg: Config, teacher_cfg: Config | None, teacher_iters: int 
     t.teacher = None
     t.distill = DistillConfig()
     t.train.iters = int(teacher_iters) if teacher_iters is not None else 3 * cfg.train.iters
+    if cfg.train.iters > 0 and cfg.train.ckpt_period:  # as many checkpoints per run as the students
+        t.train.ckpt_period = max(1, round(cfg.train.ckpt_period * t.train.iters / cfg.train.iters))
     return t
 
 

@@ -31,7 +31,7 @@ TINY = [
     "model.levels=[P2,P3,P4,P5]", "model.min_size=96", "model.max_size=96",
     "model.detections_per_img=20", "model.topk_candidates=50",
     "teacher.backbone=resnet18",
-    "train.iters=2", "train.warmup_iters=1", "train.log_period=1", "train.ckpt_period=0",
+    "train.iters=1", "train.warmup_iters=0", "train.log_period=1", "train.ckpt_period=0",
     "distill.method=hmkd", "distill.options.hidden=32", "distill.options.heads=4",
 ]
 
@@ -58,7 +58,7 @@ def test_tiny_benchmark_writes_results_and_resumes(tmp_path):
     out = str(tmp_path / "bench")
     cfg = _tiny_cfg(data_root)
     # in-process here (fast); the ablation call below runs its new variant in a child process
-    res = run_accuracy_bench(cfg, methods=["hmkd"], seeds=1, out_dir=out, progress=False, teacher_iters=2,
+    res = run_accuracy_bench(cfg, methods=["hmkd"], seeds=1, out_dir=out, progress=False, teacher_iters=1,
                              isolate=False)
 
     for ext in ("json", "md", "png"):
@@ -74,27 +74,27 @@ def test_tiny_benchmark_writes_results_and_resumes(tmp_path):
         assert set(run["bbox"]) == set(METRICS)
         assert run["sec_per_iter"] > 0 and run["peak_mem_mb"] > 0
         assert os.path.isfile(os.path.join(out, "runs", name, "model_final.pth"))
-        assert json.load(open(os.path.join(out, "runs", name, "metrics.json")))["iteration"] == 2
+        assert json.load(open(os.path.join(out, "runs", name, "metrics.json")))["iteration"] == 1
     hm = saved["methods"]["hmkd"]
     assert set(hm) >= {"mean", "std", "gain", "gap_closed", "sec_per_iter", "cost_vs_none", "peak_mem_mb"}
     assert hm["std"]["mAP"] is None  # one seed: no spread
     assert hm["gain"]["mAP"] == pytest.approx(hm["mean"]["mAP"] - saved["methods"]["none"]["mean"]["mAP"])
-    assert saved["teacher"]["source"] == "trained" and saved["teacher"]["iterations"] == 2
+    assert saved["teacher"]["source"] == "trained" and saved["teacher"]["iterations"] == 1
     assert set(saved["teacher"]["metrics"]) == set(METRICS)
     md = open(os.path.join(out, "results.md")).read()
-    for row in ("| teacher (resnet18, 2 it) |", "| student (no-KD) |", "| HMKD |", "s/iter", "x no-KD"):
+    for row in ("| teacher (resnet18, 1 it) |", "| student (no-KD) |", "| HMKD |", "s/iter", "x no-KD"):
         assert row in md, row
 
     # a second call: every run is reused, nothing is retrained or rewritten
     before = _mtimes(os.path.join(out, "runs"))
-    again = run_accuracy_bench(cfg, methods=["hmkd"], seeds=1, out_dir=out, progress=False, teacher_iters=2,
+    again = run_accuracy_bench(cfg, methods=["hmkd"], seeds=1, out_dir=out, progress=False, teacher_iters=1,
                                isolate=False)
     assert _mtimes(os.path.join(out, "runs")) == before
     assert all(r["reused"] for r in again["runs"].values()) and again["teacher"]["reused"]
     assert again["methods"]["hmkd"]["mean"] == hm["mean"]
 
     # an ablation in the same folder trains only the variant that differs from plain HMKD
-    abl = run_accuracy_bench(cfg, seeds=1, out_dir=out, progress=False, teacher_iters=2, ablation="supplement",
+    abl = run_accuracy_bench(cfg, seeds=1, out_dir=out, progress=False, teacher_iters=1, ablation="supplement",
                              isolate=True)
     assert _mtimes(os.path.join(out, "runs", "hmkd_s3")) == {k: v for k, v in before.items() if "/hmkd_s3/" in k}
     assert set(abl["runs"]) == {"none_s3", "hmkd_s3", "hmkd-nosupplement_s3"}
@@ -108,7 +108,7 @@ def test_tiny_benchmark_writes_results_and_resumes(tmp_path):
     # a run folder of another config is refused, not reused
     with pytest.raises(ConfigError, match="another config"):
         run_accuracy_bench(_tiny_cfg(data_root, "train.lr=0.002"), methods=["hmkd"], seeds=1, out_dir=out,
-                           progress=False, teacher_iters=2)
+                           progress=False, teacher_iters=1)
 
 
 def test_plans_and_ablation_variants(tmp_path):

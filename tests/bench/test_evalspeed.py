@@ -41,6 +41,8 @@ def test_evalspeed_50_images_identical_numbers(tmp_path):
     assert res["target"]["identical"] is True
     assert v["faster_exact"]["vs_pycocotools"]["identical"]
     assert v["faster_exact"]["vs_pycocotools"]["precision_identical"]
+    assert v["hmkd_proposed"]["vs_pycocotools"]["identical"]
+    assert v["hmkd_proposed"]["stats_percent"] == v["hmkd"]["stats_percent"]
 
 
 @pytest.mark.parametrize("n_images,dets,seed", [(10, 1, 4), (20, 3, 2), (40, 30, 5)])

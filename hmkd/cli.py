@@ -16,10 +16,23 @@ from typing import Any, Sequence
 from hmkd.errors import HMKDError
 
 
-def _load_cfg(args: argparse.Namespace):
+def _load_cfg(args: argparse.Namespace, *, need_classes: bool = False):
+    """The config of a command; with ``need_classes``, ``model.num_classes`` (and the teacher's)
+    filled from the data set when the config leaves it unset."""
     from hmkd.config import load_config
 
-    return load_config(args.config, list(getattr(args, "overrides", []) or []))
+    cfg = load_config(args.config, list(getattr(args, "overrides", []) or []))
+    if need_classes and cfg.model.num_classes is None:
+        try:
+            from hmkd.engine.trainer import build_data
+
+            n = build_data(cfg, train=False).num_classes
+        except HMKDError:
+            n = None  # no data set at hand: the weights files may still tell
+        cfg.model.num_classes = n
+        if cfg.teacher is not None and cfg.teacher.num_classes is None:
+            cfg.teacher.num_classes = n
+    return cfg
 
 
 # -- list ---------------------------------------------------------------------------------------
@@ -102,19 +115,20 @@ def _named_weights(items: Sequence[str] | None) -> list[tuple[str, str]]:
 
 
 def cmd_bench_speed(args: argparse.Namespace) -> int:
-    from hmkd.bench.speed import speed_report_from_config
+    from hmkd.bench.speed import models_from_config, speed_report
 
-    cfg = _load_cfg(args)
-    res = speed_report_from_config(
-        cfg,
-        weights=_named_weights(args.weights),
+    cfg = _load_cfg(args, need_classes=True)
+    res = speed_report(
+        models_from_config(cfg, _named_weights(args.weights)),
         out_dir=args.out,
         input_size=(args.size, args.size),
         device=args.device,
+        warmup=args.warmup,
         iters=args.iters,
         onnx=args.onnx,
+        num_classes=cfg.model.num_classes,
     )
-    print(res.get("table", json.dumps(res, indent=2, default=str)))
+    print(open(os.path.join(args.out, "speed.md")).read() if os.path.isfile(os.path.join(args.out, "speed.md")) else res)
     return 0
 
 
@@ -145,33 +159,51 @@ def cmd_bench_cost(args: argparse.Namespace) -> int:
 
 
 def cmd_viz_detections(args: argparse.Namespace) -> int:
-    from hmkd.viz.detections import draw_detections_from_config
+    from hmkd.viz.detections import draw_detections, specs_from_config
 
-    cfg = _load_cfg(args)
-    paths = draw_detections_from_config(
-        cfg, weights=_named_weights(args.weights), images=args.images, out_dir=args.out, score_thresh=args.score_thresh
+    cfg = _load_cfg(args, need_classes=True)
+    paths = draw_detections(
+        specs_from_config(cfg, _named_weights(args.weights)), args.images, args.out,
+        score_thresh=args.score_thresh, device=args.device, num_classes=cfg.model.num_classes,
     )
     print("\n".join(paths))
     return 0
 
 
 def cmd_viz_heatmap(args: argparse.Namespace) -> int:
-    from hmkd.viz.heatmap import gradcam_from_config
+    from hmkd.viz.detections import specs_from_config
+    from hmkd.viz.heatmap import gradcam_heatmaps
 
-    cfg = _load_cfg(args)
-    paths = gradcam_from_config(
-        cfg, weights=_named_weights(args.weights), images=args.images, level=args.level, out_dir=args.out
+    cfg = _load_cfg(args, need_classes=True)
+    paths = gradcam_heatmaps(
+        specs_from_config(cfg, _named_weights(args.weights)), args.images, args.level, args.out,
+        target=args.target, topk=args.topk, device=args.device, num_classes=cfg.model.num_classes,
     )
     print("\n".join(paths))
     return 0
 
 
 def cmd_export_onnx(args: argparse.Namespace) -> int:
-    from hmkd.export.onnx import export_from_config
+    import torch
 
-    cfg = _load_cfg(args)
-    info = export_from_config(cfg, weights=args.weights, out_path=args.out, input_size=(args.size, args.size))
-    print(json.dumps(info, indent=2, default=str))
+    from hmkd.export.onnx import check_onnx, export_onnx
+    from hmkd.viz.detections import as_model, load_image
+
+    cfg = _load_cfg(args, need_classes=True)
+    model = as_model((cfg.model, args.weights), num_classes=cfg.model.num_classes)
+    size = (args.size, args.size)
+    path = export_onnx(model, args.out, input_size=size, opset=args.opset)
+    if args.check_images:
+        images = [load_image(p, size) for p in args.check_images]
+    else:
+        g = torch.Generator().manual_seed(0)
+        images = [torch.rand(3, *size, generator=g) for _ in range(2)]
+    report = check_onnx(model, path, images, score_thresh=cfg.model.score_thresh)
+    print(json.dumps({"onnx": path, "ok": report["ok"], "max_abs_diff_boxes": report["max_abs_diff_boxes"],
+                      "max_abs_diff_scores": report["max_abs_diff_scores"]}, indent=2, default=str))
+    if not report["ok"]:
+        print("hmkd: error: onnxruntime outputs differ from PyTorch beyond tolerance", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -232,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--size", type=int, default=320)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--onnx", action="store_true", help="also time the ONNX export with onnxruntime")
     p.set_defaults(func=cmd_bench_speed)
@@ -258,6 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", action="append", required=True, help="[NAME=]CKPT (repeatable)")
     p.add_argument("--images", nargs="+", required=True)
     p.add_argument("--score-thresh", type=float, default=0.3)
+    p.add_argument("--device", default="cpu")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_viz_detections)
     p = viz.add_parser("heatmap", help="Grad-CAM on an FPN level (paper Fig. 1)")
@@ -265,6 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", action="append", required=True, help="[NAME=]CKPT (repeatable)")
     p.add_argument("--images", nargs="+", required=True)
     p.add_argument("--level", default="P3")
+    p.add_argument("--target", default="topk", choices=["topk", "small"], help="Grad-CAM target: top-k scores, or top-k small detections")
+    p.add_argument("--topk", type=int, default=10)
+    p.add_argument("--device", default="cpu")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_viz_heatmap)
 
@@ -274,6 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--size", type=int, default=320)
+    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--check-images", nargs="*", default=None, help="images to compare onnxruntime with PyTorch on")
     p.set_defaults(func=cmd_export_onnx)
     return ap
 

@@ -39,11 +39,12 @@ _DEFAULT_ANCHOR_SCALE = {"faster_rcnn": 8.0, "mask_rcnn": 8.0, "retinanet": 4.0,
 
 
 def _mask_background_logit(out: dict[str, torch.Tensor], training: bool) -> dict[str, torch.Tensor]:
-    """At inference, make the label-0 (background) logit -inf: it is never a positive in training,
-    but an untrained one-stage head would otherwise emit label-0 detections (no data-set category)."""
+    """At inference, pin the label-0 (background) logit to -30 (sigmoid ~1e-13): it is never a positive
+    in training, but an untrained one-stage head would otherwise emit label-0 detections (no data-set
+    category). Finite, so gradients through FCOS's sqrt(cls * ctrness) scores stay finite (Grad-CAM)."""
     if not training:
         cls = out["cls_logits"].clone()
-        cls[..., 0] = float("-inf")
+        cls[..., 0] = -30.0
         out = {**out, "cls_logits": cls}
     return out
 

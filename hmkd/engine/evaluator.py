@@ -30,7 +30,7 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +43,7 @@ from pycocotools.cocoeval import COCOeval
 from tqdm import tqdm
 
 from hmkd.data.coco import load_coco_json, validate_coco_dict
-from hmkd.errors import DataError
+from hmkd.errors import DataError, HMKDError
 
 logger = logging.getLogger(__name__)
 
@@ -357,6 +357,45 @@ class COCOEvaluator:
         return coco_metrics(self.gt, results, self.iou_types, self.class_names, image_ids=ids, engine=self.engine)
 
 
+# ------------------------------------------------------------------------------------ loaders
+def _len_or_none(x: Any) -> int | None:
+    try:
+        return len(x)
+    except TypeError:
+        return None
+
+
+def next_batch(it: Iterator) -> Any:
+    """``next(it)`` of a DataLoader iterator, keeping the project's one-line error messages.
+
+    An :class:`~hmkd.errors.HMKDError` raised in a DataLoader worker comes back from torch as the
+    same type with the message ``Caught DataError in DataLoader worker process N.`` followed by
+    the worker's traceback; it is re-raised with the original one-line message (its last line).
+    """
+    try:
+        return next(it)
+    except HMKDError as e:
+        msg = str(e)
+        if "\n" not in msg:
+            raise
+        last = msg.rstrip().splitlines()[-1].strip()
+        prefix = f"{type(e).__module__}.{type(e).__name__}: "
+        raise type(e)(last[len(prefix):] if last.startswith(prefix) else last) from None
+
+
+def close_loader_iter(it: Any) -> None:
+    """Stop a DataLoader iterator's worker processes now.
+
+    Left to garbage collection, a multi-process iterator that an exception keeps alive is only
+    cleaned up at interpreter exit, where torch does nothing and ``multiprocessing`` stops the
+    workers with SIGTERM, which our workers ignore (see ``hmkd.engine.trainer._worker_init``):
+    the process would hang on exit instead of reporting the error.
+    """
+    shutdown = getattr(it, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
+
+
 # ------------------------------------------------------------------------------------ inference
 def inference_on_dataset(
     model: torch.nn.Module,
@@ -382,9 +421,16 @@ def inference_on_dataset(
     image_ids: list[int] = []
     n_images, compute_time = 0, 0.0
     start = time.perf_counter()
+    it = iter(loader)
     try:
         with torch.inference_mode():
-            for images, targets in tqdm(loader, desc="inference", disable=not progress, dynamic_ncols=True):
+            bar = tqdm(total=_len_or_none(loader), desc="inference", disable=not progress, dynamic_ncols=True)
+            while True:
+                try:
+                    images, targets = next_batch(it)
+                except StopIteration:
+                    break
+                bar.update(1)
                 images = [img.to(device, non_blocking=True) for img in images]
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
@@ -398,7 +444,9 @@ def inference_on_dataset(
                 image_ids.extend(ids)
                 results.extend(detections_to_coco(outputs, ids, label_to_cat, with_masks=with_masks))
                 n_images += len(images)
+            bar.close()
     finally:
+        close_loader_iter(it)
         model.train(was_training)
     total = time.perf_counter() - start
     logger.info(

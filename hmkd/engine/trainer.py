@@ -66,6 +66,7 @@ from tqdm import tqdm
 from hmkd.config import Config, save_config, to_dict
 from hmkd.engine import checkpoint as ckpt_io
 from hmkd.engine import distributed as du
+from hmkd.engine.evaluator import close_loader_iter, next_batch
 from hmkd.engine.logging_utils import JsonlLogger, TensorBoardLogger, peak_memory_mb, plot_loss_curve, read_jsonl
 from hmkd.engine.optim import build_optimizer, build_scheduler, clip_gradients
 from hmkd.engine.sampler import InfiniteBatchSampler, SeededDataset, mix_seed
@@ -658,7 +659,7 @@ class _Run:
             while self.iteration < total_iters:
                 it = self.iteration
                 t0 = time.perf_counter()
-                images, targets = next(data)
+                images, targets = next_batch(data)
                 images, targets = _to_device(images, targets, self.device)
                 t_data = time.perf_counter() - t0
 
@@ -730,6 +731,7 @@ class _Run:
                     raise TrainingInterrupted(self.iteration, last_ckpt, self.out)
         finally:
             bar.close()
+            close_loader_iter(data)  # workers stop now, not at interpreter exit (where they would hang)
 
     def _log_step(self, lr: float, window: dict[str, list[float]], sec: float, data_sec: float) -> None:
         means = {k: sum(v) / len(v) for k, v in window.items()}

@@ -62,10 +62,14 @@ def write_coco(root: Path, data: dict | None = None, ann_name: str = "ann.json")
     """Write the images of ``data`` (default :func:`tiny_coco`) under ``root/images`` and the JSON."""
     data = tiny_coco() if data is None else data
     img_dir = root / "images"
-    for i, im in enumerate(data["images"]):
-        p = img_dir / im["file_name"]
+    images = data.get("images") if isinstance(data.get("images"), list) else tiny_coco()["images"]
+    for i, im in enumerate(images):
+        try:
+            p, w, h = img_dir / im["file_name"], int(im["width"]), int(im["height"])
+        except (KeyError, TypeError, ValueError):  # a deliberately broken entry: no image for it
+            continue
         if not p.exists():
-            write_image(p, im["width"], im["height"], seed=i)
+            write_image(p, w, h, seed=i)
     ann = root / ann_name
     ann.write_text(json.dumps(data))
     return img_dir, ann, data

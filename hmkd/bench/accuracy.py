@@ -722,6 +722,34 @@ def run_accuracy_bench(
         raise ConfigError(f"unknown ablation {ablation!r} (known: {', '.join(ABLATIONS)})")
     if isolate is None:
         isolate = int(os.environ.get("WORLD_SIZE", "1")) <= 1
+    ctx = None
+    if not isolate:
+        # join the process group once (torchrun): every train() below reuses it instead of creating
+        # and destroying one per run, which a second init under torchrun does not survive
+        from hmkd.engine import distributed as du
+
+        ctx = du.init_distributed(cfg.device)
+    try:
+        return _run_bench(cfg, methods, seeds, out_dir, teacher, ablation, progress, teacher_cfg, teacher_iters,
+                          method_options, isolate)
+    finally:
+        if ctx is not None:
+            du.cleanup(ctx)
+
+
+def _run_bench(
+    cfg: Config,
+    methods: Sequence[str] | None,
+    seeds: int | Sequence[int],
+    out_dir: str,
+    teacher: str | None,
+    ablation: str | None,
+    progress: bool,
+    teacher_cfg: Config | None,
+    teacher_iters: int | None,
+    method_options: dict[str, dict[str, Any]] | None,
+    isolate: bool,
+) -> dict[str, Any]:
     seed_list = _seed_list(cfg, seeds)
     variants = plan_runs(cfg, methods, ablation, method_options)
     out_dir = os.path.abspath(out_dir)

@@ -29,7 +29,7 @@ class ModelConfig:
     fpn_channels: int = 256
     levels: list[str] | None = None  # None: the detector's default
     norm: str = "gn"
-    min_size: int = 800
+    min_size: int | list[int] = 800  # a list: multi-scale training (random per image), eval at the last
     max_size: int = 1333
     anchor_scale: float | None = None
     head_convs: int = 4
@@ -70,8 +70,7 @@ class DataConfig:
     batch_size: int = 4
     eval_batch_size: int = 4
     workers: int = 0
-    hflip: bool = True
-    scales: list[int] | None = None
+    hflip: bool = True  # multi-scale training: give model.min_size a list of sizes
     with_masks: bool = False
     synth: SynthConfig = field(default_factory=SynthConfig)
 

@@ -225,7 +225,7 @@ def _load_batches(cfg: Config, n_batches: int, device: torch.device) -> tuple[li
     tmp: tempfile.TemporaryDirectory | None = None
     kwargs: dict[str, Any] = dict(
         train=True, root=d.root, ann_file=d.train_ann, images_dir=d.train_images, hflip=d.hflip,
-        scales=d.scales, max_size=cfg.model.max_size, with_masks=bool(d.with_masks or cfg.model.detector == "mask_rcnn"),
+        scales=None, max_size=cfg.model.max_size, with_masks=bool(d.with_masks or cfg.model.detector == "mask_rcnn"),
     )
     try:
         if d.kind == "synthetic":

@@ -88,13 +88,17 @@ __all__ = [
 class TrainingInterrupted(KeyboardInterrupt):
     """SIGINT/SIGTERM stopped training after a checkpoint was saved; ``--resume`` continues.
 
-    Attributes: ``iteration`` reached, ``checkpoint`` path, ``output_dir``.
+    Attributes: ``iteration`` reached, ``checkpoint`` path, ``output_dir``, ``signum`` (the signal;
+    ``hmkd`` exits with status 128 + signum: 130 for SIGINT, 143 for SIGTERM).
     """
 
-    def __init__(self, iteration: int, checkpoint: str | None, output_dir: str) -> None:
+    def __init__(
+        self, iteration: int, checkpoint: str | None, output_dir: str, signum: int = signal.SIGINT
+    ) -> None:
         self.iteration = iteration
         self.checkpoint = checkpoint
         self.output_dir = output_dir
+        self.signum = int(signum)
         super().__init__(
             f"training interrupted at iteration {iteration}; checkpoint {checkpoint}; rerun with --resume to continue"
         )
@@ -132,7 +136,7 @@ def build_data(cfg: Config, *, train: bool) -> Any:
         ann_file=d.train_ann if train else d.val_ann,
         images_dir=d.train_images if train else d.val_images,
         hflip=d.hflip,
-        scales=d.scales,
+        scales=None,
         max_size=cfg.model.max_size,
         with_masks=bool(train and (d.with_masks or _is_mask_model(cfg))),
         synth=to_dict(d.synth),
@@ -728,7 +732,7 @@ class _Run:
                 if (tcfg.ckpt_period and self.iteration % tcfg.ckpt_period == 0) or stop_now or done:
                     last_ckpt = self._save_last()
                 if stop_now and not done:
-                    raise TrainingInterrupted(self.iteration, last_ckpt, self.out)
+                    raise TrainingInterrupted(self.iteration, last_ckpt, self.out, stop.requested or signal.SIGINT)
         finally:
             bar.close()
             close_loader_iter(data)  # workers stop now, not at interpreter exit (where they would hang)

@@ -98,11 +98,11 @@ class _TimmBody(nn.Module):
             from timm.layers import GroupNormAct
 
             kwargs["norm_layer"] = partial(GroupNormAct, num_groups=32)
-        elif norm == "frozen_bn":
-            from timm.layers import FrozenBatchNormAct2d
-
-            kwargs["norm_layer"] = FrozenBatchNormAct2d
         self.model = timm.create_model(timm_name, pretrained=False, features_only=True, **kwargs)
+        if norm == "frozen_bn":  # timm builds with BatchNorm; freeze it afterwards (its own helper)
+            from timm.layers import freeze_batch_norm_2d
+
+            self.model = freeze_batch_norm_2d(self.model)
         reductions = self.model.feature_info.reduction()
         self._keep = [reductions.index(r) for r in (4, 8, 16, 32)]
         self.channels = [self.model.feature_info.channels()[i] for i in self._keep]

@@ -328,9 +328,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except HMKDError as e:
         print(f"hmkd: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("hmkd: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # TrainingInterrupted (a checkpoint was saved) or a plain Ctrl-C
+        print(f"hmkd: {e}" if str(e) else "hmkd: interrupted", file=sys.stderr)
+        return 128 + int(getattr(e, "signum", 2))  # 130 for SIGINT, 143 for SIGTERM (shell convention)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -167,6 +167,12 @@ def _check_config(cfg: Config) -> None:
     ):
         if value < low:
             raise ConfigError(f"{key} must be >= {low}, got {value}")
+    for key, value in (
+        ("train.lr", t.lr), ("train.momentum", t.momentum), ("train.weight_decay", t.weight_decay),
+        ("train.warmup_factor", t.warmup_factor), ("train.gamma", t.gamma), ("train.clip_grad", t.clip_grad),
+    ):
+        if value is not None and not math.isfinite(value):
+            raise ConfigError(f"{key} must be a finite number, got {value}")
 
 
 def _num_classes(cfg: Config, dataset: Any) -> int:
@@ -601,6 +607,7 @@ class _Run:
         self.log = JsonlLogger(os.path.join(self.out, "log.jsonl"))
         self.tb = None
         if ctx.is_main:
+            self._remove_partial_writes()
             save_config(cfg, os.path.join(self.out, "config.yaml"))
             if resumed:
                 self.log.truncate_after(self.iteration)
@@ -615,6 +622,16 @@ class _Run:
         finally:
             if self.tb is not None:
                 self.tb.close()
+
+    def _remove_partial_writes(self) -> None:
+        """Delete temporary checkpoint files a killed run left (``.last_checkpoint.pth.XXXX.tmp``):
+        never complete, they would otherwise pile up, each as large as a checkpoint."""
+        names = {ckpt_io.LAST, ckpt_io.BEST, ckpt_io.FINAL}
+        for entry in os.scandir(self.out):
+            base = entry.name[1:].rsplit(".", 2)[0] if entry.name.startswith(".") else ""
+            if base in names and entry.name.endswith(".tmp") and entry.is_file():
+                logger.warning("removing %s, a partial checkpoint write of an earlier run", entry.path)
+                os.remove(entry.path)
 
     def _loader(self) -> DataLoader:
         from hmkd.data.transforms import collate_fn

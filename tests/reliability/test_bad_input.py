@@ -405,6 +405,17 @@ def test_bad_config(tmp_path: Path, yaml_text, overrides, match) -> None:
     one_line(e)
 
 
+@pytest.mark.parametrize("override", ["train.lr=.nan", "train.clip_grad=.inf", "train.weight_decay=nan"])
+def test_non_finite_training_numbers(tmp_path: Path, override) -> None:
+    """Read as floats (YAML ``.nan``/``.inf``), they would only show up later as a non-finite loss."""
+    write_coco(tmp_path)
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=f"{key} must be a finite number, got (nan|inf)") as e:
+        train(coco_cfg(tmp_path, override), output_dir=str(tmp_path / "out"), progress=False)
+    one_line(e)
+    assert not (tmp_path / "out").exists()
+
+
 def test_bad_distill_options() -> None:
     s = build_detector("fcos", "resnet18", num_classes=2, **TINY_MODEL_KW)
     t = build_detector("fcos", "resnet18", num_classes=2, **TINY_MODEL_KW)

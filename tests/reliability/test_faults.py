@@ -147,6 +147,7 @@ def test_sigkill_during_checkpoint_write_keeps_previous_checkpoint(tmp_path: Pat
     assert metrics["status"] == "finished" and metrics["iteration"] == 3
     assert ck.load_training_checkpoint(str(out / "last_checkpoint.pth"))["iteration"] == 3
     assert _log_iterations(out) == [1, 2, 3]
+    assert not list(out.glob(".*.tmp")), "the killed run's partial write was not cleaned up"
 
 
 def test_sigkill_at_random_moments_never_leaves_a_partial_checkpoint(tmp_path: Path) -> None:

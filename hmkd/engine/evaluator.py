@@ -42,7 +42,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from tqdm import tqdm
 
-from hmkd.data.coco import load_coco_json, validate_coco_dict
+from hmkd.data.coco import _is_number, load_coco_json, segmentation_problem, validate_coco_dict
 from hmkd.errors import DataError, HMKDError
 
 logger = logging.getLogger(__name__)
@@ -190,6 +190,45 @@ def _class_names(gt_data: dict, cat_ids: list[int], class_names: Sequence[str] |
     return out
 
 
+def _segm_problem(seg: Any, h: int, w: int) -> str | None:
+    if isinstance(seg, list):
+        if not all(isinstance(p, list) for p in seg):
+            return "polygons must be lists of numbers"
+    elif not isinstance(seg, dict) or "counts" not in seg:
+        return "neither polygons nor an RLE"
+    return segmentation_problem(seg, h, w)
+
+
+def _check_detections(detections: Sequence[Any], images: Mapping[int, dict], iou_types: Sequence[str]) -> None:
+    """One-line DataErrors for malformed COCO results, which pycocotools would meet with a raw
+    KeyError/TypeError/IndexError (or, for a bad RLE, undefined behaviour)."""
+    for i, d in enumerate(detections):
+        if not isinstance(d, Mapping):
+            raise DataError(f"detections[{i}] is not an object: {d!r:.80}")
+        img_id = d.get("image_id")
+        if isinstance(img_id, (list, dict)) or img_id not in images:
+            raise DataError(f"detection for image_id {img_id!r}, which is not in the ground truth")
+        for key in ("category_id", "score"):
+            if key not in d:
+                raise DataError(f"detections[{i}] (image_id {img_id}) has no '{key}'")
+        if isinstance(d["category_id"], (list, dict)):
+            raise DataError(f"detections[{i}] (image_id {img_id}) category_id {d['category_id']!r} is not an id")
+        if not _is_number(d["score"]):
+            raise DataError(f"detections[{i}] (image_id {img_id}) score {d['score']!r} is not a finite number")
+        if "bbox" in iou_types:
+            box = d.get("bbox")
+            if not isinstance(box, (list, tuple)) or len(box) != 4 or not all(_is_number(v) for v in box):
+                raise DataError(f"detections[{i}] (image_id {img_id}) bbox {box!r:.80} is not 4 finite numbers")
+        if "segm" in iou_types and "segmentation" in d:
+            im, seg = images[img_id], d["segmentation"]
+            if not isinstance(seg, Mapping) or not isinstance(seg.get("counts"), (str, bytes)):
+                problem = "not a compressed RLE {'size', 'counts': str} as COCO results need"
+            else:
+                problem = _segm_problem(dict(seg), im["height"], im["width"])
+            if problem is not None:
+                raise DataError(f"detections[{i}] (image_id {img_id}) has an unusable segmentation ({problem})")
+
+
 def _pct(x: float) -> float:
     return float(x) * 100.0 if x >= 0 else math.nan
 
@@ -221,10 +260,8 @@ def coco_metrics(
     gt_data = _load_gt_dict(gt)
     cat_ids = sorted(c["id"] for c in gt_data["categories"])
     names = _class_names(gt_data, cat_ids, class_names)
-    known_imgs = {im["id"] for im in gt_data["images"]}
-    for d in detections:
-        if d.get("image_id") not in known_imgs:
-            raise DataError(f"detection for image_id {d.get('image_id')!r}, which is not in the ground truth")
+    known_imgs = {im["id"]: im for im in gt_data["images"]}
+    _check_detections(detections, known_imgs, iou_types)
     ids = None if image_ids is None else sorted({int(i) for i in image_ids})
     if ids is not None:
         missing = [i for i in ids if i not in known_imgs]
@@ -241,6 +278,10 @@ def coco_metrics(
                     raise DataError(
                         f"ground truth annotation id {a.get('id')} has no 'segmentation'; segm evaluation needs masks"
                     )
+                im = known_imgs[a["image_id"]]
+                problem = _segm_problem(a["segmentation"], im["height"], im["width"])
+                if problem is not None:  # pycocotools would crash or read out of bounds on it
+                    raise DataError(f"ground truth annotation id {a.get('id')} has an unusable segmentation ({problem})")
             dets = []
             for d in detections:
                 if "segmentation" not in d:

@@ -422,3 +422,64 @@ def test_bad_distill_options() -> None:
     with pytest.raises(ConfigError, match=r"unknown key 'distill.options.alhpa' \(known: .*alpha") as e:
         build_distiller("fgd", s, t, {"alhpa": 1.0})
     one_line(e)
+
+
+# ----------------------------------------------------------------------------- detections to score
+def _det(**kw) -> dict:
+    d = {"image_id": 1, "category_id": 3, "bbox": [10.0, 10.0, 20.0, 16.0], "score": 0.9}
+    d.update(kw)
+    return {k: v for k, v in d.items() if v is not _DROP}
+
+
+_DROP = object()
+
+
+@pytest.mark.parametrize(
+    "det, match",
+    [
+        (_det(image_id=[1]), r"detection for image_id \[1\], which is not in the ground truth"),
+        (_det(image_id=_DROP), "detection for image_id None"),
+        (_det(bbox=[1, 2]), r"detections\[1\] \(image_id 1\) bbox \[1, 2\] is not 4 finite numbers"),
+        (_det(bbox=_DROP), r"bbox None is not 4 finite numbers"),
+        (_det(bbox=[1, 2, float("nan"), 3]), "is not 4 finite numbers"),
+        (_det(score="high"), r"score 'high' is not a finite number"),
+        (_det(score=_DROP), r"has no 'score'"),
+        (_det(category_id=_DROP), r"has no 'category_id'"),
+        ("not a detection", r"detections\[1\] is not an object"),
+    ],
+    ids=["image-list", "no-image", "short-box", "no-box", "nan-box", "str-score", "no-score", "no-category", "str"],
+)
+def test_malformed_detections(det, match) -> None:
+    """COCO results with missing keys or wrong types: pycocotools would raise KeyError/TypeError/IndexError."""
+    from hmkd.engine.evaluator import coco_metrics
+
+    with pytest.raises(DataError, match=match) as e:
+        coco_metrics(tiny_coco(), [_det(), det])
+    one_line(e)
+
+
+def test_unusable_segmentations_in_segm_evaluation() -> None:
+    """Ground truth or detections with a polygon/RLE pycocotools cannot rasterise safely (it crashed)."""
+    from hmkd.engine.evaluator import coco_metrics
+
+    gt = tiny_coco()
+    for a in gt["annotations"]:
+        x, y, w, h = a["bbox"]
+        a.setdefault("segmentation", [[x, y, x + w, y, x + w, y + h, x, y + h]])
+    det = _det(segmentation={"size": [96, 96], "counts": "PP9"})  # compressed RLE of an empty 96x96 mask
+    assert coco_metrics(gt, [det], ("bbox", "segm"))["segm"]["mAP"] == 0.0  # the well-formed case scores
+    for seg, why in (
+        ({"size": [96, 96], "counts": "PP8"}, "RLE counts do not add up to the 96x96 image"),
+        ({"size": [96, 96], "counts": "PP9P"}, "RLE counts are malformed"),
+        ({"size": [96, 96], "counts": "zzz"}, "RLE counts are malformed"),
+        ({"size": [64, 64], "counts": "PP9"}, "RLE size"),
+        ({"size": [96, 96], "counts": [96 * 96]}, "not a compressed RLE"),
+        ([[10, 10, 20, 10, 20, 20]], "not a compressed RLE"),
+    ):
+        with pytest.raises(DataError, match=r"detections\[0\] \(image_id 1\) has an unusable segmentation") as e:
+            coco_metrics(gt, [_det(segmentation=seg)], ("segm",))
+        assert why in one_line(e)
+    gt["annotations"][0]["segmentation"] = [[10, 10, 2.0**40, 10, 30, 26, 10, 26]]
+    with pytest.raises(DataError, match="ground truth annotation id 1 has an unusable segmentation") as e:
+        coco_metrics(gt, [det], ("segm",))
+    one_line(e)

@@ -90,6 +90,11 @@ def _is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
+def _is_id(x: Any) -> bool:
+    """An integer id that fits the int64 tensors and arrays ids end up in."""
+    return isinstance(x, int) and not isinstance(x, bool) and -(2**63) <= x < 2**63
+
+
 def validate_coco_dict(data: Any, source: str) -> bool:
     """Check the structure of a COCO detection dict in place and fill optional fields.
 
@@ -117,8 +122,8 @@ def validate_coco_dict(data: Any, source: str) -> bool:
     for i, c in enumerate(data["categories"]):
         if not isinstance(c, dict) or "id" not in c:
             raise DataError(f"{source}: categories[{i}] has no 'id'")
-        if not isinstance(c["id"], int) or isinstance(c["id"], bool):
-            raise DataError(f"{source}: categories[{i}] id {c['id']!r} is not an integer")
+        if not _is_id(c["id"]):
+            raise DataError(f"{source}: categories[{i}] id {c['id']!r} is not an integer (64-bit)")
         if c["id"] in cat_ids:
             raise DataError(f"{source}: categories[{i}] repeats category id {c['id']}")
         cat_ids.add(c["id"])
@@ -132,8 +137,8 @@ def validate_coco_dict(data: Any, source: str) -> bool:
         for key in ("id", "file_name", "width", "height"):
             if key not in im:
                 raise DataError(f"{source}: images[{i}] has no '{key}'")
-        if not isinstance(im["id"], int) or isinstance(im["id"], bool):
-            raise DataError(f"{source}: images[{i}] id {im['id']!r} is not an integer")
+        if not _is_id(im["id"]):
+            raise DataError(f"{source}: images[{i}] id {im['id']!r} is not an integer (64-bit)")
         if not isinstance(im["file_name"], str) or not im["file_name"]:
             raise DataError(f"{source}: images[{i}] (id {im['id']}) file_name {im['file_name']!r} is not a file name")
         for key in ("width", "height"):
@@ -145,7 +150,7 @@ def validate_coco_dict(data: Any, source: str) -> bool:
 
     modified = False
     next_id = 1 + max(
-        (a["id"] for a in data["annotations"] if isinstance(a, dict) and isinstance(a.get("id"), int)),
+        (a["id"] for a in data["annotations"] if isinstance(a, dict) and _is_id(a.get("id"))),
         default=0,
     )
     seen_ids: set[int] = set()
@@ -163,7 +168,7 @@ def validate_coco_dict(data: Any, source: str) -> bool:
         bbox = a["bbox"]
         if not isinstance(bbox, list) or len(bbox) != 4 or not all(_is_number(v) for v in bbox):
             raise DataError(f"{source}: {name} bbox {bbox!r} is not 4 finite numbers [x, y, w, h]")
-        if "id" not in a or not isinstance(a["id"], int) or a["id"] in seen_ids:
+        if "id" not in a or not _is_id(a["id"]) or a["id"] in seen_ids:
             a["id"] = next_id
             next_id += 1
             modified = True
@@ -234,6 +239,8 @@ def segmentation_problem(seg: Any, h: int, w: int) -> str | None:
     """
     if isinstance(seg, list):
         for poly in seg:
+            if not isinstance(poly, list) or len(poly) < 6 or len(poly) % 2:
+                return "a polygon is not a list of 3 or more x, y pairs"
             if not all(_is_number(v) for v in poly):
                 return "polygon holds a value that is not a finite number"
             xs, ys = poly[0::2], poly[1::2]

@@ -1,6 +1,7 @@
 """Fuzzing the annotation readers: randomly corrupted COCO JSON and VisDrone txt files.
 
-Every case must either load (and then give sane targets for every image) or raise the project's own
+Every case must either load (and then give sane targets for every image, and a COCO evaluation of
+its ground truth runs) or raise the project's own
 error type (:class:`hmkd.errors.HMKDError`) with a one-line message; never a raw KeyError /
 TypeError / ValueError / IndexError / OverflowError, and never a hang (each case runs under an
 alarm). Seeded: the same ~200 cases every run.
@@ -19,8 +20,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from hmkd.data import CocoDetection, VisDroneDetection, build_transforms
+from hmkd.data import CocoDetection, VisDroneDetection, build_transforms, gt_json_for
 from hmkd.data.visdrone import parse_visdrone_txt
+from hmkd.engine.evaluator import coco_metrics
 from hmkd.errors import HMKDError
 
 from reliability_helpers import VISDRONE_ROWS, tiny_coco, write_coco, write_visdrone
@@ -128,6 +130,19 @@ def _exercise(ds) -> None:
             assert t["masks"].shape == (len(b), h, w)
 
 
+def _score(ds, iou_types) -> None:
+    """COCO evaluation of the loaded ground truth against itself (one detection per annotation)."""
+    gt = gt_json_for(ds)
+    data = gt if isinstance(gt, dict) else ds.coco.dataset
+    dets = [
+        {"image_id": a["image_id"], "category_id": a["category_id"], "bbox": list(a["bbox"]), "score": 1.0}
+        for a in data["annotations"]
+    ]
+    coco_metrics(gt, dets, ("bbox",))
+    if "segm" in iou_types:
+        coco_metrics(gt, [], ("segm",))
+
+
 def _failure(case: int, content: bytes, e: BaseException) -> str:
     tb = traceback.extract_tb(e.__traceback__)[-1]
     where = f"{Path(tb.filename).name}:{tb.lineno}"
@@ -163,7 +178,9 @@ def test_fuzz_coco_json(tmp_path: Path, alarm) -> None:
         tf = build_transforms(train, hflip=True)
 
         def load():
-            _exercise(CocoDetection(img_dir, ann, train=train, transforms=tf, with_masks=masks))
+            ds = CocoDetection(img_dir, ann, train=train, transforms=tf, with_masks=masks)
+            _exercise(ds)
+            _score(ds, ("bbox", "segm") if masks else ("bbox",))
 
         try:
             outcomes[_run_case(load)] += 1

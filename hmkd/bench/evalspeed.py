@@ -288,7 +288,8 @@ def run_evalspeed(
     Args:
         out_dir: where ``evalspeed.json`` and ``evalspeed.md`` go.
         n_images, dets_per_image, seed: the synthetic set (:func:`make_synthetic_coco`).
-        repeats: runs of each variant; the minimum time is reported (all are kept in the JSON).
+        repeats: rounds over all variants (one run of each per round, so load changes on a
+            shared machine hit every variant alike); the minimum time is reported (all are kept).
         variants: subset of ``pycocotools``, ``hmkd``, ``hmkd_faster``, ``faster_coco_eval``,
             ``faster_exact``, ``hmkd_proposed`` (default: all; ``pycocotools`` is always run, as the reference).
 
@@ -315,21 +316,22 @@ def run_evalspeed(
     load_start = [round(x, 2) for x in os.getloadavg()]
     results: dict[str, dict[str, Any]] = {}
     raw: dict[str, dict[str, Any]] = {}
-    for name in names:
-        times = []
-        for _ in range(max(1, repeats)):
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for _ in range(max(1, repeats)):  # rounds over the variants: load changes hit all of them
+        for name in names:
             g, d = copy.deepcopy(gt), copy.deepcopy(dets)
             t = time.perf_counter()
-            r = runners[name](g, d)
-            times.append(time.perf_counter() - t)
+            raw[name] = runners[name](g, d)
+            times[name].append(time.perf_counter() - t)
             del g, d
-        raw[name] = r
-        results[name] = {"seconds": min(times), "seconds_all": times, "stats": r["stats"]}
+    for name in names:
+        r = raw[name]
+        results[name] = {"seconds": min(times[name]), "seconds_all": times[name], "stats": r["stats"]}
         if "n_precision_fixed" in r:
             results[name]["n_precision_fixed"] = r["n_precision_fixed"]
         if "percent" in r:  # what hmkd reports (percent, None where COCOeval gives -1)
             results[name]["stats_percent"] = [None if r["percent"][k] != r["percent"][k] else r["percent"][k] for k in _KEYS]
-        logger.info("evalspeed: %s %.2f s", name, min(times))
+        logger.info("evalspeed: %s %.2f s", name, min(times[name]))
     ref = raw["pycocotools"]
     for name in names:
         res = results[name]

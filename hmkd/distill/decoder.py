@@ -283,9 +283,13 @@ class MatchingDecoder(nn.Module):
         return flat_boxes, flat_labels, img, sizes
 
     # ------------------------------------------------------------------ attention
+    def keys_values(self, key_maps: list[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """Keys and values [B, heads, U, c] of the concatenated key maps (detached inputs) and the
+        positional embedding V [U, hidden]. Compute them once per step and pass them as ``kv`` to
+        :meth:`aux_loss` and :meth:`forward` (both need the same keys and values)."""
+        return self._keys_values(key_maps, with_pos=True)
+
     def _keys_values(self, key_maps: list[Tensor], with_pos: bool = False):
-        """Keys and values [B, heads, U, c] of the concatenated key maps (detached inputs);
-        with ``with_pos`` also the positional embedding V [U, hidden]."""
         if len(key_maps) == 0:
             raise ValueError("MatchingDecoder: key_maps is empty")
         if len(key_maps) > self.level_embed.shape[0]:
@@ -321,8 +325,9 @@ class MatchingDecoder(nn.Module):
         queries: Tensor,
         key_maps: list[Tensor],
         key_padding_mask: Tensor | None = None,
+        kv: tuple[Tensor, Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """Attention masks m and teacher values O.
+        """Attention masks m and teacher values O (``kv``: precomputed :meth:`keys_values`).
 
         By default no key padding mask is applied: the batch-padding region of the maps is
         kept as attendable positions (it is zero-padded image content, which the learned
@@ -337,7 +342,7 @@ class MatchingDecoder(nn.Module):
         Returns:
             m [B, heads, Nq, U] (rows sum to 1) and values [B, heads, U, c].
         """
-        k, v = self._keys_values(key_maps)
+        k, v = (kv[0], kv[1]) if kv is not None else self._keys_values(key_maps)
         q = self._queries(queries)
         logits = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(self.head_dim)
         if key_padding_mask is not None:
@@ -374,10 +379,11 @@ class MatchingDecoder(nn.Module):
         query_map: Tensor | None = None,
         query_stride: int | None = None,
         key_padding_mask: Tensor | None = None,
+        kv: tuple[Tensor, Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """:meth:`build_inquiries` then :meth:`attend`: returns (m, values, valid)."""
         queries, valid = self.build_inquiries(boxes, labels, image_sizes, query_map, query_stride)
-        m, values = self.attend(queries, key_maps, key_padding_mask)
+        m, values = self.attend(queries, key_maps, key_padding_mask, kv=kv)
         return m, values, valid
 
     # ------------------------------------------------------------------ auxiliary task
@@ -392,6 +398,7 @@ class MatchingDecoder(nn.Module):
         *,
         key_padding_mask: Tensor | None = None,
         generator: torch.Generator | None = None,
+        kv: tuple[Tensor, Tensor, Tensor] | None = None,
     ) -> dict[str, Tensor]:
         """ICD-style auxiliary task that trains the decoder (teacher side only).
 
@@ -455,7 +462,7 @@ class MatchingDecoder(nn.Module):
         real_p, _ = _pad_by_image(is_real, all_img, len(boxes))
         loc_p, _ = _pad_by_image(loc_t, all_img, len(boxes))
 
-        k, v, pos = self._keys_values(key_maps, with_pos=True)
+        k, v, pos = kv if kv is not None else self._keys_values(key_maps, with_pos=True)
         q = self._queries(queries)
         attn_mask = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]
         c = v.shape[-1]

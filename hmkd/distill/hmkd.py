@@ -236,12 +236,15 @@ class HMKDDistiller(Distiller):
             # hierarchical matching: inquiries at `start`, keys/values at `fine` (teacher side)
             dec = self.decoders[start]
             q_map = t_feats[start] if o.query_feature else None
+            kv = dec.keys_values([t_feats[fine]])  # one key/value pass serves the aux task and the distillation
             aux = dec.aux_loss(keep, keep_labels, inputs.image_sizes,
-                               [t_feats[fine]], q_map, stride_of(start))
+                               [t_feats[fine]], q_map, stride_of(start), kv=kv)
             for k, v in aux.items():
                 out[f"aux.{k}_{start.lower()}"] = v
             if not warm:
-                m_att, v_t, valid = dec(keep, keep_labels, inputs.image_sizes, [t_feats[fine]], q_map, stride_of(start))
+                with torch.no_grad():  # m and O^T are targets: no graph needed
+                    m_att, v_t, valid = dec(keep, keep_labels, inputs.image_sizes, [t_feats[fine]], q_map,
+                                            stride_of(start), kv=kv)
                 v_s = self.value_proj[start](adapted[fine])
                 out[f"distill.small_attn_{fine.lower()}"] = o.beta * attention_weighted_mse(m_att, v_s, v_t.detach(), valid)
 

@@ -77,9 +77,12 @@ class ICDDistiller(Distiller):
     def distill_losses(self, inputs: DistillInputs, iteration: int | None) -> dict[str, torch.Tensor]:
         o = self.options
         t_maps = [inputs.teacher_features[l] for l in self.levels]
-        out = {f"aux.{k}": v for k, v in self.decoder.aux_loss(inputs.boxes, inputs.labels, inputs.image_sizes, t_maps).items()}
+        kv = self.decoder.keys_values(t_maps)  # shared by the aux task and the distillation
+        aux = self.decoder.aux_loss(inputs.boxes, inputs.labels, inputs.image_sizes, t_maps, kv=kv)
+        out = {f"aux.{k}": v for k, v in aux.items()}
         if iteration is None or iteration >= o.warmup_iters:
-            m, v_t, valid = self.decoder(inputs.boxes, inputs.labels, inputs.image_sizes, t_maps)
+            with torch.no_grad():  # m and O^T are targets
+                m, v_t, valid = self.decoder(inputs.boxes, inputs.labels, inputs.image_sizes, t_maps, kv=kv)
             s_maps = [self.adapters[l](inputs.student.features[l]) for l in self.levels]
             v_s = self.value_proj(s_maps)
             out["distill.icd"] = o.weight * attention_weighted_mse(m, v_s, v_t.detach(), valid)

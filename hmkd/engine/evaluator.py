@@ -6,13 +6,12 @@ recall points, maxDets 100, small/medium/large = area < 32^2 / < 96^2 / above), 
 holds no large object) it returns -1; we report ``nan`` instead (as detectron2 does), and
 :func:`write_eval_outputs` writes it as JSON ``null``.
 
-Engine: pycocotools' ``COCOeval`` (the reference). ``faster-coco-eval`` 1.8 (C++ matching and
-accumulation) can be chosen with ``engine="faster"`` for speed on large sets, but it is not the
-default: on random test sets (boxes and masks, small/medium/large and crowd ground truth) its
-matches agree and its stats differ from pycocotools' only in the last bits (about 1e-14 relative,
-a different floating-point summation order), so numbers are not bit-identical.
-``tests/engine/test_evaluator.py`` checks the default against ``COCOeval`` exactly and the
-``faster`` engine to 1e-9. Detections for ``segm`` are loaded without their
+Engine: ``faster`` (default): faster-coco-eval 1.8's C++ matching and accumulation, whose one
+difference from pycocotools (precision ``tp/(tp+fp)`` without pycocotools' ``+eps``, so 1.0 instead
+of 1 - 2^-52 where ``tp+fp == 1``) is repaired after accumulation (:func:`_match_pycocotools_precision`),
+which makes every number bit-identical to pycocotools' ``COCOeval``; ``engine="pycocotools"`` runs
+the reference itself. ``tests/engine/test_evaluator.py`` checks the two for exact equality (boxes
+and masks, small/medium/large and crowd ground truth, random sets). Detections for ``segm`` are loaded without their
 ``bbox`` key (as detectron2 does), so a detection's area is its mask area, not its box area.
 
 Distributed runs: :class:`COCOEvaluator` and :func:`inference_on_dataset` gather results from all
@@ -137,6 +136,56 @@ def _quiet() -> contextlib.AbstractContextManager:
     return contextlib.redirect_stdout(io.StringIO())
 
 
+def _match_pycocotools_precision(ev: Any, gt_data: dict) -> int:
+    """Make faster-coco-eval's accumulated ``precision`` bit-identical to pycocotools'.
+
+    faster-coco-eval's C++ accumulate computes a precision point as ``tp / (tp + fp)``,
+    pycocotools as ``tp / (tp + fp + eps)``. They differ only where ``tp + fp == 1`` (1.0 against
+    1 - 2^-52): the first stretch of a curve whose first non-ignored detection is a true positive
+    and whose second is not; after the precision envelope, pycocotools' value is what it samples
+    at every recall threshold ``r <= 1/npig`` (``npig``: the curve's non-ignored ground truths).
+    Matching and recall are the same. A second C++ accumulate over the same per-image evaluations at
+    recall thresholds ``{1/npig, 2/npig}`` finds those curves (precision 1.0 at the first true
+    positive, < 1.0 at the second) without re-matching; their entries get pycocotools' value.
+    Returns the number of entries changed. (Found and prototyped in hmkd.bench.evalspeed.)
+    """
+    import faster_coco_eval.faster_eval_api_cpp as _C
+
+    p = ev._paramsEval
+    prec = ev.eval["precision"]
+    t_n, _, k_n, a_n, m_n = prec.shape
+    cidx = {c: i for i, c in enumerate(p.catIds)} if p.useCats else None
+    imgs = set(p.imgIds)
+    area_rng = np.asarray(p.areaRng, dtype=np.float64)
+    npig = np.zeros((k_n, a_n), dtype=np.int64)  # pycocotools' count of gtIgnore == 0 per curve
+    for ann in gt_data["annotations"]:
+        if ann["image_id"] not in imgs or ann.get("iscrowd", 0) or ann.get("ignore", 0):
+            continue
+        k = cidx.get(ann["category_id"]) if cidx is not None else 0
+        if k is not None:
+            npig[k] += ~((ann["area"] < area_rng[:, 0]) | (ann["area"] > area_rng[:, 1]))
+    ns = np.unique(npig[npig > 0])
+    if not ns.size:
+        return 0
+    thr = np.unique(np.concatenate([1.0 / ns, 2.0 / ns]))
+    p2 = copy.deepcopy(p)
+    p2.recThrs = thr.tolist()
+    e2 = np.asarray(_C.COCOevalAccumulate(p2, ev._evalImgs_cpp)["precision"]).reshape(t_n, len(thr), k_n, a_n, m_n)
+    rec = np.asarray(p.recThrs, dtype=np.float64)
+    one = np.ones(1, dtype=np.float64)
+    value = (one / (one * 0.0 + one + np.spacing(1)))[0]  # pycocotools' tp / (tp + fp + eps) at tp=1, fp=0
+    fixed = 0
+    for k, a in zip(*np.nonzero(npig)):
+        n = npig[k, a]
+        i1, i2 = np.searchsorted(thr, 1.0 / n), np.searchsorted(thr, 2.0 / n)
+        cond = (e2[:, i1, k, a, :] == 1.0) & (e2[:, i2, k, a, :] < 1.0)  # [T, M]
+        rmask = rec <= 1.0 / n
+        for t, m in zip(*np.nonzero(cond)):
+            prec[t, rmask, k, a, m] = value
+            fixed += int(rmask.sum())
+    return fixed
+
+
 def _make_eval(engine: str, gt_data: dict, dets: list[dict], iou_type: str) -> Any:
     """Build a COCOeval-like object of the chosen engine, evaluated, accumulated and summarised."""
     if engine == "pycocotools":
@@ -166,7 +215,7 @@ def _make_eval(engine: str, gt_data: dict, dets: list[dict], iou_type: str) -> A
                  "annotations": []},
                 print_function=logger.debug,
             )
-        return COCOeval_faster(gt, dt, iou_type, print_function=logger.debug)
+        return COCOeval_faster(gt, dt, iou_type, print_function=logger.debug, separate_eval=True)
     raise ValueError(f"unknown COCO evaluation engine {engine!r}; use 'pycocotools' or 'faster'")
 
 
@@ -240,7 +289,7 @@ def coco_metrics(
     class_names: Sequence[str] | None = None,
     *,
     image_ids: Iterable[int] | None = None,
-    engine: str = "pycocotools",
+    engine: str = "faster",
 ) -> dict[str, dict[str, Any]]:
     """COCO metrics of ``detections`` against ``gt``, in percent.
 
@@ -251,7 +300,9 @@ def coco_metrics(
         class_names: names for ``per_class`` in sorted-category-id order (with or without a leading
             ``"__background__"``); default: the ground truth's category names.
         image_ids: evaluate only these images (default: every image of ``gt``).
-        engine: ``"pycocotools"`` (default) or ``"faster"`` (faster-coco-eval).
+        engine: ``"faster"`` (default: faster-coco-eval's C++ matching and accumulation, its
+            precision made bit-identical to pycocotools', see :func:`_match_pycocotools_precision`)
+            or ``"pycocotools"`` (the reference COCOeval).
 
     Returns:
         ``{iou_type: {"mAP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs",
@@ -289,13 +340,16 @@ def coco_metrics(
                 d2 = {k: v for k, v in d.items() if k != "bbox"}
                 dets.append(copy.deepcopy(d2))
         else:
-            dets = [{k: copy.deepcopy(v) for k, v in d.items() if k != "segmentation"} for d in detections]
+            # shallow copies: loadRes only adds keys to each dict, it never changes the values
+            dets = [{k: v for k, v in d.items() if k != "segmentation"} for d in detections]
         ev = _make_eval(engine, data, dets, iou_type)
         if ids is not None:
             ev.params.imgIds = ids
         with _quiet():
             ev.evaluate()
             ev.accumulate()
+            if engine == "faster":
+                _match_pycocotools_precision(ev, data)
             ev.summarize()
         stats = [float(s) for s in ev.stats[: len(SUMMARY_KEYS)]]
         out: dict[str, Any] = {k: _pct(v) for k, v in zip(SUMMARY_KEYS, stats)}
@@ -361,7 +415,7 @@ class COCOEvaluator:
         iou_types: Sequence[str] = ("bbox",),
         class_names: Sequence[str] | None = None,
         *,
-        engine: str = "pycocotools",
+        engine: str = "faster",
     ) -> None:
         self.gt = gt
         self.label_to_cat = dict(label_to_cat)

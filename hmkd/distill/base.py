@@ -86,6 +86,13 @@ class Distiller(nn.Module):
         if self.needs_teacher and teacher is None:
             raise ConfigError(f"method {self.name!r} needs a teacher (config 'teacher' with 'weights')")
         if teacher is not None:
+            from hmkd.distill.common import num_classes_of
+
+            ns, nt = num_classes_of(student), num_classes_of(teacher)
+            if ns is not None and nt is not None and ns != nt:
+                raise ConfigError(
+                    f"teacher has {nt} classes but the student has {ns}: both must be trained on the same label set"
+                )
             teacher.eval()
             for p in teacher.parameters():
                 p.requires_grad_(False)

@@ -58,3 +58,15 @@ def detector_kind(model: nn.Module) -> str:
     return {"FasterRCNN": "faster_rcnn", "MaskRCNN": "mask_rcnn", "RetinaNet": "retinanet", "FCOS": "fcos"}.get(
         name, "faster_rcnn"
     )
+
+
+def num_classes_of(model: nn.Module) -> int | None:
+    """Object classes (without background) of a torchvision detector, or None if it cannot tell."""
+    inner = getattr(model, "module", model)
+    rh = getattr(inner, "roi_heads", None)
+    if rh is not None and hasattr(rh, "box_predictor"):
+        return int(rh.box_predictor.cls_score.out_features) - 1
+    head = getattr(getattr(inner, "head", None), "classification_head", None)
+    if head is not None and hasattr(head, "num_classes"):
+        return int(head.num_classes) - 1
+    return None

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from hmkd.distill.base import Distiller, DistillInputs
-from hmkd.distill.common import resolve_levels, stride_of
+from hmkd.distill.common import num_classes_of, resolve_levels, stride_of
 from hmkd.distill.decoder import MatchingDecoder
 from hmkd.distill.gcblock import GcBlock, background_loss
 from hmkd.distill.inquiry import InquiryHead, candidate_cells, inquiry_loss, inquiry_targets, widen_to_finer_level
@@ -263,9 +263,7 @@ class HMKDDistiller(Distiller):
 
 def _num_classes(model: nn.Module) -> int:
     """Object classes (without background) of a torchvision detector."""
-    inner = getattr(model, "module", model)
-    rh = getattr(inner, "roi_heads", None)
-    if rh is not None:
-        return int(rh.box_predictor.cls_score.out_features) - 1
-    head = inner.head.classification_head
-    return int(head.num_classes) - 1
+    n = num_classes_of(model)
+    if n is None:
+        raise ConfigError(f"cannot tell the class count of {type(model).__name__}")
+    return n

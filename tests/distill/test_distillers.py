@@ -188,3 +188,11 @@ def test_bad_options_are_one_line_errors() -> None:
         build_distiller("kd", student, teacher)
     with pytest.raises(ConfigError, match="needs a teacher"):
         build_distiller("hmkd", student, None)
+
+
+def test_teacher_and_student_class_counts_must_match() -> None:
+    student = build_detector("fcos", "resnet18", num_classes=3, fpn_channels=32, **TINY)
+    teacher = build_detector("fcos", "resnet18", num_classes=5, fpn_channels=32, **TINY)
+    for method in ("fitnet", "fgd", "icd", "hmkd"):
+        with pytest.raises(ConfigError, match="teacher has 5 classes but the student has 3"):
+            build_distiller(method, student, teacher)

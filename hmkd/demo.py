@@ -57,6 +57,9 @@ def format_table(results: dict[str, dict[str, float]], teacher: str = "teacher",
         cells = []
         for k in METRICS:
             v = m.get(k, float("nan"))
+            if v != v:  # nan: nothing of that size to score
+                cells.append("-")
+                continue
             cell = f"{v:.1f}"
             if name not in (teacher, base) and base in results:
                 cell += f" ({v - results[base].get(k, 0.0):+.1f})"
@@ -79,7 +82,7 @@ def run_demo(out_dir: str = "runs/demo", quick: bool = False, progress: bool = T
         metrics = train(cfg, output_dir=os.path.join(out_dir, name), resume=False, progress=progress)
         timings[name] = round(time.time() - t0, 1)
         bbox = metrics.get("bbox", metrics)
-        results[name] = {k: float(bbox[k]) for k in METRICS}
+        results[name] = {k: float("nan") if bbox[k] is None else float(bbox[k]) for k in METRICS}
     table = format_table(results)
     gain = {k: results["hmkd"][k] - results["student"][k] for k in METRICS}
     out = {"quick": quick, "models": results, "hmkd_gain_over_student": gain, "seconds": timings, "table": table}

@@ -55,6 +55,7 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from hmkd.config import Config, DistillConfig, ModelConfig, from_dict, to_dict
+from hmkd.engine.trainer import _json_safe  # one definition of JSON-safe floats (nan -> null)
 from hmkd.errors import CheckpointError, ConfigError, HMKDError
 
 logger = logging.getLogger(__name__)
@@ -281,16 +282,6 @@ def _write_json(path: str, data: Any) -> None:
     with open(tmp, "w") as f:
         json.dump(_json_safe(data), f, indent=2)
     os.replace(tmp, path)
-
-
-def _json_safe(x: Any) -> Any:
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if isinstance(x, dict):
-        return {str(k): _json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_json_safe(v) for v in x]
-    return x
 
 
 def _read_json(path: str) -> Any:

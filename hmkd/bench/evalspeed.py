@@ -28,6 +28,7 @@ numbers.
 
 from __future__ import annotations
 
+
 import contextlib
 import copy
 import io
@@ -40,6 +41,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from hmkd.engine.evaluator import _match_pycocotools_precision
 
 logger = logging.getLogger(__name__)
 
@@ -164,7 +167,6 @@ def faster_exact_eval(gt: dict, dets: list, iou_type: str = "bbox", img_ids: lis
     precision at the first and second true positive; the condition is "first == 1.0 and
     second < 1.0". Those entries are set to pycocotools' value, then ``summarize`` runs as usual.
     """
-    import faster_coco_eval.faster_eval_api_cpp as _C
     from faster_coco_eval import COCO as FCOCO
     from faster_coco_eval import COCOeval_faster
 
@@ -176,37 +178,7 @@ def faster_exact_eval(gt: dict, dets: list, iou_type: str = "bbox", img_ids: lis
         ev.params.imgIds = list(img_ids)
     ev.evaluate()
     ev.accumulate()
-    p = ev._paramsEval
-    prec = ev.eval["precision"]
-    t_n, _, k_n, a_n, m_n = prec.shape
-    cidx = {c: i for i, c in enumerate(p.catIds)} if p.useCats else None
-    imgs = set(p.imgIds)
-    area_rng = np.asarray(p.areaRng, dtype=np.float64)
-    npig = np.zeros((k_n, a_n), dtype=np.int64)  # pycocotools' count of gtIgnore == 0 per curve
-    for ann in g.dataset["annotations"]:
-        if ann["image_id"] not in imgs or ann.get("iscrowd", 0):
-            continue
-        k = cidx.get(ann["category_id"]) if cidx is not None else 0
-        if k is not None:
-            npig[k] += ~((ann["area"] < area_rng[:, 0]) | (ann["area"] > area_rng[:, 1]))
-    ns = np.unique(npig[npig > 0])
-    ev.n_precision_fixed = 0
-    if ns.size:
-        thr = np.unique(np.concatenate([1.0 / ns, 2.0 / ns]))
-        p2 = copy.deepcopy(p)
-        p2.recThrs = thr.tolist()
-        e2 = np.asarray(_C.COCOevalAccumulate(p2, ev._evalImgs_cpp)["precision"]).reshape(t_n, len(thr), k_n, a_n, m_n)
-        rec = np.asarray(p.recThrs, dtype=np.float64)
-        one = np.ones(1, dtype=np.float64)
-        value = (one / (one * 0.0 + one + np.spacing(1)))[0]  # pycocotools' tp / (fp + tp + eps) at tp=1, fp=0
-        for k, a in zip(*np.nonzero(npig)):
-            n = npig[k, a]
-            i1, i2 = np.searchsorted(thr, 1.0 / n), np.searchsorted(thr, 2.0 / n)
-            cond = (e2[:, i1, k, a, :] == 1.0) & (e2[:, i2, k, a, :] < 1.0)  # [T, M]
-            rmask = rec <= 1.0 / n
-            for t, m in zip(*np.nonzero(cond)):
-                prec[t, rmask, k, a, m] = value
-                ev.n_precision_fixed += int(rmask.sum())
+    ev.n_precision_fixed = _match_pycocotools_precision(ev, g.dataset)
     ev.summarize()
     return ev
 

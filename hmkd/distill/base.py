@@ -141,8 +141,19 @@ class Distiller(nn.Module):
         return [p for p in self.parameters() if p.requires_grad and id(p) not in skip]
 
     def extra_optimizers(self) -> list[tuple[str, torch.optim.Optimizer, float | None]]:
-        """``(name, optimiser, grad-clip max-norm)`` for each extra module; built once and cached."""
-        return []
+        """``(name, optimiser, grad-clip max-norm)`` for each extra module; built once and cached.
+
+        The default gives each :meth:`extra_modules` entry an AdamW with the options'
+        ``decoder_lr``, ``decoder_weight_decay`` and ``decoder_clip`` (ICD's decoder recipe).
+        """
+        if getattr(self, "_extra_opts", None) is None:
+            o = self.options
+            self._extra_opts = [
+                (name, torch.optim.AdamW(m.parameters(), lr=o.decoder_lr, weight_decay=o.decoder_weight_decay),
+                 o.decoder_clip)
+                for name, m in self.extra_modules().items()
+            ]
+        return self._extra_opts
 
     def step_extra_optimizers(self) -> None:
         """Clip, step and zero the method's own optimisers (e.g. the matching decoder's AdamW).

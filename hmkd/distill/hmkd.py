@@ -159,18 +159,10 @@ class HMKDDistiller(Distiller):
         self.inquiry_heads = nn.ModuleDict({s: InquiryHead(cs) for s in self.pairs}) if o.inquiry_head else None
         self.gc = nn.ModuleDict({l: GcBlock(ct) for l in self.levels}) if o.supplement else None
         self.gc_t = nn.ModuleDict({l: GcBlock(ct) for l in self.levels}) if o.supplement and o.bg_form == "fgd" else None
-        self._extra_opts: list[tuple[str, torch.optim.Optimizer, float | None]] | None = None
 
     # -- optimisation ---------------------------------------------------------------------------
     def extra_modules(self) -> dict[str, nn.Module]:
         return {"decoder": self.decoders}
-
-    def extra_optimizers(self) -> list[tuple[str, torch.optim.Optimizer, float | None]]:
-        if self._extra_opts is None:
-            o = self.options
-            opt = torch.optim.AdamW(self.decoders.parameters(), lr=o.decoder_lr, weight_decay=o.decoder_weight_decay)
-            self._extra_opts = [("decoder", opt, o.decoder_clip)]
-        return self._extra_opts
 
     # -- loss scale -----------------------------------------------------------------------------
     def _sum_scale(self, input_hw: tuple[int, int], channels: int) -> tuple[float, float]:

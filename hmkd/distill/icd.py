@@ -62,17 +62,9 @@ class ICDDistiller(Distiller):
             fakes_per_real=o.fakes_per_real, max_key_maps=max(8, len(self.levels)),
         )
         self.value_proj = StudentValueProjection(ct, o.hidden, o.heads)
-        self._extra_opts: list[tuple[str, torch.optim.Optimizer, float | None]] | None = None
 
     def extra_modules(self) -> dict[str, nn.Module]:
         return {"decoder": self.decoder}
-
-    def extra_optimizers(self) -> list[tuple[str, torch.optim.Optimizer, float | None]]:
-        if self._extra_opts is None:
-            o = self.options
-            opt = torch.optim.AdamW(self.decoder.parameters(), lr=o.decoder_lr, weight_decay=o.decoder_weight_decay)
-            self._extra_opts = [("decoder", opt, o.decoder_clip)]
-        return self._extra_opts
 
     def distill_losses(self, inputs: DistillInputs, iteration: int | None) -> dict[str, torch.Tensor]:
         o = self.options

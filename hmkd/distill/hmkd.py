@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from hmkd.distill.base import Distiller, DistillInputs
-from hmkd.distill.common import num_classes_of, resolve_levels, stride_of
+from hmkd.distill.common import make_adapter, num_classes_of, resolve_levels, stride_of
 from hmkd.distill.decoder import MatchingDecoder
 from hmkd.distill.gcblock import GcBlock, background_loss
 from hmkd.distill.inquiry import InquiryHead, candidate_cells, inquiry_loss, inquiry_targets, widen_to_finer_level
@@ -145,9 +145,7 @@ class HMKDDistiller(Distiller):
         cs, ct = fpn_channels_of(student), fpn_channels_of(self.teacher)
         num_classes = _num_classes(student)
         needed = sorted(set(self.levels) | {f"P{level_index(s) - 1}" for s in self.pairs}, key=level_index)
-        self.adapters = nn.ModuleDict(
-            {l: (nn.Identity() if cs == ct else nn.Conv2d(cs, ct, kernel_size=1)) for l in needed}
-        )
+        self.adapters = nn.ModuleDict({l: make_adapter(student, self.teacher) for l in needed})
         self.decoders = nn.ModuleDict(
             {
                 s: MatchingDecoder(ct, num_classes, hidden=o.hidden, heads=o.heads, query_feature=o.query_feature,

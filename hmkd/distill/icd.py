@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from hmkd.distill.base import Distiller, DistillInputs
-from hmkd.distill.common import resolve_levels
+from hmkd.distill.common import make_adapter, resolve_levels
 from hmkd.distill.decoder import MatchingDecoder
 from hmkd.distill.hmkd import _num_classes
 from hmkd.distill.losses import StudentValueProjection, attention_weighted_mse
@@ -55,8 +55,8 @@ class ICDDistiller(Distiller):
         if o.hidden % o.heads or o.hidden % 16:
             raise ConfigError(f"distill.options.heads={o.heads} must divide hidden={o.hidden} (a multiple of 16)")
         self.levels = resolve_levels(o.levels, student, self.teacher, "levels")
-        cs, ct = fpn_channels_of(student), fpn_channels_of(self.teacher)
-        self.adapters = nn.ModuleDict({l: (nn.Identity() if cs == ct else nn.Conv2d(cs, ct, 1)) for l in self.levels})
+        ct = fpn_channels_of(self.teacher)
+        self.adapters = nn.ModuleDict({l: make_adapter(student, self.teacher) for l in self.levels})
         self.decoder = MatchingDecoder(
             ct, _num_classes(student), hidden=o.hidden, heads=o.heads, query_feature=False,
             fakes_per_real=o.fakes_per_real, max_key_maps=max(8, len(self.levels)),

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -51,7 +51,6 @@ class TapOutput:
     tensors: torch.Tensor
     image_sizes: list[tuple[int, int]]
     targets: list[dict[str, torch.Tensor]] | None = None
-    scales: list[tuple[float, float]] = field(default_factory=list)
 
 
 class DetectorTap:
@@ -89,16 +88,12 @@ class DetectorTap:
         if isinstance(feats, torch.Tensor):
             feats = OrderedDict([("0", feats)])
         tensors = image_list.tensors
-        scales = [
-            (rs[0] / img.shape[-2], rs[1] / img.shape[-1]) for rs, img in zip(image_list.image_sizes, images)
-        ]
         return TapOutput(
             output=output,
             features=name_levels(feats, tuple(tensors.shape[-2:])),
             tensors=tensors,
             image_sizes=[tuple(s) for s in image_list.image_sizes],
             targets=self._store.get("targets"),
-            scales=scales,
         )
 
     def remove(self) -> None:

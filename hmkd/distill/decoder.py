@@ -132,6 +132,22 @@ def _pad_by_image(values: Tensor, img: Tensor, batch: int) -> tuple[Tensor, Tens
     return out, valid
 
 
+def _attend_values(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None) -> Tensor:
+    """``softmax(q k^T / sqrt(c)) v`` with c = q's width, for v wider than q and k.
+
+    The fused (flash) kernels, CPU included, need q, k and v of one width; with a wider v
+    PyTorch falls back to the math kernel, which materialises the [B, heads, Nq, U] attention
+    and keeps it (and its softmax) for backward. Zero columns appended to q and k leave every
+    logit unchanged (the scale is passed explicitly), so the result is the same up to
+    float summation order while the fused kernel never stores the attention matrix.
+    """
+    c = q.shape[-1]
+    extra = v.shape[-1] - c
+    if extra > 0:
+        q, k = F.pad(q, (0, extra)), F.pad(k, (0, extra))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=1.0 / math.sqrt(c))
+
+
 class MatchingDecoder(nn.Module):
     """Instance-conditional multi-head attention decoder (HMKD hierarchical matching / ICD).
 
@@ -467,7 +483,7 @@ class MatchingDecoder(nn.Module):
         attn_mask = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]
         c = v.shape[-1]
         pos_h = split_heads(pos[None].expand(v.shape[0], -1, -1).to(v.dtype), self.heads)  # [B, heads, U, c]
-        both = F.scaled_dot_product_attention(q, k, torch.cat((v, pos_h), dim=-1), attn_mask=attn_mask)
+        both = _attend_values(q, k, torch.cat((v, pos_h), dim=-1), attn_mask)
         att = both[..., :c].transpose(1, 2).flatten(2)  # [B, Nq, hidden]: sum_j m_ij O_j
         att_pos = both[..., c:].transpose(1, 2).flatten(2)  # [B, Nq, hidden]: sum_j m_ij V_j
 

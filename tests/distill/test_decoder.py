@@ -159,3 +159,30 @@ def test_decoder_bad_config() -> None:
         MatchingDecoder(8, 3, hidden=24)
     with pytest.raises(ValueError):
         MatchingDecoder(8, 3, hidden=32, heads=3)
+
+
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_attend_values_with_wider_values_equals_explicit_softmax(with_mask: bool) -> None:
+    # the aux task attends [values ; positions] (2c wide) with c-wide queries/keys: zero-padding
+    # q and k (so a fused kernel applies) must give softmax(q k^T / sqrt(c)) v, gradients included
+    from hmkd.distill.decoder import _attend_values
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 5, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, 4, 30, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(2, 4, 30, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    keep = torch.ones(2, 30, dtype=torch.bool)
+    keep[1, 20:] = False  # image 1's last 10 positions are padding
+    mask = keep[:, None, None, :] if with_mask else None
+    out = _attend_values(q, k, v, mask)
+    logits = q @ k.transpose(-1, -2) / 8**0.5
+    if with_mask:
+        logits = logits.masked_fill(~mask, float("-inf"))
+    ref = logits.softmax(-1) @ v
+    assert out.shape == (2, 4, 5, 16)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    w = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    grads = torch.autograd.grad((out * w).sum(), (q, k, v))
+    grads_ref = torch.autograd.grad((ref * w).sum(), (q, k, v))
+    for a, b in zip(grads, grads_ref):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)

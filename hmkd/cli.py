@@ -13,7 +13,7 @@ import os
 import sys
 from typing import Any, Sequence
 
-from hmkd.errors import HMKDError
+from hmkd.errors import ConfigError, HMKDError
 
 
 def _load_cfg(args: argparse.Namespace, *, need_classes: bool = False):
@@ -79,8 +79,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = _load_cfg(args)
     if args.cmd == "distill" and cfg.distill.method == "none":
-        from hmkd.errors import ConfigError
-
         raise ConfigError(f"{args.config}: distill.method is 'none'; use 'hmkd train' or set distill.method")
     metrics = train(cfg, output_dir=args.output_dir, resume=args.resume, progress=not args.no_progress)
     print(json.dumps(metrics, indent=2, default=str))
@@ -129,6 +127,16 @@ def cmd_bench_speed(args: argparse.Namespace) -> int:
         num_classes=cfg.model.num_classes,
     )
     print(open(os.path.join(args.out, "speed.md")).read() if os.path.isfile(os.path.join(args.out, "speed.md")) else res)
+    return 0
+
+
+def cmd_bench_evalspeed(args: argparse.Namespace) -> int:
+    from hmkd.bench.evalspeed import run_evalspeed
+
+    if args.images < 1 or args.dets < 1 or args.repeats < 1:
+        raise ConfigError(f"--images, --dets and --repeats must be >= 1, got {args.images}, {args.dets}, {args.repeats}")
+    res = run_evalspeed(args.out, n_images=args.images, dets_per_image=args.dets, seed=args.seed, repeats=args.repeats)
+    print(res["table"])
     return 0
 
 
@@ -273,10 +281,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", nargs="+", default=None)
     p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--teacher", default=None, help="reuse a trained teacher checkpoint")
-    p.add_argument("--ablation", default=None, help="supplement | heads | start_level | inquiry_head")
+    p.add_argument("--ablation", default=None, help="supplement | heads | start_level | inquiry_head | others_bg | levels")
     p.add_argument("--out", required=True)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_bench_accuracy)
+    p = bench.add_parser("evalspeed", help="hmkd's COCO evaluation against plain pycocotools (time, identical numbers)")
+    p.add_argument("--images", type=int, default=5000)
+    p.add_argument("--dets", type=int, default=100, help="detections per image")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repeats", type=int, default=2, help="rounds over all variants; the fastest is reported")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_bench_evalspeed)
     p = bench.add_parser("cost", help="seconds per step and memory of each method against no-KD")
     _add_config(p)
     p.add_argument("--methods", nargs="+", default=None)

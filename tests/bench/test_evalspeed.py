@@ -56,3 +56,15 @@ def test_faster_exact_prototype_is_bit_identical(n_images, dets, seed):
     assert np.array_equal(ref["recall"], np.asarray(ev.eval["recall"]))
     assert [float(x) for x in ev.stats[:12]] == ref["stats"]
     assert ev.n_precision_fixed > 0
+
+
+def test_evalspeed_cli_writes_results_and_rejects_bad_counts(tmp_path, capsys):
+    from hmkd.cli import main
+
+    assert main(["bench", "evalspeed", "--images", "20", "--dets", "10", "--repeats", "1", "--out", str(tmp_path)]) == 0
+    assert "pycocotools" in capsys.readouterr().out
+    data = json.loads((tmp_path / "evalspeed.json").read_text())
+    assert data["variants"]["hmkd"]["vs_pycocotools"]["identical"]
+    assert main(["bench", "evalspeed", "--images", "0", "--out", str(tmp_path / "x")]) != 0
+    err = capsys.readouterr().err
+    assert "--images" in err and len(err.strip().splitlines()) == 1

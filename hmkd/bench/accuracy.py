@@ -81,6 +81,8 @@ ABLATIONS = {
     "heads": "HMKD with 1, 4, 8, 16 decoder heads (paper Table 6)",
     "start_level": "HMKD with the inquiries starting at P3, P4, P5 (keys one level finer; paper Table 7)",
     "inquiry_head": "HMKD with the Inquiry Head on/off",
+    "others_bg": "HMKD with L_others on the foreground only (the paper's formula) or on fg + bg",
+    "levels": "HMKD distilling L_others/L_bg on P2-P4 (default) or on every common level",
 }
 #: keys of a run's config that do not change its result (ignored when deciding to reuse a run)
 _VOLATILE = (
@@ -142,6 +144,16 @@ def ablation_variants(cfg: Config, ablation: str, method_options: dict[str, dict
     elif ablation == "inquiry_head":
         changes = [("inquiry", "HMKD, Inquiry Head on", {"inquiry_head": True}),
                    ("noinquiry", "HMKD, Inquiry Head off", {"inquiry_head": False})]
+    elif ablation == "others_bg":
+        changes = [("fgonly", "HMKD, L_others fg only", {"others_bg_weight": 0.0}),
+                   ("fgbg", "HMKD, L_others fg + bg", {"others_bg_weight": 1.0})]
+    elif ablation == "levels":
+        if cfg.teacher is None:
+            raise ConfigError("ablation levels needs a 'teacher' section (the common FPN levels decide the choices)")
+        teacher_levels = _levels_of(cfg.teacher)
+        common = [lv for lv in _levels_of(cfg.model) if lv in teacher_levels]
+        changes = [("levels3", f"HMKD, levels {common[0]}-{common[min(2, len(common) - 1)]}", {"levels": None}),
+                   ("levelsall", f"HMKD, levels {common[0]}-{common[-1]}", {"levels": common})]
     elif ablation == "heads":
         for h in (1, 4, 8, 16):
             if hidden % h:

@@ -122,6 +122,11 @@ def test_plans_and_ablation_variants(tmp_path):
     assert [v.key for v in heads] == ["hmkd-heads1", "hmkd", "hmkd-heads8", "hmkd-heads16"]
     starts = ablation_variants(cfg, "start_level")  # student and teacher have P2-P5
     assert [v.key for v in starts] == ["hmkd", "hmkd-startp4", "hmkd-startp5"]  # P3 is the default start
+    bg = ablation_variants(cfg, "others_bg")
+    assert [v.key for v in bg] == ["hmkd", "hmkd-fgbg"] and bg[1].options["others_bg_weight"] == 1.0
+    lv = ablation_variants(cfg, "levels")  # student and teacher have P2-P5; the default is P2-P4
+    assert [v.key for v in lv] == ["hmkd", "hmkd-levelsall"] and lv[1].options["levels"] == ["P2", "P3", "P4", "P5"]
+    assert lv[0].label == "HMKD, levels P2-P4 (= HMKD)"
     with pytest.raises(ConfigError, match="ablation"):
         ablation_variants(cfg, "nonsense")
     with pytest.raises(ConfigError, match="unknown method"):

@@ -300,6 +300,7 @@ def _build(cfg: Config, method: str, n_cls: int, device: torch.device, load_teac
         teacher = build_model(cfg.teacher, n_cls, load=load_teacher)
     torch.manual_seed(cfg.seed + 2)
     distiller = build_distiller(method, student, teacher, options)
+    distiller.set_teacher_dtype(cfg.distill.teacher_dtype)
     distiller.to(device).train()
     return distiller
 
@@ -832,7 +833,7 @@ def run_cost_bench(
         "warmup": warmup,
         "n_batches": n_batches,
         "part_reps": part_reps,
-        "teacher": teacher_desc,
+        "teacher": teacher_desc + ("" if cfg.distill.teacher_dtype == "float32" else f", run in {cfg.distill.teacher_dtype}"),
         "data": data_info,
         "model": dataclasses.asdict(cfg.model),
         "teacher_model": dataclasses.asdict(cfg.teacher) if cfg.teacher is not None else None,

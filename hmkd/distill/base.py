@@ -30,6 +30,9 @@ from hmkd.models.tap import DetectorTap, TapOutput, backbone_features, renormali
 
 SMALL_AREA = 32 * 32
 
+#: Precisions the frozen teacher may run in (``distill.teacher_dtype``).
+TEACHER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
 
 @dataclass
 class NoOptions:
@@ -108,6 +111,21 @@ class Distiller(nn.Module):
         """The frozen teacher (not a registered sub-module)."""
         return self._teacher[0] if self._teacher else None
 
+    def set_teacher_dtype(self, dtype: torch.dtype | str) -> None:
+        """Run the frozen teacher in ``dtype`` (``torch.float32``, ``bfloat16`` or ``float16``).
+
+        The teacher's weights are cast once; each step its input is cast to ``dtype`` and its FPN
+        maps back to the student's dtype, so the losses see float32 targets rounded to ``dtype``.
+        """
+        if isinstance(dtype, str):
+            if dtype not in TEACHER_DTYPES:
+                raise ConfigError(f"distill.teacher_dtype must be one of {', '.join(TEACHER_DTYPES)}, got {dtype!r}")
+            dtype = TEACHER_DTYPES[dtype]
+        if dtype not in TEACHER_DTYPES.values():
+            raise ConfigError(f"teacher dtype must be one of {', '.join(TEACHER_DTYPES)}, got {dtype}")
+        if self.teacher is not None:
+            self.teacher.to(dtype=dtype)
+
     def _apply(self, fn: Callable, recurse: bool = True) -> "Distiller":  # .to(), .cuda(), .double()
         super()._apply(fn, recurse)
         if self._teacher:
@@ -173,9 +191,13 @@ class Distiller(nn.Module):
         """The teacher's P-named FPN maps on a batch the student's transform produced."""
         teacher = self.teacher
         assert teacher is not None
+        dtype = next(teacher.parameters()).dtype  # see set_teacher_dtype
+        cast = dtype != torch.float32
         with torch.no_grad():
-            x = renormalise(tensors, self.student, teacher).contiguous(memory_format=torch.channels_last)
-            return {k: v.contiguous() for k, v in backbone_features(teacher, x).items()}
+            x = renormalise(tensors, self.student, teacher)
+            x = (x.to(dtype) if cast else x).contiguous(memory_format=torch.channels_last)
+            feats = backbone_features(teacher, x)
+            return {k: (v.to(tensors.dtype) if cast else v).contiguous() for k, v in feats.items()}
 
     def forward(
         self,

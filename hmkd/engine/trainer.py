@@ -422,6 +422,7 @@ class _Run:
         student = build_model(cfg.model, n)
         teacher = build_model(cfg.teacher, n) if needs_teacher else None
         self.distiller = build_distiller(method, student, teacher, cfg.distill.options)
+        self.distiller.set_teacher_dtype(cfg.distill.teacher_dtype)
         self.distiller.to(self.device)
         self.distiller.train()
         self.student = student

@@ -213,3 +213,33 @@ def test_teacher_and_student_class_counts_must_match() -> None:
     for method in ("fitnet", "fgd", "icd", "hmkd"):
         with pytest.raises(ConfigError, match="teacher has 5 classes but the student has 3"):
             build_distiller(method, student, teacher)
+
+
+def test_teacher_in_bfloat16_gives_rounded_float32_targets() -> None:
+    student, teacher = _pair()
+    d32 = build_distiller("hmkd", student, teacher, _opts("hmkd"))
+    images, targets = _batch()
+    tensors = d32._tap(images, targets).tensors
+    ref = d32.teacher_features(tensors)
+    d32.set_teacher_dtype("bfloat16")
+    assert all(p.dtype == torch.bfloat16 for p in teacher.parameters())
+    low = d32.teacher_features(tensors)
+    assert set(low) == set(ref)
+    for k in ref:
+        assert low[k].dtype == torch.float32 and low[k].shape == ref[k].shape
+        rel = ((low[k] - ref[k]).norm() / ref[k].norm()).item()
+        assert 0 < rel < 0.1, (k, rel)  # rounded (not identical), but the same maps
+    d32.train()
+    losses = d32(images, targets, iteration=10**6)
+    total = sum(losses.values())
+    assert torch.isfinite(total)
+    total.backward()
+    assert all(p.grad is None for p in teacher.parameters())
+    assert any(p.grad is not None for p in student.backbone.parameters())
+
+
+def test_teacher_dtype_bad_value_names_the_key() -> None:
+    student, teacher = _pair()
+    d = build_distiller("fitnet", student, teacher, {})
+    with pytest.raises(ConfigError, match="distill.teacher_dtype.*float64"):
+        d.set_teacher_dtype("float64")

@@ -275,6 +275,25 @@ def _spec(cfg: Config) -> dict[str, Any]:
     return d
 
 
+def _with_defaults(spec: Any) -> Any:
+    """A stored spec with the config keys it predates filled in with their defaults (a key added
+    to the config later, at its default, does not make an old run "another config")."""
+    if not isinstance(spec, dict):
+        return spec
+    defaults = _spec(Config(teacher=ModelConfig()))
+
+    def fill(node: dict, dflt: dict) -> dict:
+        out = dict(node)
+        for k, v in dflt.items():
+            if k not in out:
+                out[k] = copy.deepcopy(v)
+            elif isinstance(out[k], dict) and isinstance(v, dict):
+                out[k] = fill(out[k], v)
+        return out
+
+    return fill(spec, defaults)
+
+
 def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
     if isinstance(a, dict) and isinstance(b, dict):
         out = []
@@ -419,7 +438,7 @@ def _train_or_reuse(
     done = _finished(run_dir)
     started = os.path.isfile(os.path.join(run_dir, "last_checkpoint.pth"))
     if old is not None and (done or started):
-        diff = _diff(old.get("spec"), new_spec)
+        diff = _diff(_with_defaults(old.get("spec")), new_spec)
         if diff:
             raise ConfigError(
                 f"{run_dir} holds a run of another config ({'; '.join(diff[:3])}); "
@@ -576,8 +595,13 @@ def _fmt(v: float | None, nd: int = 1) -> str:
 
 def format_table(rows: dict[str, dict[str, Any]], teacher: dict[str, Any] | None, seeds: list[int]) -> str:
     """Markdown shaped like the paper's Table 1: mean ± std, the gain over the student in brackets, cost."""
-    head = "| model | " + " | ".join(METRICS) + " | s/iter | x no-KD |"
-    lines = [head, "|---|" + "---:|" * (len(METRICS) + 2)]
+    head = "| model | " + " | ".join(METRICS) + " | s/iter | x no-KD | peak MB | x no-KD |"
+    lines = [head, "|---|" + "---:|" * (len(METRICS) + 4)]
+    b_mem = (rows.get("none") or {}).get("peak_mem_mb")
+
+    def mem_cells(mem: float | None) -> str:
+        return f" {_fmt(mem, 0)} | {_fmt(mem / b_mem if mem and b_mem else None, 2)} |"
+
     if teacher is not None:
         tm = teacher.get("metrics") or {}
         backbone = ((teacher.get("config") or {}).get("model") or {}).get("backbone", "")
@@ -588,7 +612,7 @@ def format_table(rows: dict[str, dict[str, Any]], teacher: dict[str, Any] | None
         t_sec, b_sec = teacher.get("sec_per_iter"), (rows.get("none") or {}).get("sec_per_iter")
         ratio = t_sec / b_sec if t_sec and b_sec else None
         lines.append(f"| {label} | " + " | ".join(_fmt(tm.get(k)) for k in METRICS)
-                     + f" | {_fmt(t_sec, 2)} | {_fmt(ratio, 2)} |")
+                     + f" | {_fmt(t_sec, 2)} | {_fmt(ratio, 2)} |" + mem_cells(teacher.get("peak_mem_mb")))
     for key, r in rows.items():
         cells = []
         for k in METRICS:
@@ -600,10 +624,12 @@ def format_table(rows: dict[str, dict[str, Any]], teacher: dict[str, Any] | None
                 cell += f" ({g:+.1f})"
             cells.append(cell)
         lines.append(f"| {r['label']} | " + " | ".join(cells)
-                     + f" | {_fmt(r['sec_per_iter'], 2)} | {_fmt(r['cost_vs_none'], 2)} |")
+                     + f" | {_fmt(r['sec_per_iter'], 2)} | {_fmt(r['cost_vs_none'], 2)} |" + mem_cells(r.get("peak_mem_mb")))
     lines.append("")
     lines.append(f"COCO box AP (%) on the val split; mean ± sample std over seeds {seeds} (teacher: one run); "
-                 "(+x): gain over the student (no-KD); s/iter: training seconds per iteration, x no-KD its ratio.")
+                 "(+x): gain over the student (no-KD); s/iter: the run's training seconds / iterations; peak MB: "
+                 "its peak memory during training (CPU: max RSS of its own process; CUDA: peak allocated); "
+                 "each with its ratio to no-KD.")
     s_iters = next((r.get("iterations") for r in rows.values() if r.get("iterations")), None)
     if teacher is not None and teacher.get("source") == "trained" and s_iters and teacher.get("iterations"):
         lines.append(f"The teacher trained {teacher['iterations'] / s_iters:.3g}x the students' {s_iters} iterations: "

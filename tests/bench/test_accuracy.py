@@ -167,3 +167,16 @@ def test_every_preset_loads_and_builds(path):
                 build_distiller(cfg.distill.method, student, teacher, cfg.distill.options)
         else:
             build_distiller(cfg.distill.method, student, None, cfg.distill.options)
+
+
+def test_run_spec_from_before_a_new_config_key_still_matches(tmp_path):
+    # a run recorded before distill.teacher_dtype existed is the same config when the key is at
+    # its default, and another config when it is not
+    from hmkd.bench.accuracy import _diff, _spec, _with_defaults
+
+    cfg = _tiny_cfg(str(tmp_path / "data"))
+    old = _spec(cfg)
+    del old["distill"]["teacher_dtype"]
+    assert _diff(_with_defaults(old), _spec(cfg)) == []
+    cfg.distill.teacher_dtype = "bfloat16"
+    assert _diff(_with_defaults(old), _spec(cfg)) == ["distill.teacher_dtype: 'float32' -> 'bfloat16'"]

@@ -281,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", nargs="+", default=None)
     p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--teacher", default=None, help="reuse a trained teacher checkpoint")
-    p.add_argument("--ablation", default=None, help="supplement | heads | start_level | inquiry_head | others_bg | levels")
+    p.add_argument("--ablation", default=None, help="supplement | heads | start_level | inquiry_head | others_bg | levels | weight")
     p.add_argument("--out", required=True)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_bench_accuracy)

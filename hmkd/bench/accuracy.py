@@ -83,6 +83,7 @@ ABLATIONS = {
     "inquiry_head": "HMKD with the Inquiry Head on/off",
     "others_bg": "HMKD with L_others on the foreground only (the paper's formula) or on fg + bg",
     "levels": "HMKD distilling L_others/L_bg on P2-P4 (default) or on every common level",
+    "weight": "HMKD with its loss weights alpha = beta = 1 (default) or 5 (the loss scale)",
 }
 #: keys of a run's config that do not change its result (ignored when deciding to reuse a run)
 _VOLATILE = (
@@ -147,6 +148,8 @@ def ablation_variants(cfg: Config, ablation: str, method_options: dict[str, dict
     elif ablation == "others_bg":
         changes = [("fgonly", "HMKD, L_others fg only", {"others_bg_weight": 0.0}),
                    ("fgbg", "HMKD, L_others fg + bg", {"others_bg_weight": 1.0})]
+    elif ablation == "weight":
+        changes = [(f"weight{w:g}", f"HMKD, alpha = beta = {w:g}", {"alpha": float(w), "beta": float(w)}) for w in (1, 5)]
     elif ablation == "levels":
         if cfg.teacher is None:
             raise ConfigError("ablation levels needs a 'teacher' section (the common FPN levels decide the choices)")

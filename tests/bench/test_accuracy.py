@@ -127,6 +127,8 @@ def test_plans_and_ablation_variants(tmp_path):
     lv = ablation_variants(cfg, "levels")  # student and teacher have P2-P5; the default is P2-P4
     assert [v.key for v in lv] == ["hmkd", "hmkd-levelsall"] and lv[1].options["levels"] == ["P2", "P3", "P4", "P5"]
     assert lv[0].label == "HMKD, levels P2-P4 (= HMKD)"
+    wt = ablation_variants(cfg, "weight")
+    assert [v.key for v in wt] == ["hmkd", "hmkd-weight5"] and wt[1].options["alpha"] == wt[1].options["beta"] == 5.0
     with pytest.raises(ConfigError, match="ablation"):
         ablation_variants(cfg, "nonsense")
     with pytest.raises(ConfigError, match="unknown method"):

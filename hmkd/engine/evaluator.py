@@ -126,7 +126,13 @@ def detections_to_coco(
 def _load_gt_dict(gt: str | os.PathLike | dict) -> dict:
     """A private, validated copy of the ground truth (COCOeval mutates the annotations it reads)."""
     if isinstance(gt, dict):
-        data = copy.deepcopy(gt)
+        # validation and COCOeval only set top-level keys of the image/annotation/category dicts
+        # (id, area, iscrowd, ignore, segmentation := RLE), never change nested values in place,
+        # so a copy of every such dict keeps the caller's data intact (a deep copy costs ~10x more)
+        data = dict(gt)
+        for key in ("images", "annotations", "categories"):
+            if isinstance(gt.get(key), list):
+                data[key] = [dict(x) if isinstance(x, dict) else copy.deepcopy(x) for x in gt[key]]
         validate_coco_dict(data, "<ground-truth dict>")
         return data
     return load_coco_json(gt)
@@ -341,7 +347,10 @@ def coco_metrics(
                 dets.append(copy.deepcopy(d2))
         else:
             # shallow copies: loadRes only adds keys to each dict, it never changes the values
-            dets = [{k: v for k, v in d.items() if k != "segmentation"} for d in detections]
+            dets = [dict(d) for d in detections]
+            if any("segmentation" in d for d in dets):
+                for d in dets:
+                    d.pop("segmentation", None)
         ev = _make_eval(engine, data, dets, iou_type)
         if ids is not None:
             ev.params.imgIds = ids

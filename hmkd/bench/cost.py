@@ -475,7 +475,6 @@ def hmkd_part_costs(distiller: nn.Module, inputs: Any, *, reps: int = 5, device:
     """
     from hmkd.distill.common import stride_of
     from hmkd.distill.gcblock import background_loss
-    from hmkd.distill.inquiry import candidate_cells, inquiry_loss, inquiry_targets, widen_to_finer_level
     from hmkd.distill.losses import attention_weighted_mse, masked_feature_mse
     from hmkd.distill.masks import box_mask, fg_bg_masks
     from hmkd.models.backbones import level_index
@@ -518,29 +517,18 @@ def hmkd_part_costs(distiller: nn.Module, inputs: Any, *, reps: int = 5, device:
     def inquiry() -> torch.Tensor | None:
         total = None
         for start, fine in pairs:
-            fine_hw = tuple(t_feats[fine].shape[-2:])
-            sfg = box_mask(small_boxes, fine_hw, stride_of(fine))
-            k_fine = mk[fine][1]
-            logits = d.inquiry_heads[start](s_leaf[start])
-            centers = [torch.stack(((b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2), dim=-1) for b in small_boxes]
-            target = inquiry_targets(centers, tuple(logits.shape[-2:]), stride_of(start), o.inquiry_radius)
-            loss = o.inquiry_weight * inquiry_loss(logits, target)
-            cand = widen_to_finer_level(candidate_cells(logits, o.inquiry_threshold), fine_hw)
-            cand_only = cand & ~sfg
-            n_cand = cand_only.flatten(1).sum(1).clamp(min=1).to(k_fine.dtype)[:, None, None]
-            k_small = torch.where(cand_only, 1.0 / n_cand, k_fine)
-            sfg = sfg | cand
-            n_regions = sum(int(b.shape[0]) for b in small_boxes) + int(cand_only.flatten(1).any(1).sum())
+            loss, sfg, k_small, n_regions = d.small_object_region(
+                start, s_leaf[start], small_boxes, tuple(t_feats[fine].shape[-2:]), mk[fine][1]
+            )
             small_fg_masks[start] = (sfg, k_small, n_regions)
-            total = loss if total is None else total + loss
+            if loss is not None:
+                total = loss if total is None else total + loss
         return total
 
     if d.inquiry_heads is not None:
         res["inquiry_head"] = _time_part(inquiry, leaves, reps, device)
     else:
-        for start, fine in pairs:
-            sfg = box_mask(small_boxes, tuple(t_feats[fine].shape[-2:]), stride_of(fine))
-            small_fg_masks[start] = (sfg, mk[fine][1], sum(int(b.shape[0]) for b in small_boxes))
+        inquiry()  # the small-object masks only
 
     def aux() -> torch.Tensor:
         total = None

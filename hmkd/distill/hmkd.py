@@ -172,6 +172,38 @@ class HMKDDistiller(Distiller):
         return float(channels), area_factor
 
     # -- the losses -----------------------------------------------------------------------------
+    def small_object_region(
+        self,
+        start: str,
+        s_feat: torch.Tensor,
+        small_boxes: list[torch.Tensor],
+        fine_hw: tuple[int, int],
+        k_fine: torch.Tensor,
+    ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, int]:
+        """The Inquiry Head on the student's level-``start`` map and the small-object region it gives
+        at the next finer level (``fine_hw``, whose scale mask is ``k_fine``).
+
+        Returns (the weighted Inquiry Head focal loss, or None without the head; ``Ms``: cells of small
+        GT boxes UNION the head's candidate cells (``MAP_l > t``) widened to the finer level; ``Ks``:
+        ``k_fine`` on GT cells, ``1/N_cand`` on candidate-only cells; the number of regions: small
+        objects plus the images that have candidate-only cells).
+        """
+        o = self.options
+        fine_stride = stride_of(f"P{level_index(start) - 1}")
+        small_fg = box_mask(small_boxes, fine_hw, fine_stride)
+        n_small = sum(int(b.shape[0]) for b in small_boxes)
+        if self.inquiry_heads is None:
+            return None, small_fg, k_fine, n_small
+        logits = self.inquiry_heads[start](s_feat)
+        centers = [torch.stack(((b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2), dim=-1) for b in small_boxes]
+        target = inquiry_targets(centers, tuple(logits.shape[-2:]), stride_of(start), o.inquiry_radius)
+        loss = o.inquiry_weight * inquiry_loss(logits, target)
+        cand = widen_to_finer_level(candidate_cells(logits, o.inquiry_threshold), fine_hw)
+        cand_only = cand & ~small_fg
+        n_cand = cand_only.flatten(1).sum(1).clamp(min=1).to(k_fine.dtype)[:, None, None]
+        k_small = torch.where(cand_only, 1.0 / n_cand, k_fine)
+        return loss, small_fg | cand, k_small, n_small + int(cand_only.flatten(1).any(1).sum())
+
     def distill_losses(self, inputs: DistillInputs, iteration: int | None) -> dict[str, torch.Tensor]:
         o = self.options
         s_feats, t_feats = inputs.student.features, inputs.teacher_features
@@ -202,24 +234,11 @@ class HMKDDistiller(Distiller):
         warm = iteration is not None and iteration < o.warmup_iters
         for start in self.pairs:
             fine = f"P{level_index(start) - 1}"
-            fine_hw = tuple(t_feats[fine].shape[-2:])
-            # Inquiry Head -> candidate small-object cells, widened to the finer level
-            small_fg = box_mask(small_boxes, fine_hw, stride_of(fine))
-            _, k_fine = mk(fine)
-            k_small = k_fine
-            if self.inquiry_heads is not None:
-                logits = self.inquiry_heads[start](s_feats[start])
-                centers = [torch.stack(((b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2), dim=-1) for b in small_boxes]
-                target = inquiry_targets(centers, tuple(logits.shape[-2:]), stride_of(start), o.inquiry_radius)
-                out[f"distill.inquiry_{start.lower()}"] = o.inquiry_weight * inquiry_loss(logits, target)
-                cand = widen_to_finer_level(candidate_cells(logits, o.inquiry_threshold), fine_hw)
-                cand_only = cand & ~small_fg
-                n_cand = cand_only.flatten(1).sum(1).clamp(min=1).to(k_fine.dtype)[:, None, None]
-                k_small = torch.where(cand_only, 1.0 / n_cand, k_fine)
-                small_fg = small_fg | cand
-                n_regions = sum(int(b.shape[0]) for b in small_boxes) + int(cand_only.flatten(1).any(1).sum())
-            else:
-                n_regions = sum(int(b.shape[0]) for b in small_boxes)
+            inquiry, small_fg, k_small, n_regions = self.small_object_region(
+                start, s_feats[start], small_boxes, tuple(t_feats[fine].shape[-2:]), mk(fine)[1]
+            )
+            if inquiry is not None:
+                out[f"distill.inquiry_{start.lower()}"] = inquiry
             val = masked_feature_mse(adapted[fine], t_feats[fine], small_fg.to(k_small.dtype), k_small)
             out[f"distill.small_fg_{fine.lower()}"] = o.beta * ch_factor * per_obj(n_regions) * val
 

@@ -110,6 +110,14 @@ def _levels_of(m: ModelConfig) -> list[str]:
     return list(m.levels) if m.levels else list(DEFAULT_LEVELS.get(m.detector, []))
 
 
+def _common_levels(cfg: Config, ablation: str) -> list[str]:
+    """FPN levels both the student and the teacher have (they decide an ablation's choices)."""
+    if cfg.teacher is None:
+        raise ConfigError(f"ablation {ablation} needs a 'teacher' section (the common FPN levels decide the choices)")
+    teacher_levels = _levels_of(cfg.teacher)
+    return [lv for lv in _levels_of(cfg.model) if lv in teacher_levels]
+
+
 def _effective(method: str, options: dict[str, Any]) -> dict[str, Any]:
     """The method's options with its defaults filled in (to tell equal variants apart from different ones)."""
     from hmkd.distill import registry
@@ -151,10 +159,7 @@ def ablation_variants(cfg: Config, ablation: str, method_options: dict[str, dict
     elif ablation == "weight":
         changes = [(f"weight{w:g}", f"HMKD, alpha = beta = {w:g}", {"alpha": float(w), "beta": float(w)}) for w in (1, 5)]
     elif ablation == "levels":
-        if cfg.teacher is None:
-            raise ConfigError("ablation levels needs a 'teacher' section (the common FPN levels decide the choices)")
-        teacher_levels = _levels_of(cfg.teacher)
-        common = [lv for lv in _levels_of(cfg.model) if lv in teacher_levels]
+        common = _common_levels(cfg, ablation)
         changes = [("levels3", f"HMKD, levels {common[0]}-{common[min(2, len(common) - 1)]}", {"levels": None}),
                    ("levelsall", f"HMKD, levels {common[0]}-{common[-1]}", {"levels": common})]
     elif ablation == "heads":
@@ -164,10 +169,7 @@ def ablation_variants(cfg: Config, ablation: str, method_options: dict[str, dict
                 continue
             changes.append((f"heads{h}", f"HMKD, {h} head{'s' if h > 1 else ''}", {"heads": h}))
     else:  # start_level
-        if cfg.teacher is None:
-            raise ConfigError("ablation start_level needs a 'teacher' section (the common FPN levels decide the choices)")
-        teacher_levels = _levels_of(cfg.teacher)
-        common = [lv for lv in _levels_of(cfg.model) if lv in teacher_levels]
+        common = _common_levels(cfg, ablation)
         for lv in ("P3", "P4", "P5"):
             prev = f"P{int(lv[1:]) - 1}"
             if lv in common and prev in common:
@@ -180,8 +182,7 @@ def ablation_variants(cfg: Config, ablation: str, method_options: dict[str, dict
         eff = _effective("hmkd", opts)
         if change.get("start_level") and not base_eff.get("pairs") and not base_eff.get("start_level"):
             # the default start is the second-finest common level: an explicit one equal to it is the same run
-            teacher_levels = _levels_of(cfg.teacher) if cfg.teacher else []
-            common = [lv for lv in _levels_of(cfg.model) if lv in teacher_levels]
+            common = _common_levels(cfg, ablation)
             if len(common) > 1 and change["start_level"] == common[1]:
                 eff["start_level"] = None
         same = eff == base_eff

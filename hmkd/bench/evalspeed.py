@@ -11,11 +11,11 @@ category, plus random boxes; random scores), then times, in one process on the s
 * ``hmkd_faster``: the same with ``engine="faster"`` (faster-coco-eval's C++ matching and
   accumulation), when the default is not already that;
 * ``faster_coco_eval``: plain faster-coco-eval (``COCO`` + ``loadRes`` + ``COCOeval_faster``);
-* ``faster_exact``: the prototype :func:`faster_exact_eval` — faster-coco-eval with its one
-  floating-point difference from pycocotools (``tp / (tp + fp)`` without pycocotools' ``+ eps``
-  on the first point of a curve) corrected exactly, so that the numbers are identical;
-* ``hmkd_proposed``: a prototype of the proposed ``coco_metrics`` path — its input checks,
-  shallow copies of the detections instead of a deepcopy of every value, then ``faster_exact``.
+  (its precision differs from pycocotools' in the last bit on some curves, which ``coco_metrics``
+  repairs, see :func:`hmkd.engine.evaluator._match_pycocotools_precision`);
+* ``pycocotools_gc_paused``: the reference with Python's cyclic garbage collector paused, as
+  ``coco_metrics`` runs (:func:`hmkd.engine.evaluator._gc_paused`), to show how much of the
+  speed-up is the pause and how much is the C++ engine.
 
 Every variant starts from the same in-memory ground-truth dict and results list (each gets its own
 copy outside the timed region, as the APIs mutate them) and is timed end to end (index building,
@@ -41,8 +41,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from hmkd.engine.evaluator import _match_pycocotools_precision
 
 logger = logging.getLogger(__name__)
 
@@ -149,60 +147,13 @@ def _faster_plain(gt: dict, dets: list) -> dict[str, Any]:
             "recall": np.asarray(ev.eval["recall"])}
 
 
-def faster_exact_eval(gt: dict, dets: list, iou_type: str = "bbox", img_ids: list[int] | None = None) -> Any:
-    """faster-coco-eval, with its ``precision`` made bit-identical to pycocotools' (prototype engine).
+def _pycocotools_gc_paused(gt: dict, dets: list) -> dict[str, Any]:
+    """The reference with Python's cyclic GC paused, as ``coco_metrics`` runs: how much of hmkd's
+    speed-up is the pause alone, and how much is faster-coco-eval's C++."""
+    from hmkd.engine.evaluator import _gc_paused
 
-    faster-coco-eval's C++ accumulate (from detectron2's ``COCOeval_opt``) computes a point of the
-    precision curve as ``tp / (tp + fp)``, pycocotools as ``tp / (tp + fp + np.spacing(1))``. For
-    ``tp + fp >= 2`` the ``eps`` vanishes in float64 (``n + 2^-52 == n``), so the two agree; for
-    ``tp + fp == 1`` — the stretch of the curve from the first non-ignored detection up to the
-    second one — pycocotools has ``1 / (1 + 2^-52) = 1 - 2^-52`` where faster-coco-eval has 1.0
-    when that first detection is a true positive. After the precision envelope that value is
-    what pycocotools samples at every recall threshold ``r <= 1 / npig`` when the *second*
-    non-ignored detection is not a true positive (otherwise the second point, 2/2 = 1.0, lifts both
-    to 1.0). Matching and recall are the same (checked on random sets).
-
-    This finds those curves without re-doing any matching: a second C++ accumulate over the same
-    per-image evaluations with recall thresholds ``{1/npig, 2/npig}`` gives, per curve, the
-    precision at the first and second true positive; the condition is "first == 1.0 and
-    second < 1.0". Those entries are set to pycocotools' value, then ``summarize`` runs as usual.
-    """
-    from faster_coco_eval import COCO as FCOCO
-    from faster_coco_eval import COCOeval_faster
-
-    quiet = lambda *a, **k: None  # noqa: E731
-    g = FCOCO(gt, print_function=quiet)
-    d = g.loadRes(dets)
-    ev = COCOeval_faster(g, d, iou_type, print_function=quiet, separate_eval=True)
-    if img_ids is not None:
-        ev.params.imgIds = list(img_ids)
-    ev.evaluate()
-    ev.accumulate()
-    ev.n_precision_fixed = _match_pycocotools_precision(ev, g.dataset)
-    ev.summarize()
-    return ev
-
-
-def _faster_exact(gt: dict, dets: list) -> dict[str, Any]:
-    ev = faster_exact_eval(gt, dets)
-    return {"stats": [float(v) for v in ev.stats[:12]], "precision": np.asarray(ev.eval["precision"]),
-            "recall": np.asarray(ev.eval["recall"]), "n_precision_fixed": ev.n_precision_fixed}
-
-
-def _hmkd_proposed(gt: dict, dets: list) -> dict[str, Any]:
-    """Prototype of the proposed ``coco_metrics`` path (bbox): the same input checks, shallow
-    copies of the detections (``loadRes`` only adds keys to each dict) instead of a deepcopy of
-    every value, then :func:`faster_exact_eval`; percent, nan for -1, as ``coco_metrics``."""
-    from hmkd.engine.evaluator import _load_gt_dict
-
-    gt_data = _load_gt_dict(gt)  # validated private copy, as coco_metrics
-    known = {im["id"] for im in gt_data["images"]}
-    if any(d.get("image_id") not in known for d in dets):
-        raise ValueError("detection for an image that is not in the ground truth")
-    own = [{k: (list(v) if k == "bbox" else v) for k, v in d.items() if k != "segmentation"} for d in dets]
-    ev = faster_exact_eval(gt_data, own)
-    pct = {k: (float(v) * 100.0 if v >= 0 else float("nan")) for k, v in zip(_KEYS, ev.stats[:12])}
-    return {"stats": [(-1.0 if pct[k] != pct[k] else pct[k] / 100.0) for k in _KEYS], "percent": pct}
+    with _gc_paused():
+        return _pycocotools(gt, dets)
 
 
 def _hmkd(engine: str | None) -> Any:
@@ -263,7 +214,7 @@ def run_evalspeed(
         repeats: rounds over all variants (one run of each per round, so load changes on a
             shared machine hit every variant alike); the minimum time is reported (all are kept).
         variants: subset of ``pycocotools``, ``hmkd``, ``hmkd_faster``, ``faster_coco_eval``,
-            ``faster_exact``, ``hmkd_proposed`` (default: all; ``pycocotools`` is always run, as the reference).
+            ``pycocotools_gc_paused`` (default: all; ``pycocotools`` is always run, as the reference).
 
     Returns:
         ``{"table": Markdown, "variants": {name: {"seconds", "speedup", "stats", "vs_pycocotools"}},
@@ -278,8 +229,7 @@ def run_evalspeed(
         "hmkd": _hmkd(None),
         "hmkd_faster": _hmkd("faster"),
         "faster_coco_eval": _faster_plain,
-        "faster_exact": _faster_exact,
-        "hmkd_proposed": _hmkd_proposed,
+        "pycocotools_gc_paused": _pycocotools_gc_paused,
     }
     names = list(variants) if variants else list(runners)
     if engine == "faster" and "hmkd_faster" in names and not variants:
@@ -299,8 +249,6 @@ def run_evalspeed(
     for name in names:
         r = raw[name]
         results[name] = {"seconds": min(times[name]), "seconds_all": times[name], "stats": r["stats"]}
-        if "n_precision_fixed" in r:
-            results[name]["n_precision_fixed"] = r["n_precision_fixed"]
         if "percent" in r:  # what hmkd reports (percent, None where COCOeval gives -1)
             results[name]["stats_percent"] = [None if r["percent"][k] != r["percent"][k] else r["percent"][k] for k in _KEYS]
         logger.info("evalspeed: %s %.2f s", name, min(times[name]))
@@ -374,8 +322,7 @@ _LABELS = {
     "hmkd": "hmkd coco_metrics (default engine)",
     "hmkd_faster": "hmkd coco_metrics(engine='faster')",
     "faster_coco_eval": "faster-coco-eval COCOeval_faster (plain)",
-    "faster_exact": "prototype: faster-coco-eval + exact precision fix (faster_exact_eval)",
-    "hmkd_proposed": "prototype: proposed coco_metrics path (shallow copies + faster_exact_eval)",
+    "pycocotools_gc_paused": "pycocotools COCOeval, Python's cyclic GC paused (as hmkd runs)",
 }
 
 
@@ -398,12 +345,6 @@ def _markdown(res: dict[str, Any]) -> str:
     if f and "precision_identical" in f:
         lines += ["", f"faster-coco-eval precision array identical to pycocotools': {f['precision_identical']}, "
                       f"recall: {f['recall_identical']} (max |diff| of precision {f['precision_max_abs_diff']:.3g})."]
-    x = v.get("faster_exact")
-    if x and "precision_identical" in x.get("vs_pycocotools", {}):
-        c = x["vs_pycocotools"]
-        lines += ["", f"Prototype faster_exact_eval: precision identical {c['precision_identical']}, recall identical "
-                      f"{c['recall_identical']}, 12 stats identical {c['identical']} "
-                      f"({x.get('n_precision_fixed', 0)} precision entries set to pycocotools' 1 - 2^-52)."]
     t = res.get("target")
     if t:
         lines += ["", f"Target (hmkd >= {t['target']:.0f}x pycocotools with identical numbers): "

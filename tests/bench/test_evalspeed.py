@@ -9,7 +9,8 @@ import copy
 import numpy as np
 import pytest
 
-from hmkd.bench.evalspeed import _pycocotools, faster_exact_eval, make_synthetic_coco, run_evalspeed
+from hmkd.bench.evalspeed import _pycocotools, make_synthetic_coco, run_evalspeed
+from hmkd.engine.evaluator import _make_eval, _match_pycocotools_precision, _quiet
 
 
 def test_synthetic_coco_is_deterministic_and_mixed():
@@ -39,23 +40,28 @@ def test_evalspeed_50_images_identical_numbers(tmp_path):
     assert data["n_images"] == 50 and data["n_detections"] == 1000
     assert "| variant | seconds |" in (tmp_path / "evalspeed.md").read_text()
     assert res["target"]["identical"] is True
-    assert v["faster_exact"]["vs_pycocotools"]["identical"]
-    assert v["faster_exact"]["vs_pycocotools"]["precision_identical"]
-    assert v["hmkd_proposed"]["vs_pycocotools"]["identical"]
-    assert v["hmkd_proposed"]["stats_percent"] == v["hmkd"]["stats_percent"]
+    assert v["pycocotools_gc_paused"]["vs_pycocotools"]["identical"]
+    assert v["pycocotools_gc_paused"]["vs_pycocotools"]["precision_identical"]
 
 
 @pytest.mark.parametrize("n_images,dets,seed", [(10, 1, 4), (20, 3, 2), (40, 30, 5)])
-def test_faster_exact_prototype_is_bit_identical(n_images, dets, seed):
+def test_faster_engine_precision_repair_is_bit_identical(n_images, dets, seed):
     """Few objects per class: many curves start with a lone true positive, where faster-coco-eval's
-    1.0 differs from pycocotools' 1 - 2^-52; the prototype must fix exactly those."""
+    1.0 differs from pycocotools' 1 - 2^-52; the evaluator's repair must fix exactly those."""
     gt, d = make_synthetic_coco(n_images, dets, seed)
     ref = _pycocotools(copy.deepcopy(gt), copy.deepcopy(d))
-    ev = faster_exact_eval(copy.deepcopy(gt), copy.deepcopy(d))
-    assert np.array_equal(ref["precision"], ev.eval["precision"])
+    g = copy.deepcopy(gt)
+    ev = _make_eval("faster", g, copy.deepcopy(d), "bbox")
+    with _quiet():
+        ev.evaluate()
+        ev.accumulate()
+        assert not np.array_equal(ref["precision"], np.asarray(ev.eval["precision"]))  # the bug is there
+        n_fixed = _match_pycocotools_precision(ev, g)
+        ev.summarize()
+    assert n_fixed > 0
+    assert np.array_equal(ref["precision"], np.asarray(ev.eval["precision"]))
     assert np.array_equal(ref["recall"], np.asarray(ev.eval["recall"]))
     assert [float(x) for x in ev.stats[:12]] == ref["stats"]
-    assert ev.n_precision_fixed > 0
 
 
 def test_evalspeed_cli_writes_results_and_rejects_bad_counts(tmp_path, capsys):

@@ -230,3 +230,52 @@ def test_inference_on_dataset_and_outputs(tmp_path):
     assert saved["bbox"]["APl"] is None and saved["bbox"]["mAP"] == pytest.approx(metrics["bbox"]["mAP"])
     assert json.loads(open(paths["detections"]).read()) == json.loads(json.dumps(res))
     assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == ["detections.json", "metrics.json"]
+
+
+def test_fast_detection_checks_accept_what_the_loop_accepts():
+    """The whole-list check is a shortcut of the per-detection loop: valid inputs of every accepted
+    shape pass it; anything it does not vouch for goes to the loop (which names the bad one)."""
+    import numpy as np
+
+    from hmkd.engine.evaluator import _bbox_detections_look_valid, _check_detections
+
+    images = {1: {"id": 1, "height": 10, "width": 10}, 2: {"id": 2, "height": 10, "width": 10}}
+    valid = [
+        {"image_id": 1, "category_id": 1, "bbox": [1.0, 2.0, 3.0, 4.0], "score": 0.5},
+        {"image_id": 2, "category_id": 2, "bbox": (1, 2, 3, 4), "score": 1},
+        {"image_id": 1, "category_id": 1, "bbox": [np.float64(1.5), 2, 3, 4], "score": np.float64(0.25), "x": None},
+    ]
+    assert _bbox_detections_look_valid(valid, images)
+    _check_detections(valid, images, ("bbox",))
+    # np.int64 is not an int to the loop (data.coco._is_number): the shortcut must not let it through
+    odd = valid + [{"image_id": 1, "category_id": 1, "bbox": [1, 2, 3, 4], "score": np.int64(1)}]
+    assert not _bbox_detections_look_valid(odd, images)
+    with pytest.raises(DataError, match=r"detections\[3\] \(image_id 1\) score np.int64\(1\) is not a finite number"):
+        _check_detections(odd, images, ("bbox",))
+
+
+def test_coco_metrics_pauses_gc_and_restores_it(monkeypatch):
+    import gc
+
+    import hmkd.engine.evaluator as evaluator_module
+
+    assert gc.isenabled()
+    seen = []
+    orig = evaluator_module._coco_metrics
+
+    def spy(*a, **k):
+        seen.append(gc.isenabled())
+        return orig(*a, **k)
+
+    monkeypatch.setattr(evaluator_module, "_coco_metrics", spy)
+    try:
+        coco_metrics(_gt(), _dets())
+        with pytest.raises(DataError):
+            coco_metrics(_gt(), [{"image_id": 99, "category_id": 1, "bbox": [0, 0, 1, 1], "score": 1.0}])
+        assert gc.isenabled()  # restored, also after an error
+        gc.disable()
+        coco_metrics(_gt(), _dets())
+        assert not gc.isenabled()  # a caller's own choice is left as it was
+    finally:
+        gc.enable()
+    assert seen == [False, False, False]

@@ -446,8 +446,14 @@ _DROP = object()
         (_det(score=_DROP), r"has no 'score'"),
         (_det(category_id=_DROP), r"has no 'category_id'"),
         ("not a detection", r"detections\[1\] is not an object"),
+        (_det(score=True), r"score True is not a finite number"),
+        (_det(score=float("inf")), r"score inf is not a finite number"),
+        (_det(bbox=(1, 2, 3, "4")), r"bbox \(1, 2, 3, '4'\) is not 4 finite numbers"),
+        (_det(category_id={"id": 3}), r"category_id \{'id': 3\} is not an id"),
+        (_det(image_id=7), r"detection for image_id 7, which is not in the ground truth"),
     ],
-    ids=["image-list", "no-image", "short-box", "no-box", "nan-box", "str-score", "no-score", "no-category", "str"],
+    ids=["image-list", "no-image", "short-box", "no-box", "nan-box", "str-score", "no-score", "no-category", "str",
+         "bool-score", "inf-score", "str-in-tuple-box", "dict-category", "unknown-image"],
 )
 def test_malformed_detections(det, match) -> None:
     """COCO results with missing keys or wrong types: pycocotools would raise KeyError/TypeError/IndexError."""

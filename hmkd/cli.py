@@ -281,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", nargs="+", default=None)
     p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--teacher", default=None, help="reuse a trained teacher checkpoint")
-    p.add_argument("--ablation", default=None, help="supplement | heads | start_level | inquiry_head | others_bg | levels | weight")
+    p.add_argument("--ablation", default=None, help="supplement | heads | start_level | inquiry_head | others_bg | levels | weight | aux_every")
     p.add_argument("--out", required=True)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_bench_accuracy)
@@ -294,7 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench_evalspeed)
     p = bench.add_parser("cost", help="seconds per step and memory of each method against no-KD")
     _add_config(p)
-    p.add_argument("--methods", nargs="+", default=None)
+    p.add_argument("--methods", nargs="+", default=None,
+                   help="methods to time (default: all); NAME:option=value[:...] times a variant, e.g. hmkd:aux_every=4")
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--out", required=True)

@@ -84,6 +84,7 @@ ABLATIONS = {
     "others_bg": "HMKD with L_others on the foreground only (the paper's formula) or on fg + bg",
     "levels": "HMKD distilling L_others/L_bg on P2-P4 (default) or on every common level",
     "weight": "HMKD with its loss weights alpha = beta = 1 (default) or 5 (the loss scale)",
+    "aux_every": "HMKD with the decoder's auxiliary task on every step (default) or every 4th (aux_every, a speed knob)",
 }
 #: keys of a run's config that do not change its result (ignored when deciding to reuse a run)
 _VOLATILE = (
@@ -158,6 +159,9 @@ def ablation_variants(cfg: Config, ablation: str, method_options: dict[str, dict
                    ("fgbg", "HMKD, L_others fg + bg", {"others_bg_weight": 1.0})]
     elif ablation == "weight":
         changes = [(f"weight{w:g}", f"HMKD, alpha = beta = {w:g}", {"alpha": float(w), "beta": float(w)}) for w in (1, 5)]
+    elif ablation == "aux_every":
+        changes = [(f"auxevery{k}", f"HMKD, decoder task every {'step' if k == 1 else f'{k}th step'}", {"aux_every": k})
+                   for k in (1, 4)]
     elif ablation == "levels":
         common = _common_levels(cfg, ablation)
         changes = [("levels3", f"HMKD, levels {common[0]}-{common[min(2, len(common) - 1)]}", {"levels": None}),

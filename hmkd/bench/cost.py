@@ -9,10 +9,14 @@ steps **in one process on the same fixed batches** and reports, per method:
   main parameters, the main optimiser's step and the method's own optimisers
   (:meth:`~hmkd.distill.base.Distiller.step_extra_optimizers`: clip + step, e.g. HMKD's decoder
   AdamW). No data loading (the batches are pre-loaded once) and no LR schedule.
-  ``iteration`` is passed as ``1_000_000 + i``: the steady state, past any distiller warm-up.
+  ``iteration`` is passed as ``7_207_200 + i``: the steady state, past any distiller warm-up (warm-up
+  steps all pass ``7_207_200``, a multiple of every k <= 16, so every-k-th-step work runs in them).
   Each method is first built and warmed up on its own (``max(1, warmup)`` untimed steps); then the
   timed steps are **interleaved** (step i of every method, then step i+1, ...), so load changes
   on a shared machine hit every method alike and the ratios stay fair.
+  The **mean** over the timed steps is reported too: for a method whose steps differ by schedule
+  (HMKD with ``aux_every: k`` runs its decoder task on every k-th step only) the mean over a
+  multiple of k steps is the cost per step, the median is not.
 * the **split** of the step into: teacher forward (backbone + FPN under ``no_grad``; timed by
   wrapping the distiller instance's ``teacher_features``), the distillation losses' forward
   (wrapping ``distill_losses``), the student forward (the rest of the forward: the tapped detector
@@ -77,7 +81,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hmkd.config import Config, to_dict
+from hmkd.config import Config, parse_overrides, to_dict
 from hmkd.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -87,7 +91,7 @@ __all__ = ["run_cost_bench", "TARGETS", "hmkd_part_costs"]
 #: Issue 8's targets for HMKD against no-KD on the synthetic CPU preset.
 TARGETS = {"step_ratio": 1.2, "memory_ratio": 1.5, "mask_share": 0.02}
 
-_STEADY_ITERATION = 1_000_000  # past any distiller warm-up
+_STEADY_ITERATION = 7_207_200  # past any distiller warm-up; a multiple of every k <= 16 (10 x lcm(1..16))
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -265,9 +269,20 @@ def _load_batches(cfg: Config, n_batches: int, device: torch.device) -> tuple[li
 
 
 # ------------------------------------------------------------------------------------ one method
+def parse_method_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"hmkd"`` -> ("hmkd", {}); ``"hmkd:aux_every=4:alpha=5"`` -> ("hmkd", {"aux_every": 4, "alpha": 5})
+    (a variant of a method: its options from the config, then these, values read as YAML)."""
+    name, *items = spec.split(":")
+    for item in items:
+        if "=" not in item or item.startswith("=") or "." in item.split("=", 1)[0]:
+            raise ConfigError(f"method variant {spec!r}: {item!r} must look like option=value (e.g. hmkd:aux_every=4)")
+    return name, parse_overrides(items)
+
+
 def _needs_teacher(method: str) -> bool:
     from hmkd.distill import registry
 
+    method = parse_method_spec(method)[0]
     registry._load_builtin()
     if method not in registry.METHODS:
         raise ConfigError(f"unknown method {method!r} (known: {', '.join(registry.METHODS)})")
@@ -344,11 +359,14 @@ def _step(
 class _MethodRun:
     """One method's distiller, optimiser and timings (built and warmed up by :meth:`setup`)."""
 
-    def __init__(self, cfg: Config, method: str, device: torch.device) -> None:
+    def __init__(self, cfg: Config, spec: str, device: torch.device) -> None:
         self.cfg = cfg
-        self.method = method
+        self.label = spec
+        self.method, overrides = parse_method_spec(spec)
         self.device = device
-        self.options = copy.deepcopy(cfg.distill.options) if method == cfg.distill.method else {}
+        self.options = copy.deepcopy(cfg.distill.options) if self.method == cfg.distill.method else {}
+        self.options.update(overrides)
+        self.variant = bool(overrides)
         self.clock = _Clock(device)
         self.captured: dict[str, Any] = {}
         self.steps: list[dict[str, float]] = []
@@ -388,8 +406,12 @@ class _MethodRun:
     def step(self, batches: list, record: bool = True) -> None:
         images, targets = batches[self.i % len(batches)]
         self.clock.phases = {}
+        # warm-up steps all run as iteration _STEADY_ITERATION (a multiple of any small k), so a
+        # method that does some work every k-th step only (HMKD's aux_every) does it on each of
+        # them: the memory peak, taken over the warm-up, then includes that work
+        it = _STEADY_ITERATION + (self.i if record else 0)
         ph = _step(self.distiller, self.opt, self.main_params, self.cfg.train.clip_grad, images, targets,
-                   _STEADY_ITERATION + self.i, self.device)
+                   it, self.device)
         ph.update(self.clock.phases)
         self.i += 1
         if record:
@@ -403,9 +425,11 @@ class _MethodRun:
         med["student_forward"] = _median(student_fwd)
         d = self.distiller
         out: dict[str, Any] = {
-            "method": self.method,
+            "method": self.label,
+            "base_method": self.method,
             "options": self.options,
             "step_s": med["step"],
+            "step_s_mean": float(statistics.fmean(s["step"] for s in steps)) if steps else float("nan"),
             "step_s_all": [s["step"] for s in steps],
             "phases_s": {k: med[k] for k in ("forward", "student_forward", "teacher_forward", "distill_forward",
                                              "backward", "optimizer")},
@@ -418,7 +442,7 @@ class _MethodRun:
                 "extra": sum(p.numel() for m in d.extra_modules().values() for p in m.parameters()),
             },
         }
-        if self.method == "hmkd" and "inputs" in self.captured:
+        if self.method == "hmkd" and not self.variant and "inputs" in self.captured:
             out["parts"] = hmkd_part_costs(d, self.captured["inputs"], reps=part_reps, device=self.device)
         return out
 
@@ -471,7 +495,9 @@ def hmkd_part_costs(distiller: nn.Module, inputs: Any, *, reps: int = 5, device:
     Returns ``{part: {"forward_s", "backward_s", "total_s"}}`` (on CUDA also ``peak_extra_mb``: the
     peak memory of the part's forward + backward above what was allocated before); the parts are ``masks``,
     ``adapters``, ``inquiry_head``, ``decoder_aux``, ``decoder_attention``, ``others``,
-    ``small_fg``, ``attention_term`` and ``gcblock_bg``.
+    ``small_fg``, ``attention_term`` and ``gcblock_bg``. As in a step, ``decoder_aux`` includes
+    the decoder's key/value projections (forward and backward) and ``decoder_attention`` reuses
+    them without a graph.
     """
     from hmkd.distill.common import stride_of
     from hmkd.distill.gcblock import background_loss
@@ -530,12 +556,16 @@ def hmkd_part_costs(distiller: nn.Module, inputs: Any, *, reps: int = 5, device:
     else:
         inquiry()  # the small-object masks only
 
+    kvs: dict[str, tuple] = {}
+
     def aux() -> torch.Tensor:
         total = None
         for start, fine in pairs:
             dec = d.decoders[start]
             q_map = t_feats[start] if o.query_feature else None
-            a = dec.aux_loss(keep, keep_labels, inputs.image_sizes, [t_feats[fine]], q_map, stride_of(start))
+            kv = dec.keys_values([t_feats[fine]])  # as distill_losses: one key/value pass per step ...
+            kvs[start] = tuple(x.detach() for x in kv)
+            a = dec.aux_loss(keep, keep_labels, inputs.image_sizes, [t_feats[fine]], q_map, stride_of(start), kv=kv)
             s = sum(a.values())
             total = s if total is None else total + s
         return total
@@ -544,9 +574,11 @@ def hmkd_part_costs(distiller: nn.Module, inputs: Any, *, reps: int = 5, device:
     att: dict[str, tuple] = {}
 
     def dec_pass() -> None:
-        for start, fine in pairs:
-            q_map = t_feats[start] if o.query_feature else None
-            att[start] = d.decoders[start](keep, keep_labels, inputs.image_sizes, [t_feats[fine]], q_map, stride_of(start))
+        with torch.no_grad():  # ... which the distillation pass reuses, without a graph
+            for start, fine in pairs:
+                q_map = t_feats[start] if o.query_feature else None
+                att[start] = d.decoders[start](keep, keep_labels, inputs.image_sizes, [t_feats[fine]], q_map,
+                                               stride_of(start), kv=kvs[start])
 
     res["decoder_attention"] = _time_part(dec_pass, leaves, reps, device)
     n_img = max(1, len(inputs.boxes))
@@ -649,12 +681,13 @@ def _markdown(res: dict[str, Any]) -> str:
         f"{res['machine']['torch_threads']} threads), batch {res['data']['batch_size']}, "
         f"median of {res['iters']} steps after {res['warmup']} warm-up; teacher: {res['teacher']}.",
         "",
-        "| method | s/step | x no-KD | teacher fwd share | peak memory (MB) | x no-KD |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| method | s/step | x no-KD | mean s/step | x no-KD (mean) | teacher fwd share | peak memory (MB) | x no-KD |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
             f"| {r['method']} | {r['step_s']:.3f} | {r['step_s'] / base['step_s']:.2f} | "
+            f"{r['step_s_mean']:.3f} | {r['step_s_mean'] / base['step_s_mean']:.2f} | "
             f"{100 * r['teacher_forward_share']:.1f}% | {r['peak_memory_mb']:.0f} | "
             f"{r['peak_memory_mb'] / max(base['peak_memory_mb'], 1e-9):.2f} |"
         )
@@ -766,7 +799,9 @@ def run_cost_bench(
         cfg: the run config (student ``model``, ``teacher``, ``data``, ``train`` optimiser and clip;
             ``distill.options`` apply to ``distill.method`` only, other methods use their defaults).
         methods: methods to time (default: every registered method); ``none`` (no-KD) is always
-            timed first, as the reference.
+            timed first, as the reference. ``NAME:option=value[:option=value...]`` times a variant
+            of a method with those ``distill.options`` changed (e.g. ``hmkd:aux_every=4``); the
+            per-part split and the targets are reported for plain ``hmkd``.
         out_dir: where ``cost.json`` and ``cost.md`` go.
         iters, warmup: timed and discarded steps per method.
         random_teacher: ``True``: random teacher weights; ``None``: the weights file when it exists,

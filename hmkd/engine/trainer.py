@@ -710,22 +710,26 @@ class _Run:
                 else:
                     total.backward()
                 du.allreduce_gradients(ctx, self.sync_params)
+                # extra optimisers without any gradient this step (e.g. HMKD's decoder with
+                # aux_every > 1) are left alone: GradScaler.step refuses an optimiser it saw no grads of
+                extras = [(opt, clip) for _, opt, clip in self.extras
+                          if any(p.grad is not None for g in opt.param_groups for p in g["params"])]
                 if self.scaler is not None:
                     self.scaler.unscale_(self.optimizer)
-                    for _, opt, _ in self.extras:
+                    for opt, _ in extras:
                         self.scaler.unscale_(opt)
                 clip_gradients(self.main_params, tcfg.clip_grad)
-                for _, opt, clip in self.extras:
+                for opt, clip in extras:
                     clip_gradients([p for g in opt.param_groups for p in g["params"]], clip)
                 lr = self.optimizer.param_groups[0]["lr"]
                 if self.scaler is not None:
                     self.scaler.step(self.optimizer)
-                    for _, opt, _ in self.extras:
+                    for opt, _ in extras:
                         self.scaler.step(opt)
                     self.scaler.update()
                 else:
                     self.optimizer.step()
-                    for _, opt, _ in self.extras:
+                    for opt, _ in extras:
                         opt.step()
                 self.scheduler.step()
                 self.iteration = it + 1

@@ -129,6 +129,9 @@ def test_plans_and_ablation_variants(tmp_path):
     assert lv[0].label == "HMKD, levels P2-P4 (= HMKD)"
     wt = ablation_variants(cfg, "weight")
     assert [v.key for v in wt] == ["hmkd", "hmkd-weight5"] and wt[1].options["alpha"] == wt[1].options["beta"] == 5.0
+    ax = ablation_variants(cfg, "aux_every")
+    assert [v.key for v in ax] == ["hmkd", "hmkd-auxevery4"] and ax[1].options["aux_every"] == 4
+    assert ax[0].label == "HMKD, decoder task every step (= HMKD)"
     with pytest.raises(ConfigError, match="ablation"):
         ablation_variants(cfg, "nonsense")
     with pytest.raises(ConfigError, match="unknown method"):

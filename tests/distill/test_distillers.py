@@ -185,6 +185,62 @@ def test_hmkd_bg_term_is_the_gcblock_loss_on_adapted_student() -> None:
     assert torch.allclose(losses["distill.bg_p2"], want)
 
 
+def test_hmkd_aux_every_skips_the_decoder_task_exactly_on_off_steps() -> None:
+    """aux_every=3: the aux terms (the decoder's only training signal) come on iterations 0, 3, ...
+    (and always during warm-up or without an iteration); on the other steps the distillation terms
+    are those of an every-step distiller with the same weights, and no gradient reaches the decoder."""
+    student, teacher = _pair()
+    images, targets = _batch()
+    base = {"hidden": 32, "heads": 4}
+    torch.manual_seed(3)
+    d1 = build_distiller("hmkd", student, teacher, base)
+    torch.manual_seed(3)
+    d3 = build_distiller("hmkd", student, teacher, {**base, "aux_every": 3})
+    d1.train(), d3.train()
+    for it, want_aux in ((0, True), (1, False), (2, False), (3, True), (None, True)):
+        torch.manual_seed(0)
+        l1 = d1(images, targets, iteration=it)
+        torch.manual_seed(0)
+        l3 = d3(images, targets, iteration=it)
+        aux = sorted(k for k in l3 if k.startswith("aux."))
+        assert bool(aux) == want_aux, (it, aux)
+        assert aux == [] or aux == sorted(k for k in l1 if k.startswith("aux."))
+        assert [k for k in l3 if not k.startswith("aux.")] == [k for k in l1 if not k.startswith("aux.")]
+        for k in (k for k in l1 if not k.startswith("aux.")):
+            assert torch.allclose(l3[k], l1[k], rtol=1e-5, atol=1e-7), (it, k)
+        d3.zero_grad(set_to_none=True)
+        sum(l3.values()).backward()
+        dec_grads = [p.grad is not None for p in d3.decoders.parameters()]
+        assert any(dec_grads) == want_aux, it
+        assert student.backbone.body.conv1.weight.grad is not None
+        student.zero_grad(set_to_none=True)
+    # warm-up: the decoder task every step, no attention term yet
+    d3w = build_distiller("hmkd", student, teacher, {**base, "aux_every": 3, "warmup_iters": 5})
+    d3w.train()
+    l = d3w(images, targets, iteration=1)
+    assert any(k.startswith("aux.") for k in l) and not any("small_attn" in k for k in l)
+    with pytest.raises(ConfigError, match="distill.options.aux_every must be >= 1, got 0"):
+        build_distiller("hmkd", student, teacher, {**base, "aux_every": 0})
+
+
+@pytest.mark.parametrize("method", ["hmkd", "fitnet"])
+def test_distiller_keeps_only_the_teacher_trunk(method: str) -> None:
+    """The teacher's heads are never run; once the caller drops the detector they are freed."""
+    import gc
+    import weakref
+
+    student, teacher = _pair()
+    heads = weakref.ref(teacher.roi_heads)
+    backbone = teacher.backbone
+    d = build_distiller(method, student, teacher, _opts(method))
+    assert d.teacher.backbone is backbone and not d.teacher.training
+    del teacher
+    gc.collect()
+    assert heads() is None
+    images, targets = _batch()
+    assert any(k.startswith("distill.") for k in d(images, targets, iteration=0))
+
+
 def test_small_flags_use_original_area() -> None:
     t = [{"boxes": torch.tensor([[0.0, 0.0, 40.0, 40.0], [0.0, 0.0, 10.0, 10.0]]), "area": torch.tensor([900.0, 2000.0])},
          {"boxes": torch.tensor([[0.0, 0.0, 31.0, 33.0], [0.0, 0.0, 33.0, 33.0]])}]
@@ -222,7 +278,7 @@ def test_teacher_in_bfloat16_gives_rounded_float32_targets() -> None:
     tensors = d32._tap(images, targets).tensors
     ref = d32.teacher_features(tensors)
     d32.set_teacher_dtype("bfloat16")
-    assert all(p.dtype == torch.bfloat16 for p in teacher.parameters())
+    assert all(p.dtype == torch.bfloat16 for p in teacher.backbone.parameters())  # heads: never run, not kept
     low = d32.teacher_features(tensors)
     assert set(low) == set(ref)
     for k in ref:

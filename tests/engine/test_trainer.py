@@ -33,6 +33,7 @@ class ToyOptions:
     weight: float = 0.5
     nan_at: int | None = None  # make distill.toy NaN at this (0-based) iteration
     interrupt_at: int | None = None  # send ourselves SIGINT during this iteration
+    aux_every: int = 1  # the aux probe's loss only on every k-th iteration (as HMKD's aux_every)
 
 
 @register("toy_test", "test-only: adapter MSE to the teacher's P3 with noise, plus an aux probe")
@@ -62,6 +63,8 @@ class ToyDistiller(Distiller):
             loss = loss * float("nan")
         if self.options.interrupt_at == iteration:
             os.kill(os.getpid(), signal.SIGINT)
+        if iteration % self.options.aux_every:
+            return {"distill.toy": loss}
         aux = (self.probe(t.mean((2, 3))) - 1).pow(2).mean()
         return {"distill.toy": loss, "aux.toy": aux}
 
@@ -195,6 +198,19 @@ def test_sigint_then_resume_matches_uninterrupted_run(synth_root, teacher_weight
 
     train(make_cfg(synth_root, teacher=teacher_weights), output_dir=out, resume=True, progress=False)
     _assert_same_run(straight_run, out)
+
+
+def test_extra_optimiser_without_gradients_is_skipped(synth_root, teacher_weights, tmp_path):
+    """A method whose own module gets a loss only on some steps (HMKD's aux_every): the trainer
+    steps that optimiser only when it has gradients, and logs the term where it exists."""
+    out = str(tmp_path / "aux_every")
+    train(make_cfg(synth_root, "distill.options.aux_every=2", teacher=teacher_weights), output_dir=out, progress=False)
+    last = ck.load_checkpoint(os.path.join(out, "last_checkpoint.pth"))
+    steps = {int(s["step"]) for s in last["extra_optimizers"]["probe"]["state"].values()}
+    assert steps == {2}  # iterations 0 and 2 of 4
+    log = [json.loads(x) for x in open(os.path.join(out, "log.jsonl"))]
+    assert [r["iteration"] for r in log if "aux.toy" in r] == [1, 3]
+    assert [r["iteration"] for r in log if "distill.toy" in r] == [1, 2, 3, 4]
 
 
 def test_nonfinite_loss_stops_keeps_checkpoint_and_resume_matches(synth_root, teacher_weights, straight_run, tmp_path):

@@ -98,7 +98,11 @@ def _is_id(x: Any) -> bool:
 def validate_coco_dict(data: Any, source: str) -> bool:
     """Check the structure of a COCO detection dict in place and fill optional fields.
 
-    Missing ``id`` (annotation), ``iscrowd`` (0) and ``area`` (box area) are filled in.
+    Missing ``id`` (annotation), ``iscrowd`` (0) and ``area`` (box area) are filled in. Annotation
+    ids that are missing, repeated or ``0`` get new ids above the largest one: COCOeval (pycocotools
+    and faster-coco-eval alike) records a match as the matched ground truth's id with 0 meaning
+    "unmatched", so a detection matched to an annotation with id 0 would count as a false positive
+    (a perfect detector scores 25 AP instead of 100 on a two-box image whose ids are 0 and 1).
 
     Args:
         data: the parsed JSON.
@@ -168,7 +172,7 @@ def validate_coco_dict(data: Any, source: str) -> bool:
         bbox = a["bbox"]
         if not isinstance(bbox, list) or len(bbox) != 4 or not all(_is_number(v) for v in bbox):
             raise DataError(f"{source}: {name} bbox {bbox!r} is not 4 finite numbers [x, y, w, h]")
-        if "id" not in a or not _is_id(a["id"]) or a["id"] in seen_ids:
+        if "id" not in a or not _is_id(a["id"]) or a["id"] in seen_ids or a["id"] == 0:
             a["id"] = next_id
             next_id += 1
             modified = True

@@ -279,3 +279,18 @@ def test_coco_metrics_pauses_gc_and_restores_it(monkeypatch):
     finally:
         gc.enable()
     assert seen == [False, False, False]
+
+
+@pytest.mark.parametrize("engine", ["faster", "pycocotools"])
+def test_annotation_id_zero_is_not_a_false_positive(engine):
+    """COCOeval stores a match as the GT id, 0 meaning unmatched: an annotation with id 0 (0-based
+    exports) would turn its true positive into a false positive. Ids are renumbered privately."""
+    gt = {"images": [{"id": 1, "width": 100, "height": 100, "file_name": "a.png"}],
+          "categories": [{"id": 1, "name": "a"}],
+          "annotations": [{"id": 0, "image_id": 1, "category_id": 1, "bbox": [10, 10, 20, 20], "area": 400, "iscrowd": 0},
+                          {"id": 1, "image_id": 1, "category_id": 1, "bbox": [50, 50, 20, 20], "area": 400, "iscrowd": 0}]}
+    dets = [{"image_id": 1, "category_id": 1, "bbox": [10, 10, 20, 20], "score": 0.9},
+            {"image_id": 1, "category_id": 1, "bbox": [50, 50, 20, 20], "score": 0.8}]
+    before = copy.deepcopy(gt)
+    assert coco_metrics(gt, dets, engine=engine)["bbox"]["mAP"] == pytest.approx(100.0)
+    assert gt == before  # the caller's dict keeps its ids

@@ -262,7 +262,10 @@ def _run_config(cfg: Config, v: Variant, seed: int, teacher_weights: str | None,
     rc.seed = int(seed)
     rc.name = f"{cfg.name}-{v.key}_s{seed}"
     rc.output_dir = run_dir
-    rc.distill = DistillConfig(method=v.method, options=dict(v.options))
+    if v.method == "none":  # no teacher: nothing else of the distill section applies
+        rc.distill = DistillConfig(method="none")
+    else:  # the variant's method and options; the rest (teacher_dtype, ...) as the config says
+        rc.distill = dataclasses.replace(cfg.distill, method=v.method, options=dict(v.options))
     if v.method == "none":
         rc.teacher = None
     else:

@@ -111,6 +111,18 @@ def test_tiny_benchmark_writes_results_and_resumes(tmp_path):
                            progress=False, teacher_iters=1)
 
 
+def test_run_configs_keep_the_distill_section_beyond_method_and_options(tmp_path):
+    """A run's config is the bench config with the variant's method and options: other distill
+    keys (teacher_dtype) must survive (they were silently reset to their defaults)."""
+    from hmkd.bench.accuracy import _run_config
+
+    cfg = _tiny_cfg(str(tmp_path / "data"), "distill.teacher_dtype=bfloat16")
+    runs = {v.key: _run_config(cfg, v, 0, "t.pth", str(tmp_path / v.key)) for v in plan_runs(cfg, ["fitnet", "hmkd"])}
+    assert runs["hmkd"].distill.teacher_dtype == "bfloat16" and runs["hmkd"].distill.options == {"hidden": 32, "heads": 4}
+    assert runs["fitnet"].distill.teacher_dtype == "bfloat16" and runs["fitnet"].distill.method == "fitnet"
+    assert runs["none"].distill.teacher_dtype == "float32" and runs["none"].teacher is None  # no teacher to run
+
+
 def test_plans_and_ablation_variants(tmp_path):
     cfg = _tiny_cfg(str(tmp_path / "data"))
     assert [v.key for v in plan_runs(cfg)] == ["none", "fitnet", "fgd", "icd", "hmkd"]

@@ -264,11 +264,9 @@ def _run_config(cfg: Config, v: Variant, seed: int, teacher_weights: str | None,
     rc.output_dir = run_dir
     if v.method == "none":  # no teacher: nothing else of the distill section applies
         rc.distill = DistillConfig(method="none")
+        rc.teacher = None
     else:  # the variant's method and options; the rest (teacher_dtype, ...) as the config says
         rc.distill = dataclasses.replace(cfg.distill, method=v.method, options=dict(v.options))
-    if v.method == "none":
-        rc.teacher = None
-    else:
         if rc.teacher is None:
             raise ConfigError(f"method {v.method!r} needs a 'teacher' section in the config")
         rc.teacher = dataclasses.replace(rc.teacher, weights=os.path.abspath(teacher_weights) if teacher_weights else None)

@@ -1,0 +1,137 @@
+"""Small helpers every part of hmkd uses: atomic file writes, JSON-safe values, machine facts.
+
+Atomic writes: everything hmkd writes (checkpoints, configs, metrics, tables, figures) goes to a
+temporary file in the destination's folder (``.NAME.XXXX.tmp``) that is moved over the destination
+with ``os.replace`` only once it is complete, so a reader never sees a half-written file and a
+killed process leaves the previous file as it was. The finished file gets the mode an ordinary
+``open()`` would give it (``0o666`` less the umask), not the private ``0o600`` of a temporary file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import platform
+import tempfile
+from collections.abc import Iterator, Mapping
+from typing import IO, Any
+
+__all__ = ["atomic_open", "write_text", "write_json", "save_figure", "json_safe", "machine_info"]
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+def _fsync_dir(directory: str) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # e.g. Windows: directories cannot be opened
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "w", *, durable: bool = False, **kwargs: Any) -> Iterator[IO]:
+    """Open a temporary file beside ``path`` for writing; on a clean exit it replaces ``path``.
+
+    On an exception the temporary file is removed and ``path`` is left untouched. ``durable=True``
+    also flushes and fsyncs the file (and its folder) so that the new content survives a power
+    cut (checkpoints). Missing parent folders are created.
+    """
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, mode, **kwargs) as f:
+            yield f
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    if durable:
+        _fsync_dir(directory)
+
+
+def write_text(path: str | os.PathLike, text: str) -> str:
+    """Write ``text`` to ``path`` atomically; returns the path."""
+    with atomic_open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+    return os.fspath(path)
+
+
+def json_safe(x: Any) -> Any:
+    """``x`` with non-finite floats as ``None``, NumPy scalars as Python numbers, mapping keys as
+    strings and tuples as lists: what strict JSON (``allow_nan=False``) accepts."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, Mapping):
+        return {str(k): json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [json_safe(v) for v in x]
+    if hasattr(x, "item") and hasattr(x, "dtype") and getattr(x, "ndim", 1) == 0:  # NumPy / torch scalar
+        return json_safe(x.item())
+    return x
+
+
+def write_json(path: str | os.PathLike, data: Any, *, indent: int | None = 2) -> str:
+    """Write ``json_safe(data)`` to ``path`` atomically (strict JSON: NaN becomes ``null``)."""
+    with atomic_open(path, "w", encoding="utf-8") as f:
+        json.dump(json_safe(data), f, indent=indent, allow_nan=False)
+    return os.fspath(path)
+
+
+def save_figure(fig: Any, path: str | os.PathLike, **kwargs: Any) -> str:
+    """``fig.savefig`` to ``path`` atomically; the format comes from the file's extension."""
+    fmt = os.path.splitext(os.fspath(path))[1].lstrip(".") or "png"
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format=fmt, **kwargs)
+    return os.fspath(path)
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(device: Any = None) -> dict[str, Any]:
+    """Facts about this machine a benchmark result must carry: CPU, cores, threads, versions, GPU."""
+    import torch
+    import torchvision
+
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "cpu": _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "cuda": torch.cuda.is_available(),
+        "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+    }
+    if device is not None:
+        info["device"] = str(device)
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["gpu_count"] = torch.cuda.device_count()
+    return info

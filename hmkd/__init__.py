@@ -3,7 +3,7 @@
 The public API (everything else is private by convention)::
 
     import hmkd
-    distiller = hmkd.HMKD(teacher, student, hidden=256, heads=8)      # or hmkd.distiller("fgd", ...)
+    distiller = hmkd.HMKD(teacher=teacher, student=student, heads=8)  # or hmkd.distiller("fgd", teacher=..., student=...)
     losses = distiller(images, targets, iteration=it)                  # flat dict: student.*, distill.*, aux.*
     sum(losses.values()).backward()
 
@@ -18,14 +18,14 @@ from torch import nn
 
 from hmkd.config import Config, load_config
 from hmkd.distill.base import Distiller
-from hmkd.distill.registry import METHODS, build_distiller
+from hmkd.distill import METHODS, build_distiller
 from hmkd.errors import CheckpointError, ConfigError, DataError, HMKDError, NonFiniteLossError
 from hmkd.models import DetectorTap, build_detector, build_model, load_weights
 
 __version__ = "0.1.0"
 
 
-def distiller(method: str, teacher: nn.Module | None, student: nn.Module, **options: Any) -> Distiller:
+def distiller(method: str, *, teacher: nn.Module | None, student: nn.Module, **options: Any) -> Distiller:
     """Wrap ``student`` (trained) and ``teacher`` (frozen) in distillation method ``method``.
 
     Args:
@@ -42,12 +42,13 @@ def distiller(method: str, teacher: nn.Module | None, student: nn.Module, **opti
         ``distiller.student_parameters() + distiller.distiller_parameters()`` with your optimiser
         and step ``distiller.extra_optimizers()`` (the matching decoder's own AdamW) too.
     """
-    return build_distiller(method, student, teacher, options)
+    return build_distiller(method, student=student, teacher=teacher, options=options)
 
 
-def HMKD(teacher: nn.Module, student: nn.Module, **options: Any) -> Distiller:  # noqa: N802 - a constructor
-    """HMKD around ``teacher`` and ``student``; shorthand for ``distiller("hmkd", teacher, student, **options)``."""
-    return build_distiller("hmkd", student, teacher, options)
+def HMKD(*, teacher: nn.Module, student: nn.Module, **options: Any) -> Distiller:  # noqa: N802 - a constructor
+    """HMKD around ``teacher`` and ``student`` (keyword-only, so they cannot be swapped);
+    shorthand for ``distiller("hmkd", teacher=teacher, student=student, **options)``."""
+    return build_distiller("hmkd", student=student, teacher=teacher, options=options)
 
 
 __all__ = [

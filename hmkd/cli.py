@@ -42,10 +42,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     elif args.what == "backbones":
         from hmkd.models import BACKBONES as table
     elif args.what == "methods":
-        from hmkd.distill.registry import DESCRIPTIONS, _load_builtin
-
-        _load_builtin()
-        table = DESCRIPTIONS
+        from hmkd.distill import DESCRIPTIONS as table
     else:
         from hmkd.data import DATASETS as table
     width = max(len(k) for k in table)

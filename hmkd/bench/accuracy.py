@@ -121,12 +121,9 @@ def _common_levels(cfg: Config, ablation: str) -> list[str]:
 
 def _effective(method: str, options: dict[str, Any]) -> dict[str, Any]:
     """The method's options with its defaults filled in (to tell equal variants apart from different ones)."""
-    from hmkd.distill import registry
+    from hmkd.distill import method_class
 
-    registry._load_builtin()
-    if method not in registry.METHODS:
-        raise ConfigError(f"unknown method {method!r} (known: {', '.join(registry.METHODS)})")
-    opts = from_dict(registry.METHODS[method].Options, dict(options), src="config", prefix="distill.options.")
+    opts = from_dict(method_class(method).Options, dict(options), src="config", prefix="distill.options.")
     return dataclasses.asdict(opts)
 
 

@@ -279,14 +279,10 @@ def parse_method_spec(spec: str) -> tuple[str, dict[str, Any]]:
     return name, parse_overrides(items)
 
 
-def _needs_teacher(method: str) -> bool:
-    from hmkd.distill import registry
+def _needs_teacher(spec: str) -> bool:
+    from hmkd.distill import needs_teacher
 
-    method = parse_method_spec(method)[0]
-    registry._load_builtin()
-    if method not in registry.METHODS:
-        raise ConfigError(f"unknown method {method!r} (known: {', '.join(registry.METHODS)})")
-    return bool(registry.METHODS[method].needs_teacher)
+    return needs_teacher(parse_method_spec(spec)[0])
 
 
 def _teacher_mode(cfg: Config, random_teacher: bool | None) -> tuple[bool, str]:
@@ -304,7 +300,7 @@ def _teacher_mode(cfg: Config, random_teacher: bool | None) -> tuple[bool, str]:
 
 
 def _build(cfg: Config, method: str, n_cls: int, device: torch.device, load_teacher: bool, options: dict) -> Any:
-    from hmkd.distill.registry import build_distiller
+    from hmkd.distill import build_distiller
     from hmkd.models import build_model
 
     torch.manual_seed(cfg.seed)
@@ -314,7 +310,7 @@ def _build(cfg: Config, method: str, n_cls: int, device: torch.device, load_teac
         torch.manual_seed(cfg.seed + 1)
         teacher = build_model(cfg.teacher, n_cls, load=load_teacher)
     torch.manual_seed(cfg.seed + 2)
-    distiller = build_distiller(method, student, teacher, options)
+    distiller = build_distiller(method, student=student, teacher=teacher, options=options)
     distiller.set_teacher_dtype(cfg.distill.teacher_dtype)
     distiller.to(device).train()
     return distiller
@@ -815,12 +811,11 @@ def run_cost_bench(
         ``{"table": Markdown, "methods": [per-method dicts], "targets": ..., "paths": ..., ...}``
         (the JSON written to ``cost.json`` plus ``table``).
     """
-    from hmkd.distill import registry
+    from hmkd.distill import METHODS
 
     if iters < 1 or warmup < 0 or n_batches < 1 or part_reps < 1:
         raise ConfigError("cost bench: iters, n_batches and part_reps must be >= 1 and warmup >= 0")
-    registry._load_builtin()
-    names = list(methods) if methods else [m for m in registry.METHODS]
+    names = list(methods) if methods else list(METHODS)
     for m in names:
         _needs_teacher(m)  # unknown method: ConfigError
     names = ["none"] + [m for m in dict.fromkeys(names) if m != "none"]

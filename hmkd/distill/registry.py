@@ -1,4 +1,8 @@
-"""The table of distillation methods: ``{name: Distiller subclass}``, listable from the CLI."""
+"""The table of distillation methods: ``{name: Distiller subclass}``, listable from the CLI.
+
+A method registers itself with :func:`register` when its module is imported; importing
+:mod:`hmkd.distill` imports every built-in method, so the table is complete for any caller.
+"""
 
 from __future__ import annotations
 
@@ -26,29 +30,31 @@ def register(name: str, description: str):
     return deco
 
 
+def method_class(method: str) -> type[Distiller]:
+    """The Distiller class of ``method``; :class:`ConfigError` naming the known ones if unknown."""
+    if method not in METHODS:
+        raise ConfigError(f"unknown method {method!r} (known: {', '.join(METHODS)})")
+    return METHODS[method]
+
+
+def needs_teacher(method: str) -> bool:
+    """Whether ``method`` needs a trained teacher (``none`` does not); ConfigError if unknown."""
+    return bool(method_class(method).needs_teacher)
+
+
 def build_distiller(
     method: str,
+    *,
     student: nn.Module,
     teacher: nn.Module | None = None,
     options: dict[str, Any] | None = None,
-    **kw: Any,
 ) -> Distiller:
-    """Build method ``method`` around ``student`` and ``teacher``; ``options`` validated by its type."""
-    _load_builtin()
-    if method not in METHODS:
-        raise ConfigError(f"unknown method {method!r} (known: {', '.join(METHODS)})")
-    cls = METHODS[method]
-    opts = from_dict(cls.Options, {**(options or {}), **kw}, src="config", prefix="distill.options.")
+    """Build method ``method`` around ``student`` (trained) and ``teacher`` (frozen).
+
+    Both detectors are keyword-only: two detectors of the same class count could otherwise be
+    swapped silently, training the teacher. ``options`` are validated by the method's options type
+    (an unknown name or a bad value is a one-line :class:`ConfigError` naming ``distill.options.KEY``).
+    """
+    cls = method_class(method)
+    opts = from_dict(cls.Options, dict(options or {}), src="config", prefix="distill.options.")
     return cls(student, teacher, opts)
-
-
-def _load_builtin() -> None:
-    """Import the built-in methods so that they register themselves."""
-    import importlib
-
-    for mod in ("hmkd.distill.fitnet_distiller", "hmkd.distill.fgd_distiller", "hmkd.distill.hmkd", "hmkd.distill.icd"):
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as e:
-            if e.name != mod:
-                raise

@@ -79,7 +79,6 @@ __all__ = [
     "build_data",
     "evaluate",
     "evaluate_model",
-    "method_needs_teacher",
     "resolve_output_dir",
     "train",
 ]
@@ -108,16 +107,6 @@ class TrainingInterrupted(KeyboardInterrupt):
 def resolve_output_dir(cfg: Config, output_dir: str | None = None) -> str:
     """``output_dir`` argument, else ``cfg.output_dir``, else ``runs/<cfg.name>``."""
     return output_dir or cfg.output_dir or os.path.join("runs", cfg.name)
-
-
-def method_needs_teacher(method: str) -> bool:
-    """Whether distillation method ``method`` needs a teacher (ConfigError if it is unknown)."""
-    from hmkd.distill import registry
-
-    registry._load_builtin()
-    if method not in registry.METHODS:
-        raise ConfigError(f"distill.method {method!r} is unknown (known: {', '.join(registry.METHODS)})")
-    return bool(registry.METHODS[method].needs_teacher)
 
 
 def _is_mask_model(cfg: Config) -> bool:
@@ -390,13 +379,13 @@ class _Run:
 
     # -- setup ----------------------------------------------------------------------------------
     def _setup(self) -> None:
-        from hmkd.distill.registry import build_distiller
+        from hmkd.distill import build_distiller, needs_teacher
         from hmkd.models import build_model
 
         cfg, ctx = self.raw_cfg, self.ctx
         method = cfg.distill.method
-        needs_teacher = method_needs_teacher(method)
-        if needs_teacher:
+        with_teacher = needs_teacher(method)
+        if with_teacher:
             if cfg.teacher is None:
                 raise ConfigError(f"distill.method {method!r} needs a teacher: add a 'teacher' section with 'weights'")
             if not cfg.teacher.weights:
@@ -420,8 +409,8 @@ class _Run:
         self.cfg = _resolved(cfg, self.out, n)
 
         student = build_model(cfg.model, n)
-        teacher = build_model(cfg.teacher, n) if needs_teacher else None
-        self.distiller = build_distiller(method, student, teacher, cfg.distill.options)
+        teacher = build_model(cfg.teacher, n) if with_teacher else None
+        self.distiller = build_distiller(method, student=student, teacher=teacher, options=cfg.distill.options)
         self.distiller.set_teacher_dtype(cfg.distill.teacher_dtype)
         self.distiller.to(self.device)
         self.distiller.train()

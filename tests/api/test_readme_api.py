@@ -46,7 +46,7 @@ def test_torchvision_built_student_with_every_method(method: str) -> None:
     teacher = hmkd.build_detector("faster_rcnn", "resnet18", num_classes=3, fpn_channels=64, min_size=128, max_size=128)
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     opts = {"hidden": 32, "heads": 4} if method in ("hmkd", "icd") else {}
-    kd = hmkd.distiller(method, teacher if method != "none" else None, student, **opts)
+    kd = hmkd.distiller(method, teacher=teacher if method != "none" else None, student=student, **opts)
     opt = torch.optim.SGD(kd.student_parameters() + kd.distiller_parameters(), lr=1e-3)
     kd.train()
     images = [torch.rand(3, 100, 120), torch.rand(3, 120, 100)]

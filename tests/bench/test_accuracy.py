@@ -165,8 +165,7 @@ def test_presets_exist():
 def test_every_preset_loads_and_builds(path):
     import torch
 
-    from hmkd.distill.registry import build_distiller
-    from hmkd.engine.trainer import method_needs_teacher
+    from hmkd.distill import build_distiller, needs_teacher
     from hmkd.models import build_model
 
     cfg = load_config(path)
@@ -179,11 +178,11 @@ def test_every_preset_loads_and_builds(path):
     with torch.device("meta"):  # shapes only: building R101s at full size stays fast and small
         student = build(cfg.model)
         teacher = build(cfg.teacher) if cfg.teacher is not None else None
-        if method_needs_teacher(cfg.distill.method):
+        if needs_teacher(cfg.distill.method):
             if teacher is not None:
-                build_distiller(cfg.distill.method, student, teacher, cfg.distill.options)
+                build_distiller(cfg.distill.method, student=student, teacher=teacher, options=cfg.distill.options)
         else:
-            build_distiller(cfg.distill.method, student, None, cfg.distill.options)
+            build_distiller(cfg.distill.method, student=student, options=cfg.distill.options)
 
 
 def test_run_spec_from_before_a_new_config_key_still_matches(tmp_path):

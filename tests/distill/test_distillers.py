@@ -8,11 +8,10 @@ import torch
 from hmkd.distill.base import small_flags
 from hmkd.distill.gcblock import background_loss
 from hmkd.distill.hmkd import REFERENCE_AREA
-from hmkd.distill.registry import METHODS, _load_builtin, build_distiller
+from hmkd.distill import METHODS, build_distiller
 from hmkd.errors import ConfigError
 from hmkd.models import build_detector
 
-_load_builtin()
 TINY = dict(min_size=160, max_size=160, rpn_pre_nms_top_n_train=64, rpn_post_nms_top_n_train=32,
             rpn_pre_nms_top_n_test=32, rpn_post_nms_top_n_test=16, box_batch_size_per_image=32)
 
@@ -43,7 +42,7 @@ def _opts(method: str) -> dict:
 def test_gradients_reach_student_and_distiller_never_teacher(method: str) -> None:
     student, teacher = _pair()
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
-    d = build_distiller(method, student, teacher, _opts(method))
+    d = build_distiller(method, student=student, teacher=teacher, options=_opts(method))
     d.train()
     assert not teacher.training, "the teacher must stay in eval mode"
     assert all(not p.requires_grad for p in teacher.parameters())
@@ -79,7 +78,7 @@ def test_gradients_reach_student_and_distiller_never_teacher(method: str) -> Non
 def test_three_optimiser_steps_keep_teacher_bit_identical(method: str) -> None:
     student, teacher = _pair()
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
-    d = build_distiller(method, student, teacher if method != "none" else None, _opts(method))
+    d = build_distiller(method, student=student, teacher=teacher if method != "none" else None, options=_opts(method))
     d.train()
     opt = torch.optim.AdamW(d.student_parameters() + d.distiller_parameters(), lr=1e-3)
     images, targets = _batch()
@@ -120,7 +119,7 @@ def test_hmkd_steps_for_every_detector_kind_on_synthetic_data(detector: str, lev
     student = build_detector(detector, "resnet18", num_classes=k, fpn_channels=32, levels=levels, **TINY)
     teacher = build_detector(detector, "resnet34", num_classes=k, fpn_channels=64, levels=levels, **TINY)
     before = {n: v.clone() for n, v in teacher.state_dict().items()}
-    d = build_distiller("hmkd", student, teacher, {"hidden": 32, "heads": 4})
+    d = build_distiller("hmkd", student=student, teacher=teacher, options={"hidden": 32, "heads": 4})
     opt = torch.optim.AdamW(d.student_parameters() + d.distiller_parameters(), lr=1e-3)
     d.train()
     finest = "p2" if levels or detector in ("faster_rcnn", "mask_rcnn") else "p3"
@@ -143,11 +142,11 @@ def test_hmkd_terms_follow_alpha_beta_and_reduction() -> None:
     images, targets = _batch()
     base = {"hidden": 32, "heads": 4, "inquiry_head": False}
     torch.manual_seed(3)
-    d1 = build_distiller("hmkd", student, teacher, {**base, "reduction": "sum", "alpha": 1.0, "beta": 1.0})
+    d1 = build_distiller("hmkd", student=student, teacher=teacher, options={**base, "reduction": "sum", "alpha": 1.0, "beta": 1.0})
     torch.manual_seed(3)
-    d2 = build_distiller("hmkd", student, teacher, {**base, "reduction": "sum", "alpha": 2.0, "beta": 3.0})
+    d2 = build_distiller("hmkd", student=student, teacher=teacher, options={**base, "reduction": "sum", "alpha": 2.0, "beta": 3.0})
     torch.manual_seed(3)
-    d3 = build_distiller("hmkd", student, teacher, {**base, "reduction": "size_normalised", "alpha": 2.0, "beta": 3.0})
+    d3 = build_distiller("hmkd", student=student, teacher=teacher, options={**base, "reduction": "size_normalised", "alpha": 2.0, "beta": 3.0})
     with torch.no_grad():  # same seed before each call: identical sampling in RPN/ROI heads and decoder
         torch.manual_seed(0)
         l1 = d1(images, targets, iteration=0)
@@ -167,7 +166,7 @@ def test_hmkd_terms_follow_alpha_beta_and_reduction() -> None:
 
 def test_hmkd_bg_term_is_the_gcblock_loss_on_adapted_student() -> None:
     student, teacher = _pair()
-    d = build_distiller("hmkd", student, teacher, {"hidden": 32, "heads": 4, "reduction": "sum", "alpha": 1.0})
+    d = build_distiller("hmkd", student=student, teacher=teacher, options={"hidden": 32, "heads": 4, "reduction": "sum", "alpha": 1.0})
     d.train()
     images, targets = _batch()
     captured = {}
@@ -193,9 +192,9 @@ def test_hmkd_aux_every_skips_the_decoder_task_exactly_on_off_steps() -> None:
     images, targets = _batch()
     base = {"hidden": 32, "heads": 4}
     torch.manual_seed(3)
-    d1 = build_distiller("hmkd", student, teacher, base)
+    d1 = build_distiller("hmkd", student=student, teacher=teacher, options=base)
     torch.manual_seed(3)
-    d3 = build_distiller("hmkd", student, teacher, {**base, "aux_every": 3})
+    d3 = build_distiller("hmkd", student=student, teacher=teacher, options={**base, "aux_every": 3})
     d1.train(), d3.train()
     for it, want_aux in ((0, True), (1, False), (2, False), (3, True), (None, True)):
         torch.manual_seed(0)
@@ -215,12 +214,12 @@ def test_hmkd_aux_every_skips_the_decoder_task_exactly_on_off_steps() -> None:
         assert student.backbone.body.conv1.weight.grad is not None
         student.zero_grad(set_to_none=True)
     # warm-up: the decoder task every step, no attention term yet
-    d3w = build_distiller("hmkd", student, teacher, {**base, "aux_every": 3, "warmup_iters": 5})
+    d3w = build_distiller("hmkd", student=student, teacher=teacher, options={**base, "aux_every": 3, "warmup_iters": 5})
     d3w.train()
     l = d3w(images, targets, iteration=1)
     assert any(k.startswith("aux.") for k in l) and not any("small_attn" in k for k in l)
     with pytest.raises(ConfigError, match="distill.options.aux_every must be >= 1, got 0"):
-        build_distiller("hmkd", student, teacher, {**base, "aux_every": 0})
+        build_distiller("hmkd", student=student, teacher=teacher, options={**base, "aux_every": 0})
 
 
 @pytest.mark.parametrize("method", ["hmkd", "fitnet"])
@@ -232,7 +231,7 @@ def test_distiller_keeps_only_the_teacher_trunk(method: str) -> None:
     student, teacher = _pair()
     heads = weakref.ref(teacher.roi_heads)
     backbone = teacher.backbone
-    d = build_distiller(method, student, teacher, _opts(method))
+    d = build_distiller(method, student=student, teacher=teacher, options=_opts(method))
     assert d.teacher.backbone is backbone and not d.teacher.training
     del teacher
     gc.collect()
@@ -252,15 +251,15 @@ def test_small_flags_use_original_area() -> None:
 def test_bad_options_are_one_line_errors() -> None:
     student, teacher = _pair()
     with pytest.raises(ConfigError, match="distill.options.headz"):
-        build_distiller("hmkd", student, teacher, {"headz": 3})
+        build_distiller("hmkd", student=student, teacher=teacher, options={"headz": 3})
     with pytest.raises(ConfigError, match="reduction"):
-        build_distiller("hmkd", student, teacher, {"reduction": "avg"})
+        build_distiller("hmkd", student=student, teacher=teacher, options={"reduction": "avg"})
     with pytest.raises(ConfigError, match="start_level P2"):
-        build_distiller("hmkd", student, teacher, {"start_level": "P2", "hidden": 32, "heads": 4})
+        build_distiller("hmkd", student=student, teacher=teacher, options={"start_level": "P2", "hidden": 32, "heads": 4})
     with pytest.raises(ConfigError, match="unknown method 'kd'.*hmkd"):
-        build_distiller("kd", student, teacher)
+        build_distiller("kd", student=student, teacher=teacher)
     with pytest.raises(ConfigError, match="needs a teacher"):
-        build_distiller("hmkd", student, None)
+        build_distiller("hmkd", student=student, teacher=None)
 
 
 def test_teacher_and_student_class_counts_must_match() -> None:
@@ -268,12 +267,12 @@ def test_teacher_and_student_class_counts_must_match() -> None:
     teacher = build_detector("fcos", "resnet18", num_classes=5, fpn_channels=32, **TINY)
     for method in ("fitnet", "fgd", "icd", "hmkd"):
         with pytest.raises(ConfigError, match="teacher has 5 classes but the student has 3"):
-            build_distiller(method, student, teacher)
+            build_distiller(method, student=student, teacher=teacher)
 
 
 def test_teacher_in_bfloat16_gives_rounded_float32_targets() -> None:
     student, teacher = _pair()
-    d32 = build_distiller("hmkd", student, teacher, _opts("hmkd"))
+    d32 = build_distiller("hmkd", student=student, teacher=teacher, options=_opts("hmkd"))
     images, targets = _batch()
     tensors = d32._tap(images, targets).tensors
     ref = d32.teacher_features(tensors)
@@ -296,6 +295,6 @@ def test_teacher_in_bfloat16_gives_rounded_float32_targets() -> None:
 
 def test_teacher_dtype_bad_value_names_the_key() -> None:
     student, teacher = _pair()
-    d = build_distiller("fitnet", student, teacher, {})
+    d = build_distiller("fitnet", student=student, teacher=teacher, options={})
     with pytest.raises(ConfigError, match="distill.teacher_dtype.*float64"):
         d.set_teacher_dtype("float64")

@@ -15,9 +15,9 @@ import torch
 
 from hmkd.config import load_config
 from hmkd.data import CocoDetection, VisDroneDetection, build_dataset, build_transforms, collate_fn, convert_visdrone
-from hmkd.distill.registry import build_distiller
+from hmkd.distill import build_distiller, needs_teacher
 from hmkd.engine import checkpoint as ck
-from hmkd.engine.trainer import method_needs_teacher, train
+from hmkd.engine.trainer import train
 from hmkd.errors import CheckpointError, ConfigError, DataError, HMKDError
 from hmkd.models import build_detector, build_model, load_weights
 
@@ -368,8 +368,8 @@ def test_resume_from_checkpoint_of_other_architecture(tmp_path: Path, fcos_and_r
     [
         (lambda: build_detector("yolo", "resnet18", num_classes=2), r"unknown detector 'yolo' \(known: faster_rcnn, mask_rcnn, retinanet, fcos\)"),
         (lambda: build_detector("fcos", "resnet7", num_classes=2), r"unknown backbone 'resnet7' \(known: resnet18, .*mobilenet_v2"),
-        (lambda: build_distiller("kd9000", None), r"unknown method 'kd9000' \(known: none, .*hmkd"),
-        (lambda: method_needs_teacher("kd9000"), r"distill.method 'kd9000' is unknown \(known: none, .*fgd"),
+        (lambda: build_distiller("kd9000", student=None), r"unknown method 'kd9000' \(known: none, .*hmkd"),
+        (lambda: needs_teacher("kd9000"), r"unknown method 'kd9000' \(known: none, .*fgd"),
         (lambda: build_dataset("pascal", train=True, root="."), r"data.kind 'pascal' is unknown; choose one of \['coco', 'synthetic', 'visdrone'\]"),
         (lambda: build_detector("fcos", "resnet18", num_classes=2, levels=["P3", "P9"]), r"unknown FPN level 'P9' \(known: P2, P3"),
     ],
@@ -420,7 +420,7 @@ def test_bad_distill_options() -> None:
     s = build_detector("fcos", "resnet18", num_classes=2, **TINY_MODEL_KW)
     t = build_detector("fcos", "resnet18", num_classes=2, **TINY_MODEL_KW)
     with pytest.raises(ConfigError, match=r"unknown key 'distill.options.alhpa' \(known: .*alpha") as e:
-        build_distiller("fgd", s, t, {"alhpa": 1.0})
+        build_distiller("fgd", student=s, teacher=t, options={"alhpa": 1.0})
     one_line(e)
 
 

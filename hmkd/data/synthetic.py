@@ -32,7 +32,7 @@ Annotations are of what is *visible*: ``segmentation`` is the compressed RLE of 
 (exact for tiny objects, unlike polygons), ``area`` its pixel count, ``bbox`` its tight box
 ``[x, y, w, h]`` in pixels, ``iscrowd`` 0.
 
-Presets: ``"default"`` (DESIGN.md's set: 6-32 objects of 6-160 px, about 80% small, high contrast) and
+Presets: ``"default"`` (the set of docs/CALIBRATION.md: 6-32 objects of 6-160 px, about 80% small, high contrast) and
 ``"hard"`` (benchmark set: 30-60 objects, mostly 4-16 px, clustered and overlapping, 8 classes with
 confusable pairs disc/hexagon, square/diamond, cross/star, lower contrast and more noise), any of
 whose keys can be overridden (see ``PRESETS``). A folder already holding a set made with the same
@@ -46,7 +46,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import time
 import zlib
 from collections.abc import Callable
@@ -58,6 +57,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from hmkd.errors import ConfigError
+from hmkd.utils import write_json
 
 logger = logging.getLogger(__name__)
 
@@ -467,19 +467,6 @@ def _params(n_train: int, n_val: int, size: int, seed: int, preset: str, overrid
     )
 
 
-def _write_json_atomic(path: Path, data: Any, **kw: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, **kw)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _read_meta(out_dir: Path) -> dict | None:
     try:
         with open(out_dir / "meta.json", encoding="utf-8") as f:
@@ -568,7 +555,7 @@ def _generate_split(
         "annotations": anns,
         "categories": categories,
     }
-    _write_json_atomic(out_dir / "annotations" / f"{split}.json", data, separators=(",", ":"))
+    write_json(out_dir / "annotations" / f"{split}.json", data, indent=None, separators=(",", ":"))
     return _split_stats(per_image, areas)
 
 
@@ -623,7 +610,7 @@ def generate_synthetic(
             val = _generate_split(out, "val", 1, int(n_val), int(size), int(seed), cfg, preset_code)
             seconds = time.perf_counter() - t0
             meta = {"params": params, "config": cfg, "train": train, "val": val}
-            _write_json_atomic(out / "meta.json", meta, indent=2, sort_keys=True)
+            write_json(out / "meta.json", meta, indent=2, sort_keys=True)
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
     logger.info(

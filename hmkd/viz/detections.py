@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -30,6 +29,7 @@ from torch import nn
 
 from hmkd.config import Config, ModelConfig
 from hmkd.errors import CheckpointError, ConfigError
+from hmkd.utils import atomic_open, write_json
 from hmkd.models import build_model, read_state_dict
 
 ModelSpec = Union[nn.Module, ModelConfig, tuple[ModelConfig, Union[str, None]]]
@@ -272,11 +272,9 @@ def title_height(width: int) -> int:
 
 def save_png(image: Image.Image, path: str | os.PathLike) -> str:
     """Save a PNG atomically (temp file + replace); returns the path."""
-    path = str(path)
-    tmp = f"{path}.tmp{os.getpid()}.png"
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
-    return path
+    with atomic_open(path, "wb") as f:
+        image.save(f, format="PNG")
+    return str(path)
 
 
 def unique_stems(images: Sequence[str | os.PathLike]) -> list[str]:
@@ -340,7 +338,5 @@ def draw_detections(
         picture = draw_panels(img, results, score_thresh=score_thresh, small_area=small_area, class_names=class_names)
         paths.append(save_png(picture, out / f"{stem}.png"))
         record["images"][str(img_path)] = per_model
-    tmp = out / f"detections.json.tmp{os.getpid()}"
-    tmp.write_text(json.dumps(record, indent=1))
-    os.replace(tmp, out / "detections.json")
+    write_json(out / "detections.json", record, indent=1)
     return paths

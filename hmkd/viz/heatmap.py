@@ -99,10 +99,12 @@ def gradcam(
         return out
 
     def on_head(mod: nn.Module, args: Any, out: Any) -> Any:
-        # One-stage heads: keep logits finite. hmkd masks the background logit with -inf at
-        # inference, and FCOS's score sqrt(sigmoid(cls) * sigmoid(ctr)) then has sqrt(0) whose
-        # backward is 0/0 = NaN, which would spread to every location through the shared
-        # centre-ness. sigmoid(-30) ~ 1e-13 keeps those scores below the pass's threshold.
+        # One-stage heads: keep every class probability above zero. FCOS scores locations by
+        # sqrt(sigmoid(cls) * sigmoid(ctr)); a logit below about -104 underflows sigmoid to 0 in
+        # float32, and sqrt(0)'s backward is 0/0 = NaN, which would spread to every location
+        # through the shared centre-ness. hmkd's own heads already pin the background logit to
+        # -30 at inference (hmkd.models.detectors); this clamp covers any other head (e.g.
+        # torchvision's) the same way. sigmoid(-30) ~ 1e-13 stays below the pass's threshold.
         if isinstance(out, dict) and "cls_logits" in out:
             return {**out, "cls_logits": out["cls_logits"].clamp(min=-30.0)}
         return out

@@ -98,6 +98,25 @@ def infer_num_classes(cfg: ModelConfig, weights: str) -> int:
     return n // per_loc - 1
 
 
+def build_panel_models(
+    what: str,
+    models: Sequence[tuple[str, ModelSpec]],
+    images: Sequence[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    *,
+    num_classes: int | None = None,
+    device: str | torch.device = "cpu",
+) -> tuple[Path, list[tuple[str, nn.Module]]]:
+    """Checks shared by the side-by-side pictures, then ``(out folder, [(label, eval-mode model)])``."""
+    if not models:
+        raise ConfigError(f"{what}: no models given")
+    if not images:
+        raise ConfigError(f"{what}: no images given")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    return out, [(label, as_model(spec, num_classes=num_classes, device=device)) for label, spec in models]
+
+
 def as_model(spec: ModelSpec, *, num_classes: int | None = None, device: str | torch.device = "cpu") -> nn.Module:
     """An eval-mode detector on ``device`` from a :data:`ModelSpec`.
 
@@ -313,13 +332,7 @@ def draw_detections(
 
     Also writes ``detections.json`` (every drawn detection per image and model). Returns the PNG paths.
     """
-    if not models:
-        raise ConfigError("draw_detections: no models given")
-    if not images:
-        raise ConfigError("draw_detections: no images given")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    built = [(label, as_model(spec, num_classes=num_classes, device=device)) for label, spec in models]
+    out, built = build_panel_models("draw_detections", models, images, out_dir, num_classes=num_classes, device=device)
     paths: list[str] = []
     record: dict[str, Any] = {"score_thresh": score_thresh, "small_area": small_area, "images": {}}
     for img_path, stem in zip(images, unique_stems(images)):

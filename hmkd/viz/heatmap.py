@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -46,7 +45,7 @@ from hmkd.viz.detections import (
     _font,
     _font_size,
     _score_threshold,
-    as_model,
+    build_panel_models,
     load_image,
     save_png,
     title_height,
@@ -210,13 +209,7 @@ def gradcam_heatmaps(
     """
     if normalize not in ("panel", "shared"):
         raise ConfigError(f"normalize must be 'panel' or 'shared', got {normalize!r}")
-    if not models:
-        raise ConfigError("gradcam_heatmaps: no models given")
-    if not images:
-        raise ConfigError("gradcam_heatmaps: no images given")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    built = [(label, as_model(spec, num_classes=num_classes, device=device)) for label, spec in models]
+    out, built = build_panel_models("gradcam_heatmaps", models, images, out_dir, num_classes=num_classes, device=device)
     paths = []
     for img_path, stem in zip(images, unique_stems(images)):
         img = load_image(img_path)

@@ -22,7 +22,8 @@ from hmkd.distill.base import Distiller
 from hmkd.distill.registry import register
 from hmkd.engine import checkpoint as ck
 from hmkd.engine.sampler import InfiniteBatchSampler
-from hmkd.engine.trainer import TrainingInterrupted, evaluate, train
+from hmkd.engine.evaluation import evaluate
+from hmkd.engine.trainer import TrainingInterrupted, train
 from hmkd.errors import ConfigError, NonFiniteLossError
 from hmkd.models import build_model, fpn_channels_of
 

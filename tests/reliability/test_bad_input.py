@@ -280,7 +280,7 @@ def test_visdrone_missing_txt(tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------------ teacher / student classes
 def test_teacher_with_other_class_count_in_config(tmp_path: Path) -> None:
-    """Raised by the trainer (``_num_classes``), before any model is built or any file is written."""
+    """Raised by the trainer (``hmkd.config.resolve_num_classes``), before any model is built or any file is written."""
     write_coco(tmp_path)
     teacher = [f"teacher.{o.split('.', 1)[1]}" for o in TINY_MODEL]
     cfg = coco_cfg(tmp_path, "distill.method=fitnet", *teacher, "teacher.num_classes=5", "teacher.weights=t.pth")

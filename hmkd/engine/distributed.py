@@ -211,22 +211,6 @@ def all_reduce_flags(ctx: DistContext, *flags: bool) -> list[bool]:
     return [bool(v > 0) for v in t.tolist()]
 
 
-def reduce_mean_dict(ctx: DistContext, values: dict[str, float]) -> dict[str, float]:
-    """Average a dict of floats over ranks (same keys, same order, on every rank)."""
-    if not ctx.distributed or not values:
-        return dict(values)
-    keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=ctx.device)
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    t /= ctx.world_size
-    return dict(zip(keys, t.tolist()))
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside a DDP (or DataParallel) wrapper."""
-    return getattr(model, "module", model)
-
-
 def gather_unique_detections(image_ids: list[int], results: list[dict]) -> tuple[list[int], list[dict]]:
     """All-gather ``(image ids, COCO results)`` over the default process group and keep each image's
     results from the first rank that had it (a padded sampler repeats images). Rank order; a

@@ -156,7 +156,6 @@ class _Run:
         self.amp = bool(cfg.train.amp)
         if self.amp and self.device.type != "cuda":
             warnings.warn("train.amp is ignored on CPU (mixed precision needs CUDA)", stacklevel=3)
-            logger.warning("train.amp is ignored on CPU (mixed precision needs CUDA)")
             self.amp = False
 
     # -- setup ----------------------------------------------------------------------------------
@@ -215,7 +214,6 @@ class _Run:
                 student, device_ids=[self.device.index] if self.device.type == "cuda" else None
             )
             self.distiller.wrap_student(ddp)
-            self.ddp = ddp
 
         self.optimizer = build_optimizer(cfg.train, self.main_params)
         self.scheduler = build_scheduler(cfg.train, self.optimizer)

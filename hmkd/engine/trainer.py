@@ -395,12 +395,9 @@ class _Run:
     def _remove_partial_writes(self) -> None:
         """Delete temporary checkpoint files a killed run left (``.last_checkpoint.pth.XXXX.tmp``):
         never complete, they would otherwise pile up, each as large as a checkpoint."""
-        names = {ckpt_io.LAST, ckpt_io.BEST, ckpt_io.FINAL}
-        for entry in os.scandir(self.out):
-            base = entry.name[1:].rsplit(".", 2)[0] if entry.name.startswith(".") else ""
-            if base in names and entry.name.endswith(".tmp") and entry.is_file():
-                logger.warning("removing %s, a partial checkpoint write of an earlier run", entry.path)
-                os.remove(entry.path)
+        for path in ckpt_io.partial_writes(self.out):
+            logger.warning("removing %s, a partial checkpoint write of an earlier run", path)
+            os.remove(path)
 
     def _loader(self) -> DataLoader:
         from hmkd.data.transforms import collate_fn

@@ -11,7 +11,7 @@ import json
 import logging
 import os
 import sys
-from typing import Any, Sequence
+from typing import Sequence
 
 from hmkd.errors import ConfigError, HMKDError
 

@@ -5,7 +5,6 @@ nothing partial is left behind that looks complete. The command-line side is tes
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -19,7 +18,7 @@ from hmkd.distill import build_distiller, needs_teacher
 from hmkd.engine import checkpoint as ck
 from hmkd.engine.trainer import train
 from hmkd.errors import CheckpointError, ConfigError, DataError, HMKDError
-from hmkd.models import build_detector, build_model, load_weights
+from hmkd.models import build_detector, load_weights
 
 from reliability_helpers import TINY_MODEL, TINY_MODEL_KW, VISDRONE_ROWS, tiny_coco, write_coco, write_visdrone
 

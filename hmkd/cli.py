@@ -11,7 +11,7 @@ import json
 import logging
 import os
 import sys
-from typing import Any, Sequence
+from typing import Sequence
 
 from hmkd.errors import ConfigError, HMKDError
 
@@ -24,7 +24,7 @@ def _load_cfg(args: argparse.Namespace, *, need_classes: bool = False):
     cfg = load_config(args.config, list(getattr(args, "overrides", []) or []))
     if need_classes and cfg.model.num_classes is None:
         try:
-            from hmkd.engine.trainer import build_data
+            from hmkd.data import build_data
 
             n = build_data(cfg, train=False).num_classes
         except HMKDError:
@@ -83,7 +83,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from hmkd.engine.trainer import evaluate
+    from hmkd.engine.evaluation import evaluate
 
     cfg = _load_cfg(args)
     metrics = evaluate(cfg, weights=args.weights, out_dir=args.out, progress=not args.no_progress)

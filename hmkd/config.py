@@ -7,7 +7,9 @@ One YAML file fully describes a run; the resolved config is saved beside its out
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -17,6 +19,7 @@ from typing import Any, Union
 import yaml
 
 from hmkd.errors import ConfigError
+from hmkd.utils import atomic_open
 
 
 @dataclass
@@ -270,10 +273,64 @@ def _read_yaml(path: str, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
 
 def save_config(cfg: Config, path: str) -> None:
     """Write the resolved config as YAML (atomically)."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
+    with atomic_open(path, "w", encoding="utf-8") as f:
         yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
-    os.replace(tmp, path)
+
+
+# -- checks and resolution before a run --------------------------------------------------------
+def check_config(cfg: Config) -> None:
+    """Range checks a run needs before anything is built: counts and periods not negative, batch
+    sizes at least 1, the optimiser's numbers finite (one-line :class:`ConfigError` naming the key)."""
+    t, d = cfg.train, cfg.data
+    for key, value, low in (
+        ("train.iters", t.iters, 0),
+        ("train.eval_period", t.eval_period, 0),
+        ("train.ckpt_period", t.ckpt_period, 0),
+        ("train.log_period", t.log_period, 0),
+        ("train.warmup_iters", t.warmup_iters, 0),
+        ("data.batch_size", d.batch_size, 1),
+        ("data.eval_batch_size", d.eval_batch_size, 1),
+        ("data.workers", d.workers, 0),
+    ):
+        if value < low:
+            raise ConfigError(f"{key} must be >= {low}, got {value}")
+    for key, value in (
+        ("train.lr", t.lr), ("train.momentum", t.momentum), ("train.weight_decay", t.weight_decay),
+        ("train.warmup_factor", t.warmup_factor), ("train.gamma", t.gamma), ("train.clip_grad", t.clip_grad),
+    ):
+        if value is not None and not math.isfinite(value):
+            raise ConfigError(f"{key} must be a finite number, got {value}")
+
+
+def is_mask_model(cfg: Config) -> bool:
+    """Whether the run's detector predicts masks (its data needs masks, its evaluation scores segm)."""
+    return cfg.model.detector == "mask_rcnn"
+
+
+def resolve_num_classes(cfg: Config, dataset: Any) -> int:
+    """The number of classes of ``dataset`` (its ``num_classes``), checked against
+    ``model.num_classes`` and ``teacher.num_classes`` where the config sets them."""
+    n_data = int(dataset.num_classes)
+    n = cfg.model.num_classes
+    if n is not None and n != n_data:
+        raise ConfigError(f"model.num_classes is {n} but the data set has {n_data} classes")
+    if cfg.teacher is not None and cfg.teacher.num_classes is not None and cfg.teacher.num_classes != n_data:
+        raise ConfigError(
+            f"teacher.num_classes is {cfg.teacher.num_classes} but the student (and data set) has {n_data}: "
+            "teacher and student must have the same classes"
+        )
+    return n_data
+
+
+def resolve_config(cfg: Config, output_dir: str, num_classes: int) -> Config:
+    """A copy of ``cfg`` as the run uses it: ``output_dir`` and the student's and teacher's
+    ``num_classes`` filled in (what ``config.yaml`` and the checkpoints record)."""
+    out = copy.deepcopy(cfg)
+    out.output_dir = output_dir
+    out.model = dataclasses.replace(out.model, num_classes=num_classes)
+    if out.teacher is not None:
+        out.teacher = dataclasses.replace(out.teacher, num_classes=num_classes)
+    return out
 
 
 def model_kwargs(cfg: ModelConfig, num_classes: int | None = None) -> dict[str, Any]:

@@ -7,12 +7,12 @@ settings (a smoke run of every stage, not a measurement). Everything goes under 
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Any
 
 from hmkd.config import Config, from_dict, merge
+from hmkd.utils import write_json, write_text
 
 METRICS = ("mAP", "AP50", "AP75", "APs", "APm", "APl")
 
@@ -86,10 +86,6 @@ def run_demo(out_dir: str = "runs/demo", quick: bool = False, progress: bool = T
     table = format_table(results)
     gain = {k: results["hmkd"][k] - results["student"][k] for k in METRICS}
     out = {"quick": quick, "models": results, "hmkd_gain_over_student": gain, "seconds": timings, "table": table}
-    tmp = os.path.join(out_dir, "results.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(out, f, indent=2)
-    os.replace(tmp, os.path.join(out_dir, "results.json"))
-    with open(os.path.join(out_dir, "results.md"), "w") as f:
-        f.write(table + "\n")
+    write_json(os.path.join(out_dir, "results.json"), out)
+    write_text(os.path.join(out_dir, "results.md"), table + "\n")
     return out

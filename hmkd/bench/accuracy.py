@@ -55,7 +55,7 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from hmkd.config import Config, DistillConfig, ModelConfig, from_dict, to_dict
-from hmkd.engine.trainer import _json_safe  # one definition of JSON-safe floats (nan -> null)
+from hmkd.utils import json_safe as _json_safe  # one definition of JSON-safe floats (nan -> null)
 from hmkd.errors import CheckpointError, ConfigError, HMKDError
 
 logger = logging.getLogger(__name__)
@@ -516,7 +516,7 @@ def _teacher(
     progress: bool,
 ) -> dict[str, Any]:
     """Weights and metrics of the teacher: a given checkpoint (evaluated once) or one trained here."""
-    from hmkd.engine.trainer import evaluate
+    from hmkd.engine.evaluation import evaluate
 
     weights = teacher or (cfg.teacher.weights if cfg.teacher is not None else None)
     if weights:

@@ -150,9 +150,9 @@ def _faster_plain(gt: dict, dets: list) -> dict[str, Any]:
 def _pycocotools_gc_paused(gt: dict, dets: list) -> dict[str, Any]:
     """The reference with Python's cyclic GC paused, as ``coco_metrics`` runs: how much of hmkd's
     speed-up is the pause alone, and how much is faster-coco-eval's C++."""
-    from hmkd.engine.evaluator import _gc_paused
+    from hmkd.engine.evaluator import gc_paused
 
-    with _gc_paused():
+    with gc_paused():
         return _pycocotools(gt, dets)
 
 

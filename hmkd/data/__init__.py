@@ -1,8 +1,9 @@
 """Data sets: COCO-format JSON, VisDrone-DET and the built-in synthetic small-object set.
 
 Every data set yields ``(image, target)`` with the torchvision detection target convention (see
-:mod:`hmkd.data.coco`); :func:`build_dataset` builds one by kind and :func:`gt_json_for` gives the
-COCO ground truth that :mod:`hmkd.engine.evaluator` scores it against.
+:mod:`hmkd.data.coco`); :func:`build_dataset` builds one by kind, :func:`build_data` the training or
+validation split a run's config describes, and :func:`gt_json_for` gives the COCO ground truth that
+:mod:`hmkd.engine.evaluator` scores it against.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 
 import torch
 
+from hmkd.config import Config, is_mask_model, to_dict
 from hmkd.errors import ConfigError, DataError
 
 from .coco import CocoDetection
@@ -27,6 +29,7 @@ __all__ = [
     "DATASETS",
     "CocoDetection",
     "VisDroneDetection",
+    "build_data",
     "build_dataset",
     "build_transforms",
     "collate_fn",
@@ -106,6 +109,27 @@ def build_dataset(
             transforms=transforms, with_masks=with_masks,
         )
     raise ConfigError(f"data.kind {kind!r} is unknown; choose one of {sorted(DATASETS)}")
+
+
+def build_data(cfg: Config, *, train: bool) -> CocoDetection:
+    """The training (``train=True``) or validation split of ``cfg.data``, as a run uses it (the
+    training targets carry masks when ``data.with_masks`` is set or the detector is Mask R-CNN).
+
+    Raises what :func:`build_dataset` raises.
+    """
+    d = cfg.data
+    return build_dataset(
+        d.kind,
+        train=train,
+        root=d.root,
+        ann_file=d.train_ann if train else d.val_ann,
+        images_dir=d.train_images if train else d.val_images,
+        hflip=d.hflip,
+        scales=None,
+        max_size=cfg.model.max_size,
+        with_masks=bool(train and (d.with_masks or is_mask_model(cfg))),
+        synth=to_dict(d.synth),
+    )
 
 
 def base_dataset(dataset: Any) -> tuple[CocoDetection, list[int] | None]:

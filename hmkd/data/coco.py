@@ -86,7 +86,8 @@ def _read_json(path: str | os.PathLike) -> Any:
     return data
 
 
-def _is_number(x: Any) -> bool:
+def is_number(x: Any) -> bool:
+    """A finite int or float (not a bool; NumPy integers are not ints here)."""
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
@@ -170,7 +171,7 @@ def validate_coco_dict(data: Any, source: str) -> bool:
         if isinstance(a["image_id"], (list, dict)) or a["image_id"] not in img_ids:
             raise DataError(f"{source}: {name} has image_id {a['image_id']!r}, which is not in 'images'")
         bbox = a["bbox"]
-        if not isinstance(bbox, list) or len(bbox) != 4 or not all(_is_number(v) for v in bbox):
+        if not isinstance(bbox, list) or len(bbox) != 4 or not all(is_number(v) for v in bbox):
             raise DataError(f"{source}: {name} bbox {bbox!r} is not 4 finite numbers [x, y, w, h]")
         if "id" not in a or not _is_id(a["id"]) or a["id"] in seen_ids or a["id"] == 0:
             a["id"] = next_id
@@ -185,7 +186,7 @@ def validate_coco_dict(data: Any, source: str) -> bool:
         if "area" not in a:
             a["area"] = float(max(bbox[2], 0.0) * max(bbox[3], 0.0))
             modified = True
-        elif not _is_number(a["area"]):
+        elif not is_number(a["area"]):
             raise DataError(f"{source}: {name} area {a['area']!r} is not a finite number")
     return modified
 
@@ -245,7 +246,7 @@ def segmentation_problem(seg: Any, h: int, w: int) -> str | None:
         for poly in seg:
             if not isinstance(poly, list) or len(poly) < 6 or len(poly) % 2:
                 return "a polygon is not a list of 3 or more x, y pairs"
-            if not all(_is_number(v) for v in poly):
+            if not all(is_number(v) for v in poly):
                 return "polygon holds a value that is not a finite number"
             xs, ys = poly[0::2], poly[1::2]
             if min(xs) < -w or max(xs) > 2 * w or min(ys) < -h or max(ys) > 2 * h:

@@ -7,62 +7,55 @@ A training checkpoint is a dict (see :func:`hmkd.engine.trainer.train`)::
      "optimizer": ..., "extra_optimizers": {name: state}, "scheduler": ..., "scaler": ... | None,
      "iteration": int, "rng": [per-rank RNG states], "config": dict, "trainer": {...}}
 
-Files are written atomically: the object is saved to a temporary file in the same directory,
-flushed and ``os.fsync``-ed, then moved over the destination with ``os.replace`` (atomic on POSIX
-and Windows), and the directory entry is synced where the OS allows it. A crash or a full disk
-mid-write leaves the previous file untouched and no partial file under the final name.
+Files are written atomically (:func:`hmkd.utils.atomic_open` with ``durable=True``): the object is
+saved to a temporary file ``.NAME.XXXX.tmp`` in the same directory, flushed and ``os.fsync``-ed,
+then moved over the destination with ``os.replace`` (atomic on POSIX and Windows), and the
+directory entry is synced where the OS allows it. A crash or a full disk mid-write leaves the
+previous file untouched and no partial file under the final name; a process killed mid-write
+leaves its temporary file, which :func:`partial_writes` finds (the trainer removes them on start).
+Finished files get the mode an ordinary ``open()`` gives (``0o666`` less the umask).
 """
 
 from __future__ import annotations
 
 import os
 import random
-import tempfile
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
 import torch
 
 from hmkd.errors import CheckpointError
+from hmkd.utils import atomic_open
 
 LAST = "last_checkpoint.pth"
 BEST = "model_best.pth"
 FINAL = "model_final.pth"
 
 
-def _fsync_dir(directory: str) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # e.g. Windows: directories cannot be opened
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(obj: Any, path: str) -> str:
-    """``torch.save(obj)`` to ``path`` atomically (temp file + flush + fsync + ``os.replace``)."""
+    """``torch.save(obj)`` to ``path`` atomically and durably (:func:`hmkd.utils.atomic_open`: a
+    temporary ``.NAME.XXXX.tmp`` beside it, flushed, fsync-ed, moved over ``path``)."""
     path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    _fsync_dir(directory)
+    with atomic_open(path, "wb", durable=True) as f:
+        torch.save(obj, f)
     return path
+
+
+def partial_writes(directory: str, names: Iterable[str] = (LAST, BEST, FINAL)) -> list[str]:
+    """Temporary files of writes of ``names`` (checkpoints by default) that never finished in
+    ``directory``: ``.NAME.XXXX.tmp``, as :func:`hmkd.utils.atomic_open` names them, left by a
+    process killed mid-write. Never complete, each as large as a checkpoint."""
+    names = set(names)
+    out = []
+    for entry in os.scandir(directory):
+        if not (entry.name.startswith(".") and entry.name.endswith(".tmp")):
+            continue
+        base = entry.name[1:].rsplit(".", 2)[0]
+        if base in names and entry.is_file():
+            out.append(entry.path)
+    return sorted(out)
 
 
 def load_checkpoint(path: str, map_location: Any = "cpu") -> dict[str, Any]:

@@ -15,7 +15,8 @@ What is synchronised and how:
   and leaves it ``None`` only when no rank has one (so an optimiser skips it exactly as it would in
   a single process);
 - the training sampler shards one global index stream (see :class:`InfiniteBatchSampler`);
-- evaluation runs each rank on its shard and gathers the detections with ``all_gather_object``.
+- evaluation runs each rank on its shard and gathers the detections with ``all_gather_object``
+  (:func:`gather_unique_detections`).
 """
 
 from __future__ import annotations
@@ -23,13 +24,15 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from hmkd.errors import ConfigError
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -145,6 +148,17 @@ def broadcast_object(ctx: DistContext, obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
+def main_first(ctx: DistContext, fn: Callable[[], T]) -> T:
+    """``fn()`` on rank 0 first, then on the other ranks (e.g. building a data set that is
+    generated on first use: rank 0 writes it, the others read it)."""
+    if ctx.is_main:
+        out = fn()
+    barrier(ctx)
+    if not ctx.is_main:
+        out = fn()
+    return out
+
+
 def broadcast_module(ctx: DistContext, module: nn.Module, src: int = 0) -> None:
     """Copy rank ``src``'s parameters and buffers into ``module`` on every rank (in place)."""
     if not ctx.distributed:
@@ -197,17 +211,22 @@ def all_reduce_flags(ctx: DistContext, *flags: bool) -> list[bool]:
     return [bool(v > 0) for v in t.tolist()]
 
 
-def reduce_mean_dict(ctx: DistContext, values: dict[str, float]) -> dict[str, float]:
-    """Average a dict of floats over ranks (same keys, same order, on every rank)."""
-    if not ctx.distributed or not values:
-        return dict(values)
-    keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=ctx.device)
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    t /= ctx.world_size
-    return dict(zip(keys, t.tolist()))
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside a DDP (or DataParallel) wrapper."""
-    return getattr(model, "module", model)
+def gather_unique_detections(image_ids: list[int], results: list[dict]) -> tuple[list[int], list[dict]]:
+    """All-gather ``(image ids, COCO results)`` over the default process group and keep each image's
+    results from the first rank that had it (a padded sampler repeats images). Rank order; a
+    no-op in a single process."""
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if world == 1:
+        return image_ids, results
+    parts: list[Any] = [None] * world
+    dist.all_gather_object(parts, (image_ids, results))
+    seen: set[int] = set()
+    all_ids: list[int] = []
+    all_results: list[dict] = []
+    for ids, res in parts:
+        new = [i for i in dict.fromkeys(ids) if i not in seen]
+        new_set = set(new)
+        all_ids.extend(new)
+        all_results.extend(r for r in res if r["image_id"] in new_set)
+        seen.update(new)
+    return all_ids, all_results

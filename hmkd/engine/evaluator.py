@@ -1,21 +1,21 @@
-"""COCO evaluation of torchvision detectors: results conversion, metrics, evaluator, inference loop.
+"""COCO metrics of detections against a ground truth: :func:`coco_metrics` and its two engines.
 
 Metrics are COCO-API numbers (pycocotools' ``COCOeval`` protocol: 10 IoU thresholds .50:.95, 101
 recall points, maxDets 100, small/medium/large = area < 32^2 / < 96^2 / above), reported in percent
 (``COCOeval.stats * 100``). Where COCOeval has nothing to score (e.g. ``APl`` when the ground truth
 holds no large object) it returns -1; we report ``nan`` instead (as detectron2 does), and
-:func:`write_eval_outputs` writes it as JSON ``null``.
+:func:`hmkd.engine.evaluation.write_eval_outputs` writes it as JSON ``null``.
 
 Engine: ``faster`` (default): faster-coco-eval 1.8's C++ matching and accumulation, whose one
 difference from pycocotools (precision ``tp/(tp+fp)`` without pycocotools' ``+eps``, so 1.0 instead
-of 1 - 2^-52 where ``tp+fp == 1``) is repaired after accumulation (:func:`_match_pycocotools_precision`),
+of 1 - 2^-52 where ``tp+fp == 1``) is repaired after accumulation (:func:`match_pycocotools_precision`),
 which makes every number bit-identical to pycocotools' ``COCOeval``; ``engine="pycocotools"`` runs
 the reference itself. ``tests/engine/test_evaluator.py`` checks the two for exact equality (boxes
 and masks, small/medium/large and crowd ground truth, random sets). Detections for ``segm`` are loaded without their
 ``bbox`` key (as detectron2 does), so a detection's area is its mask area, not its box area.
 
-Distributed runs: :class:`COCOEvaluator` and :func:`inference_on_dataset` gather results from all
-ranks (``all_gather_object``) and drop the duplicate images a ``DistributedSampler`` pads with.
+The detections are COCO results (:mod:`hmkd.engine.coco_results` converts a detector's outputs and
+checks a list before it is scored); :mod:`hmkd.engine.inference` produces them over a data set.
 """
 
 from __future__ import annotations
@@ -24,38 +24,29 @@ import contextlib
 import copy
 import gc
 import io
-import json
 import logging
 import math
 import os
-import tempfile
-import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from itertools import chain
-from operator import itemgetter
-from pathlib import Path
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
-import torch
-import torch.distributed as dist
-from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
-from tqdm import tqdm
 
-from hmkd.data.coco import _is_number, load_coco_json, segmentation_problem, validate_coco_dict
-from hmkd.errors import DataError, HMKDError
+from hmkd.data.coco import load_coco_json, validate_coco_dict
+from hmkd.engine.coco_results import check_detections, segm_problem
+from hmkd.errors import DataError
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "COCOEvaluator",
-    "coco_metrics",
-    "detections_to_coco",
-    "inference_on_dataset",
-    "write_eval_outputs",
     "SUMMARY_KEYS",
+    "coco_metrics",
+    "gc_paused",
+    "make_eval",
+    "match_pycocotools_precision",
+    "quiet",
 ]
 
 SUMMARY_KEYS: tuple[str, ...] = (
@@ -66,66 +57,6 @@ SUMMARY_KEYS: tuple[str, ...] = (
 _IOU_TYPES = ("bbox", "segm")
 
 
-# ------------------------------------------------------------------------------------ conversion
-def detections_to_coco(
-    outputs: Sequence[Mapping[str, torch.Tensor]],
-    image_ids: Sequence[int],
-    label_to_cat: Mapping[int, int],
-    with_masks: bool = False,
-) -> list[dict]:
-    """Convert torchvision detection outputs to the COCO results format.
-
-    Args:
-        outputs: one dict per image with ``boxes`` (xyxy, original image pixels), ``scores``,
-            ``labels`` (contiguous 1..K) and, with masks, ``masks`` (``[N, 1, H, W]`` probabilities
-            or ``[N, H, W]``).
-        image_ids: the COCO image id of each output.
-        label_to_cat: contiguous label → the data set's own category id.
-        with_masks: also emit ``segmentation`` (mask > 0.5, compressed RLE, counts as str).
-
-    Returns:
-        ``[{"image_id", "category_id", "bbox": [x, y, w, h], "score"(, "segmentation")}, ...]``.
-
-    Raises:
-        DataError: a label has no category (model and data set disagree on the classes).
-    """
-    if len(outputs) != len(image_ids):
-        raise ValueError(f"detections_to_coco: {len(outputs)} outputs but {len(image_ids)} image ids")
-    results: list[dict] = []
-    for out, img_id in zip(outputs, image_ids):
-        boxes = out["boxes"].detach().to("cpu", torch.float64)
-        if boxes.numel() == 0:
-            continue
-        scores = out["scores"].detach().to("cpu", torch.float64).tolist()
-        labels = out["labels"].detach().to("cpu").tolist()
-        xywh = boxes.clone()
-        xywh[:, 2:] -= xywh[:, :2]
-        xywh = xywh.tolist()
-        rles = None
-        if with_masks:
-            if "masks" not in out:
-                raise ValueError("detections_to_coco: with_masks=True but the output has no 'masks'")
-            m = out["masks"].detach().to("cpu")
-            if m.dim() == 4:
-                m = m[:, 0]
-            binary = (m > 0.5) if m.is_floating_point() else (m > 0)
-            arr = np.asfortranarray(binary.numpy().astype(np.uint8).transpose(1, 2, 0))
-            rles = mask_utils.encode(arr)
-        for k, (label, box, score) in enumerate(zip(labels, xywh, scores)):
-            if label not in label_to_cat:
-                raise DataError(
-                    f"model label {label} has no category in the data set (labels "
-                    f"{min(label_to_cat)}..{max(label_to_cat)}); check the model's num_classes"
-                )
-            r = {"image_id": int(img_id), "category_id": int(label_to_cat[label]), "bbox": box, "score": score}
-            if rles is not None:
-                rle = rles[k]
-                r["segmentation"] = {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")}
-            results.append(r)
-    return results
-
-
-# ------------------------------------------------------------------------------------ metrics
 def _load_gt_dict(gt: str | os.PathLike | dict) -> dict:
     """A private, validated copy of the ground truth (COCOeval mutates the annotations it reads)."""
     if isinstance(gt, dict):
@@ -141,11 +72,12 @@ def _load_gt_dict(gt: str | os.PathLike | dict) -> dict:
     return load_coco_json(gt)
 
 
-def _quiet() -> contextlib.AbstractContextManager:
+def quiet() -> contextlib.AbstractContextManager:
+    """Swallow what pycocotools prints to stdout."""
     return contextlib.redirect_stdout(io.StringIO())
 
 
-def _match_pycocotools_precision(ev: Any, gt_data: dict) -> int:
+def match_pycocotools_precision(ev: Any, gt_data: dict) -> int:
     """Make faster-coco-eval's accumulated ``precision`` bit-identical to pycocotools'.
 
     faster-coco-eval's C++ accumulate computes a precision point as ``tp / (tp + fp)``,
@@ -195,10 +127,10 @@ def _match_pycocotools_precision(ev: Any, gt_data: dict) -> int:
     return fixed
 
 
-def _make_eval(engine: str, gt_data: dict, dets: list[dict], iou_type: str) -> Any:
+def make_eval(engine: str, gt_data: dict, dets: list[dict], iou_type: str) -> Any:
     """Build a COCOeval-like object of the chosen engine, evaluated, accumulated and summarised."""
     if engine == "pycocotools":
-        with _quiet():
+        with quiet():
             gt = COCO()
             gt.dataset = gt_data
             gt.createIndex()
@@ -248,17 +180,8 @@ def _class_names(gt_data: dict, cat_ids: list[int], class_names: Sequence[str] |
     return out
 
 
-def _segm_problem(seg: Any, h: int, w: int) -> str | None:
-    if isinstance(seg, list):
-        if not all(isinstance(p, list) for p in seg):
-            return "polygons must be lists of numbers"
-    elif not isinstance(seg, dict) or "counts" not in seg:
-        return "neither polygons nor an RLE"
-    return segmentation_problem(seg, h, w)
-
-
 @contextlib.contextmanager
-def _gc_paused() -> Iterator[None]:
+def gc_paused() -> Iterator[None]:
     """Python's cyclic garbage collector off for the block (restored after, even on error).
 
     Loading COCO results creates one dict (and a list) per detection; with the collector on, each
@@ -275,68 +198,6 @@ def _gc_paused() -> Iterator[None]:
     finally:
         if was_enabled:
             gc.enable()
-
-
-_NUMBER_TYPES = (int, float)  # as data.coco._is_number (np.float64 is a float, np.int64 is not)
-
-
-def _all_numbers(types: set[type]) -> bool:
-    return all(issubclass(t, _NUMBER_TYPES) and not issubclass(t, bool) for t in types)
-
-
-def _bbox_detections_look_valid(detections: Sequence[Any], images: Mapping[int, dict]) -> bool:
-    """Whole-list (C-speed) form of :func:`_check_detections`' bbox checks: True when every
-    detection certainly passes them; False sends the caller to the per-detection loop, which
-    names the first bad one (the fast path may also be stricter, never looser)."""
-    try:
-        if set(map(type, detections)) != {dict}:
-            return False
-        img_ids, cat_ids, scores, boxes = zip(*map(itemgetter("image_id", "category_id", "score", "bbox"), detections))
-        if not set(img_ids) <= images.keys():  # a list/dict id is unhashable: TypeError below
-            return False
-        if set(map(type, cat_ids)) & {list, dict}:
-            return False
-        if set(map(type, boxes)) - {list, tuple} or set(map(len, boxes)) != {4}:
-            return False
-        flat = list(chain.from_iterable(boxes))
-        if not (_all_numbers(set(map(type, scores))) and _all_numbers(set(map(type, flat)))):
-            return False
-        return bool(np.isfinite(np.asarray(scores, dtype=np.float64)).all()
-                    and np.isfinite(np.asarray(flat, dtype=np.float64)).all())
-    except (KeyError, TypeError, ValueError, OverflowError):
-        return False
-
-
-def _check_detections(detections: Sequence[Any], images: Mapping[int, dict], iou_types: Sequence[str]) -> None:
-    """One-line DataErrors for malformed COCO results, which pycocotools would meet with a raw
-    KeyError/TypeError/IndexError (or, for a bad RLE, undefined behaviour)."""
-    if "segm" not in iou_types and detections and _bbox_detections_look_valid(detections, images):
-        return
-    for i, d in enumerate(detections):
-        if not isinstance(d, Mapping):
-            raise DataError(f"detections[{i}] is not an object: {d!r:.80}")
-        img_id = d.get("image_id")
-        if isinstance(img_id, (list, dict)) or img_id not in images:
-            raise DataError(f"detection for image_id {img_id!r}, which is not in the ground truth")
-        for key in ("category_id", "score"):
-            if key not in d:
-                raise DataError(f"detections[{i}] (image_id {img_id}) has no '{key}'")
-        if isinstance(d["category_id"], (list, dict)):
-            raise DataError(f"detections[{i}] (image_id {img_id}) category_id {d['category_id']!r} is not an id")
-        if not _is_number(d["score"]):
-            raise DataError(f"detections[{i}] (image_id {img_id}) score {d['score']!r} is not a finite number")
-        if "bbox" in iou_types:
-            box = d.get("bbox")
-            if not isinstance(box, (list, tuple)) or len(box) != 4 or not all(_is_number(v) for v in box):
-                raise DataError(f"detections[{i}] (image_id {img_id}) bbox {box!r:.80} is not 4 finite numbers")
-        if "segm" in iou_types and "segmentation" in d:
-            im, seg = images[img_id], d["segmentation"]
-            if not isinstance(seg, Mapping) or not isinstance(seg.get("counts"), (str, bytes)):
-                problem = "not a compressed RLE {'size', 'counts': str} as COCO results need"
-            else:
-                problem = _segm_problem(dict(seg), im["height"], im["width"])
-            if problem is not None:
-                raise DataError(f"detections[{i}] (image_id {img_id}) has an unusable segmentation ({problem})")
 
 
 def _pct(x: float) -> float:
@@ -362,14 +223,14 @@ def coco_metrics(
             ``"__background__"``); default: the ground truth's category names.
         image_ids: evaluate only these images (default: every image of ``gt``).
         engine: ``"faster"`` (default: faster-coco-eval's C++ matching and accumulation, its
-            precision made bit-identical to pycocotools', see :func:`_match_pycocotools_precision`)
+            precision made bit-identical to pycocotools', see :func:`match_pycocotools_precision`)
             or ``"pycocotools"`` (the reference COCOeval).
 
     Returns:
         ``{iou_type: {"mAP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs",
         "ARm", "ARl", "per_class": {name: AP}}}``; ``nan`` where COCOeval has nothing to score.
     """
-    with _gc_paused():
+    with gc_paused():
         return _coco_metrics(gt, detections, iou_types, class_names, image_ids, engine)
 
 
@@ -385,7 +246,7 @@ def _coco_metrics(
     cat_ids = sorted(c["id"] for c in gt_data["categories"])
     names = _class_names(gt_data, cat_ids, class_names)
     known_imgs = {im["id"]: im for im in gt_data["images"]}
-    _check_detections(detections, known_imgs, iou_types)
+    check_detections(detections, known_imgs, iou_types)
     ids = None if image_ids is None else sorted({int(i) for i in image_ids})
     if ids is not None:
         missing = [i for i in ids if i not in known_imgs]
@@ -403,7 +264,7 @@ def _coco_metrics(
                         f"ground truth annotation id {a.get('id')} has no 'segmentation'; segm evaluation needs masks"
                     )
                 im = known_imgs[a["image_id"]]
-                problem = _segm_problem(a["segmentation"], im["height"], im["width"])
+                problem = segm_problem(a["segmentation"], im["height"], im["width"])
                 if problem is not None:  # pycocotools would crash or read out of bounds on it
                     raise DataError(f"ground truth annotation id {a.get('id')} has an unusable segmentation ({problem})")
             dets = []
@@ -418,14 +279,14 @@ def _coco_metrics(
             if any("segmentation" in d for d in dets):
                 for d in dets:
                     d.pop("segmentation", None)
-        ev = _make_eval(engine, data, dets, iou_type)
+        ev = make_eval(engine, data, dets, iou_type)
         if ids is not None:
             ev.params.imgIds = ids
-        with _quiet():
+        with quiet():
             ev.evaluate()
             ev.accumulate()
             if engine == "faster":
-                _match_pycocotools_precision(ev, data)
+                match_pycocotools_precision(ev, data)
             ev.summarize()
         stats = [float(s) for s in ev.stats[: len(SUMMARY_KEYS)]]
         out: dict[str, Any] = {k: _pct(v) for k, v in zip(SUMMARY_KEYS, stats)}
@@ -444,227 +305,3 @@ def _coco_metrics(
             iou_type, out["mAP"], out["AP50"], out["AP75"], out["APs"], out["APm"], out["APl"], len(dets), engine,
         )
     return results
-
-
-# ------------------------------------------------------------------------------------ distributed
-def _dist_world() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def _gather_unique(image_ids: list[int], results: list[dict]) -> tuple[list[int], list[dict]]:
-    """All-gather (image ids, results) and keep each image's results from the first rank that had it."""
-    if _dist_world() == 1:
-        return image_ids, results
-    parts: list[Any] = [None] * _dist_world()
-    dist.all_gather_object(parts, (image_ids, results))
-    seen: set[int] = set()
-    all_ids: list[int] = []
-    all_results: list[dict] = []
-    for ids, res in parts:
-        new = [i for i in dict.fromkeys(ids) if i not in seen]
-        new_set = set(new)
-        all_ids.extend(new)
-        all_results.extend(r for r in res if r["image_id"] in new_set)
-        seen.update(new)
-    return all_ids, all_results
-
-
-# ------------------------------------------------------------------------------------ evaluator
-class COCOEvaluator:
-    """detectron2-style evaluator: ``reset()``, ``process(targets, outputs)``, ``evaluate()``.
-
-    Only the images seen by ``process`` are scored, so evaluating on part of a data set does not
-    count the unseen images' objects as misses.
-
-    Args:
-        gt: COCO ground truth (path or dict), e.g. ``hmkd.data.gt_json_for(dataset)``.
-        label_to_cat: contiguous label → category id (``dataset.label_to_cat``).
-        iou_types: ``("bbox",)``, ``("segm",)`` or both.
-        class_names: names for ``per_class`` (``dataset.class_names``).
-        engine: ``"pycocotools"`` or ``"faster"``.
-    """
-
-    def __init__(
-        self,
-        gt: str | os.PathLike | dict,
-        label_to_cat: Mapping[int, int],
-        iou_types: Sequence[str] = ("bbox",),
-        class_names: Sequence[str] | None = None,
-        *,
-        engine: str = "faster",
-    ) -> None:
-        self.gt = gt
-        self.label_to_cat = dict(label_to_cat)
-        self.iou_types = tuple(iou_types)
-        self.class_names = None if class_names is None else list(class_names)
-        self.engine = engine
-        self.with_masks = "segm" in self.iou_types
-        self.reset()
-
-    def reset(self) -> None:
-        """Forget everything processed so far."""
-        self._image_ids: list[int] = []
-        self._results: list[dict] = []
-
-    def process(self, targets: Sequence[Mapping[str, Any]], outputs: Sequence[Mapping[str, torch.Tensor]]) -> None:
-        """Add a batch: ``targets`` give ``image_id``, ``outputs`` are the model's detections."""
-        ids = [int(t["image_id"]) for t in targets]
-        self._image_ids.extend(ids)
-        self._results.extend(detections_to_coco(outputs, ids, self.label_to_cat, with_masks=self.with_masks))
-
-    @property
-    def detections(self) -> list[dict]:
-        """COCO results processed so far (this rank only)."""
-        return self._results
-
-    def evaluate(self) -> dict[str, dict[str, Any]]:
-        """Metrics over every processed image (gathered over ranks; ``{}`` on ranks other than 0)."""
-        ids, results = _gather_unique(self._image_ids, self._results)
-        if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
-            return {}
-        if not ids:
-            logger.warning("COCOEvaluator.evaluate: no image was processed")
-            return {}
-        return coco_metrics(self.gt, results, self.iou_types, self.class_names, image_ids=ids, engine=self.engine)
-
-
-# ------------------------------------------------------------------------------------ loaders
-def _len_or_none(x: Any) -> int | None:
-    try:
-        return len(x)
-    except TypeError:
-        return None
-
-
-def next_batch(it: Iterator) -> Any:
-    """``next(it)`` of a DataLoader iterator, keeping the project's one-line error messages.
-
-    An :class:`~hmkd.errors.HMKDError` raised in a DataLoader worker comes back from torch as the
-    same type with the message ``Caught DataError in DataLoader worker process N.`` followed by
-    the worker's traceback; it is re-raised with the original one-line message (its last line).
-    """
-    try:
-        return next(it)
-    except HMKDError as e:
-        msg = str(e)
-        if "\n" not in msg:
-            raise
-        last = msg.rstrip().splitlines()[-1].strip()
-        prefix = f"{type(e).__module__}.{type(e).__name__}: "
-        raise type(e)(last[len(prefix):] if last.startswith(prefix) else last) from None
-
-
-def close_loader_iter(it: Any) -> None:
-    """Stop a DataLoader iterator's worker processes now.
-
-    Left to garbage collection, a multi-process iterator that an exception keeps alive is only
-    cleaned up at interpreter exit, where torch does nothing and ``multiprocessing`` stops the
-    workers with SIGTERM, which our workers ignore (see ``hmkd.engine.trainer._worker_init``):
-    the process would hang on exit instead of reporting the error.
-    """
-    shutdown = getattr(it, "_shutdown_workers", None)
-    if shutdown is not None:
-        shutdown()
-
-
-# ------------------------------------------------------------------------------------ inference
-def inference_on_dataset(
-    model: torch.nn.Module,
-    loader: Iterable,
-    device: torch.device | str,
-    label_to_cat: Mapping[int, int],
-    with_masks: bool = False,
-    progress: bool = True,
-) -> list[dict]:
-    """Run a torchvision detection model over a loader of ``(images, targets)`` and collect COCO results.
-
-    The model is put in eval mode (its previous mode is restored) and run under
-    ``torch.inference_mode()``; it must return boxes in the coordinates of the images it is given
-    (torchvision detectors do). In a distributed run the results of all ranks are gathered.
-
-    Returns:
-        COCO results (see :func:`detections_to_coco`).
-    """
-    device = torch.device(device)
-    was_training = model.training
-    model.eval()
-    results: list[dict] = []
-    image_ids: list[int] = []
-    n_images, compute_time = 0, 0.0
-    start = time.perf_counter()
-    it = iter(loader)
-    try:
-        with torch.inference_mode():
-            bar = tqdm(total=_len_or_none(loader), desc="inference", disable=not progress, dynamic_ncols=True)
-            while True:
-                try:
-                    images, targets = next_batch(it)
-                except StopIteration:
-                    break
-                bar.update(1)
-                images = [img.to(device, non_blocking=True) for img in images]
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                t0 = time.perf_counter()
-                outputs = model(images)
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                compute_time += time.perf_counter() - t0
-                outputs = [{k: v.to("cpu") for k, v in o.items()} for o in outputs]
-                ids = [int(t["image_id"]) for t in targets]
-                image_ids.extend(ids)
-                results.extend(detections_to_coco(outputs, ids, label_to_cat, with_masks=with_masks))
-                n_images += len(images)
-            bar.close()
-    finally:
-        close_loader_iter(it)
-        model.train(was_training)
-    total = time.perf_counter() - start
-    logger.info(
-        "inference: %d images in %.1f s (model %.3f s/image), %d detections",
-        n_images, total, compute_time / max(n_images, 1), len(results),
-    )
-    _, results = _gather_unique(image_ids, results)
-    return results
-
-
-# ------------------------------------------------------------------------------------ outputs
-def _json_safe(x: Any) -> Any:
-    if isinstance(x, float):
-        return None if not math.isfinite(x) else x
-    if isinstance(x, Mapping):
-        return {str(k): _json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_json_safe(v) for v in x]
-    if isinstance(x, np.generic):
-        return _json_safe(x.item())
-    return x
-
-
-def _write_json_atomic(path: Path, data: Any) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, allow_nan=False)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def write_eval_outputs(out_dir: str | os.PathLike, metrics: Mapping[str, Any], detections: Sequence[dict]) -> dict[str, str]:
-    """Write ``metrics.json`` and ``detections.json`` into ``out_dir`` atomically.
-
-    Each file is written to a temporary file in the same folder and renamed over the target, so a
-    reader never sees a half-written file. Non-finite metrics (``nan``) are written as ``null``.
-
-    Returns:
-        ``{"metrics": path, "detections": path}``.
-    """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {"metrics": out / "metrics.json", "detections": out / "detections.json"}
-    _write_json_atomic(paths["metrics"], _json_safe(metrics))
-    _write_json_atomic(paths["detections"], _json_safe(list(detections)))
-    return {k: str(v) for k, v in paths.items()}

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from hmkd.errors import ConfigError
+from hmkd.utils import json_safe, save_figure, write_text
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -30,14 +31,6 @@ def peak_memory_mb(device: torch.device) -> float:
         return torch.cuda.max_memory_allocated(device) / 2**20
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2**20 if sys.platform == "darwin" else rss / 1024  # bytes on macOS, KiB on Linux
-
-
-def _clean(v: Any) -> Any:
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    if isinstance(v, dict):
-        return {k: _clean(x) for k, x in v.items()}
-    return v
 
 
 class JsonlLogger:
@@ -59,14 +52,11 @@ class JsonlLogger:
                     continue  # a torn last line
                 if int(rec.get("iteration", 0)) <= iteration:
                     keep.append(json.dumps(rec))
-        tmp = f"{self.path}.tmp"
-        with open(tmp, "w") as f:
-            f.write("".join(k + "\n" for k in keep))
-        os.replace(tmp, self.path)
+        write_text(self.path, "".join(k + "\n" for k in keep))
 
     def write(self, record: dict[str, Any]) -> None:
         with open(self.path, "a") as f:
-            f.write(json.dumps(_clean(record)) + "\n")
+            f.write(json.dumps(json_safe(record)) + "\n")
             f.flush()
 
 
@@ -113,8 +103,8 @@ _NOT_TERMS = {"iteration", "lr", "sec_per_iter", "data_sec", "peak_mem_mb", "eva
 def plot_loss_curve(records: list[dict[str, Any]], path: str) -> str | None:
     """Plot every logged loss term (and the total) against the iteration into ``path`` (PNG).
 
-    Uses matplotlib's Agg canvas directly, so the global backend is left alone. Returns the path,
-    or None if there is nothing to plot.
+    Uses matplotlib's Agg canvas directly, so the global backend is left alone; the file is written
+    atomically. Returns the path, or None if there is nothing to plot.
     """
     steps = [r for r in records if "total" in r]
     if not steps:
@@ -147,5 +137,4 @@ def plot_loss_curve(records: list[dict[str, Any]], path: str) -> str | None:
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
-    fig.savefig(path)
-    return path
+    return save_figure(fig, path)

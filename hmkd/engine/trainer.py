@@ -1,7 +1,8 @@
-"""Iteration-based training of a student detector (with or without a teacher) and evaluation.
+"""Iteration-based training of a student detector (with or without a teacher).
 
 :func:`train` is torchvision's ``references/detection`` loop reshaped around a
-:class:`~hmkd.distill.base.Distiller` and counted in iterations:
+:class:`~hmkd.distill.base.Distiller` and counted in iterations; each iteration is one
+:func:`~hmkd.engine.step.train_step` followed by the learning-rate schedule's step:
 
     losses = distiller(images, targets, it)          # flat, prefixed loss dict
     total = sum(losses.values())                      # a non-finite term stops the run
@@ -41,47 +42,49 @@ Fault tolerance:
   :class:`TrainingInterrupted` (a ``KeyboardInterrupt``) is raised; a second SIGINT stops at once.
 
 Distributed (``torchrun``): see :mod:`hmkd.engine.distributed`. Only rank 0 writes files and shows
-progress; evaluation runs each rank on its shard and scores the gathered detections on rank 0.
+progress; evaluation (:mod:`hmkd.engine.evaluation`) runs each rank on its shard and scores the
+gathered detections on rank 0.
 """
 
 from __future__ import annotations
 
-import copy
-import dataclasses
-import json
 import logging
 import math
 import os
 import signal
-import threading
 import time
 import warnings
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from hmkd.config import Config, save_config, to_dict
+from hmkd.config import (
+    Config,
+    check_config,
+    is_mask_model,
+    resolve_config,
+    resolve_num_classes,
+    save_config,
+    to_dict,
+)
 from hmkd.engine import checkpoint as ckpt_io
 from hmkd.engine import distributed as du
-from hmkd.engine.evaluator import close_loader_iter, next_batch
+from hmkd.engine.evaluation import evaluate_model, write_eval_outputs
+from hmkd.engine.loaders import close_loader_iter, next_batch, to_device
 from hmkd.engine.logging_utils import JsonlLogger, TensorBoardLogger, peak_memory_mb, plot_loss_curve, read_jsonl
-from hmkd.engine.optim import build_optimizer, build_scheduler, clip_gradients
+from hmkd.engine.optim import build_optimizer, build_scheduler
 from hmkd.engine.sampler import InfiniteBatchSampler, SeededDataset, mix_seed
+from hmkd.engine.signals import StopSignal, worker_init
+from hmkd.engine.step import train_step
 from hmkd.errors import CheckpointError, ConfigError, NonFiniteLossError
+from hmkd.utils import write_json
 
 logger = logging.getLogger(__name__)
 
-__all__ = [
-    "TrainingInterrupted",
-    "build_data",
-    "evaluate",
-    "evaluate_model",
-    "resolve_output_dir",
-    "train",
-]
+__all__ = ["TrainingInterrupted", "resolve_output_dir", "train"]
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -109,227 +112,6 @@ def resolve_output_dir(cfg: Config, output_dir: str | None = None) -> str:
     return output_dir or cfg.output_dir or os.path.join("runs", cfg.name)
 
 
-def _is_mask_model(cfg: Config) -> bool:
-    return cfg.model.detector == "mask_rcnn"
-
-
-def build_data(cfg: Config, *, train: bool) -> Any:
-    """The training or validation split of ``cfg.data`` (see :func:`hmkd.data.build_dataset`)."""
-    from hmkd.data import build_dataset
-
-    d = cfg.data
-    return build_dataset(
-        d.kind,
-        train=train,
-        root=d.root,
-        ann_file=d.train_ann if train else d.val_ann,
-        images_dir=d.train_images if train else d.val_images,
-        hflip=d.hflip,
-        scales=None,
-        max_size=cfg.model.max_size,
-        with_masks=bool(train and (d.with_masks or _is_mask_model(cfg))),
-        synth=to_dict(d.synth),
-    )
-
-
-def _build_data_ranked(ctx: du.DistContext, cfg: Config, *, train: bool) -> Any:
-    """Rank 0 builds first (a synthetic set is generated on first use), then the others read it."""
-    if ctx.is_main:
-        ds = build_data(cfg, train=train)
-    du.barrier(ctx)
-    if not ctx.is_main:
-        ds = build_data(cfg, train=train)
-    return ds
-
-
-def _check_config(cfg: Config) -> None:
-    t, d = cfg.train, cfg.data
-    for key, value, low in (
-        ("train.iters", t.iters, 0),
-        ("train.eval_period", t.eval_period, 0),
-        ("train.ckpt_period", t.ckpt_period, 0),
-        ("train.log_period", t.log_period, 0),
-        ("train.warmup_iters", t.warmup_iters, 0),
-        ("data.batch_size", d.batch_size, 1),
-        ("data.eval_batch_size", d.eval_batch_size, 1),
-        ("data.workers", d.workers, 0),
-    ):
-        if value < low:
-            raise ConfigError(f"{key} must be >= {low}, got {value}")
-    for key, value in (
-        ("train.lr", t.lr), ("train.momentum", t.momentum), ("train.weight_decay", t.weight_decay),
-        ("train.warmup_factor", t.warmup_factor), ("train.gamma", t.gamma), ("train.clip_grad", t.clip_grad),
-    ):
-        if value is not None and not math.isfinite(value):
-            raise ConfigError(f"{key} must be a finite number, got {value}")
-
-
-def _num_classes(cfg: Config, dataset: Any) -> int:
-    n_data = int(dataset.num_classes)
-    n = cfg.model.num_classes
-    if n is not None and n != n_data:
-        raise ConfigError(f"model.num_classes is {n} but the data set has {n_data} classes")
-    if cfg.teacher is not None and cfg.teacher.num_classes is not None and cfg.teacher.num_classes != n_data:
-        raise ConfigError(
-            f"teacher.num_classes is {cfg.teacher.num_classes} but the student (and data set) has {n_data}: "
-            "teacher and student must have the same classes"
-        )
-    return n_data
-
-
-def _resolved(cfg: Config, output_dir: str, num_classes: int) -> Config:
-    out = copy.deepcopy(cfg)
-    out.output_dir = output_dir
-    out.model = dataclasses.replace(out.model, num_classes=num_classes)
-    if out.teacher is not None:
-        out.teacher = dataclasses.replace(out.teacher, num_classes=num_classes)
-    return out
-
-
-def _json_safe(x: Any) -> Any:
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if isinstance(x, dict):
-        return {str(k): _json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_json_safe(v) for v in x]
-    return x
-
-
-def _write_json(path: str, data: Any) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(_json_safe(data), f, indent=2)
-    os.replace(tmp, path)
-
-
-def _to_device(images: list[torch.Tensor], targets: list[dict[str, Any]], device: torch.device) -> tuple[list, list]:
-    nb = device.type == "cuda"
-    images = [im.to(device, non_blocking=nb) for im in images]
-    targets = [{k: (v.to(device, non_blocking=nb) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
-    return images, targets
-
-
-def _worker_init(_: int) -> None:
-    """DataLoader workers ignore SIGINT/SIGTERM: the main process decides when to stop (it saves a
-    checkpoint first) and shuts them down; a worker dying of Ctrl-C would abort that save."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
-class _StopSignal:
-    """SIGINT/SIGTERM set a flag checked at the end of each iteration; a second SIGINT stops at once."""
-
-    def __init__(self) -> None:
-        self.requested: int | None = None
-        self._old: dict[int, Any] = {}
-
-    def _handler(self, signum: int, frame: Any) -> None:
-        if self.requested is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = signum
-        logger.warning(
-            "%s received: finishing this iteration and saving a checkpoint (SIGINT again to stop at once)",
-            signal.Signals(signum).name,
-        )
-
-    def __enter__(self) -> "_StopSignal":
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                try:
-                    self._old[sig] = signal.signal(sig, self._handler)
-                except (ValueError, OSError):  # pragma: no cover - unusual embedding
-                    pass
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-        self._old.clear()
-
-
-# ------------------------------------------------------------------------------------ evaluation
-def evaluate_model(
-    model: nn.Module,
-    dataset: Any,
-    *,
-    device: torch.device,
-    batch_size: int = 1,
-    workers: int = 0,
-    with_masks: bool = False,
-    progress: bool = True,
-    ctx: du.DistContext | None = None,
-) -> tuple[dict[str, dict[str, Any]], list[dict]]:
-    """COCO metrics and detections of ``model`` on ``dataset`` (bbox; segm too with ``with_masks``).
-
-    In a multi-process run each rank infers on its shard (indices ``rank::world_size``), the
-    detections are gathered and scored on rank 0, and every rank returns the same metrics. The
-    detections are put in (image id, per-image) order, so the result does not depend on the number
-    of processes. The caller's random streams are left untouched.
-    """
-    from hmkd.data import gt_json_for
-    from hmkd.data.transforms import collate_fn
-    from hmkd.engine.evaluator import coco_metrics, inference_on_dataset
-
-    ctx = ctx or du.DistContext(device=device)
-    shard = dataset if not ctx.distributed else Subset(dataset, list(range(ctx.rank, len(dataset), ctx.world_size)))
-    loader = DataLoader(
-        shard,
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=workers,
-        collate_fn=collate_fn,
-        pin_memory=device.type == "cuda",
-        worker_init_fn=_worker_init if workers > 0 else None,
-    )
-    fork_devices = [device.index or 0] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=fork_devices):
-        detections = inference_on_dataset(
-            model, loader, device, dataset.label_to_cat, with_masks=with_masks, progress=progress and ctx.is_main
-        )
-    detections = sorted(detections, key=lambda d: d["image_id"])  # stable: per-image order kept
-    metrics: dict[str, dict[str, Any]] = {}
-    if ctx.is_main:
-        iou_types = ("bbox", "segm") if with_masks else ("bbox",)
-        metrics = coco_metrics(gt_json_for(dataset), detections, iou_types, getattr(dataset, "class_names", None))
-    metrics = du.broadcast_object(ctx, metrics)
-    return metrics, detections
-
-
-def evaluate(cfg: Config, *, weights: str, out_dir: str, progress: bool = True) -> dict[str, dict[str, Any]]:
-    """``hmkd eval``: build ``cfg.model``, load ``weights``, score the val split, write the outputs.
-
-    Writes ``metrics.json`` and ``detections.json`` to ``out_dir`` (rank 0) and returns the metrics
-    ``{"bbox": {...}}`` (plus ``"segm"`` for Mask R-CNN). Runs sharded under torchrun.
-    """
-    from hmkd.engine.evaluator import write_eval_outputs
-    from hmkd.models import build_model, load_weights
-
-    ctx = du.init_distributed(cfg.device)
-    try:
-        val = _build_data_ranked(ctx, cfg, train=False)
-        n = _num_classes(cfg, val)
-        model = build_model(cfg.model, n, load=False)
-        load_weights(model, weights)
-        model.to(ctx.device).eval()
-        metrics, dets = evaluate_model(
-            model,
-            val,
-            device=ctx.device,
-            batch_size=cfg.data.eval_batch_size,
-            workers=cfg.data.workers,
-            with_masks=_is_mask_model(cfg),
-            progress=progress,
-            ctx=ctx,
-        )
-        if ctx.is_main:
-            write_eval_outputs(out_dir, metrics, dets)
-        du.barrier(ctx)
-        return metrics
-    finally:
-        du.cleanup(ctx)
-
-
 # ------------------------------------------------------------------------------------ training
 def train(
     cfg: Config, *, output_dir: str | None = None, resume: bool = False, progress: bool = True
@@ -353,7 +135,7 @@ def train(
         NonFiniteLossError: a loss term became NaN/inf (the last checkpoint is left intact).
         TrainingInterrupted: SIGINT/SIGTERM; a checkpoint was saved first.
     """
-    _check_config(cfg)
+    check_config(cfg)
     ctx = du.init_distributed(cfg.device)
     try:
         return _Run(cfg, ctx, resolve_output_dir(cfg, output_dir), resume, progress).run()
@@ -374,11 +156,11 @@ class _Run:
         self.amp = bool(cfg.train.amp)
         if self.amp and self.device.type != "cuda":
             warnings.warn("train.amp is ignored on CPU (mixed precision needs CUDA)", stacklevel=3)
-            logger.warning("train.amp is ignored on CPU (mixed precision needs CUDA)")
             self.amp = False
 
     # -- setup ----------------------------------------------------------------------------------
     def _setup(self) -> None:
+        from hmkd.data import build_data
         from hmkd.distill import build_distiller, needs_teacher
         from hmkd.models import build_model
 
@@ -398,15 +180,15 @@ class _Run:
         if ctx.is_main:
             os.makedirs(self.out, exist_ok=True)
         ckpt_io.seed_everything(cfg.seed)
-        self.train_set = _build_data_ranked(ctx, cfg, train=True)
-        self.val_set = _build_data_ranked(ctx, cfg, train=False)
+        self.train_set = du.main_first(ctx, lambda: build_data(cfg, train=True))
+        self.val_set = du.main_first(ctx, lambda: build_data(cfg, train=False))
         if len(self.train_set) == 0:
             raise ConfigError(f"the training split of data.root={cfg.data.root!r} holds no image")
-        n = _num_classes(cfg, self.train_set)
+        n = resolve_num_classes(cfg, self.train_set)
         if int(self.val_set.num_classes) != n:
             raise ConfigError(f"train split has {n} classes but val split has {self.val_set.num_classes}")
         self.num_classes = n
-        self.cfg = _resolved(cfg, self.out, n)
+        self.cfg = resolve_config(cfg, self.out, n)
 
         student = build_model(cfg.model, n)
         teacher = build_model(cfg.teacher, n) if with_teacher else None
@@ -432,7 +214,6 @@ class _Run:
                 student, device_ids=[self.device.index] if self.device.type == "cuda" else None
             )
             self.distiller.wrap_student(ddp)
-            self.ddp = ddp
 
         self.optimizer = build_optimizer(cfg.train, self.main_params)
         self.scheduler = build_scheduler(cfg.train, self.optimizer)
@@ -554,7 +335,7 @@ class _Run:
             device=self.device,
             batch_size=self.cfg.data.eval_batch_size,
             workers=self.cfg.data.workers,
-            with_masks=_is_mask_model(self.cfg),
+            with_masks=is_mask_model(self.cfg),
             progress=self.progress,
             ctx=self.ctx,
         )
@@ -568,8 +349,6 @@ class _Run:
             if self.tb is not None:
                 self.tb.write(self.iteration, summary, prefix="val/")
             if final:
-                from hmkd.engine.evaluator import write_eval_outputs
-
                 write_eval_outputs(os.path.join(self.out, "eval"), metrics, dets)
         m = bbox.get("mAP")
         if m is not None and math.isfinite(m) and (self.best["mAP"] is None or m > self.best["mAP"]):
@@ -606,7 +385,7 @@ class _Run:
             if tcfg.tensorboard:
                 self.tb = TensorBoardLogger(os.path.join(self.out, "tensorboard"))
         try:
-            with _StopSignal() as stop:
+            with StopSignal() as stop:
                 self._loop(stop)
             return self._finish()
         finally:
@@ -616,12 +395,9 @@ class _Run:
     def _remove_partial_writes(self) -> None:
         """Delete temporary checkpoint files a killed run left (``.last_checkpoint.pth.XXXX.tmp``):
         never complete, they would otherwise pile up, each as large as a checkpoint."""
-        names = {ckpt_io.LAST, ckpt_io.BEST, ckpt_io.FINAL}
-        for entry in os.scandir(self.out):
-            base = entry.name[1:].rsplit(".", 2)[0] if entry.name.startswith(".") else ""
-            if base in names and entry.name.endswith(".tmp") and entry.is_file():
-                logger.warning("removing %s, a partial checkpoint write of an earlier run", entry.path)
-                os.remove(entry.path)
+        for path in ckpt_io.partial_writes(self.out):
+            logger.warning("removing %s, a partial checkpoint write of an earlier run", path)
+            os.remove(path)
 
     def _loader(self) -> DataLoader:
         from hmkd.data.transforms import collate_fn
@@ -644,12 +420,12 @@ class _Run:
             collate_fn=collate_fn,
             pin_memory=self.device.type == "cuda",
             persistent_workers=workers > 0,
-            worker_init_fn=_worker_init if workers > 0 else None,
+            worker_init_fn=worker_init if workers > 0 else None,
             # the loader's own generator: creating it leaves the global random stream alone
             generator=torch.Generator().manual_seed(mix_seed(self.cfg.seed, self.iteration, 17)),
         )
 
-    def _loop(self, stop: _StopSignal) -> None:
+    def _loop(self, stop: StopSignal) -> None:
         cfg, ctx, tcfg = self.cfg, self.ctx, self.cfg.train
         total_iters = tcfg.iters
         if self.iteration >= total_iters:
@@ -660,78 +436,36 @@ class _Run:
         win_time, win_data, win_n = 0.0, 0.0, 0
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        amp_ctx = (
-            (lambda: torch.autocast(device_type="cuda", dtype=torch.float16))
-            if self.amp
-            else (lambda: torch.autocast(device_type=self.device.type, enabled=False))
-        )
         last_ckpt = self._paths()["last"] if os.path.isfile(self._paths()["last"]) else None
         try:
             while self.iteration < total_iters:
                 it = self.iteration
                 t0 = time.perf_counter()
                 images, targets = next_batch(data)
-                images, targets = _to_device(images, targets, self.device)
+                images, targets = to_device(images, targets, self.device)
                 t_data = time.perf_counter() - t0
 
-                with amp_ctx():
-                    losses = self.distiller(images, targets, it)
-                if not losses:
-                    raise ConfigError(f"method {cfg.distill.method!r} returned no loss at iteration {it + 1}")
-                names = list(losses)
-                total = sum(losses.values())
-                values = torch.stack([v.detach().float().reshape(()) for v in [*losses.values(), total]]).tolist()
-                bad = [k for k, v in zip(names + ["total"], values) if not math.isfinite(v)]
-                (nonfinite,) = du.all_reduce_flags(ctx, bool(bad))  # every rank stops together
-                if nonfinite:
-                    detail = ", ".join(f"{k}={v}" for k, v in zip(names + ["total"], values) if not math.isfinite(v))
-                    where = detail or "a term on another rank"
-                    raise NonFiniteLossError(
-                        f"non-finite loss at iteration {it + 1}: {where}; stopped before the update "
-                        f"(last good checkpoint: {last_ckpt or 'none yet'})"
-                    )
-
-                self.optimizer.zero_grad(set_to_none=True)
-                for _, opt, _ in self.extras:
-                    opt.zero_grad(set_to_none=True)
-                if self.scaler is not None:
-                    self.scaler.scale(total).backward()
-                else:
-                    total.backward()
-                du.allreduce_gradients(ctx, self.sync_params)
-                # extra optimisers without any gradient this step (e.g. HMKD's decoder with
-                # aux_every > 1) are left alone: GradScaler.step refuses an optimiser it saw no grads of
-                extras = [(opt, clip) for _, opt, clip in self.extras
-                          if any(p.grad is not None for g in opt.param_groups for p in g["params"])]
-                if self.scaler is not None:
-                    self.scaler.unscale_(self.optimizer)
-                    for opt, _ in extras:
-                        self.scaler.unscale_(opt)
-                clip_gradients(self.main_params, tcfg.clip_grad)
-                for opt, clip in extras:
-                    clip_gradients([p for g in opt.param_groups for p in g["params"]], clip)
                 lr = self.optimizer.param_groups[0]["lr"]
-                if self.scaler is not None:
-                    self.scaler.step(self.optimizer)
-                    for opt, _ in extras:
-                        self.scaler.step(opt)
-                    self.scaler.update()
-                else:
-                    self.optimizer.step()
-                    for opt, _ in extras:
-                        opt.step()
+                try:
+                    values = train_step(
+                        self.distiller, self.optimizer, images, targets, it,
+                        main_params=self.main_params, clip_grad=tcfg.clip_grad, extra_optimizers=self.extras,
+                        scaler=self.scaler, amp=self.amp, ctx=ctx, sync_params=self.sync_params,
+                    )
+                except NonFiniteLossError as e:
+                    raise NonFiniteLossError(f"{e} (last good checkpoint: {last_ckpt or 'none yet'})") from None
                 self.scheduler.step()
                 self.iteration = it + 1
                 self.samples_seen += cfg.data.batch_size * ctx.world_size
                 dt = time.perf_counter() - t0
                 self.train_seconds += dt
 
-                for k, v in zip(names + ["total"], values):
+                for k, v in values.items():
                     window.setdefault(k, []).append(v)
                 win_time, win_data, win_n = win_time + dt, win_data + t_data, win_n + 1
                 bar.update(1)
                 if self.progress:
-                    bar.set_postfix(loss=f"{values[-1]:.3f}", lr=f"{lr:.2e}", refresh=False)
+                    bar.set_postfix(loss=f"{values['total']:.3f}", lr=f"{lr:.2e}", refresh=False)
 
                 done = self.iteration >= total_iters
                 (stop_now,) = du.all_reduce_flags(ctx, stop.requested is not None)
@@ -794,7 +528,7 @@ class _Run:
             }
         )
         if ctx.is_main:
-            _write_json(os.path.join(self.out, "metrics.json"), result)
+            write_json(os.path.join(self.out, "metrics.json"), result)
             try:
                 plot_loss_curve(read_jsonl(self.log.path), os.path.join(self.out, "loss_curve.png"))
             except Exception as e:  # a figure is not worth failing a finished run

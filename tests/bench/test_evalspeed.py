@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from hmkd.bench.evalspeed import _pycocotools, make_synthetic_coco, run_evalspeed
-from hmkd.engine.evaluator import _make_eval, _match_pycocotools_precision, _quiet
+from hmkd.engine.evaluator import make_eval, match_pycocotools_precision, quiet
 
 
 def test_synthetic_coco_is_deterministic_and_mixed():
@@ -51,12 +51,12 @@ def test_faster_engine_precision_repair_is_bit_identical(n_images, dets, seed):
     gt, d = make_synthetic_coco(n_images, dets, seed)
     ref = _pycocotools(copy.deepcopy(gt), copy.deepcopy(d))
     g = copy.deepcopy(gt)
-    ev = _make_eval("faster", g, copy.deepcopy(d), "bbox")
-    with _quiet():
+    ev = make_eval("faster", g, copy.deepcopy(d), "bbox")
+    with quiet():
         ev.evaluate()
         ev.accumulate()
         assert not np.array_equal(ref["precision"], np.asarray(ev.eval["precision"]))  # the bug is there
-        n_fixed = _match_pycocotools_precision(ev, g)
+        n_fixed = match_pycocotools_precision(ev, g)
         ev.summarize()
     assert n_fixed > 0
     assert np.array_equal(ref["precision"], np.asarray(ev.eval["precision"]))

@@ -1,9 +1,13 @@
-"""Checkpoint files: atomic writes survive a crash mid-write, unreadable files are one-line errors."""
+"""Checkpoint files: atomic writes survive a crash mid-write, unreadable files are one-line errors,
+finished files are readable as open() would make them, partial writes are found for clean-up."""
 
 from __future__ import annotations
 
 import os
 import random
+import stat
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -85,3 +89,38 @@ def test_rng_state_roundtrip():
     ck.restore_rng_state(state)
     b = (random.random(), float(np.random.rand()), torch.rand(3))
     assert a[0] == b[0] and a[1] == b[1] and torch.equal(a[2], b[2])
+
+
+def test_checkpoint_is_group_and_world_readable_under_umask_022(tmp_path):
+    """Checkpoints get what open() would give (0o666 & ~umask), not mkstemp's private 0o600; the
+    umask is read when hmkd.utils is imported, hence a fresh process."""
+    path = tmp_path / "ckpt.pth"
+    code = (
+        "import os, sys; os.umask(0o022)\n"
+        "from hmkd.engine import checkpoint as ck\n"
+        "ck.save_checkpoint({'iteration': 1}, sys.argv[1])\n"
+    )
+    subprocess.run([sys.executable, "-c", code, str(path)], check=True, timeout=120)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    assert ck.load_checkpoint(str(path))["iteration"] == 1
+
+
+def test_partial_writes_finds_what_a_killed_save_leaves(tmp_path, monkeypatch):
+    """The trainer removes the temporary files of checkpoint writes a killed run left: the names
+    partial_writes looks for must be those save_checkpoint's temporary files get."""
+    path = tmp_path / ck.LAST
+    seen = []
+
+    def stalled_save(obj, f, *a, **kw):  # look at the folder in the middle of the write
+        f.write(b"half")
+        seen.extend(ck.partial_writes(str(tmp_path)))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", stalled_save)
+    with pytest.raises(KeyboardInterrupt):
+        ck.save_checkpoint({"iteration": 1}, str(path))
+    assert len(seen) == 1 and os.path.basename(seen[0]).startswith(f".{ck.LAST}.") and seen[0].endswith(".tmp")
+    (tmp_path / ".metrics.json.abc123.tmp").write_text("{")  # not a checkpoint: left alone
+    (tmp_path / f".{ck.BEST}.x1y2z3.tmp").write_text("x")
+    (tmp_path / ck.FINAL).write_text("x")
+    assert [os.path.basename(p) for p in ck.partial_writes(str(tmp_path))] == [f".{ck.BEST}.x1y2z3.tmp"]

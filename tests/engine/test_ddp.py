@@ -15,13 +15,12 @@ import subprocess
 import sys
 import textwrap
 
-import pytest
 import torch
 
 from hmkd.config import load_config, save_config
 from hmkd.engine import distributed as du
 from hmkd.engine.sampler import InfiniteBatchSampler
-from hmkd.engine.trainer import evaluate
+from hmkd.engine.evaluation import evaluate
 from hmkd.models import build_model
 
 WORKER = textwrap.dedent(

@@ -1,4 +1,5 @@
-"""COCO evaluation: numbers identical to pycocotools' COCOeval, conversion, evaluator, outputs."""
+"""COCO evaluation: numbers identical to pycocotools' COCOeval, conversion, detection checks,
+inference over a loader, outputs."""
 
 from __future__ import annotations
 
@@ -13,14 +14,10 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from hmkd.engine.evaluator import (
-    SUMMARY_KEYS,
-    COCOEvaluator,
-    coco_metrics,
-    detections_to_coco,
-    inference_on_dataset,
-    write_eval_outputs,
-)
+from hmkd.engine.coco_results import bbox_detections_look_valid, check_detections, detections_to_coco
+from hmkd.engine.evaluation import write_eval_outputs
+from hmkd.engine.evaluator import SUMMARY_KEYS, coco_metrics
+from hmkd.engine.inference import inference_on_dataset
 from hmkd.errors import DataError
 
 # pycocotools 2.0.x + numpy 2 warns on every mask decode
@@ -181,19 +178,20 @@ def _outputs_for(dets: list[dict], img_id: int, label_of: dict[int, int]) -> dic
             "labels": torch.tensor([label_of[d["category_id"]] for d in rows], dtype=torch.int64)}
 
 
-def test_evaluator_scores_only_processed_images():
+def test_image_ids_scores_only_those_images():
     gt, dets = _gt(), _dets()
-    label_to_cat, cat_to_label = {1: 1, 2: 4}, {1: 1, 4: 2}
-    ev = COCOEvaluator(gt, label_to_cat, iou_types=("bbox",), class_names=["__background__", "alpha", "beta"])
-    ev.process([{"image_id": torch.tensor(1)}], [_outputs_for(dets, 1, cat_to_label)])
-    ev.process([{"image_id": torch.tensor(3)}], [_outputs_for(dets, 3, cat_to_label)])
-    got = ev.evaluate()["bbox"]
+    cat_to_label = {1: 1, 4: 2}
     # float32 boxes as a model would give them
-    ref = _reference(gt, ev.detections, "bbox", img_ids=[1, 3])
+    res = detections_to_coco([_outputs_for(dets, i, cat_to_label) for i in (1, 3)], [1, 3], {1: 1, 2: 4})
+    got = coco_metrics(gt, res, class_names=["__background__", "alpha", "beta"], image_ids=[3, 1])["bbox"]
+    ref = _reference(gt, res, "bbox", img_ids=[1, 3])
     for key, value in zip(SUMMARY_KEYS, ref.stats):
         assert _same(got[key], value * 100.0 if value >= 0 else math.nan), key
-    ev.reset()
-    assert ev.detections == [] and ev.evaluate() == {}
+    assert set(got["per_class"]) == {"alpha", "beta"}
+    everything = coco_metrics(gt, res)["bbox"]  # the other images' objects count as misses
+    assert everything["AR100"] < got["AR100"]
+    with pytest.raises(DataError, match=r"image_ids \[99\] are not in the ground truth"):
+        coco_metrics(gt, res, image_ids=[1, 99])
 
 
 class _FixedModel(torch.nn.Module):
@@ -237,21 +235,19 @@ def test_fast_detection_checks_accept_what_the_loop_accepts():
     shape pass it; anything it does not vouch for goes to the loop (which names the bad one)."""
     import numpy as np
 
-    from hmkd.engine.evaluator import _bbox_detections_look_valid, _check_detections
-
     images = {1: {"id": 1, "height": 10, "width": 10}, 2: {"id": 2, "height": 10, "width": 10}}
     valid = [
         {"image_id": 1, "category_id": 1, "bbox": [1.0, 2.0, 3.0, 4.0], "score": 0.5},
         {"image_id": 2, "category_id": 2, "bbox": (1, 2, 3, 4), "score": 1},
         {"image_id": 1, "category_id": 1, "bbox": [np.float64(1.5), 2, 3, 4], "score": np.float64(0.25), "x": None},
     ]
-    assert _bbox_detections_look_valid(valid, images)
-    _check_detections(valid, images, ("bbox",))
-    # np.int64 is not an int to the loop (data.coco._is_number): the shortcut must not let it through
+    assert bbox_detections_look_valid(valid, images)
+    check_detections(valid, images, ("bbox",))
+    # np.int64 is not an int to the loop (data.coco.is_number): the shortcut must not let it through
     odd = valid + [{"image_id": 1, "category_id": 1, "bbox": [1, 2, 3, 4], "score": np.int64(1)}]
-    assert not _bbox_detections_look_valid(odd, images)
+    assert not bbox_detections_look_valid(odd, images)
     with pytest.raises(DataError, match=r"detections\[3\] \(image_id 1\) score np.int64\(1\) is not a finite number"):
-        _check_detections(odd, images, ("bbox",))
+        check_detections(odd, images, ("bbox",))
 
 
 def test_coco_metrics_pauses_gc_and_restores_it(monkeypatch):

@@ -7,6 +7,7 @@ teacher configuration errors, ``evaluate`` agreeing with the run's own final eva
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -22,7 +23,8 @@ from hmkd.distill.base import Distiller
 from hmkd.distill.registry import register
 from hmkd.engine import checkpoint as ck
 from hmkd.engine.sampler import InfiniteBatchSampler
-from hmkd.engine.trainer import TrainingInterrupted, evaluate, train
+from hmkd.engine.evaluation import evaluate
+from hmkd.engine.trainer import TrainingInterrupted, train
 from hmkd.errors import ConfigError, NonFiniteLossError
 from hmkd.models import build_model, fpn_channels_of
 
@@ -243,9 +245,7 @@ def test_teacher_configuration_errors(synth_root, teacher_weights, tmp_path):
 
 
 def test_tensorboard_is_optional(synth_root, tmp_path):
-    try:
-        import tensorboard  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("tensorboard") is None:
         with pytest.raises(ConfigError, match="tensorboard"):
             train(make_cfg(synth_root, "train.tensorboard=true", "train.iters=1"), output_dir=str(tmp_path), progress=False)
     else:  # pragma: no cover - not installed here

@@ -5,7 +5,6 @@ nothing partial is left behind that looks complete. The command-line side is tes
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -19,7 +18,7 @@ from hmkd.distill import build_distiller, needs_teacher
 from hmkd.engine import checkpoint as ck
 from hmkd.engine.trainer import train
 from hmkd.errors import CheckpointError, ConfigError, DataError, HMKDError
-from hmkd.models import build_detector, build_model, load_weights
+from hmkd.models import build_detector, load_weights
 
 from reliability_helpers import TINY_MODEL, TINY_MODEL_KW, VISDRONE_ROWS, tiny_coco, write_coco, write_visdrone
 
@@ -280,7 +279,7 @@ def test_visdrone_missing_txt(tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------------ teacher / student classes
 def test_teacher_with_other_class_count_in_config(tmp_path: Path) -> None:
-    """Raised by the trainer (``_num_classes``), before any model is built or any file is written."""
+    """Raised by the trainer (``hmkd.config.resolve_num_classes``), before any model is built or any file is written."""
     write_coco(tmp_path)
     teacher = [f"teacher.{o.split('.', 1)[1]}" for o in TINY_MODEL]
     cfg = coco_cfg(tmp_path, "distill.method=fitnet", *teacher, "teacher.num_classes=5", "teacher.weights=t.pth")

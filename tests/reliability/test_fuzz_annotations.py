@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import random
 import signal
 import traceback
@@ -25,7 +24,7 @@ from hmkd.data.visdrone import parse_visdrone_txt
 from hmkd.engine.evaluator import coco_metrics
 from hmkd.errors import HMKDError
 
-from reliability_helpers import VISDRONE_ROWS, tiny_coco, write_coco, write_visdrone
+from reliability_helpers import VISDRONE_ROWS, write_coco, write_visdrone
 
 SEED = 20240607
 N_COCO = 120

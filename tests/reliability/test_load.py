@@ -25,9 +25,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from hmkd.data import build_dataset, collate_fn
-from hmkd.engine.evaluator import close_loader_iter
+from hmkd.engine.loaders import close_loader_iter
 from hmkd.engine.sampler import InfiniteBatchSampler, SeededDataset
-from hmkd.engine.trainer import _worker_init
+from hmkd.engine.signals import worker_init
 
 from reliability_helpers import child_env
 
@@ -65,7 +65,7 @@ def test_dataloader_workers_do_not_leak_memory(tmp_path: Path) -> None:
     sampler = InfiniteBatchSampler(len(ds), 4, seed=0, shuffle=True)
     loader = DataLoader(
         SeededDataset(ds), batch_sampler=sampler, num_workers=2, collate_fn=collate_fn, persistent_workers=True,
-        worker_init_fn=_worker_init, generator=torch.Generator().manual_seed(0),
+        worker_init_fn=worker_init, generator=torch.Generator().manual_seed(0),
     )
     me = os.getpid()
     before = set(_children(me))

@@ -1,0 +1,121 @@
+"""Evaluation of a detector on a data set: :func:`evaluate_model` (used by the trainer),
+:func:`evaluate` (``hmkd eval``) and :func:`write_eval_outputs`.
+
+In a multi-process run (torchrun) each rank infers on its shard, the detections are gathered and
+scored on rank 0 (:func:`hmkd.engine.evaluator.coco_metrics`), and every rank returns the same
+metrics.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+
+from hmkd.config import Config, is_mask_model, resolve_num_classes
+from hmkd.engine import distributed as du
+from hmkd.engine.evaluator import coco_metrics
+from hmkd.engine.inference import inference_on_dataset
+from hmkd.engine.signals import worker_init
+from hmkd.utils import write_json
+
+__all__ = ["evaluate", "evaluate_model", "write_eval_outputs"]
+
+
+def evaluate_model(
+    model: nn.Module,
+    dataset: Any,
+    *,
+    device: torch.device,
+    batch_size: int = 1,
+    workers: int = 0,
+    with_masks: bool = False,
+    progress: bool = True,
+    ctx: du.DistContext | None = None,
+) -> tuple[dict[str, dict[str, Any]], list[dict]]:
+    """COCO metrics and detections of ``model`` on ``dataset`` (bbox; segm too with ``with_masks``).
+
+    In a multi-process run each rank infers on its shard (indices ``rank::world_size``), the
+    detections are gathered and scored on rank 0, and every rank returns the same metrics. The
+    detections are put in (image id, per-image) order, so the result does not depend on the number
+    of processes. The caller's random streams are left untouched.
+    """
+    from hmkd.data import gt_json_for
+    from hmkd.data.transforms import collate_fn
+
+    ctx = ctx or du.DistContext(device=device)
+    shard = dataset if not ctx.distributed else Subset(dataset, list(range(ctx.rank, len(dataset), ctx.world_size)))
+    loader = DataLoader(
+        shard,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=collate_fn,
+        pin_memory=device.type == "cuda",
+        worker_init_fn=worker_init if workers > 0 else None,
+    )
+    fork_devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=fork_devices):
+        detections = inference_on_dataset(
+            model, loader, device, dataset.label_to_cat, with_masks=with_masks, progress=progress and ctx.is_main
+        )
+    detections = sorted(detections, key=lambda d: d["image_id"])  # stable: per-image order kept
+    metrics: dict[str, dict[str, Any]] = {}
+    if ctx.is_main:
+        iou_types = ("bbox", "segm") if with_masks else ("bbox",)
+        metrics = coco_metrics(gt_json_for(dataset), detections, iou_types, getattr(dataset, "class_names", None))
+    metrics = du.broadcast_object(ctx, metrics)
+    return metrics, detections
+
+
+def evaluate(cfg: Config, *, weights: str, out_dir: str, progress: bool = True) -> dict[str, dict[str, Any]]:
+    """``hmkd eval``: build ``cfg.model``, load ``weights``, score the val split, write the outputs.
+
+    Writes ``metrics.json`` and ``detections.json`` to ``out_dir`` (rank 0) and returns the metrics
+    ``{"bbox": {...}}`` (plus ``"segm"`` for Mask R-CNN). Runs sharded under torchrun.
+    """
+    from hmkd.data import build_data
+    from hmkd.models import build_model, load_weights
+
+    ctx = du.init_distributed(cfg.device)
+    try:
+        val = du.main_first(ctx, lambda: build_data(cfg, train=False))
+        n = resolve_num_classes(cfg, val)
+        model = build_model(cfg.model, n, load=False)
+        load_weights(model, weights)
+        model.to(ctx.device).eval()
+        metrics, dets = evaluate_model(
+            model,
+            val,
+            device=ctx.device,
+            batch_size=cfg.data.eval_batch_size,
+            workers=cfg.data.workers,
+            with_masks=is_mask_model(cfg),
+            progress=progress,
+            ctx=ctx,
+        )
+        if ctx.is_main:
+            write_eval_outputs(out_dir, metrics, dets)
+        du.barrier(ctx)
+        return metrics
+    finally:
+        du.cleanup(ctx)
+
+
+def write_eval_outputs(out_dir: str | os.PathLike, metrics: Mapping[str, Any], detections: Sequence[dict]) -> dict[str, str]:
+    """Write ``metrics.json`` and ``detections.json`` into ``out_dir`` atomically (a reader never
+    sees a half-written file); non-finite metrics (``nan``) are written as ``null``.
+
+    Returns:
+        ``{"metrics": path, "detections": path}``.
+    """
+    out = Path(out_dir)
+    paths = {"metrics": str(out / "metrics.json"), "detections": str(out / "detections.json")}
+    write_json(paths["metrics"], metrics, indent=None)
+    write_json(paths["detections"], list(detections), indent=None)
+    return paths

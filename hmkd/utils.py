@@ -86,10 +86,11 @@ def json_safe(x: Any) -> Any:
     return x
 
 
-def write_json(path: str | os.PathLike, data: Any, *, indent: int | None = 2) -> str:
-    """Write ``json_safe(data)`` to ``path`` atomically (strict JSON: NaN becomes ``null``)."""
+def write_json(path: str | os.PathLike, data: Any, *, indent: int | None = 2, **dump_kwargs: Any) -> str:
+    """Write ``json_safe(data)`` to ``path`` atomically (strict JSON: NaN becomes ``null``);
+    ``dump_kwargs`` go to :func:`json.dump` (e.g. ``separators``, ``sort_keys``)."""
     with atomic_open(path, "w", encoding="utf-8") as f:
-        json.dump(json_safe(data), f, indent=indent, allow_nan=False)
+        json.dump(json_safe(data), f, indent=indent, allow_nan=False, **dump_kwargs)
     return os.fspath(path)
 
 

@@ -32,7 +32,7 @@ Annotations are of what is *visible*: ``segmentation`` is the compressed RLE of 
 (exact for tiny objects, unlike polygons), ``area`` its pixel count, ``bbox`` its tight box
 ``[x, y, w, h]`` in pixels, ``iscrowd`` 0.
 
-Presets: ``"default"`` (DESIGN.md's set: 6-32 objects of 6-160 px, about 80% small, high contrast) and
+Presets: ``"default"`` (the set of docs/CALIBRATION.md: 6-32 objects of 6-160 px, about 80% small, high contrast) and
 ``"hard"`` (benchmark set: 30-60 objects, mostly 4-16 px, clustered and overlapping, 8 classes with
 confusable pairs disc/hexagon, square/diamond, cross/star, lower contrast and more noise), any of
 whose keys can be overridden (see ``PRESETS``). A folder already holding a set made with the same
@@ -41,15 +41,16 @@ parameters (recorded in ``meta.json``) is not regenerated.
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import json
 import logging
 import math
 import os
-import tempfile
 import time
 import zlib
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -58,10 +59,11 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from hmkd.errors import ConfigError
+from hmkd.utils import write_json
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PRESETS", "SHAPES", "GENERATOR_VERSION", "generate_synthetic", "synthetic_exists", "render_image"]
+__all__ = ["PRESETS", "SHAPES", "GENERATOR_VERSION", "SynthConfig", "generate_synthetic", "synthetic_exists", "render_image"]
 
 GENERATOR_VERSION = 1
 """Bumped whenever the drawing changes, so stale folders are regenerated."""
@@ -451,33 +453,44 @@ def _resolve_config(preset: str, overrides: dict[str, Any]) -> dict[str, Any]:
     return cfg
 
 
-def _params(n_train: int, n_val: int, size: int, seed: int, preset: str, overrides: dict) -> dict:
+@dataclass
+class SynthConfig:
+    """How many images of which size, from which seed and preset: the set's identity (the one place
+    these defaults live; the run config's ``data.synth`` section and ``hmkd data synth`` use it)."""
+
+    n_train: int = 1000
+    n_val: int = 200
+    size: int = 320
+    seed: int = 0
+    preset: str = "default"
+
+
+def _split_options(options: dict[str, Any]) -> tuple[SynthConfig, dict[str, Any], dict[str, Any]]:
+    """``options`` -> (the set's size/seed/preset, the preset overrides, the resolved preset), checked."""
+    names = {f.name for f in dataclasses.fields(SynthConfig)}
+    spec = SynthConfig(**{k: v for k, v in options.items() if k in names})
+    overrides = {k: v for k, v in options.items() if k not in names}
+    if int(spec.size) < 16:
+        raise ConfigError(f"synthetic option 'size' must be at least 16 pixels, got {spec.size}")
+    if int(spec.n_train) < 0 or int(spec.n_val) < 0:
+        raise ConfigError(f"synthetic n_train/n_val must be >= 0, got {spec.n_train}/{spec.n_val}")
+    return spec, overrides, _resolve_config(spec.preset, overrides)
+
+
+def _params(spec: SynthConfig, overrides: dict) -> dict:
     return json.loads(
         json.dumps(
             {
                 "generator_version": GENERATOR_VERSION,
-                "n_train": int(n_train),
-                "n_val": int(n_val),
-                "size": int(size),
-                "seed": int(seed),
-                "preset": preset,
+                "n_train": int(spec.n_train),
+                "n_val": int(spec.n_val),
+                "size": int(spec.size),
+                "seed": int(spec.seed),
+                "preset": spec.preset,
                 "overrides": {k: overrides[k] for k in sorted(overrides)},
             }
         )
     )
-
-
-def _write_json_atomic(path: Path, data: Any, **kw: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, **kw)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _read_meta(out_dir: Path) -> dict | None:
@@ -501,19 +514,11 @@ def _exists(out_dir: Path, params: dict) -> bool:
     return True
 
 
-def synthetic_exists(
-    out_dir: str | os.PathLike,
-    *,
-    n_train: int = 1000,
-    n_val: int = 200,
-    size: int = 320,
-    seed: int = 0,
-    preset: str = "default",
-    **overrides: Any,
-) -> bool:
-    """True when ``out_dir`` holds a complete set generated with exactly these parameters."""
-    _resolve_config(preset, overrides)
-    return _exists(Path(out_dir), _params(n_train, n_val, size, seed, preset, overrides))
+def synthetic_exists(out_dir: str | os.PathLike, **options: Any) -> bool:
+    """True when ``out_dir`` holds a complete set generated with exactly these options (those of
+    :func:`generate_synthetic`)."""
+    spec, overrides, _ = _split_options(options)
+    return _exists(Path(out_dir), _params(spec, overrides))
 
 
 def _split_stats(objs_per_image: list[int], areas: list[int]) -> dict[str, Any]:
@@ -568,29 +573,20 @@ def _generate_split(
         "annotations": anns,
         "categories": categories,
     }
-    _write_json_atomic(out_dir / "annotations" / f"{split}.json", data, separators=(",", ":"))
+    write_json(out_dir / "annotations" / f"{split}.json", data, indent=None, separators=(",", ":"))
     return _split_stats(per_image, areas)
 
 
-def generate_synthetic(
-    out_dir: str | os.PathLike,
-    *,
-    n_train: int = 1000,
-    n_val: int = 200,
-    size: int = 320,
-    seed: int = 0,
-    preset: str = "default",
-    **overrides: Any,
-) -> dict[str, Any]:
+def generate_synthetic(out_dir: str | os.PathLike, **options: Any) -> dict[str, Any]:
     """Generate (or reuse) the synthetic COCO-format data set in ``out_dir``.
 
     Args:
         out_dir: output folder (created).
-        n_train, n_val: number of images per split.
-        size: image side in pixels (square images).
-        seed: base seed; image ``i`` of a split uses ``SeedSequence([seed, split, i, crc32(preset)])``.
-        preset: ``"default"`` or ``"hard"``.
-        **overrides: replace any preset key (see ``PRESETS``), e.g. ``objects_per_image=[3, 8]``.
+        **options: the fields of :class:`SynthConfig` (defaults there): ``n_train``, ``n_val``
+            (images per split), ``size`` (square image side in pixels), ``seed`` (image ``i`` of a
+            split uses ``SeedSequence([seed, split, i, crc32(preset)])``), ``preset``
+            (``"default"`` or ``"hard"``); any other name replaces that key of the preset (see
+            ``PRESETS``), e.g. ``objects_per_image=[3, 8]``.
 
     Returns:
         ``{"out_dir", "generated" (False if reused), "seconds", "params", "config",
@@ -599,12 +595,9 @@ def generate_synthetic(
     Raises:
         ConfigError: unknown preset or option, or an invalid option value.
     """
-    if int(size) < 16:
-        raise ConfigError(f"synthetic option 'size' must be at least 16 pixels, got {size}")
-    if int(n_train) < 0 or int(n_val) < 0:
-        raise ConfigError(f"synthetic n_train/n_val must be >= 0, got {n_train}/{n_val}")
-    cfg = _resolve_config(preset, overrides)
-    params = _params(n_train, n_val, size, seed, preset, overrides)
+    spec, overrides, cfg = _split_options(options)
+    params = _params(spec, overrides)
+    n_train, n_val, size, seed, preset = spec.n_train, spec.n_val, spec.size, spec.seed, spec.preset
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / ".generate.lock", "w") as lock:
@@ -623,7 +616,7 @@ def generate_synthetic(
             val = _generate_split(out, "val", 1, int(n_val), int(size), int(seed), cfg, preset_code)
             seconds = time.perf_counter() - t0
             meta = {"params": params, "config": cfg, "train": train, "val": val}
-            _write_json_atomic(out / "meta.json", meta, indent=2, sort_keys=True)
+            write_json(out / "meta.json", meta, indent=2, sort_keys=True)
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
     logger.info(

@@ -32,11 +32,9 @@ how we express "ignored" so that pycocotools' COCOeval can score the set):
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -44,6 +42,7 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 
 from hmkd.errors import DataError
+from hmkd.utils import write_json
 
 from .coco import CocoDetection
 
@@ -222,17 +221,7 @@ def convert_visdrone(src_dir: str | os.PathLike, out_json: str | os.PathLike) ->
         Conversion statistics (images, objects, crowd boxes, clipped/degenerate counts, per class).
     """
     data, stats = visdrone_to_coco(src_dir)
-    out = Path(out_json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f)
-        os.replace(tmp, out)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_json(out_json, data, indent=None)
     return stats
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import tempfile
 import os
 import warnings
 from collections.abc import Sequence
@@ -35,6 +36,7 @@ import torch
 from torch import nn
 
 from hmkd.errors import ConfigError, HMKDError
+from hmkd.utils import atomic_open
 
 EXPORTERS = ("legacy", "dynamo")
 
@@ -110,8 +112,8 @@ def export_onnx(
     sample = sample.to(device)
     names = output_names(inner, sample)
     out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    scratch = tempfile.TemporaryDirectory(prefix="hmkd_onnx_")
+    tmp = Path(scratch.name) / "model.onnx"  # the exporter writes a path; the final file is written atomically
     what = f"{type(inner).__name__} ({exporter} exporter, opset {opset})"
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
@@ -135,15 +137,14 @@ def export_onnx(
         for k, v in meta.items():
             entry = proto.metadata_props.add()
             entry.key, entry.value = k, v
-        onnx.save(proto, str(tmp))
-        os.replace(tmp, out)
+        with atomic_open(out, "wb") as f:
+            f.write(proto.SerializeToString())
     except HMKDError:
         raise
     except Exception as e:
         raise ExportError(f"cannot export {what}: {_one_line(e)}") from e
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        scratch.cleanup()
         inner.train(was_training)
     return str(out)
 

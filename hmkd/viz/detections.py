@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -30,6 +29,7 @@ from torch import nn
 
 from hmkd.config import Config, ModelConfig
 from hmkd.errors import CheckpointError, ConfigError
+from hmkd.utils import atomic_open, write_json
 from hmkd.models import build_model, read_state_dict
 
 ModelSpec = Union[nn.Module, ModelConfig, tuple[ModelConfig, Union[str, None]]]
@@ -96,6 +96,25 @@ def infer_num_classes(cfg: ModelConfig, weights: str) -> int:
     if n % per_loc:
         raise CheckpointError(f"{weights}: '{key}' has {n} outputs, not a multiple of {per_loc} anchors")
     return n // per_loc - 1
+
+
+def build_panel_models(
+    what: str,
+    models: Sequence[tuple[str, ModelSpec]],
+    images: Sequence[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    *,
+    num_classes: int | None = None,
+    device: str | torch.device = "cpu",
+) -> tuple[Path, list[tuple[str, nn.Module]]]:
+    """Checks shared by the side-by-side pictures, then ``(out folder, [(label, eval-mode model)])``."""
+    if not models:
+        raise ConfigError(f"{what}: no models given")
+    if not images:
+        raise ConfigError(f"{what}: no images given")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    return out, [(label, as_model(spec, num_classes=num_classes, device=device)) for label, spec in models]
 
 
 def as_model(spec: ModelSpec, *, num_classes: int | None = None, device: str | torch.device = "cpu") -> nn.Module:
@@ -272,11 +291,9 @@ def title_height(width: int) -> int:
 
 def save_png(image: Image.Image, path: str | os.PathLike) -> str:
     """Save a PNG atomically (temp file + replace); returns the path."""
-    path = str(path)
-    tmp = f"{path}.tmp{os.getpid()}.png"
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
-    return path
+    with atomic_open(path, "wb") as f:
+        image.save(f, format="PNG")
+    return str(path)
 
 
 def unique_stems(images: Sequence[str | os.PathLike]) -> list[str]:
@@ -315,13 +332,7 @@ def draw_detections(
 
     Also writes ``detections.json`` (every drawn detection per image and model). Returns the PNG paths.
     """
-    if not models:
-        raise ConfigError("draw_detections: no models given")
-    if not images:
-        raise ConfigError("draw_detections: no images given")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    built = [(label, as_model(spec, num_classes=num_classes, device=device)) for label, spec in models]
+    out, built = build_panel_models("draw_detections", models, images, out_dir, num_classes=num_classes, device=device)
     paths: list[str] = []
     record: dict[str, Any] = {"score_thresh": score_thresh, "small_area": small_area, "images": {}}
     for img_path, stem in zip(images, unique_stems(images)):
@@ -340,7 +351,5 @@ def draw_detections(
         picture = draw_panels(img, results, score_thresh=score_thresh, small_area=small_area, class_names=class_names)
         paths.append(save_png(picture, out / f"{stem}.png"))
         record["images"][str(img_path)] = per_model
-    tmp = out / f"detections.json.tmp{os.getpid()}"
-    tmp.write_text(json.dumps(record, indent=1))
-    os.replace(tmp, out / "detections.json")
+    write_json(out / "detections.json", record, indent=1)
     return paths

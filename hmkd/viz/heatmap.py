@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -46,7 +45,7 @@ from hmkd.viz.detections import (
     _font,
     _font_size,
     _score_threshold,
-    as_model,
+    build_panel_models,
     load_image,
     save_png,
     title_height,
@@ -99,10 +98,12 @@ def gradcam(
         return out
 
     def on_head(mod: nn.Module, args: Any, out: Any) -> Any:
-        # One-stage heads: keep logits finite. hmkd masks the background logit with -inf at
-        # inference, and FCOS's score sqrt(sigmoid(cls) * sigmoid(ctr)) then has sqrt(0) whose
-        # backward is 0/0 = NaN, which would spread to every location through the shared
-        # centre-ness. sigmoid(-30) ~ 1e-13 keeps those scores below the pass's threshold.
+        # One-stage heads: keep every class probability above zero. FCOS scores locations by
+        # sqrt(sigmoid(cls) * sigmoid(ctr)); a logit below about -104 underflows sigmoid to 0 in
+        # float32, and sqrt(0)'s backward is 0/0 = NaN, which would spread to every location
+        # through the shared centre-ness. hmkd's own heads already pin the background logit to
+        # -30 at inference (hmkd.models.detectors); this clamp covers any other head (e.g.
+        # torchvision's) the same way. sigmoid(-30) ~ 1e-13 stays below the pass's threshold.
         if isinstance(out, dict) and "cls_logits" in out:
             return {**out, "cls_logits": out["cls_logits"].clamp(min=-30.0)}
         return out
@@ -208,13 +209,7 @@ def gradcam_heatmaps(
     """
     if normalize not in ("panel", "shared"):
         raise ConfigError(f"normalize must be 'panel' or 'shared', got {normalize!r}")
-    if not models:
-        raise ConfigError("gradcam_heatmaps: no models given")
-    if not images:
-        raise ConfigError("gradcam_heatmaps: no images given")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    built = [(label, as_model(spec, num_classes=num_classes, device=device)) for label, spec in models]
+    out, built = build_panel_models("gradcam_heatmaps", models, images, out_dir, num_classes=num_classes, device=device)
     paths = []
     for img_path, stem in zip(images, unique_stems(images)):
         img = load_image(img_path)

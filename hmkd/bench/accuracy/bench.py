@@ -120,9 +120,10 @@ def _run_bench(
             run_dir = os.path.join(out_dir, "runs", name)
             rc = run_config(cfg, v, seed, teacher_weights, run_dir)
             metrics, reused = train_or_reuse(rc, run_dir, isolate=isolate, progress=progress,
-                                              what=f"[{i}/{n_runs}] {v.label} seed {seed}")
+                                             what=f"[{i}/{n_runs}] {v.label} seed {seed}")
             runs[name] = {"key": v.key, "method": v.method, "label": v.label, "seed": seed, "output_dir": run_dir,
-                          "options": v.options, "bbox": bbox_metrics(metrics), "reused": reused, **run_costs(run_dir, metrics)}
+                          "options": v.options, "bbox": bbox_metrics(metrics), "reused": reused,
+                          **run_costs(run_dir, metrics)}
 
     rows = summarise(variants, runs, tinfo["metrics"] if tinfo else None)
     table = format_table(rows, tinfo, seeds_run)

@@ -158,7 +158,8 @@ def cmd_bench_cost(args: argparse.Namespace) -> int:
     from hmkd.bench.cost import run_cost_bench
 
     cfg = _load_cfg(args)
-    res = run_cost_bench(cfg, methods=args.methods, out_dir=args.out, iters=args.iters, warmup=args.warmup)
+    res = run_cost_bench(cfg, methods=args.methods, out_dir=args.out, iters=args.iters, warmup=args.warmup,
+                         profile_steps=args.profile_steps)
     print(res["table"])
     return 0
 
@@ -295,6 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="methods to time (default: all); NAME:option=value[:...] times a variant, e.g. hmkd:aux_every=4")
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--profile-steps", type=int, default=3,
+                   help="extra steps of HMKD and ICD under torch.profiler for their per-part split (0: none)")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_bench_cost)
 

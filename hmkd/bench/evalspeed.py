@@ -12,9 +12,9 @@ category, plus random boxes; random scores), then times, in one process on the s
   accumulation), when the default is not already that;
 * ``faster_coco_eval``: plain faster-coco-eval (``COCO`` + ``loadRes`` + ``COCOeval_faster``);
   (its precision differs from pycocotools' in the last bit on some curves, which ``coco_metrics``
-  repairs, see :func:`hmkd.engine.evaluator._match_pycocotools_precision`);
+  repairs, see :func:`hmkd.engine.evaluator.match_pycocotools_precision`);
 * ``pycocotools_gc_paused``: the reference with Python's cyclic garbage collector paused, as
-  ``coco_metrics`` runs (:func:`hmkd.engine.evaluator._gc_paused`), to show how much of the
+  ``coco_metrics`` runs (:func:`hmkd.engine.evaluator.gc_paused`), to show how much of the
   speed-up is the pause and how much is the C++ engine.
 
 Every variant starts from the same in-memory ground-truth dict and results list (each gets its own
@@ -28,23 +28,22 @@ numbers.
 
 from __future__ import annotations
 
-
 import contextlib
 import copy
 import io
-import json
 import logging
 import os
-import platform
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from hmkd.utils import machine_info, write_json, write_text
+
 logger = logging.getLogger(__name__)
 
-__all__ = ["make_synthetic_coco", "run_evalspeed", "TARGET_SPEEDUP"]
+__all__ = ["make_synthetic_coco", "pycocotools_eval", "run_evalspeed", "TARGET_SPEEDUP"]
 
 TARGET_SPEEDUP = 3.0
 _KEYS = ("mAP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
@@ -116,7 +115,9 @@ def make_synthetic_coco(
 
 
 # ------------------------------------------------------------------------------------ variants
-def _pycocotools(gt: dict, dets: list) -> dict[str, Any]:
+def pycocotools_eval(gt: dict, dets: list) -> dict[str, Any]:
+    """The reference: plain pycocotools ``COCO`` + ``loadRes`` + ``COCOeval`` (bbox) on a ground-truth
+    dict and a results list (both are mutated); ``{"stats": 12 floats, "precision", "recall"}``."""
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
@@ -153,7 +154,7 @@ def _pycocotools_gc_paused(gt: dict, dets: list) -> dict[str, Any]:
     from hmkd.engine.evaluator import gc_paused
 
     with gc_paused():
-        return _pycocotools(gt, dets)
+        return pycocotools_eval(gt, dets)
 
 
 def _hmkd(engine: str | None) -> Any:
@@ -225,7 +226,7 @@ def run_evalspeed(
     gen_s = time.perf_counter() - t0
     engine = _default_engine()
     runners = {
-        "pycocotools": _pycocotools,
+        "pycocotools": pycocotools_eval,
         "hmkd": _hmkd(None),
         "hmkd_faster": _hmkd("faster"),
         "faster_coco_eval": _faster_plain,
@@ -277,32 +278,18 @@ def run_evalspeed(
         "generate_seconds": gen_s,
         "variants": results,
         "target": target,
-        "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpu": _cpu_name(),
-                    "cpu_count": os.cpu_count(), "versions": _versions()},
+        "machine": {**machine_info(), "versions": _versions()},
         "loadavg_start": load_start,
         "loadavg_end": [round(x, 2) for x in os.getloadavg()],
     }
     table = _markdown(out)
     p = Path(out_dir)
     p.mkdir(parents=True, exist_ok=True)
-    with open(p / "evalspeed.json", "w") as f:
-        json.dump(out, f, indent=2)
-    with open(p / "evalspeed.md", "w") as f:
-        f.write(table)
+    write_json(p / "evalspeed.json", out)
+    write_text(p / "evalspeed.md", table)
     out["paths"] = {"json": str(p / "evalspeed.json"), "md": str(p / "evalspeed.md")}
     out["table"] = table
     return out
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def _versions() -> dict[str, str]:

@@ -29,9 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import os
-import platform
 import statistics
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -46,6 +44,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from hmkd.config import Config, ModelConfig
 from hmkd.errors import ConfigError
 from hmkd.models import count_parameters
+from hmkd.utils import machine_info, save_figure, write_json, write_text
 from hmkd.viz.detections import ModelSpec, as_model, load_image, specs_from_config
 
 FLOPS_NOTE = (
@@ -240,12 +239,10 @@ def plot_gflops_vs_params(models: Mapping[str, Mapping[str, Any]], path: str | o
     ax.grid(True, alpha=0.3)
     ax.margins(0.25)
     fig.tight_layout()
-    out = str(path)
-    tmp = f"{out}.tmp{os.getpid()}.png"
-    fig.savefig(tmp, format="png")
-    plt.close(fig)
-    os.replace(tmp, out)
-    return out
+    try:
+        return save_figure(fig, str(path))
+    finally:
+        plt.close(fig)
 
 
 def _fmt(v: Any, nd: int = 2) -> str:
@@ -338,14 +335,16 @@ def speed_report(
         img = load_image(image, (h, w))
     else:
         img = torch.rand(3, h, w, generator=torch.Generator().manual_seed(seed))
+    machine = machine_info(dev)
     report: dict[str, Any] = {
         "input_size": [h, w],
         "batch": 1,
         "device": str(dev),
-        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else (platform.processor() or platform.machine()),
+        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else machine["cpu"],
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,
+        "machine": machine,
         "warmup": warmup,
         "iters": iters,
         "image": str(image) if image is not None else f"random (seed {seed})",
@@ -381,11 +380,7 @@ def speed_report(
             }
         report["models"][name] = entry
         del model
-    tmp = out / f"speed.json.tmp{os.getpid()}"
-    tmp.write_text(json.dumps(report, indent=2))
-    os.replace(tmp, out / "speed.json")
-    tmp = out / f"speed.md.tmp{os.getpid()}"
-    tmp.write_text(_markdown(report))
-    os.replace(tmp, out / "speed.md")
+    write_json(out / "speed.json", report)
+    write_text(out / "speed.md", _markdown(report))
     plot_gflops_vs_params(report["models"], out / "gflops_vs_params.png", title=f"GFLOPs vs parameters at {h}x{w}")
     return report

@@ -17,7 +17,16 @@ import os
 
 import pytest
 
-from hmkd.bench.accuracy import METRICS, ablation_variants, plan_runs, run_accuracy_bench
+from hmkd.bench.accuracy import (
+    METRICS,
+    ablation_variants,
+    plan_runs,
+    run_accuracy_bench,
+    run_config,
+    run_spec,
+    spec_diff,
+    with_defaults,
+)
 from hmkd.config import load_config
 from hmkd.errors import ConfigError
 
@@ -114,10 +123,8 @@ def test_tiny_benchmark_writes_results_and_resumes(tmp_path):
 def test_run_configs_keep_the_distill_section_beyond_method_and_options(tmp_path):
     """A run's config is the bench config with the variant's method and options: other distill
     keys (teacher_dtype) must survive (they were silently reset to their defaults)."""
-    from hmkd.bench.accuracy import _run_config
-
     cfg = _tiny_cfg(str(tmp_path / "data"), "distill.teacher_dtype=bfloat16")
-    runs = {v.key: _run_config(cfg, v, 0, "t.pth", str(tmp_path / v.key)) for v in plan_runs(cfg, ["fitnet", "hmkd"])}
+    runs = {v.key: run_config(cfg, v, 0, "t.pth", str(tmp_path / v.key)) for v in plan_runs(cfg, ["fitnet", "hmkd"])}
     assert runs["hmkd"].distill.teacher_dtype == "bfloat16" and runs["hmkd"].distill.options == {"hidden": 32, "heads": 4}
     assert runs["fitnet"].distill.teacher_dtype == "bfloat16" and runs["fitnet"].distill.method == "fitnet"
     assert runs["none"].distill.teacher_dtype == "float32" and runs["none"].teacher is None  # no teacher to run
@@ -188,11 +195,46 @@ def test_every_preset_loads_and_builds(path):
 def test_run_spec_from_before_a_new_config_key_still_matches(tmp_path):
     # a run recorded before distill.teacher_dtype existed is the same config when the key is at
     # its default, and another config when it is not
-    from hmkd.bench.accuracy import _diff, _spec, _with_defaults
-
     cfg = _tiny_cfg(str(tmp_path / "data"))
-    old = _spec(cfg)
+    old = run_spec(cfg)
     del old["distill"]["teacher_dtype"]
-    assert _diff(_with_defaults(old), _spec(cfg)) == []
+    assert spec_diff(with_defaults(old), run_spec(cfg)) == []
     cfg.distill.teacher_dtype = "bfloat16"
-    assert _diff(_with_defaults(old), _spec(cfg)) == ["distill.teacher_dtype: 'float32' -> 'bfloat16'"]
+    assert spec_diff(with_defaults(old), run_spec(cfg)) == ["distill.teacher_dtype: 'float32' -> 'bfloat16'"]
+
+
+def test_runs_recorded_before_the_split_are_reused(tmp_path):
+    """``data/bench_runs_before_split.json`` holds the ``bench_run.json`` contents that the
+    accuracy bench wrote before it became a package (configs/synth/bench.yaml, --out
+    /runs/bench_synth). The same runs made now must compare equal to them, and a folder holding
+    such a record and a finished ``metrics.json`` must be reused, not retrained; a change of
+    substance must still be seen."""
+    from hmkd.bench.accuracy.runs import train_or_reuse
+    from hmkd.bench.accuracy.spec import teacher_config
+
+    stored = json.load(open(os.path.join(ROOT, "tests", "bench", "data", "bench_runs_before_split.json")))["runs"]
+    cfg = load_config(os.path.join(ROOT, "configs", "synth", "bench.yaml"))
+    out = "/runs/bench_synth"
+    teacher_weights = f"{out}/runs/teacher/model_final.pth"
+    now = {"teacher": teacher_config(cfg, None, None)}
+    for v in plan_runs(cfg) + ablation_variants(cfg, "aux_every"):
+        now[f"{v.key}_s0"] = run_config(cfg, v, 0, teacher_weights, f"{out}/runs/{v.key}_s0")
+    assert set(now) == set(stored)
+    for name, rc in now.items():
+        assert spec_diff(with_defaults(stored[name]["spec"]), run_spec(rc)) == [], name
+
+    # through the decision itself, in another folder (the folder is not part of the spec)
+    run_dir = tmp_path / "runs" / "hmkd_s0"
+    run_dir.mkdir(parents=True)
+    (run_dir / "bench_run.json").write_text(json.dumps(stored["hmkd_s0"]))
+    finished = {"status": "finished", "iteration": 360, "bbox": {k: 1.0 for k in METRICS}}
+    (run_dir / "metrics.json").write_text(json.dumps(finished))
+    rc = now["hmkd_s0"]
+    rc.output_dir = str(run_dir)
+    metrics, reused = train_or_reuse(rc, str(run_dir), isolate=True, progress=False, what="hmkd")
+    assert reused and metrics == finished
+
+    rc.train.lr = 0.002
+    assert spec_diff(with_defaults(stored["hmkd_s0"]["spec"]), run_spec(rc)) == ["train.lr: 0.001 -> 0.002"]
+    with pytest.raises(ConfigError, match="another config"):
+        train_or_reuse(rc, str(run_dir), isolate=True, progress=False, what="hmkd")

@@ -45,15 +45,56 @@ def tiny_cfg(tmp_path):
     return load_config(str(p))
 
 
-def test_cost_bench_tiny_writes_tables(tiny_cfg, tmp_path, one_thread):
+def _bare_parts(method: str) -> set[str]:
+    import importlib
+
+    parts = importlib.import_module(f"hmkd.distill.{method}").PROFILE_PARTS
+    return {p.split(".", 1)[1] if p.startswith(f"{method}.") else p for p in parts}
+
+
+@pytest.fixture()
+def counted_steps(monkeypatch):
+    """Every training step the bench runs goes through hmkd.engine.step.train_step: count the calls
+    and check, right after each, that the main optimiser (and HMKD's decoder AdamW) stepped."""
+    import hmkd.engine.step as engine_step
+
+    real = engine_step.train_step
+    calls: list[dict] = []
+
+    def counting(distiller, optimizer, images, targets, iteration, **kw):
+        before = {id(p): p.detach().clone() for p in kw["main_params"][:4]}
+        out = real(distiller, optimizer, images, targets, iteration, **kw)
+        assert optimizer.state, "the main optimiser did not step"
+        moved = any(not torch.equal(before[id(p)], p) for p in kw["main_params"][:4])
+        extra = [o for _, o, _ in kw.get("extra_optimizers", ())]
+        calls.append({"method": distiller.name, "clock": kw.get("clock") is not None, "moved": moved,
+                      "extra_stepped": all(o.state for o in extra), "n_extra": len(extra), "losses": out})
+        return out
+
+    monkeypatch.setattr(engine_step, "train_step", counting)
+    return calls
+
+
+def test_cost_bench_tiny_writes_tables(tiny_cfg, tmp_path, one_thread, counted_steps):
+    import hmkd.bench.cost as cost
+
+    assert not hasattr(cost, "hmkd_part_costs") and not hasattr(cost, "_time_part")  # no copy of the method
     out = tmp_path / "cost"
-    res = run_cost_bench(tiny_cfg, methods=["hmkd", "fitnet", "hmkd:aux_every=2"], out_dir=str(out), iters=2, warmup=1,
-                         part_reps=1)
+    res = run_cost_bench(tiny_cfg, methods=["hmkd", "fitnet", "icd", "hmkd:aux_every=2"], out_dir=str(out), iters=2,
+                         warmup=1, profile_steps=2)
     assert "table" in res and "| method | s/step | x no-KD |" in res["table"]
     data = json.loads((out / "cost.json").read_text())
     md = (out / "cost.md").read_text()
     assert md == res["table"]
-    assert [r["method"] for r in data["methods"]] == ["none", "hmkd", "fitnet", "hmkd:aux_every=2"]  # no-KD first
+    assert [r["method"] for r in data["methods"]] == ["none", "hmkd", "fitnet", "icd", "hmkd:aux_every=2"]
+    # every step is train_step's: 1 warm-up + 2 timed per method, 2 profiled for hmkd and icd
+    per_method = {}
+    for c in counted_steps:
+        per_method[c["method"]] = per_method.get(c["method"], 0) + 1
+    assert per_method == {"none": 3, "hmkd": 3 + 2 + 3, "fitnet": 3, "icd": 3 + 2}
+    assert all(c["clock"] and c["moved"] and c["extra_stepped"] for c in counted_steps)
+    assert any(c["method"] == "hmkd" and c["n_extra"] > 0 for c in counted_steps)
+    assert all("total" in c["losses"] for c in counted_steps)
     for r in data["methods"]:
         for key in ("step_s", "step_s_all", "phases_s", "teacher_forward_share", "peak_memory_mb", "step_ratio",
                     "memory_ratio", "extra_backward_s"):
@@ -62,21 +103,35 @@ def test_cost_bench_tiny_writes_tables(tiny_cfg, tmp_path, one_thread):
         assert r["step_s_mean"] == pytest.approx(sum(r["step_s_all"]) / 2)
         assert set(r["phases_s"]) == {"forward", "student_forward", "teacher_forward", "distill_forward", "backward",
                                       "optimizer"}
-    none, hmkd = data["methods"][0], data["methods"][1]
+        assert r["phases_s"]["backward"] > 0 and r["phases_s"]["optimizer"] > 0
+        assert sum(r["phases_s"][k] for k in ("forward", "backward", "optimizer")) == pytest.approx(r["step_s"])
+    none, hmkd, fitnet, icd, variant = data["methods"]
     assert none["phases_s"]["teacher_forward"] == 0 and none["step_ratio"] == 1
     assert hmkd["phases_s"]["teacher_forward"] > 0 and hmkd["phases_s"]["distill_forward"] > 0
     assert hmkd["options"] == {"hidden": 16, "heads": 2}  # the config's options go to its own method
-    parts = hmkd["parts"]
-    for name in ("masks", "inquiry_head", "decoder_aux", "decoder_attention", "others", "small_fg",
-                 "attention_term", "gcblock_bg"):
-        assert parts[name]["forward_s"] > 0, name
-    assert parts["decoder_aux"]["backward_s"] > 0 and parts["masks"]["backward_s"] == pytest.approx(0, abs=1e-3)
-    variant = data["methods"][3]
+
+    # HMKD's and ICD's parts: the profiler's ranges in the real distill_losses
+    for row, method in ((hmkd, "hmkd"), (icd, "icd")):
+        parts = row["parts"]
+        assert set(parts) == _bare_parts(method), method
+        for name, p in parts.items():
+            assert p["forward_s"] >= 0 and p["share"] >= 0 and p["calls"] >= 0, (method, name)
+            assert set(p) >= {"forward_s", "forward_s_mean", "cpu_s", "calls", "share"}
+        prof = row["profile"]
+        assert prof["steps"] == 2 and 0 < prof["parts_s"] <= prof["distill_forward_s"] <= prof["step_s"]
+        assert prof["unattributed_s"] >= 0
+    assert hmkd["parts"]["masks"]["calls"] >= 1 and hmkd["parts"]["masks"]["forward_s"] > 0
+    for name in ("decoder_aux", "decoder_attention", "others", "small_fg", "attention_term", "gcblock_bg"):
+        assert hmkd["parts"][name]["calls"] >= 1 and hmkd["parts"][name]["forward_s"] > 0, name
+    assert "parts" not in fitnet and "parts" not in none
     assert variant["base_method"] == "hmkd" and variant["options"] == {"hidden": 16, "heads": 2, "aux_every": 2}
-    assert "parts" not in variant  # the split is for plain hmkd
+    assert "parts" not in variant  # the split is for plain methods
     assert set(data["targets"]) == {"step_ratio", "memory_ratio", "mask_share"}
+    assert data["targets"]["mask_share"]["value"] == pytest.approx(hmkd["parts"]["masks"]["share"])
+    assert "hmkd parts" in md and "| masks (fg/bg + small-object) |" in md and "icd parts" in md
+    assert "extra backward over no-KD" in md
     assert "random weights" in data["teacher"]  # the weights file does not exist
-    assert data["machine"]["torch"] == torch.__version__
+    assert data["machine"]["torch"] == torch.__version__ and data["profile_steps"] == 2 and data["amp"] is False
 
 
 def test_cost_bench_rejects_unknown_method_and_missing_teacher(tiny_cfg, tmp_path):

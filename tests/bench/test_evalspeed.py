@@ -9,7 +9,7 @@ import copy
 import numpy as np
 import pytest
 
-from hmkd.bench.evalspeed import _pycocotools, make_synthetic_coco, run_evalspeed
+from hmkd.bench.evalspeed import make_synthetic_coco, pycocotools_eval, run_evalspeed
 from hmkd.engine.evaluator import make_eval, match_pycocotools_precision, quiet
 
 
@@ -49,7 +49,7 @@ def test_faster_engine_precision_repair_is_bit_identical(n_images, dets, seed):
     """Few objects per class: many curves start with a lone true positive, where faster-coco-eval's
     1.0 differs from pycocotools' 1 - 2^-52; the evaluator's repair must fix exactly those."""
     gt, d = make_synthetic_coco(n_images, dets, seed)
-    ref = _pycocotools(copy.deepcopy(gt), copy.deepcopy(d))
+    ref = pycocotools_eval(copy.deepcopy(gt), copy.deepcopy(d))
     g = copy.deepcopy(gt)
     ev = make_eval("faster", g, copy.deepcopy(d), "bbox")
     with quiet():

@@ -1,0 +1,172 @@
+"""What the accuracy benchmark trains: the table's rows (methods or the variants of an HMKD
+ablation) and the seeds, each row a :class:`Variant` whose ``key`` names its run folders."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from hmkd.config import Config, ModelConfig, from_dict
+from hmkd.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "ABLATIONS",
+    "LABELS",
+    "METHOD_ORDER",
+    "METRICS",
+    "Variant",
+    "ablation_variants",
+    "effective_options",
+    "method_options_of",
+    "plan_runs",
+    "seed_list",
+]
+
+METRICS = ("mAP", "AP50", "AP75", "APs", "APm", "APl")
+METHOD_ORDER = ("none", "fitnet", "fgd", "icd", "hmkd")
+LABELS = {"teacher": "teacher", "none": "student (no-KD)", "fitnet": "FitNet", "fgd": "FGD", "icd": "ICD", "hmkd": "HMKD"}
+ABLATIONS = {
+    "supplement": "HMKD with the supplemental (background) distillation on/off (paper Table 5)",
+    "heads": "HMKD with 1, 4, 8, 16 decoder heads (paper Table 6)",
+    "start_level": "HMKD with the inquiries starting at P3, P4, P5 (keys one level finer; paper Table 7)",
+    "inquiry_head": "HMKD with the Inquiry Head on/off",
+    "others_bg": "HMKD with L_others on the foreground only (the paper's formula) or on fg + bg",
+    "levels": "HMKD distilling L_others/L_bg on P2-P4 (default) or on every common level",
+    "weight": "HMKD with its loss weights alpha = beta = 1 (default) or 5 (the loss scale)",
+    "aux_every": "HMKD with the decoder's auxiliary task on every step (default) or every 4th (aux_every, a speed knob)",
+}
+
+
+@dataclass
+class Variant:
+    """One row of the table: ``key`` names its run folders (``<key>_s<seed>``)."""
+
+    key: str
+    method: str
+    label: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+def _levels_of(m: ModelConfig) -> list[str]:
+    from hmkd.models import DEFAULT_LEVELS
+
+    return list(m.levels) if m.levels else list(DEFAULT_LEVELS.get(m.detector, []))
+
+
+def _common_levels(cfg: Config, ablation: str) -> list[str]:
+    """FPN levels both the student and the teacher have (they decide an ablation's choices)."""
+    if cfg.teacher is None:
+        raise ConfigError(f"ablation {ablation} needs a 'teacher' section (the common FPN levels decide the choices)")
+    teacher_levels = _levels_of(cfg.teacher)
+    return [lv for lv in _levels_of(cfg.model) if lv in teacher_levels]
+
+
+def effective_options(method: str, options: dict[str, Any]) -> dict[str, Any]:
+    """The method's options with its defaults filled in (to tell equal variants apart from different ones)."""
+    from hmkd.distill import method_class
+
+    opts = from_dict(method_class(method).Options, dict(options), src="config", prefix="distill.options.")
+    return dataclasses.asdict(opts)
+
+
+def method_options_of(cfg: Config, method: str, method_options: dict[str, dict[str, Any]] | None) -> dict[str, Any]:
+    """``method``'s options in the benchmark: ``cfg.distill.options`` when it is the config's method,
+    then ``method_options[method]``."""
+    base = dict(cfg.distill.options) if cfg.distill.method == method else {}
+    base.update((method_options or {}).get(method, {}))
+    return base
+
+
+def ablation_variants(cfg: Config, ablation: str, method_options: dict[str, dict[str, Any]] | None = None) -> list[Variant]:
+    """The HMKD variants of ``ablation`` (see :data:`ABLATIONS`) for this config's student and teacher.
+
+    A variant whose options are those of the plain HMKD run gets the key ``hmkd`` (and so reuses
+    that run when the main benchmark already made it in the same ``out_dir``).
+    """
+    if ablation not in ABLATIONS:
+        raise ConfigError(f"unknown ablation {ablation!r} (known: {', '.join(ABLATIONS)})")
+    base = method_options_of(cfg, "hmkd", method_options)
+    base_eff = effective_options("hmkd", base)
+    hidden = base_eff["hidden"]
+    changes: list[tuple[str, str, dict[str, Any]]] = []  # (slug, label, change)
+    if ablation == "supplement":
+        changes = [("supplement", "HMKD, supplement on", {"supplement": True}),
+                   ("nosupplement", "HMKD, supplement off", {"supplement": False})]
+    elif ablation == "inquiry_head":
+        changes = [("inquiry", "HMKD, Inquiry Head on", {"inquiry_head": True}),
+                   ("noinquiry", "HMKD, Inquiry Head off", {"inquiry_head": False})]
+    elif ablation == "others_bg":
+        changes = [("fgonly", "HMKD, L_others fg only", {"others_bg_weight": 0.0}),
+                   ("fgbg", "HMKD, L_others fg + bg", {"others_bg_weight": 1.0})]
+    elif ablation == "weight":
+        changes = [(f"weight{w:g}", f"HMKD, alpha = beta = {w:g}", {"alpha": float(w), "beta": float(w)}) for w in (1, 5)]
+    elif ablation == "aux_every":
+        changes = [(f"auxevery{k}", f"HMKD, decoder task every {'step' if k == 1 else f'{k}th step'}", {"aux_every": k})
+                   for k in (1, 4)]
+    elif ablation == "levels":
+        common = _common_levels(cfg, ablation)
+        changes = [("levels3", f"HMKD, levels {common[0]}-{common[min(2, len(common) - 1)]}", {"levels": None}),
+                   ("levelsall", f"HMKD, levels {common[0]}-{common[-1]}", {"levels": common})]
+    elif ablation == "heads":
+        for h in (1, 4, 8, 16):
+            if hidden % h:
+                logger.warning("ablation heads: %d heads do not divide hidden=%d; skipped", h, hidden)
+                continue
+            changes.append((f"heads{h}", f"HMKD, {h} head{'s' if h > 1 else ''}", {"heads": h}))
+    else:  # start_level
+        common = _common_levels(cfg, ablation)
+        for lv in ("P3", "P4", "P5"):
+            prev = f"P{int(lv[1:]) - 1}"
+            if lv in common and prev in common:
+                changes.append((f"start{lv.lower()}", f"HMKD, start {lv} (keys {prev})", {"start_level": lv, "pairs": None}))
+        if not changes:
+            raise ConfigError(f"ablation start_level: no starting level fits the common levels {common}")
+    out: list[Variant] = []
+    for slug, label, change in changes:
+        opts = {**base, **change}
+        eff = effective_options("hmkd", opts)
+        if change.get("start_level") and not base_eff.get("pairs") and not base_eff.get("start_level"):
+            # the default start is the second-finest common level: an explicit one equal to it is the same run
+            common = _common_levels(cfg, ablation)
+            if len(common) > 1 and change["start_level"] == common[1]:
+                eff["start_level"] = None
+        same = eff == base_eff
+        out.append(Variant("hmkd" if same else f"hmkd-{slug}", "hmkd", label + (" (= HMKD)" if same else ""), base if same else opts))
+    return out
+
+
+def plan_runs(
+    cfg: Config,
+    methods: Sequence[str] | None = None,
+    ablation: str | None = None,
+    method_options: dict[str, dict[str, Any]] | None = None,
+) -> list[Variant]:
+    """The table's student rows, no-KD first (it is always included: every gain is measured from it)."""
+    none = Variant("none", "none", LABELS["none"], {})
+    if ablation:
+        return [none] + ablation_variants(cfg, ablation, method_options)
+    wanted = list(methods) if methods else list(METHOD_ORDER)
+    for m in wanted:
+        effective_options(m, method_options_of(cfg, m, method_options))  # unknown methods and bad options fail here
+    ordered = [m for m in METHOD_ORDER if m in wanted] + [m for m in wanted if m not in METHOD_ORDER]
+    out = [none]
+    for m in dict.fromkeys(ordered):
+        if m != "none":
+            out.append(Variant(m, m, LABELS.get(m, m), method_options_of(cfg, m, method_options)))
+    return out
+
+
+def seed_list(cfg: Config, seeds: int | Sequence[int]) -> list[int]:
+    """``seeds`` seeds from ``cfg.seed`` on, or the explicit list."""
+    if isinstance(seeds, int):
+        if seeds < 1:
+            raise ConfigError(f"seeds must be >= 1, got {seeds}")
+        return [cfg.seed + i for i in range(seeds)]
+    out = [int(s) for s in seeds]
+    if not out:
+        raise ConfigError("seeds: the list is empty")
+    return out

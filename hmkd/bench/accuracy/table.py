@@ -1,0 +1,67 @@
+"""The benchmark's Markdown table, shaped like the paper's Table 1."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hmkd.bench.accuracy.plan import METRICS
+
+__all__ = ["format_table"]
+
+
+def _fmt(v: float | None, nd: int = 1) -> str:
+    return "–" if v is None else f"{v:.{nd}f}"
+
+
+def format_table(rows: dict[str, dict[str, Any]], teacher: dict[str, Any] | None, seeds: list[int]) -> str:
+    """Markdown shaped like the paper's Table 1: mean ± std, the gain over the student in brackets, cost."""
+    head = "| model | " + " | ".join(METRICS) + " | s/iter | x no-KD | peak MB | x no-KD |"
+    lines = [head, "|---|" + "---:|" * (len(METRICS) + 4)]
+    b_mem = (rows.get("none") or {}).get("peak_mem_mb")
+
+    def mem_cells(mem: float | None) -> str:
+        return f" {_fmt(mem, 0)} | {_fmt(mem / b_mem if mem and b_mem else None, 2)} |"
+
+    if teacher is not None:
+        tm = teacher.get("metrics") or {}
+        backbone = ((teacher.get("config") or {}).get("model") or {}).get("backbone", "")
+        if teacher.get("source") == "checkpoint":
+            label = f"teacher ({backbone}, checkpoint)"
+        else:
+            label = f"teacher ({backbone}, {teacher.get('iterations')} it)"
+        t_sec, b_sec = teacher.get("sec_per_iter"), (rows.get("none") or {}).get("sec_per_iter")
+        ratio = t_sec / b_sec if t_sec and b_sec else None
+        lines.append(f"| {label} | " + " | ".join(_fmt(tm.get(k)) for k in METRICS)
+                     + f" | {_fmt(t_sec, 2)} | {_fmt(ratio, 2)} |" + mem_cells(teacher.get("peak_mem_mb")))
+    for key, r in rows.items():
+        cells = []
+        for k in METRICS:
+            m, s, g = r["mean"].get(k), r["std"].get(k), r["gain"].get(k)
+            cell = _fmt(m)
+            if s is not None:
+                cell += f" ± {s:.1f}"
+            if key != "none" and g is not None:
+                cell += f" ({g:+.1f})"
+            cells.append(cell)
+        lines.append(f"| {r['label']} | " + " | ".join(cells)
+                     + f" | {_fmt(r['sec_per_iter'], 2)} | {_fmt(r['cost_vs_none'], 2)} |" + mem_cells(r.get("peak_mem_mb")))
+    lines.append("")
+    lines.append(f"COCO box AP (%) on the val split; mean ± sample std over seeds {seeds} (teacher: one run); "
+                 "(+x): gain over the student (no-KD); s/iter: the run's training seconds / iterations; peak MB: "
+                 "its peak memory during training (CPU: max RSS of its own process; CUDA: peak allocated); "
+                 "each with its ratio to no-KD.")
+    s_iters = next((r.get("iterations") for r in rows.values() if r.get("iterations")), None)
+    if teacher is not None and teacher.get("source") == "trained" and s_iters and teacher.get("iterations"):
+        lines.append(f"The teacher trained {teacher['iterations'] / s_iters:.3g}x the students' {s_iters} iterations: "
+                     "its lead comes from compute (the paper's 3x-vs-1x setting), not only from depth.")
+    if rows and teacher is not None:
+        lines.append("")
+        lines.append("| share of the teacher-student gap closed | mAP | APs |")
+        lines.append("|---|---:|---:|")
+        for key, r in rows.items():
+            if key == "none":
+                continue
+            cl = r["gap_closed"]
+            pct = [("–" if cl.get(k) is None else f"{100 * cl[k]:.0f}%") for k in ("mAP", "APs")]
+            lines.append(f"| {r['label']} | {pct[0]} | {pct[1]} |")
+    return "\n".join(lines)

@@ -1,0 +1,144 @@
+"""The cost bench's Markdown (``cost.md``) and its check of the issue-8 targets."""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["PART_GROUPS", "TARGETS", "cost_markdown", "cost_targets"]
+
+#: Issue 8's targets for HMKD against no-KD on the synthetic CPU preset.
+TARGETS = {"step_ratio": 1.2, "memory_ratio": 1.5, "mask_share": 0.02}
+
+#: How HMKD's parts group into the rows the issue asks for.
+PART_GROUPS = {
+    "masks (fg/bg + small-object)": ["masks"],
+    "inquiry head (head, targets, focal loss, candidates)": ["inquiry_head"],
+    "decoder + aux task": ["decoder_aux", "decoder_attention"],
+    "small-distill (others + small_fg + attention term)": ["others", "small_fg", "attention_term"],
+    "GcBlock / background": ["gcblock_bg"],
+    "adapters": ["adapters"],
+}
+
+
+def _fmt_ms(s: float) -> str:
+    return f"{s * 1000:.0f}" if s >= 0.1 else f"{s * 1000:.1f}"
+
+
+def _parts_table(r: dict[str, Any], groups: dict[str, list[str]] | None) -> list[str]:
+    parts, prof = r["parts"], r["profile"]
+    step = prof["step_s"]
+    lines = [
+        "",
+        f"{r['method']} parts: time inside each part's `torch.profiler` range during {prof['steps']} extra "
+        "steps of the real code (forward only, ms, median; share of the profiled step, "
+        f"{_fmt_ms(step)} ms):",
+        "",
+        "| part | forward | calls/step | % of step |",
+        "|---|---:|---:|---:|",
+    ]
+
+    def row(label: str, names: list[str]) -> str:
+        f = sum(parts[n]["forward_s"] for n in names)
+        c = sum(parts[n]["calls"] for n in names)
+        return f"| {label} | {_fmt_ms(f)} | {c} | {100 * f / step:.2f}% |"
+
+    if groups is None:
+        groups = {n: [n] for n in parts}
+    listed = set()
+    for label, names in groups.items():
+        names = [n for n in names if n in parts]
+        if not names:
+            continue
+        listed.update(names)
+        lines.append(row(label, names))
+        if len(names) > 1:
+            lines += [row(f"&nbsp;&nbsp;{n}", [n]) for n in names]
+    for n in parts:  # a part no group names
+        if n not in listed:
+            lines.append(row(n, [n]))
+    lines.append(f"| distillation forward outside any part | {_fmt_ms(prof['unattributed_s'])} | | "
+                 f"{100 * prof['unattributed_s'] / step:.2f}% |")
+    lines.append(f"| backward of all parts (extra backward over no-KD, timed steps) | {_fmt_ms(r['extra_backward_s'])} "
+                 f"| | {100 * r['extra_backward_s'] / r['step_s']:.2f}% |")
+    return lines
+
+
+def cost_markdown(res: dict[str, Any]) -> str:
+    """``cost.md``: the per-method table, the split of the step, each profiled method's parts, the targets."""
+    rows = res["methods"]
+    base = rows[0]
+    lines = [
+        f"Training-step cost on `{res['config']}` ({res['machine']['device']}, torch {res['machine']['torch']}, "
+        f"{res['machine']['torch_threads']} threads), batch {res['data']['batch_size']}, "
+        f"median of {res['iters']} steps after {res['warmup']} warm-up; teacher: {res['teacher']}"
+        + ("; mixed precision (train.amp)" if res.get("amp") else "") + ".",
+        "",
+        "| method | s/step | x no-KD | mean s/step | x no-KD (mean) | teacher fwd share | peak memory (MB) | x no-KD |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['method']} | {r['step_s']:.3f} | {r['step_s'] / base['step_s']:.2f} | "
+            f"{r['step_s_mean']:.3f} | {r['step_s_mean'] / base['step_s_mean']:.2f} | "
+            f"{100 * r['teacher_forward_share']:.1f}% | {r['peak_memory_mb']:.0f} | "
+            f"{r['peak_memory_mb'] / max(base['peak_memory_mb'], 1e-9):.2f} |"
+        )
+    lines += [
+        "",
+        "Split of the step (median seconds): student forward | teacher forward | distillation forward | "
+        "backward (extra over no-KD) | optimiser steps",
+        "",
+        "| method | student fwd | teacher fwd | distill fwd | backward | extra bwd | optimiser |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        p = r["phases_s"]
+        lines.append(
+            f"| {r['method']} | {p['student_forward']:.3f} | {p['teacher_forward']:.3f} | {p['distill_forward']:.3f} | "
+            f"{p['backward']:.3f} | {p['backward'] - base['phases_s']['backward']:+.3f} | {p['optimizer']:.3f} |"
+        )
+    for r in rows:
+        if "parts" in r:
+            lines += _parts_table(r, PART_GROUPS if r["base_method"] == "hmkd" else None)
+    if any("parts" in r for r in rows):
+        lines += [
+            "",
+            "Parts are forward only: autograd runs their backward after the whole forward, outside their "
+            "ranges, so the backward is one number per method (its backward minus no-KD's).",
+        ]
+    t = res.get("targets")
+    if t:
+        lines += ["", "Issue-8 targets (HMKD against no-KD):", ""]
+        for key, label, fmt in (
+            ("step_ratio", "HMKD step / no-KD step", "{:.2f}x"),
+            ("memory_ratio", "HMKD peak memory / no-KD", "{:.2f}x"),
+            ("mask_share", "mask building share of the HMKD step (profiled `hmkd.masks` range)", "{:.2%}"),
+        ):
+            if key in t:
+                v = t[key]
+                lines.append(f"- {label}: {fmt.format(v['value'])} (target {'<=' if key != 'mask_share' else '<'} "
+                             f"{fmt.format(v['target'])}): {'met' if v['met'] else 'NOT met'}")
+    lines += [
+        "",
+        f"Peak memory: {rows[0]['memory_method']}; it counts the method's models (the teacher for KD methods), "
+        "optimiser state and activations. Load average at start/end: "
+        f"{res['loadavg_start']} / {res['loadavg_end']} (timings on a shared machine are noisy).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def cost_targets(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The issue-8 targets for plain ``hmkd`` against no-KD (the first row); ``{}`` without an hmkd row."""
+    base = rows[0]
+    hm = next((r for r in rows if r["method"] == "hmkd"), None)
+    if hm is None:
+        return {}
+    out: dict[str, Any] = {}
+    v = hm["step_s"] / base["step_s"]
+    out["step_ratio"] = {"value": v, "target": TARGETS["step_ratio"], "met": v <= TARGETS["step_ratio"]}
+    v = hm["peak_memory_mb"] / max(base["peak_memory_mb"], 1e-9)
+    out["memory_ratio"] = {"value": v, "target": TARGETS["memory_ratio"], "met": v <= TARGETS["memory_ratio"]}
+    if "parts" in hm and "masks" in hm["parts"]:
+        v = hm["parts"]["masks"]["share"]
+        out["mask_share"] = {"value": v, "target": TARGETS["mask_share"], "met": v < TARGETS["mask_share"]}
+    return out

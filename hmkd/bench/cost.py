@@ -496,7 +496,7 @@ def hmkd_part_costs(distiller: nn.Module, inputs: Any, *, reps: int = 5, device:
     them without a graph.
     """
     from hmkd.distill.common import stride_of
-    from hmkd.distill.gcblock import background_loss
+    from hmkd.distill.losses import background_loss
     from hmkd.distill.losses import attention_weighted_mse, masked_feature_mse
     from hmkd.distill.masks import box_mask, fg_bg_masks
     from hmkd.models.backbones import level_index

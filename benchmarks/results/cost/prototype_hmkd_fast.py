@@ -64,7 +64,7 @@ class HMKDFastCLDistiller(HMKDFastDistiller):
     the features differ from NCHW's by summation order only (relative 2e-5)."""
 
     def __init__(self, student, teacher, options):
-        super().__init__(student, teacher, options)
+        super().__init__(student=student, teacher=teacher, options=options)
         self.teacher.to(memory_format=torch.channels_last)
 
     def teacher_features(self, tensors):

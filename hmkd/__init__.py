@@ -34,13 +34,15 @@ def distiller(method: str, *, teacher: nn.Module | None, student: nn.Module, **o
             it is put in eval mode, frozen and kept out of ``parameters()``/``state_dict()``.
         student: the torchvision detection model to train (same classes as the teacher).
         **options: the method's options (e.g. HMKD's ``heads``, ``start_level``, ``alpha``,
-            ``beta``; see the README's option table). Unknown names raise :class:`ConfigError`.
+            ``beta``; see the README's option table). Unknown names, wrong types and meaningless
+            values (``heads=0``, a negative weight ...) raise a one-line :class:`ConfigError`.
 
     Returns:
         A :class:`Distiller` (an ``nn.Module``). In train mode, ``distiller(images, targets,
         iteration)`` returns the flat loss dict of one step; optimise
         ``distiller.student_parameters() + distiller.distiller_parameters()`` with your optimiser
-        and step ``distiller.extra_optimizers()`` (the matching decoder's own AdamW) too.
+        and call ``distiller.step_extra_optimizers()`` after it (it steps the method's own
+        optimisers, e.g. the matching decoder's AdamW of ICD and HMKD; none for the others).
     """
     return build_distiller(method, student=student, teacher=teacher, options=options)
 

@@ -15,28 +15,33 @@ sum is backpropagated once:
 
 The teacher is kept out of ``parameters()``, ``state_dict()`` and DDP: it is frozen, in eval mode,
 and moved with the distiller by ``.to()``.
+
+A method subclasses :class:`Distiller`, sets ``Options`` (a :class:`~hmkd.distill.options.MethodOptions`
+dataclass, validated by its ``check()`` when the distiller is built) and ``needs_teacher``, builds its
+modules in ``__init__`` from what the base tells of the two detectors (:attr:`Distiller.student_channels`,
+:attr:`Distiller.teacher_channels`, :attr:`Distiller.num_classes`, :meth:`Distiller.resolve_levels`)
+and returns its terms from :meth:`Distiller.distill_losses`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
 import torch
 from torch import nn
 
+from hmkd.distill.common import detector_levels, num_classes_of
+from hmkd.distill.options import NoOptions
 from hmkd.errors import ConfigError
+from hmkd.models.detectors import fpn_channels_of
 from hmkd.models.tap import DetectorTap, TapOutput, backbone_features, renormalise
 
+#: COCO's "small": area < 32 x 32 pixels in the original image (a method may set its own).
 SMALL_AREA = 32 * 32
 
 #: Precisions the frozen teacher may run in (``distill.teacher_dtype``).
 TEACHER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass
-class NoOptions:
-    """The ``none`` method has no options."""
 
 
 @dataclass
@@ -48,7 +53,8 @@ class DistillInputs:
         teacher_features: the teacher's FPN maps on the same transformed batch (no grad).
         boxes: per image, GT boxes in the resized frame ``[N,4]``.
         labels: per image, GT labels ``[N]``.
-        small: per image, bool ``[N]``: object area < 32x32 in the original image (COCO's "small").
+        small: per image, bool ``[N]``: object area < the distiller's :attr:`Distiller.small_area`
+            (default 32x32, COCO's "small") in the original image.
         image_sizes: resized (unpadded) sizes.
     """
 
@@ -58,7 +64,6 @@ class DistillInputs:
     labels: list[torch.Tensor]
     small: list[torch.Tensor]
     image_sizes: list[tuple[int, int]]
-    extras: dict[str, Any] = field(default_factory=dict)
 
 
 def small_flags(targets: list[dict[str, torch.Tensor]], small_area: float = SMALL_AREA) -> list[torch.Tensor]:
@@ -101,17 +106,26 @@ class Distiller(nn.Module):
     name: ClassVar[str] = "none"
     Options: ClassVar[type] = NoOptions
     needs_teacher: ClassVar[bool] = False
+    #: Objects with an original-image area below this are "small" (:attr:`DistillInputs.small`).
+    small_area: float = SMALL_AREA
 
-    def __init__(self, student: nn.Module, teacher: nn.Module | None = None, options: Any = None) -> None:
+    def __init__(self, *, student: nn.Module, teacher: nn.Module | None = None, options: Any = None) -> None:
+        """Keyword-only, so that two detectors of one class count cannot be swapped silently.
+
+        ``options`` (default: ``Options()``) are validated by their ``check()``, if they have one.
+        """
         super().__init__()
         self.options = options if options is not None else self.Options()
+        check = getattr(self.options, "check", None)
+        if callable(check):
+            check()
         self.student = student
         self._teacher: list[nn.Module] = []  # hidden from parameters()/state_dict()/DDP
+        self._common_levels: list[str] | None = None
+        self._extra_opts: list[tuple[str, torch.optim.Optimizer, float | None]] | None = None
         if self.needs_teacher and teacher is None:
             raise ConfigError(f"method {self.name!r} needs a teacher (config 'teacher' with 'weights')")
         if teacher is not None:
-            from hmkd.distill.common import num_classes_of
-
             ns, nt = num_classes_of(student), num_classes_of(teacher)
             if ns is not None and nt is not None and ns != nt:
                 raise ConfigError(
@@ -133,6 +147,49 @@ class Distiller(nn.Module):
         """The frozen teacher's :class:`TeacherTrunk` (backbone + transform; not a registered
         sub-module)."""
         return self._teacher[0] if self._teacher else None
+
+    def _trunk(self) -> nn.Module:
+        if self.teacher is None:
+            raise ConfigError(f"method {self.name!r} needs a teacher (config 'teacher' with 'weights')")
+        return self.teacher
+
+    # -- what a method needs to know of the two detectors ---------------------------------------
+    @property
+    def student_channels(self) -> int:
+        """Channels of the student's FPN maps."""
+        return fpn_channels_of(self.student)
+
+    @property
+    def teacher_channels(self) -> int:
+        """Channels of the teacher's FPN maps (ConfigError without a teacher)."""
+        return fpn_channels_of(self._trunk())
+
+    @property
+    def num_classes(self) -> int:
+        """Object classes (without background) of the student; ConfigError if it cannot be told."""
+        n = num_classes_of(self.student)
+        if n is None:
+            raise ConfigError(f"cannot tell the class count of {type(self.student).__name__}")
+        return n
+
+    @property
+    def common_levels(self) -> list[str]:
+        """The FPN levels both the student and the teacher produce, finest first."""
+        if self._common_levels is None:
+            teacher_levels = set(detector_levels(self._trunk()))
+            self._common_levels = [l for l in detector_levels(self.student) if l in teacher_levels]
+        return list(self._common_levels)
+
+    def resolve_levels(self, requested: list[str] | None, key: str = "levels") -> list[str]:
+        """``requested`` levels (None: :attr:`common_levels`), each checked to be produced by both
+        detectors (ConfigError naming ``distill.options.<key>`` otherwise)."""
+        if requested is None:
+            return self.common_levels
+        common = self.common_levels
+        for l in requested:
+            if l not in common:
+                raise ConfigError(f"distill.options.{key}: level {l} is not produced by both detectors (common: {common})")
+        return list(requested)
 
     def set_teacher_dtype(self, dtype: torch.dtype | str) -> None:
         """Run the frozen teacher in ``dtype`` (``torch.float32``, ``bfloat16`` or ``float16``).
@@ -182,19 +239,15 @@ class Distiller(nn.Module):
         return [p for p in self.parameters() if p.requires_grad and id(p) not in skip]
 
     def extra_optimizers(self) -> list[tuple[str, torch.optim.Optimizer, float | None]]:
-        """``(name, optimiser, grad-clip max-norm)`` for each extra module; built once and cached.
-
-        The default gives each :meth:`extra_modules` entry an AdamW with the options'
-        ``decoder_lr``, ``decoder_weight_decay`` and ``decoder_clip`` (ICD's decoder recipe).
-        """
-        if getattr(self, "_extra_opts", None) is None:
-            o = self.options
-            self._extra_opts = [
-                (name, torch.optim.AdamW(m.parameters(), lr=o.decoder_lr, weight_decay=o.decoder_weight_decay),
-                 o.decoder_clip)
-                for name, m in self.extra_modules().items()
-            ]
+        """``(name, optimiser, grad-clip max-norm or None)`` for each module with its own optimiser;
+        built once by :meth:`make_extra_optimizers` and cached (the same objects on every call)."""
+        if self._extra_opts is None:
+            self._extra_opts = list(self.make_extra_optimizers())
         return self._extra_opts
+
+    def make_extra_optimizers(self) -> list[tuple[str, torch.optim.Optimizer, float | None]]:
+        """Build the optimisers of :meth:`extra_optimizers`; none for the base (override it)."""
+        return []
 
     def step_extra_optimizers(self) -> None:
         """Clip, step and zero the method's own optimisers (e.g. the matching decoder's AdamW).
@@ -229,7 +282,7 @@ class Distiller(nn.Module):
         iteration: int | None = None,
     ) -> dict[str, torch.Tensor]:
         """One training step's losses, flat and prefixed (sum them and backpropagate once)."""
-        small = small_flags(targets)
+        small = small_flags(targets, self.small_area)
         res = self._tap(images, targets)
         losses = {f"student.{k}": v for k, v in res.output.items()}
         if self.teacher is None or not self.needs_teacher:

@@ -1,12 +1,10 @@
-"""Small pieces the distillers share: level selection and the student-to-teacher adapter."""
+"""What the distillers ask of a detector: its FPN levels, strides, kind and class count."""
 
 from __future__ import annotations
 
 from torch import nn
 
-from hmkd.errors import ConfigError
 from hmkd.models.backbones import level_index
-from hmkd.models.detectors import fpn_channels_of
 
 
 def detector_levels(model: nn.Module) -> list[str]:
@@ -29,27 +27,14 @@ def detector_levels(model: nn.Module) -> list[str]:
     return list(feats)
 
 
-def resolve_levels(requested: list[str] | None, student: nn.Module, teacher: nn.Module, key: str) -> list[str]:
-    """Requested levels (default: every level both detectors have), checked against both."""
-    common = [l for l in detector_levels(student) if l in set(detector_levels(teacher))]
-    if requested is None:
-        return common
-    for l in requested:
-        level_index(l)
-        if l not in common:
-            raise ConfigError(f"distill.options.{key}: level {l} is not produced by both detectors (common: {common})")
-    return list(requested)
-
-
 def stride_of(level: str) -> int:
     """Stride in pixels of ``P{l}``: ``2**l``."""
     return 2 ** level_index(level)
 
 
-def make_adapter(student: nn.Module, teacher: nn.Module) -> nn.Module:
-    """1x1 conv from the student's FPN channels to the teacher's, identity when equal."""
-    cs, ct = fpn_channels_of(student), fpn_channels_of(teacher)
-    return nn.Identity() if cs == ct else nn.Conv2d(cs, ct, kernel_size=1)
+def finer_level(level: str) -> str:
+    """The next finer FPN level: ``P3`` -> ``P2`` (half the stride)."""
+    return f"P{level_index(level) - 1}"
 
 
 def detector_kind(model: nn.Module) -> str:

@@ -1,6 +1,7 @@
-"""Hierarchical matching decoder of HMKD (Sec. 3.2.2, Fig. 3; DESIGN.md item 3).
+"""The instance-conditional matching decoder shared by ICD and HMKD, and what goes with it.
 
-Inquiries (one per object) attend over the teacher's key/value maps::
+ICD (Kang et al., NeurIPS 2021) introduced it; HMKD (Sec. 3.2.2, Fig. 3) uses it for its
+hierarchical matching. Inquiries (one per object) attend over the teacher's key/value maps::
 
     b_i   = MLP([class_emb(label_i) ; sine(cx, cy, w, h)]) (+ Linear(T_l sampled at the centre))
     K     = F_k(X + F_pe(V)),  O = F_v(X),  q_i = F_q(b_i)         split into N_m heads of c
@@ -11,7 +12,9 @@ l-1 map, the ICD baseline passes all FPN levels. V is a 2-D sine positional embe
 plus a learned per-map level embedding when more than one map is given.
 
 The decoder is trained only by the ICD-style auxiliary task (:meth:`MatchingDecoder.aux_loss`),
-on the teacher side: it never sends gradients into its input maps (they are detached inside).
+on the teacher side: it never sends gradients into its input maps (they are detached inside). It
+has its own optimiser (:func:`decoder_optimizers`, from the :class:`DecoderOptions` both methods
+share). The student side of the imitation is :class:`StudentValueProjection`.
 
 Boxes are xyxy in pixels of the resized input frame; ``image_sizes`` are the per-image resized
 (h, w) before batch padding (torchvision ``ImageList.image_sizes``).
@@ -20,75 +23,23 @@ Boxes are xyxy in pixels of the resized input frame; ``image_sizes`` are the per
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from hmkd.distill.masks import pad_by_image
+from hmkd.distill.options import MethodOptions, refuse
+from hmkd.distill.positional import sine_box_encoding, sine_pos_embed_2d
+
 __all__ = [
-    "sine_box_encoding",
-    "sine_pos_embed_2d",
-    "split_heads",
+    "DecoderOptions",
     "MatchingDecoder",
+    "StudentValueProjection",
+    "decoder_optimizers",
+    "split_heads",
 ]
-
-
-def _sine_1d(values: Tensor, dim: int, temperature: float) -> Tensor:
-    """DETR sine/cosine features of scalars in [0, 1]: ``[..] -> [.., dim]``.
-
-    Feature 2k is ``sin(2*pi*v / T^(2k/dim))`` and feature 2k+1 ``cos`` of the same argument.
-    """
-    if dim % 2 != 0:
-        raise ValueError(f"sine encoding: per-coordinate dim must be even, got {dim}")
-    k = torch.arange(dim // 2, device=values.device, dtype=torch.float32)
-    freq = temperature ** (2.0 * k / dim)  # [dim/2]
-    arg = values.float()[..., None] * (2.0 * math.pi) / freq
-    return torch.stack((arg.sin(), arg.cos()), dim=-1).flatten(-2)
-
-
-def sine_box_encoding(boxes_norm: Tensor, dim: int, temperature: float = 10000.0) -> Tensor:
-    """DETR-style sine encoding of normalised boxes.
-
-    Args:
-        boxes_norm: [N, 4] as (cx, cy, w, h) in [0, 1] (relative to the image size).
-        dim: output width; ``dim / 4`` features per coordinate (so ``dim % 8 == 0``).
-        temperature: frequency base.
-
-    Returns:
-        [N, dim] = concat over (cx, cy, w, h) of interleaved (sin, cos) of ``2*pi*v / T^(2k/d)``
-        with d = dim/4, k = 0..d/2-1. At v = 0 each block is (0, 1, 0, 1, ...). Values in [-1, 1].
-    """
-    if dim % 8 != 0:
-        raise ValueError(f"sine_box_encoding: dim must be a multiple of 8, got {dim}")
-    enc = _sine_1d(boxes_norm, dim // 4, temperature)  # [N, 4, dim/4]
-    return enc.flatten(-2).to(boxes_norm.dtype if boxes_norm.is_floating_point() else torch.float32)
-
-
-def sine_pos_embed_2d(
-    h: int,
-    w: int,
-    dim: int,
-    temperature: float = 10000.0,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype = torch.float32,
-) -> Tensor:
-    """DETR-style 2-D sine positional embedding of an h x w grid.
-
-    Cell (x, y) is at normalised coordinates ((x + 0.5) / w, (y + 0.5) / h) (cell centres,
-    consistent with normalised box centres); the first ``dim/2`` features encode x, the last
-    ``dim/2`` encode y, each as interleaved (sin, cos) as in :func:`sine_box_encoding`.
-
-    Returns:
-        [h * w, dim] in raster (row-major) order, matching ``map.flatten(2)``.
-    """
-    if dim % 4 != 0:
-        raise ValueError(f"sine_pos_embed_2d: dim must be a multiple of 4, got {dim}")
-    ys = (torch.arange(h, device=device, dtype=torch.float32) + 0.5) / h
-    xs = (torch.arange(w, device=device, dtype=torch.float32) + 0.5) / w
-    ex = _sine_1d(xs, dim // 2, temperature)  # [w, dim/2]
-    ey = _sine_1d(ys, dim // 2, temperature)  # [h, dim/2]
-    emb = torch.cat((ex[None, :, :].expand(h, w, -1), ey[:, None, :].expand(h, w, -1)), dim=-1)
-    return emb.reshape(h * w, dim).to(dtype)
 
 
 def split_heads(x: Tensor, heads: int) -> Tensor:
@@ -111,27 +62,6 @@ def _cxcywh_to_xyxy(boxes: Tensor) -> Tensor:
     return torch.stack((cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2), dim=-1)
 
 
-def _pad_by_image(values: Tensor, img: Tensor, batch: int) -> tuple[Tensor, Tensor]:
-    """Scatter flat rows with image index ``img`` into [B, Nmax, ...] plus a validity mask.
-
-    Rows keep their relative order within each image (stable sort by image index).
-    """
-    n = values.shape[0]
-    counts = torch.bincount(img, minlength=batch) if n else torch.zeros(batch, dtype=torch.long, device=values.device)
-    nmax = int(counts.max()) if batch else 0
-    out = values.new_zeros((batch, nmax) + tuple(values.shape[1:]))
-    valid = torch.zeros(batch, nmax, dtype=torch.bool, device=values.device)
-    if n == 0:
-        return out, valid
-    order = torch.sort(img, stable=True).indices
-    img_sorted = img[order]
-    starts = torch.cumsum(counts, 0) - counts
-    pos = torch.arange(n, device=values.device) - starts[img_sorted]
-    out[img_sorted, pos] = values[order]
-    valid[img_sorted, pos] = True
-    return out, valid
-
-
 def _attend_values(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None) -> Tensor:
     """``softmax(q k^T / sqrt(c)) v`` with c = q's width, for v wider than q and k.
 
@@ -149,7 +79,7 @@ def _attend_values(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None) ->
 
 
 class MatchingDecoder(nn.Module):
-    """Instance-conditional multi-head attention decoder (HMKD hierarchical matching / ICD).
+    """Instance-conditional multi-head attention decoder (ICD; HMKD's hierarchical matching).
 
     Args:
         in_channels: channels C of the teacher maps (keys/values and the query map).
@@ -277,7 +207,7 @@ class MatchingDecoder(nn.Module):
         """
         flat_boxes, flat_labels, img, sizes = self._flatten(boxes, labels, image_sizes)
         enc = self._encode(flat_boxes, flat_labels, img, sizes, query_map, query_stride)
-        return _pad_by_image(enc, img, len(boxes))
+        return pad_by_image(enc, img, len(boxes))
 
     def _flatten(
         self,
@@ -474,9 +404,9 @@ class MatchingDecoder(nn.Module):
         loc_t = (tgt - all_boxes) / wh4
 
         enc = self._encode(all_boxes, all_lab, all_img, sizes, query_map, query_stride)
-        queries, valid = _pad_by_image(enc, all_img, len(boxes))
-        real_p, _ = _pad_by_image(is_real, all_img, len(boxes))
-        loc_p, _ = _pad_by_image(loc_t, all_img, len(boxes))
+        queries, valid = pad_by_image(enc, all_img, len(boxes))
+        real_p, _ = pad_by_image(is_real, all_img, len(boxes))
+        loc_p, _ = pad_by_image(loc_t, all_img, len(boxes))
 
         k, v, pos = kv if kv is not None else self._keys_values(key_maps, with_pos=True)
         q = self._queries(queries)
@@ -493,3 +423,78 @@ class MatchingDecoder(nn.Module):
         loc_pred = self.loc_head(torch.cat((att, att_pos, queries), dim=-1))
         loc = F.l1_loss(loc_pred[real_mask], loc_p[real_mask].to(loc_pred.dtype))
         return {"identification": ident, "localisation": loc}
+
+
+class StudentValueProjection(nn.Module):
+    """Student-side value projection F_v^S: Linear(C -> hidden) per position, split into heads,
+    the counterpart of the decoder's ``value_proj`` on the (adapted) student maps.
+
+    Args:
+        in_channels: channels C of the adapted student map.
+        hidden: width (must match the decoder's hidden).
+        heads: number of heads (must match the decoder's heads).
+    """
+
+    def __init__(self, in_channels: int, hidden: int = 256, heads: int = 8) -> None:
+        super().__init__()
+        if hidden % heads != 0:
+            raise ValueError(f"StudentValueProjection: heads ({heads}) must divide hidden ({hidden})")
+        self.heads = heads
+        self.proj = nn.Linear(in_channels, hidden)
+
+    def forward(self, x: Tensor | list[Tensor]) -> Tensor:
+        """Map [B, C, H, W] (or a list of maps, concatenated along positions in order, as the
+        decoder does for its key maps) -> values [B, heads, U, hidden/heads]."""
+        maps = [x] if isinstance(x, Tensor) else list(x)
+        flat = torch.cat([mp.flatten(2).transpose(1, 2) for mp in maps], dim=1)  # [B, U, C]
+        return split_heads(self.proj(flat), self.heads)
+
+
+@dataclass
+class DecoderOptions(MethodOptions):
+    """The options of a method with a matching decoder (ICD, HMKD).
+
+    Attributes:
+        heads, hidden: decoder heads N_m and attention width (paper: 8, 256).
+        fakes_per_real: fake inquiries per real one in the decoder's auxiliary task.
+        decoder_lr, decoder_weight_decay, decoder_clip: the decoder's own AdamW (default 1e-4 /
+            1e-4, ICD's; the HMKD paper's 1e-3 / 1e-3 is in ``configs/coco/base_hmkd.yaml``) and
+            the max-norm its gradients are clipped to (None: no clipping).
+        warmup_iters: iterations during which only the decoder learns (no attention-weighted
+            term), since attention from an untrained decoder is noise (ICD: 1000).
+    """
+
+    heads: int = 8
+    hidden: int = 256
+    fakes_per_real: int = 3
+    decoder_lr: float = 1e-4
+    decoder_weight_decay: float = 1e-4
+    decoder_clip: float | None = 1.0
+    warmup_iters: int = 0
+
+    def check(self) -> None:
+        super().check()
+        if self.heads < 1:
+            refuse("heads", ">= 1", self.heads)
+        if self.hidden < 16 or self.hidden % 16:
+            refuse("hidden", "a positive multiple of 16", self.hidden)
+        if self.hidden % self.heads:
+            refuse("heads", f"a divisor of hidden ({self.hidden})", self.heads)
+        if self.fakes_per_real < 0:
+            refuse("fakes_per_real", ">= 0", self.fakes_per_real)
+        self._positive("decoder_lr", "decoder_clip")
+        self._nonnegative("decoder_weight_decay")
+        if self.warmup_iters < 0:
+            refuse("warmup_iters", ">= 0", self.warmup_iters)
+
+
+def decoder_optimizers(
+    modules: dict[str, nn.Module], options: DecoderOptions
+) -> list[tuple[str, torch.optim.Optimizer, float | None]]:
+    """``(name, AdamW, clip)`` for each decoder module: the optimiser every decoder-using method
+    returns from ``make_extra_optimizers`` (lr, weight decay and clip from ``options``)."""
+    o = options
+    return [
+        (name, torch.optim.AdamW(m.parameters(), lr=o.decoder_lr, weight_decay=o.decoder_weight_decay), o.decoder_clip)
+        for name, m in modules.items()
+    ]

@@ -1,4 +1,7 @@
-"""FGD baseline: Focal and Global Knowledge Distillation (Yang et al., CVPR 2022), one FPN level.
+"""FGD baseline: Focal and Global Knowledge Distillation (Yang et al., CVPR 2022), as a distiller.
+
+:class:`FGDLoss` is FGD on one FPN level; :class:`FGDDistiller` applies it to each distilled level
+with FGD's published weights for the student's detector family (:data:`FGD_PRESETS`).
 
 For teacher map ``T`` and (adapted) student map ``S`` of shape ``[B, C, H, W]``:
 
@@ -38,21 +41,27 @@ Choices where FGD's paper and code leave room:
   here); HMKD's paper keeps the minimum (``overlap="min"``). The option switches between them.
 * GcBlock init follows FGD (``gc_init="fgd"``): the context 1x1 conv Kaiming-normal (fan_in), the
   last conv of the transform zero, so each block starts as the identity; ``"default"`` keeps
-  PyTorch's init.
+  PyTorch's init (as :class:`~hmkd.distill.gcblock.GcBlock` builds it, and as HMKD uses it).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
+from hmkd.distill.adapter import make_adapter
+from hmkd.distill.base import DistillInputs, Distiller
+from hmkd.distill.common import detector_kind, stride_of
 from hmkd.distill.gcblock import GcBlock
 from hmkd.distill.masks import fg_bg_masks
+from hmkd.distill.options import MethodOptions
+from hmkd.distill.registry import register
 
-__all__ = ["FGDLoss", "FGD_PRESETS", "fgd_attention"]
+__all__ = ["FGDDistiller", "FGDLoss", "FGDOptions", "FGD_PRESETS", "fgd_attention"]
 
 #: FGD's published hyper-parameters per detector family (yzd-v/FGD configs/distillers/fgd/*.py).
 FGD_PRESETS: dict[str, dict[str, float]] = {
@@ -84,6 +93,31 @@ def fgd_attention(feat: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
     spatial = (value.mean(dim=1).reshape(b, h * w) / temperature).softmax(dim=1)
     channel = (value.mean(dim=(2, 3)) / temperature).softmax(dim=1)
     return (h * w) * spatial.reshape(b, h, w), c * channel
+
+
+@dataclass
+class FGDOptions(MethodOptions):
+    """FGD's published preset for the student's detector family; any value set here overrides it.
+
+    ``scale`` multiplies all four weights (FGD's weights assume COCO-sized maps with sum reduction;
+    see the README on loss scale). ``overlap``: ``max`` (FGD) or ``min`` (HMKD's rule).
+    """
+
+    levels: list[str] | None = None
+    temperature: float | None = None
+    alpha: float | None = None
+    beta: float | None = None
+    gamma: float | None = None
+    lambda_: float | None = None
+    scale: float = 1.0
+    overlap: str = "max"
+
+    def check(self) -> None:
+        super().check()
+        self._levels("levels")
+        self._positive("temperature")
+        self._nonnegative("alpha", "beta", "gamma", "lambda_", "scale")
+        self._choice("overlap", ("max", "min"))
 
 
 class FGDLoss(nn.Module):
@@ -134,14 +168,12 @@ class FGDLoss(nn.Module):
         self.gamma = float(gamma)
         self.lambda_ = float(lambda_)
         self.overlap = overlap
-        self.adapter: nn.Module
-        if student_channels != teacher_channels:
-            self.adapter = nn.Conv2d(student_channels, teacher_channels, kernel_size=1)
-        else:
-            self.adapter = nn.Identity()
+        self.adapter = make_adapter(student_channels, teacher_channels)
         self.gc_student = GcBlock(teacher_channels, ratio=gc_ratio)
         self.gc_teacher = GcBlock(teacher_channels, ratio=gc_ratio)
         if gc_init == "fgd":
+            # FGD's code: the context conv Kaiming-normal, the last conv zero, so that each block
+            # starts as the identity and the global loss as the plain squared difference
             for block in (self.gc_student, self.gc_teacher):
                 nn.init.kaiming_normal_(block.conv_mask.weight, mode="fan_in", nonlinearity="relu")
                 nn.init.zeros_(block.conv_mask.bias)
@@ -209,3 +241,35 @@ class FGDLoss(nn.Module):
 
         glob = self.lambda_ * (self.gc_student(s) - self.gc_teacher(t)).pow(2).sum() / n
         return {"fg": fg, "bg": bg, "attention": att, "global": glob}
+
+
+@register("fgd", "FGD: focal (fg/bg, attention-weighted) + global (GcBlock) distillation")
+class FGDDistiller(Distiller):
+    """``distill.fgd_{fg,bg,attention,global}_pN``: an :class:`FGDLoss` on each distilled level."""
+
+    Options = FGDOptions
+    needs_teacher = True
+
+    def __init__(self, *, student: nn.Module, teacher: nn.Module | None = None, options: FGDOptions | None = None) -> None:
+        super().__init__(student=student, teacher=teacher, options=options)
+        o = self.options
+        self.levels = self.resolve_levels(o.levels)
+        cs, ct = self.student_channels, self.teacher_channels
+        over = {k: getattr(o, k) for k in ("temperature", "alpha", "beta", "gamma", "lambda_")}
+        over = {k: v for k, v in over.items() if v is not None}
+        kind = detector_kind(student)
+        self.losses = nn.ModuleDict(
+            {l: FGDLoss.for_detector(kind, cs, ct, overlap=o.overlap, **over) for l in self.levels}
+        )
+        if o.scale != 1.0:
+            for m in self.losses.values():
+                for k in ("alpha", "beta", "gamma", "lambda_"):
+                    setattr(m, k, getattr(m, k) * o.scale)
+
+    def distill_losses(self, inputs: DistillInputs, iteration: int | None) -> dict[str, torch.Tensor]:
+        s, t = inputs.student.features, inputs.teacher_features
+        out: dict[str, torch.Tensor] = {}
+        for l in self.levels:
+            for k, v in self.losses[l](s[l], t[l], inputs.boxes, stride_of(l)).items():
+                out[f"distill.fgd_{k}_{l.lower()}"] = v
+        return out

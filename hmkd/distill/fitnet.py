@@ -1,16 +1,38 @@
-"""FitNet hint loss (Romero et al., ICLR 2015) on one FPN level.
+"""FitNet baseline (Romero et al., ICLR 2015): hint loss on FPN levels, as a distiller.
 
-The student's map goes through a regressor (here a 1x1 conv adapter when the channel counts differ,
-identity otherwise, as DESIGN "Baselines" asks) and is pulled towards the teacher's map by a mean
-squared error. The teacher's map is a target only: no gradient ever reaches it.
+On each distilled level the student's map goes through a regressor (here the 1x1 conv adapter
+all methods share, :func:`~hmkd.distill.adapter.make_adapter`; our choice: identity when the
+channel counts agree, since the maps then already align cell by cell) and is pulled towards the
+teacher's map by a mean squared error. The teacher's map is a target only: no gradient ever reaches it.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["FitNetLoss"]
+from hmkd.distill.adapter import make_adapter
+from hmkd.distill.base import DistillInputs, Distiller
+from hmkd.distill.options import MethodOptions
+from hmkd.distill.registry import register
+
+__all__ = ["FitNetDistiller", "FitNetLoss", "FitNetOptions"]
+
+
+@dataclass
+class FitNetOptions(MethodOptions):
+    """``levels``: FPN levels to imitate (default: every level both have); ``weight`` on the mean MSE."""
+
+    levels: list[str] | None = None
+    weight: float = 1.0
+
+    def check(self) -> None:
+        super().check()
+        self._levels("levels")
+        self._nonnegative("weight")
 
 
 class FitNetLoss(nn.Module):
@@ -25,11 +47,7 @@ class FitNetLoss(nn.Module):
     def __init__(self, student_channels: int, teacher_channels: int, weight: float = 1.0) -> None:
         super().__init__()
         self.weight = float(weight)
-        self.adapter: nn.Module
-        if student_channels != teacher_channels:
-            self.adapter = nn.Conv2d(student_channels, teacher_channels, kernel_size=1)
-        else:
-            self.adapter = nn.Identity()
+        self.adapter = make_adapter(student_channels, teacher_channels)
 
     def forward(self, student: Tensor, teacher: Tensor) -> Tensor:
         """Loss for student map ``[B, Cs, H, W]`` and teacher map ``[B, Ct, H, W]``; a scalar."""
@@ -39,3 +57,22 @@ class FitNetLoss(nn.Module):
                 f"FitNetLoss: adapted student shape {tuple(s.shape)} != teacher shape {tuple(teacher.shape)}"
             )
         return self.weight * F.mse_loss(s, teacher.detach().to(s.dtype), reduction="mean")
+
+
+@register("fitnet", "FitNet: 1x1 adapter + MSE between student and teacher FPN maps")
+class FitNetDistiller(Distiller):
+    """``distill.fitnet_pN``: a :class:`FitNetLoss` on each distilled level."""
+
+    Options = FitNetOptions
+    needs_teacher = True
+
+    def __init__(self, *, student: nn.Module, teacher: nn.Module | None = None, options: FitNetOptions | None = None) -> None:
+        super().__init__(student=student, teacher=teacher, options=options)
+        o = self.options
+        self.levels = self.resolve_levels(o.levels)
+        cs, ct = self.student_channels, self.teacher_channels
+        self.losses = nn.ModuleDict({l: FitNetLoss(cs, ct, weight=o.weight) for l in self.levels})
+
+    def distill_losses(self, inputs: DistillInputs, iteration: int | None) -> dict[str, torch.Tensor]:
+        s, t = inputs.student.features, inputs.teacher_features
+        return {f"distill.fitnet_{l.lower()}": self.losses[l](s[l], t[l]) for l in self.levels}

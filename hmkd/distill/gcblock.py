@@ -1,23 +1,19 @@
-"""GcBlock (global context block) and the supplemental / background distillation loss.
+"""GcBlock (global context block, Cao et al. 2019), the f' of HMKD's supplemental distillation.
 
-HMKD Sec. 3.2.3 (DESIGN.md item 5)::
+HMKD Sec. 3.2.3::
 
     f'(F) = F + C_v2 ReLU(LN(C_v1 sum_j softmax(C_k F)_j F_j))
 
-    paper form: L_bg = sum (f'(|T - S'|))^2
-    fgd form:   L_bg = sum (f'_s(S') - f'_t(T))^2        (FGD's global loss)
-
-The balance factor alpha is applied by the caller.
+The loss that uses it is :func:`hmkd.distill.losses.background_loss`; FGD's global loss uses two
+blocks (:class:`hmkd.distill.fgd.FGDLoss`).
 """
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 from torch import Tensor, nn
 
-__all__ = ["GcBlock", "background_loss"]
+__all__ = ["GcBlock"]
 
 
 class GcBlock(nn.Module):
@@ -28,10 +24,14 @@ class GcBlock(nn.Module):
     C -> C*ratio, LN an ``nn.LayerNorm`` over ``[C*ratio, 1, 1]`` (with affine), ``C_v2`` a 1x1
     conv back to C; the resulting [B, C, 1, 1] vector is broadcast-added to every pixel.
 
-    Initialisation choice: GCNet initialises ``C_v2`` to zero so that the block starts as the
-    identity. For distillation we deliberately keep PyTorch's default (Kaiming-uniform) init
-    for every conv, so that f' is not the identity from the first step and the context term
-    contributes to the loss immediately.
+    Initialisation: this class keeps PyTorch's default (Kaiming-uniform) init for every conv,
+    and HMKD's supplemental term (:mod:`hmkd.distill.hmkd`) uses its blocks as built (our choice):
+    f' is then not the identity from the first step, so the context part contributes to ``L_bg``
+    immediately. GCNet and FGD instead start each block as the
+    identity: :class:`~hmkd.distill.fgd.FGDLoss` (``gc_init="fgd"``, its default) re-initialises
+    its two blocks as FGD's code does, ``C_k`` Kaiming-normal (fan_in) with zero bias and ``C_v2``
+    all zero, so that its global loss starts as the plain squared difference and the context is
+    learned from there.
 
     Args:
         channels: number of input/output channels C.
@@ -64,47 +64,3 @@ class GcBlock(nn.Module):
         ctx = self.context(x)
         add = self.conv_v2(torch.relu(self.norm(self.conv_v1(ctx))))
         return x + add
-
-
-def _reduce(sq: Tensor, reduction: str) -> Tensor:
-    if reduction == "sum":
-        return sq.sum() / max(1, sq.shape[0])
-    if reduction == "mean":
-        return sq.mean()
-    raise ValueError(f"background_loss: reduction must be 'sum' or 'mean', got {reduction!r}")
-
-
-def background_loss(
-    T: Tensor,
-    S: Tensor,
-    gc: GcBlock,
-    *,
-    form: Literal["paper", "fgd"] = "paper",
-    gc_t: GcBlock | None = None,
-    reduction: Literal["sum", "mean"] = "sum",
-) -> Tensor:
-    """Supplemental (background) distillation loss of HMKD Sec. 3.2.3, without alpha.
-
-    Args:
-        T: teacher map [B, C, H, W] (pass it detached; the teacher is frozen).
-        S: (adapted) student map [B, C, H, W].
-        gc: the GcBlock f' (the student-side block in the ``fgd`` form).
-        form: ``"paper"``: ``sum (f'(|T - S|))^2``; ``"fgd"``: ``sum (f'_s(S) - f'_t(T))^2``.
-        gc_t: teacher-side GcBlock for the ``fgd`` form (FGD keeps two blocks); when None the
-            single block ``gc`` is shared by both sides. Ignored by the paper form.
-        reduction: ``"sum"``: sum over C, H, W, divided by the batch size B (FGD convention, so
-            the value grows with image area and channel count); ``"mean"``: mean over all elements.
-
-    Returns:
-        Scalar loss tensor.
-    """
-    if T.shape != S.shape:
-        raise ValueError(f"background_loss: T {tuple(T.shape)} and S {tuple(S.shape)} differ")
-    if form == "paper":
-        sq = gc(torch.abs(T - S)).pow(2)
-    elif form == "fgd":
-        teacher_block = gc if gc_t is None else gc_t
-        sq = (gc(S) - teacher_block(T)).pow(2)
-    else:
-        raise ValueError(f"background_loss: form must be 'paper' or 'fgd', got {form!r}")
-    return _reduce(sq, reduction)

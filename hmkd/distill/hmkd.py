@@ -24,6 +24,10 @@ Per step, with ``S'_l = adapter(S_l)`` and ``T_l`` the teacher's map at level ``
 
 Total: ``L_det + alpha * L_bg + beta * L_small`` (alpha, beta applied here; the logged terms are
 already weighted). ``reduction`` fixes how sums scale, see :class:`HMKDOptions`.
+
+:meth:`HMKDDistiller.distill_losses` computes its parts one after the other, each inside a named
+``torch.profiler`` range ``hmkd.<part>`` (:data:`PROFILE_PARTS`, in that order), so that a profiler
+(e.g. the cost benchmark) can time them; a part that the options switch off is an empty range.
 """
 
 from __future__ import annotations
@@ -32,25 +36,38 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.profiler import record_function
 
-from hmkd.distill.base import Distiller, DistillInputs
-from hmkd.distill.common import make_adapter, num_classes_of, resolve_levels, stride_of
-from hmkd.distill.decoder import MatchingDecoder
-from hmkd.distill.gcblock import GcBlock, background_loss
+from hmkd.distill.adapter import make_adapter
+from hmkd.distill.base import DistillInputs, Distiller
+from hmkd.distill.common import finer_level, stride_of
+from hmkd.distill.decoder import DecoderOptions, MatchingDecoder, StudentValueProjection, decoder_optimizers
+from hmkd.distill.gcblock import GcBlock
 from hmkd.distill.inquiry import InquiryHead, candidate_cells, inquiry_loss, inquiry_targets, widen_to_finer_level
-from hmkd.distill.losses import StudentValueProjection, attention_weighted_mse, masked_feature_mse
+from hmkd.distill.losses import attention_weighted_mse, background_loss, masked_feature_mse
 from hmkd.distill.masks import box_mask, fg_bg_masks
+from hmkd.distill.options import refuse
 from hmkd.distill.registry import register
 from hmkd.errors import ConfigError
 from hmkd.models.backbones import level_index
-from hmkd.models.detectors import fpn_channels_of
+
+__all__ = ["HMKDDistiller", "HMKDOptions", "PROFILE_PARTS", "REFERENCE_AREA"]
 
 #: Input area (pixels) that ``reduction: size_normalised`` rescales sums to: an 800 x 1333 COCO image.
 REFERENCE_AREA = 800 * 1333
 
+#: The profiler ranges of one step, in the order they run (each recorded as ``hmkd.<part>``):
+#: ``adapters`` (student-to-teacher 1x1 convs), ``masks`` (fg/bg masks of the distilled and finer
+#: levels, small-object box masks), ``inquiry_head`` (head forward, targets, focal loss, candidates,
+#: widening), ``decoder_aux`` (key/value pass + auxiliary loss), ``decoder_attention`` (no-grad
+#: attention pass), ``others`` (L_others), ``small_fg`` (small-object foreground imitation),
+#: ``attention_term`` (student value projection + attention-weighted MSE), ``gcblock_bg`` (L_bg).
+PROFILE_PARTS = ("adapters", "masks", "inquiry_head", "decoder_aux", "decoder_attention", "others", "small_fg",
+                 "attention_term", "gcblock_bg")
+
 
 @dataclass
-class HMKDOptions:
+class HMKDOptions(DecoderOptions):
     """Options of HMKD; every reading of the paper we had to choose is one of these.
 
     Attributes:
@@ -59,10 +76,11 @@ class HMKDOptions:
         start_level: level of the inquiries; keys/values come from the next finer level
             (default: the second-finest common level, P3 for Faster/Mask R-CNN: Table 7).
         pairs: several starting levels, e.g. ``[P3, P4]`` ("P2 to P4"); overrides start_level.
-        heads, hidden: decoder heads N_m (Table 6) and width (paper: 8, 256).
+        heads, hidden, fakes_per_real, decoder_lr, decoder_weight_decay, decoder_clip,
+            warmup_iters: the matching decoder's (:class:`~hmkd.distill.decoder.DecoderOptions`;
+            heads N_m: Table 6).
         query_feature: inquiries also add the teacher's level-l feature at the object.
-        inquiries: ``small`` (objects with area < small_area, COCO's "small") or ``all``.
-        fakes_per_real: fake inquiries per real one in the decoder's auxiliary task.
+        inquiries: ``small`` (objects with area < ``small_area``) or ``all``.
         inquiry_head: use the Inquiry Head (Table 5-style switch).
         inquiry_radius, inquiry_threshold: ``s_l`` (cells) and ``t``.
         inquiry_weight: weight of the Inquiry Head's focal loss (it trains the student too).
@@ -75,30 +93,28 @@ class HMKDOptions:
             image size and object count and ``alpha = beta = 1`` is the working default at CPU
             sizes; ``sum`` (paper/FGD: sums over channels and pixels divided by the batch size,
             growing with image area and channel count; use with the paper's ``alpha = beta =
-            1e-3``, see configs/coco_*.yaml); ``size_normalised``: ``sum`` rescaled to an
-            800x1333 input, so the paper's values mean the same at any image size.
+            1e-3``, as configs/coco/base_hmkd.yaml does); ``size_normalised``: ``sum`` rescaled to
+            an 800x1333 input, so the paper's values mean the same at any image size. The
+            attention-weighted term is the same under every reduction: the paper defines it with
+            an MSE over the c channels of each head (a mean), so there is no channel sum to restore.
         others_bg_weight: weight of the background half of ``L_others`` (paper formula: 0).
-        decoder_lr, decoder_weight_decay, decoder_clip: the decoder's own AdamW (DESIGN: 1e-4,
-            1e-4; the paper's 1e-3 is an option) and its grad-norm clip.
-        warmup_iters: iterations during which only the decoder learns (no attention-weighted
-            term), since attention from an untrained decoder is noise (ICD: 1000).
         aux_every: run the decoder's auxiliary task (and so update the decoder) on every k-th
             iteration only (default 1: every step, as the paper trains it). On the other steps
             the keys, values and attention the distillation needs are computed without a graph,
             which saves the aux task's forward and backward (~60% of the decoder's cost). The
             decoder then gets 1/k of the updates; warm-up iterations always run it. A training
             change, not an exact speed-up: measure its effect before relying on it.
-        small_area: area threshold of a small object in original-image pixels.
+        small_area: an object is small when its area in the original image (COCO's ``area`` when
+            given, else its box's) is below this (default 32 x 32, COCO's "small"); it decides
+            the inquiries (``inquiries: small``), the Inquiry Head's targets and the small-object
+            foreground. 0: no object is small.
     """
 
     levels: list[str] | None = None
     start_level: str | None = None
     pairs: list[str] | None = None
-    heads: int = 8
-    hidden: int = 256
     query_feature: bool = True
     inquiries: str = "small"
-    fakes_per_real: int = 3
     inquiry_head: bool = True
     inquiry_radius: float = 2.0
     inquiry_threshold: float = 0.5
@@ -109,23 +125,22 @@ class HMKDOptions:
     beta: float = 1.0
     reduction: str = "mean"
     others_bg_weight: float = 0.0
-    decoder_lr: float = 1e-4
-    decoder_weight_decay: float = 1e-4
-    decoder_clip: float | None = 1.0
-    warmup_iters: int = 0
     aux_every: int = 1
     small_area: float = 32.0 * 32.0
 
     def check(self) -> None:
-        """Validate values (the types were checked when the config was read)."""
-        choices = {"inquiries": ("small", "all"), "bg_form": ("paper", "fgd"), "reduction": ("sum", "size_normalised", "mean")}
-        for key, allowed in choices.items():
-            if getattr(self, key) not in allowed:
-                raise ConfigError(f"distill.options.{key} must be one of {', '.join(allowed)}, got {getattr(self, key)!r}")
+        super().check()
+        self._levels("levels")
+        self._level("start_level")
+        self._levels("pairs")
+        self._choice("inquiries", ("small", "all"))
+        self._choice("bg_form", ("paper", "fgd"))
+        self._choice("reduction", ("sum", "size_normalised", "mean"))
+        self._positive("inquiry_radius")
+        self._number("inquiry_threshold", low=0.0, strict=True, high=1.0)
+        self._nonnegative("inquiry_weight", "alpha", "beta", "others_bg_weight", "small_area")
         if self.aux_every < 1:
-            raise ConfigError(f"distill.options.aux_every must be >= 1, got {self.aux_every}")
-        if self.hidden % self.heads or self.hidden % 16:
-            raise ConfigError(f"distill.options.heads={self.heads} must divide hidden={self.hidden} (a multiple of 16)")
+            refuse("aux_every", ">= 1", self.aux_every)
 
 
 @register("hmkd", "HMKD: hierarchical matching (small-object inquiries over finer teacher maps) + supplemental GcBlock")
@@ -135,29 +150,27 @@ class HMKDDistiller(Distiller):
     Options = HMKDOptions
     needs_teacher = True
 
-    def __init__(self, student: nn.Module, teacher: nn.Module | None, options: HMKDOptions) -> None:
-        super().__init__(student, teacher, options)
-        options.check()
-        assert self.teacher is not None
-        o = options
-        common = resolve_levels(None, student, self.teacher, "levels")
-        self.levels = resolve_levels(o.levels, student, self.teacher, "levels") if o.levels else common[:3]
-        starts = o.pairs or [o.start_level or common[1]]
-        for s in starts:
-            li = level_index(s)
-            if s not in common or f"P{li - 1}" not in common:
+    def __init__(self, *, student: nn.Module, teacher: nn.Module | None = None, options: HMKDOptions | None = None) -> None:
+        super().__init__(student=student, teacher=teacher, options=options)
+        o = self.options
+        self.small_area = float(o.small_area)
+        common = self.common_levels
+        self.levels = self.resolve_levels(o.levels) if o.levels is not None else common[:3]
+        key = "pairs" if o.pairs else "start_level"
+        self.pairs = list(o.pairs or [o.start_level or common[1]])
+        for s in self.pairs:
+            if s not in common or finer_level(s) not in common:
                 raise ConfigError(
-                    f"distill.options.start_level {s} needs P{li} and P{li - 1} in both detectors (common: {common}); "
+                    f"distill.options.{key} {s} needs {s} and {finer_level(s)} in both detectors (common: {common}); "
                     "for RetinaNet/FCOS set model.levels to P2-P7 or start at P4"
                 )
-        self.pairs = list(starts)
-        cs, ct = fpn_channels_of(student), fpn_channels_of(self.teacher)
-        num_classes = _num_classes(student)
-        needed = sorted(set(self.levels) | {f"P{level_index(s) - 1}" for s in self.pairs}, key=level_index)
-        self.adapters = nn.ModuleDict({l: make_adapter(student, self.teacher) for l in needed})
+        cs, ct = self.student_channels, self.teacher_channels
+        #: levels whose fg/bg masks a step needs: the distilled ones and the pairs' finer ones
+        self.mask_levels = sorted(set(self.levels) | {finer_level(s) for s in self.pairs}, key=level_index)
+        self.adapters = nn.ModuleDict({l: make_adapter(cs, ct) for l in self.mask_levels})
         self.decoders = nn.ModuleDict(
             {
-                s: MatchingDecoder(ct, num_classes, hidden=o.hidden, heads=o.heads, query_feature=o.query_feature,
+                s: MatchingDecoder(ct, self.num_classes, hidden=o.hidden, heads=o.heads, query_feature=o.query_feature,
                                    fakes_per_real=o.fakes_per_real)
                 for s in self.pairs
             }
@@ -171,9 +184,17 @@ class HMKDDistiller(Distiller):
     def extra_modules(self) -> dict[str, nn.Module]:
         return {"decoder": self.decoders}
 
+    def make_extra_optimizers(self) -> list[tuple[str, torch.optim.Optimizer, float | None]]:
+        return decoder_optimizers(self.extra_modules(), self.options)
+
     # -- loss scale -----------------------------------------------------------------------------
     def _sum_scale(self, input_hw: tuple[int, int], channels: int) -> tuple[float, float]:
-        """(factor for channel-mean quantities to become the configured reduction, pixel-sum factor)."""
+        """(factor for channel-mean quantities to become the configured reduction, pixel-sum factor).
+
+        The channel factor applies to ``L_others`` and the small-object foreground term (channel
+        means in :func:`masked_feature_mse`, channel sums in the paper's formula), never to the
+        attention-weighted term, which the paper itself defines as a mean over channels.
+        """
         r = self.options.reduction
         if r == "mean":
             return 1.0, 0.0
@@ -188,9 +209,14 @@ class HMKDDistiller(Distiller):
         small_boxes: list[torch.Tensor],
         fine_hw: tuple[int, int],
         k_fine: torch.Tensor,
+        *,
+        small_fg: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, int]:
         """The Inquiry Head on the student's level-``start`` map and the small-object region it gives
         at the next finer level (``fine_hw``, whose scale mask is ``k_fine``).
+
+        ``small_fg``: the cells of ``small_boxes`` at the finer level (:func:`box_mask`), computed
+        here when not given.
 
         Returns (the weighted Inquiry Head focal loss, or None without the head; ``Ms``: cells of small
         GT boxes UNION the head's candidate cells (``MAP_l > t``) widened to the finer level; ``Ks``:
@@ -198,8 +224,8 @@ class HMKDDistiller(Distiller):
         objects plus the images that have candidate-only cells).
         """
         o = self.options
-        fine_stride = stride_of(f"P{level_index(start) - 1}")
-        small_fg = box_mask(small_boxes, fine_hw, fine_stride)
+        if small_fg is None:
+            small_fg = box_mask(small_boxes, fine_hw, stride_of(finer_level(start)))
         n_small = sum(int(b.shape[0]) for b in small_boxes)
         if self.inquiry_heads is None:
             return None, small_fg, k_fine, n_small
@@ -216,78 +242,92 @@ class HMKDDistiller(Distiller):
     def distill_losses(self, inputs: DistillInputs, iteration: int | None) -> dict[str, torch.Tensor]:
         o = self.options
         s_feats, t_feats = inputs.student.features, inputs.teacher_features
+        pairs = [(start, finer_level(start)) for start in self.pairs]
+
+        def hw(level: str) -> tuple[int, int]:
+            return tuple(t_feats[level].shape[-2:])
+
         input_hw = tuple(inputs.student.tensors.shape[-2:])
-        adapted = {l: self.adapters[l](s_feats[l]) for l in self.adapters}
         ch_factor, area_factor = self._sum_scale(input_hw, next(iter(t_feats.values())).shape[1])
-        out: dict[str, torch.Tensor] = {}
-        masks: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-
-        def mk(level: str) -> tuple[torch.Tensor, torch.Tensor]:
-            if level not in masks:
-                masks[level] = fg_bg_masks(inputs.boxes, tuple(t_feats[level].shape[-2:]), stride_of(level))
-            return masks[level]
-
-        # L_others: fg/bg-separated imitation on every distilled level (K makes it scale-free).
-        # With reduction "mean" the per-image sum over objects becomes a mean over objects.
-        n_img = max(1, len(inputs.boxes))
-        per_obj = (lambda n: n_img / max(1.0, float(n))) if o.reduction == "mean" else (lambda n: 1.0)
-        n_obj = sum(int(b.shape[0]) for b in inputs.boxes)
-        for l in self.levels:
-            m, k = mk(l)
-            val = masked_feature_mse(adapted[l], t_feats[l], m, k, bg_weight=o.others_bg_weight)
-            out[f"distill.others_{l.lower()}"] = o.beta * ch_factor * per_obj(n_obj) * val
-
         small_boxes = [b[s] for b, s in zip(inputs.boxes, inputs.small)]
         keep = small_boxes if o.inquiries == "small" else inputs.boxes
         keep_labels = [lab[s] for lab, s in zip(inputs.labels, inputs.small)] if o.inquiries == "small" else inputs.labels
         warm = iteration is not None and iteration < o.warmup_iters
         # the decoder's aux task (its only training signal): every step, or every aux_every-th
         run_aux = warm or iteration is None or iteration % o.aux_every == 0
-        for start in self.pairs:
-            fine = f"P{level_index(start) - 1}"
-            inquiry, small_fg, k_small, n_regions = self.small_object_region(
-                start, s_feats[start], small_boxes, tuple(t_feats[fine].shape[-2:]), mk(fine)[1]
-            )
-            if inquiry is not None:
-                out[f"distill.inquiry_{start.lower()}"] = inquiry
-            val = masked_feature_mse(adapted[fine], t_feats[fine], small_fg.to(k_small.dtype), k_small)
-            out[f"distill.small_fg_{fine.lower()}"] = o.beta * ch_factor * per_obj(n_regions) * val
+        # With reduction "mean" the per-image sum over objects becomes a mean over objects.
+        n_img = max(1, len(inputs.boxes))
+        per_obj = (lambda n: n_img / max(1.0, float(n))) if o.reduction == "mean" else (lambda n: 1.0)
 
-            # hierarchical matching: inquiries at `start`, keys/values at `fine` (teacher side)
-            dec = self.decoders[start]
-            q_map = t_feats[start] if o.query_feature else None
-            kv = None
-            if run_aux:
-                kv = dec.keys_values([t_feats[fine]])  # one key/value pass serves the aux task and the distillation
-                aux = dec.aux_loss(keep, keep_labels, inputs.image_sizes,
-                                   [t_feats[fine]], q_map, stride_of(start), kv=kv)
-                for k, v in aux.items():
-                    out[f"aux.{k}_{start.lower()}"] = v
-            if not warm:
-                with torch.no_grad():  # m and O^T are targets: no graph needed
-                    if kv is None:
-                        kv = dec.keys_values([t_feats[fine]])
-                    m_att, v_t, valid = dec(keep, keep_labels, inputs.image_sizes, [t_feats[fine]], q_map,
-                                            stride_of(start), kv=kv)
-                v_s = self.value_proj[start](adapted[fine])
-                out[f"distill.small_attn_{fine.lower()}"] = o.beta * attention_weighted_mse(m_att, v_s, v_t.detach(), valid)
+        with record_function("hmkd.adapters"):
+            adapted = {l: self.adapters[l](s_feats[l]) for l in self.adapters}
+        with record_function("hmkd.masks"):
+            masks = {l: fg_bg_masks(inputs.boxes, hw(l), stride_of(l)) for l in self.mask_levels}
+            small_masks = {start: box_mask(small_boxes, hw(fine), stride_of(fine)) for start, fine in pairs}
+        with record_function("hmkd.inquiry_head"):
+            # Ms, Ks and the region count of each pair's small-object foreground (+ the head's loss)
+            regions = {start: self.small_object_region(start, s_feats[start], small_boxes, hw(fine), masks[fine][1],
+                                                       small_fg=small_masks[start])
+                       for start, fine in pairs}
 
-        # supplemental (background) distillation with GcBlocks
-        if self.gc is not None:
+        # hierarchical matching: inquiries at `start`, keys/values at `fine` (teacher side)
+        kvs: dict[str, tuple[torch.Tensor, ...]] = {}
+        aux: dict[str, dict[str, torch.Tensor]] = {}
+        with record_function("hmkd.decoder_aux"):
+            for start, fine in pairs if run_aux else ():
+                dec = self.decoders[start]
+                kvs[start] = dec.keys_values([t_feats[fine]])  # one key/value pass serves aux and distillation
+                aux[start] = dec.aux_loss(keep, keep_labels, inputs.image_sizes, [t_feats[fine]],
+                                          t_feats[start] if o.query_feature else None, stride_of(start), kv=kvs[start])
+        attention: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        with record_function("hmkd.decoder_attention"), torch.no_grad():  # m and O^T are targets: no graph
+            for start, fine in pairs if not warm else ():
+                dec = self.decoders[start]
+                kv = kvs[start] if start in kvs else dec.keys_values([t_feats[fine]])
+                attention[start] = dec(keep, keep_labels, inputs.image_sizes, [t_feats[fine]],
+                                       t_feats[start] if o.query_feature else None, stride_of(start), kv=kv)
+
+        # L_others: fg/bg-separated imitation on every distilled level (K makes it scale-free)
+        others: dict[str, torch.Tensor] = {}
+        with record_function("hmkd.others"):
+            n_obj = sum(int(b.shape[0]) for b in inputs.boxes)
             for l in self.levels:
+                m, k = masks[l]
+                val = masked_feature_mse(adapted[l], t_feats[l], m, k, bg_weight=o.others_bg_weight)
+                others[l] = o.beta * ch_factor * per_obj(n_obj) * val
+        small_fg: dict[str, torch.Tensor] = {}
+        with record_function("hmkd.small_fg"):
+            for start, fine in pairs:
+                _, ms, k_small, n_regions = regions[start]
+                val = masked_feature_mse(adapted[fine], t_feats[fine], ms.to(k_small.dtype), k_small)
+                small_fg[start] = o.beta * ch_factor * per_obj(n_regions) * val
+        attn: dict[str, torch.Tensor] = {}
+        with record_function("hmkd.attention_term"):
+            for start, fine in pairs if not warm else ():
+                m_att, v_t, valid = attention[start]
+                v_s = self.value_proj[start](adapted[fine])
+                attn[start] = o.beta * attention_weighted_mse(m_att, v_s, v_t.detach(), valid)
+        # supplemental (background) distillation with GcBlocks
+        bg: dict[str, torch.Tensor] = {}
+        with record_function("hmkd.gcblock_bg"):
+            for l in self.levels if self.gc is not None else ():
                 gc_t = self.gc_t[l] if self.gc_t is not None else None
                 t = t_feats[l].detach()
                 if o.reduction == "mean":
                     val = background_loss(t, adapted[l], self.gc[l], form=o.bg_form, gc_t=gc_t, reduction="mean")
                 else:
                     val = background_loss(t, adapted[l], self.gc[l], form=o.bg_form, gc_t=gc_t, reduction="sum") * area_factor
-                out[f"distill.bg_{l.lower()}"] = o.alpha * val
+                bg[l] = o.alpha * val
+
+        # the logged dict, in a fixed order: others, then per pair, then the background terms
+        out = {f"distill.others_{l.lower()}": v for l, v in others.items()}
+        for start, fine in pairs:
+            if regions[start][0] is not None:
+                out[f"distill.inquiry_{start.lower()}"] = regions[start][0]
+            out[f"distill.small_fg_{fine.lower()}"] = small_fg[start]
+            for k, v in aux.get(start, {}).items():
+                out[f"aux.{k}_{start.lower()}"] = v
+            if start in attn:
+                out[f"distill.small_attn_{fine.lower()}"] = attn[start]
+        out.update((f"distill.bg_{l.lower()}", v) for l, v in bg.items())
         return out
-
-
-def _num_classes(model: nn.Module) -> int:
-    """Object classes (without background) of a torchvision detector."""
-    n = num_classes_of(model)
-    if n is None:
-        raise ConfigError(f"cannot tell the class count of {type(model).__name__}")
-    return n

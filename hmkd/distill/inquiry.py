@@ -1,4 +1,4 @@
-"""Inquiry Head of HMKD (Sec. 3.2.2, DESIGN.md item 2).
+"""Inquiry Head of HMKD (Sec. 3.2.2).
 
 A light conv head on the student's level-l FPN map predicts a small-object probability map
 MAP_l. Its target is 1 at cells whose centre lies within ``radius`` cells of the centre of a
@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import sigmoid_focal_loss
 
+from hmkd.models.backbones import group_norm
+
 __all__ = [
     "InquiryHead",
     "inquiry_targets",
@@ -27,21 +29,14 @@ __all__ = [
 ]
 
 
-def _num_groups(channels: int, max_groups: int = 32) -> int:
-    """Largest group count <= ``max_groups`` that divides ``channels``."""
-    for g in range(min(max_groups, channels), 0, -1):
-        if channels % g == 0:
-            return g
-    return 1
-
-
 class InquiryHead(nn.Module):
     """Light conv head predicting one small-object logit per cell.
 
     ``num_convs`` x (3x3 conv, GroupNorm, ReLU) then a 3x3 conv to one channel. GroupNorm uses
-    the largest group count <= 32 that divides ``hidden``. Conv weights are initialised
-    N(0, 0.01) (RetinaNet/FCOS head convention) with zero biases, except the final bias which is
-    ``-log((1 - p) / p)`` so that the initial probability is ``prior_prob`` everywhere.
+    the largest group count <= 32 that divides ``hidden`` (:func:`hmkd.models.backbones.group_norm`).
+    Conv weights are initialised N(0, 0.01) (RetinaNet/FCOS head convention) with zero biases,
+    except the final bias which is ``-log((1 - p) / p)`` so that the initial probability is
+    ``prior_prob`` everywhere.
 
     Args:
         in_channels: channels of the input map.
@@ -70,7 +65,7 @@ class InquiryHead(nn.Module):
         for _ in range(num_convs):
             layers.append(nn.Conv2d(ch, hidden, kernel_size=3, padding=1))
             if norm == "gn":
-                layers.append(nn.GroupNorm(_num_groups(hidden), hidden))
+                layers.append(group_norm(hidden))
             layers.append(nn.ReLU(inplace=True))
             ch = hidden
         self.tower = nn.Sequential(*layers)
@@ -107,7 +102,7 @@ def inquiry_targets(
             Select the small objects before calling.
         feat_hw: (H, W) of the level grid.
         stride: level stride in input pixels.
-        radius: radius in cells (DESIGN s_l, default 2).
+        radius: radius in cells (the paper's s_l, default 2).
 
     Returns:
         Float tensor [B, H, W] of 0/1.

@@ -1,26 +1,32 @@
-"""HMKD small-distill loss terms (Sec. 3.3; DESIGN.md item 4).
+"""Distillation loss functions shared by the methods (HMKD paper Sec. 3.2-3.3; ICD).
 
 ``L_small = L_others + 1/(N_m N_s) sum_heads sum_i < m_ij , MSE_c(LN O^S_j, LN O^T_j) >``
 
 * :func:`masked_feature_mse` is L_others for one level: the fg/bg-separated imitation of
   Sec. 3.2.1 weighted by the masks M and K. Because K sums to 1 over each box's cells (and over
   the background), the value does not grow with the level's resolution, so levels can be summed.
-* :func:`attention_weighted_mse` is the attention-weighted value imitation.
-* :class:`StudentValueProjection` is the student-side value map F_v^S.
+* :func:`attention_weighted_mse` is the attention-weighted value imitation (HMKD and ICD).
+* :func:`background_loss` is the supplemental (background) loss of Sec. 3.2.3 with a GcBlock f'::
+
+      paper form: L_bg = sum (f'(|T - S'|))^2
+      fgd form:   L_bg = sum (f'_s(S') - f'_t(T))^2        (FGD's global loss)
 
 The teacher side is a constant target everywhere here: teacher maps / values and the attention
-mask m are detached inside, so gradients reach only the student (and its projection).
+mask m are detached inside, so gradients reach only the student side (its maps, projection and
+GcBlocks). Balance factors (alpha, beta) are applied by the caller.
 """
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from hmkd.distill.decoder import split_heads
+from hmkd.distill.gcblock import GcBlock
 
-__all__ = ["masked_feature_mse", "attention_weighted_mse", "StudentValueProjection"]
+__all__ = ["masked_feature_mse", "attention_weighted_mse", "background_loss"]
 
 
 def masked_feature_mse(
@@ -75,6 +81,10 @@ def attention_weighted_mse(
     inquiries in the batch. ``m`` and ``values_t`` are detached: gradients reach ``values_s``
     only (the decoder is trained by its own auxiliary task).
 
+    ``MSE_c`` is a mean over the c channels of a head: the paper defines this term as an MSE in
+    the hidden dimension of LayerNorm-normalised per-head values, so it is already per-channel in
+    its own formula and HMKD's ``reduction: sum`` does not multiply it by a channel count.
+
     Args:
         m: attention masks [B, h, Nq, U] (rows sum to 1).
         values_s: student values [B, h, U, c].
@@ -105,25 +115,46 @@ def attention_weighted_mse(
     return total / (h * n_s)
 
 
-class StudentValueProjection(nn.Module):
-    """Student-side value projection F_v^S: Linear(C -> hidden) per position, split into heads.
+def _reduce(sq: Tensor, reduction: str) -> Tensor:
+    if reduction == "sum":
+        return sq.sum() / max(1, sq.shape[0])
+    if reduction == "mean":
+        return sq.mean()
+    raise ValueError(f"background_loss: reduction must be 'sum' or 'mean', got {reduction!r}")
+
+
+def background_loss(
+    T: Tensor,
+    S: Tensor,
+    gc: GcBlock,
+    *,
+    form: Literal["paper", "fgd"] = "paper",
+    gc_t: GcBlock | None = None,
+    reduction: Literal["sum", "mean"] = "sum",
+) -> Tensor:
+    """Supplemental (background) distillation loss of HMKD Sec. 3.2.3, without alpha.
 
     Args:
-        in_channels: channels C of the adapted student map.
-        hidden: width (must match the decoder's hidden).
-        heads: number of heads (must match the decoder's heads).
+        T: teacher map [B, C, H, W] (detached here; the teacher is frozen).
+        S: (adapted) student map [B, C, H, W].
+        gc: the GcBlock f' (the student-side block in the ``fgd`` form).
+        form: ``"paper"``: ``sum (f'(|T - S|))^2``; ``"fgd"``: ``sum (f'_s(S) - f'_t(T))^2``.
+        gc_t: teacher-side GcBlock for the ``fgd`` form (FGD keeps two blocks); when None the
+            single block ``gc`` is shared by both sides. Ignored by the paper form.
+        reduction: ``"sum"``: sum over C, H, W, divided by the batch size B (FGD convention, so
+            the value grows with image area and channel count); ``"mean"``: mean over all elements.
+
+    Returns:
+        Scalar loss tensor.
     """
-
-    def __init__(self, in_channels: int, hidden: int = 256, heads: int = 8) -> None:
-        super().__init__()
-        if hidden % heads != 0:
-            raise ValueError(f"StudentValueProjection: heads ({heads}) must divide hidden ({hidden})")
-        self.heads = heads
-        self.proj = nn.Linear(in_channels, hidden)
-
-    def forward(self, x: Tensor | list[Tensor]) -> Tensor:
-        """Map [B, C, H, W] (or a list of maps, concatenated along positions in order, as the
-        decoder does for its key maps) -> values [B, heads, U, hidden/heads]."""
-        maps = [x] if isinstance(x, Tensor) else list(x)
-        flat = torch.cat([mp.flatten(2).transpose(1, 2) for mp in maps], dim=1)  # [B, U, C]
-        return split_heads(self.proj(flat), self.heads)
+    if T.shape != S.shape:
+        raise ValueError(f"background_loss: T {tuple(T.shape)} and S {tuple(S.shape)} differ")
+    T = T.detach()
+    if form == "paper":
+        sq = gc(torch.abs(T - S)).pow(2)
+    elif form == "fgd":
+        teacher_block = gc if gc_t is None else gc_t
+        sq = (gc(S) - teacher_block(T)).pow(2)
+    else:
+        raise ValueError(f"background_loss: form must be 'paper' or 'fgd', got {form!r}")
+    return _reduce(sq, reduction)

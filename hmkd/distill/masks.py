@@ -1,4 +1,4 @@
-"""Foreground / background masks on an FPN level grid (paper Sec. 3.2.1, DESIGN "HMKD" item 1).
+"""Foreground / background masks on an FPN level grid (HMKD paper Sec. 3.2.1), and per-image padding.
 
 All boxes are ``xyxy`` in pixels of the *resized input frame* (the detector transform's output).
 Padding of the batch is bottom/right, so cell ``(x, y)`` of a level with stride ``s`` covers the
@@ -27,11 +27,34 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-__all__ = ["pad_boxes", "project_boxes", "box_mask", "fg_bg_masks"]
+__all__ = ["pad_by_image", "pad_boxes", "project_boxes", "box_mask", "fg_bg_masks"]
+
+
+def pad_by_image(values: Tensor, img: Tensor, batch: int) -> tuple[Tensor, Tensor]:
+    """Scatter flat rows ``values`` ``[N, ...]`` of images ``img`` ``[N]`` into ``[B, Nmax, ...]``.
+
+    Rows keep their relative order within each image (stable sort by image index); padded rows are
+    0. Returns ``(padded, valid)`` with ``valid`` a bool ``[B, Nmax]``, True for real rows; ``Nmax``
+    is the largest row count of an image (0 when there is no row).
+    """
+    n = values.shape[0]
+    counts = torch.bincount(img, minlength=batch) if n else torch.zeros(batch, dtype=torch.long, device=values.device)
+    nmax = int(counts.max()) if batch else 0
+    out = values.new_zeros((batch, nmax) + tuple(values.shape[1:]))
+    valid = torch.zeros(batch, nmax, dtype=torch.bool, device=values.device)
+    if n == 0:
+        return out, valid
+    order = torch.sort(img, stable=True).indices
+    img_sorted = img[order]
+    starts = torch.cumsum(counts, 0) - counts
+    pos = torch.arange(n, device=values.device) - starts[img_sorted]
+    out[img_sorted, pos] = values[order]
+    valid[img_sorted, pos] = True
+    return out, valid
 
 
 def pad_boxes(boxes: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
-    """Stack a batch of per-image boxes into one zero-padded tensor.
+    """Stack a batch of per-image boxes into one zero-padded tensor (:func:`pad_by_image`).
 
     Args:
         boxes: one ``[N_b, 4]`` tensor per image (``N_b`` may be 0), all on the same device.
@@ -45,20 +68,11 @@ def pad_boxes(boxes: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
     if n_img == 0:
         return torch.zeros(0, 0, 4), torch.zeros(0, 0, dtype=torch.bool)
     flat = torch.cat([b.reshape(-1, 4) for b in boxes], dim=0)
-    device = flat.device
     if not flat.is_floating_point():
         flat = flat.float()
-    counts = torch.tensor([b.reshape(-1, 4).shape[0] for b in boxes], device=device, dtype=torch.long)
-    n_max = int(counts.max().item()) if n_img else 0
-    padded = flat.new_zeros(n_img, n_max, 4)
-    valid = torch.zeros(n_img, n_max, dtype=torch.bool, device=device)
-    if flat.shape[0] > 0:
-        img_idx = torch.repeat_interleave(torch.arange(n_img, device=device), counts)
-        starts = torch.cumsum(counts, 0) - counts
-        slot = torch.arange(flat.shape[0], device=device) - starts[img_idx]
-        padded[img_idx, slot] = flat
-        valid[img_idx, slot] = True
-    return padded, valid
+    counts = torch.tensor([b.reshape(-1, 4).shape[0] for b in boxes], device=flat.device, dtype=torch.long)
+    img = torch.repeat_interleave(torch.arange(n_img, device=flat.device), counts)
+    return pad_by_image(flat, img, n_img)
 
 
 def _axis_range(lo: Tensor, hi: Tensor, stride: int, size: int) -> tuple[Tensor, Tensor]:

@@ -52,9 +52,11 @@ def build_distiller(
     """Build method ``method`` around ``student`` (trained) and ``teacher`` (frozen).
 
     Both detectors are keyword-only: two detectors of the same class count could otherwise be
-    swapped silently, training the teacher. ``options`` are validated by the method's options type
-    (an unknown name or a bad value is a one-line :class:`ConfigError` naming ``distill.options.KEY``).
+    swapped silently, training the teacher. ``options`` are read into the method's options type
+    (unknown names and wrong types refused) and validated by its ``check()`` when the distiller is
+    built (meaningless values refused); either is a one-line :class:`ConfigError` naming
+    ``distill.options.KEY``.
     """
     cls = method_class(method)
     opts = from_dict(cls.Options, dict(options or {}), src="config", prefix="distill.options.")
-    return cls(student, teacher, opts)
+    return cls(student=student, teacher=teacher, options=opts)

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from hmkd.distill.decoder import MatchingDecoder, sine_box_encoding, sine_pos_embed_2d, split_heads
+from hmkd.distill.decoder import MatchingDecoder, split_heads
+from hmkd.distill.positional import sine_box_encoding, sine_pos_embed_2d
 
 
 def test_sine_box_encoding_known_values() -> None:

@@ -5,33 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hmkd.distill.base import small_flags
-from hmkd.distill.gcblock import background_loss
-from hmkd.distill.hmkd import REFERENCE_AREA
 from hmkd.distill import METHODS, build_distiller
+from hmkd.distill.base import small_flags
+from hmkd.distill.hmkd import REFERENCE_AREA
+from hmkd.distill.losses import background_loss
 from hmkd.errors import ConfigError
 from hmkd.models import build_detector
-
-TINY = dict(min_size=160, max_size=160, rpn_pre_nms_top_n_train=64, rpn_post_nms_top_n_train=32,
-            rpn_pre_nms_top_n_test=32, rpn_post_nms_top_n_test=16, box_batch_size_per_image=32)
-
-
-def _pair(detector: str = "faster_rcnn", levels=None):
-    torch.manual_seed(0)
-    student = build_detector(detector, "resnet18", num_classes=3, fpn_channels=32, levels=levels, **TINY)
-    teacher = build_detector(detector, "resnet34", num_classes=3, fpn_channels=64, levels=levels, **TINY)
-    return student, teacher
-
-
-def _batch():
-    g = torch.Generator().manual_seed(1)
-    images = [torch.rand(3, 120, 150, generator=g), torch.rand(3, 140, 110, generator=g)]
-    targets = [
-        {"boxes": torch.tensor([[10.0, 12.0, 30.0, 40.0], [60.0, 50.0, 70.0, 58.0], [80.0, 20.0, 140.0, 110.0]]),
-         "labels": torch.tensor([1, 2, 3])},
-        {"boxes": torch.tensor([[5.0, 5.0, 20.0, 15.0]]), "labels": torch.tensor([2])},
-    ]
-    return images, targets
 
 
 def _opts(method: str) -> dict:
@@ -39,8 +18,8 @@ def _opts(method: str) -> dict:
 
 
 @pytest.mark.parametrize("method", sorted(m for m in METHODS if m != "none"))
-def test_gradients_reach_student_and_distiller_never_teacher(method: str) -> None:
-    student, teacher = _pair()
+def test_gradients_reach_student_and_distiller_never_teacher(method: str, make_pair, make_batch) -> None:
+    student, teacher = make_pair()
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     d = build_distiller(method, student=student, teacher=teacher, options=_opts(method))
     d.train()
@@ -49,7 +28,7 @@ def test_gradients_reach_student_and_distiller_never_teacher(method: str) -> Non
     assert not any(p is q for p in d.parameters() for q in teacher.parameters()), "teacher is not a sub-module"
     assert not any(k.startswith("_teacher") for k in d.state_dict())
 
-    images, targets = _batch()
+    images, targets = make_batch()
     losses = d(images, targets, iteration=10**6)
     assert any(k.startswith("distill.") for k in losses)
     assert all(k.split(".")[0] in ("student", "distill", "aux") for k in losses)
@@ -75,13 +54,13 @@ def test_gradients_reach_student_and_distiller_never_teacher(method: str) -> Non
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
-def test_three_optimiser_steps_keep_teacher_bit_identical(method: str) -> None:
-    student, teacher = _pair()
+def test_three_optimiser_steps_keep_teacher_bit_identical(method: str, make_pair, make_batch) -> None:
+    student, teacher = make_pair()
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     d = build_distiller(method, student=student, teacher=teacher if method != "none" else None, options=_opts(method))
     d.train()
     opt = torch.optim.AdamW(d.student_parameters() + d.distiller_parameters(), lr=1e-3)
-    images, targets = _batch()
+    images, targets = make_batch()
     s0 = student.backbone.body.conv1.weight.detach().clone()
     for it in range(3):
         losses = d(images, targets, iteration=it)
@@ -113,11 +92,9 @@ def synth_batch(tmp_path_factory):
 
 @pytest.mark.parametrize("detector,levels", [("faster_rcnn", None), ("mask_rcnn", None), ("retinanet", None),
                                              ("fcos", ["P2", "P3", "P4", "P5", "P6", "P7"])])
-def test_hmkd_steps_for_every_detector_kind_on_synthetic_data(detector: str, levels, synth_batch) -> None:
+def test_hmkd_steps_for_every_detector_kind_on_synthetic_data(detector: str, levels, synth_batch, make_pair) -> None:
     images, targets, k = synth_batch
-    torch.manual_seed(0)
-    student = build_detector(detector, "resnet18", num_classes=k, fpn_channels=32, levels=levels, **TINY)
-    teacher = build_detector(detector, "resnet34", num_classes=k, fpn_channels=64, levels=levels, **TINY)
+    student, teacher = make_pair(detector, levels, num_classes=k)
     before = {n: v.clone() for n, v in teacher.state_dict().items()}
     d = build_distiller("hmkd", student=student, teacher=teacher, options={"hidden": 32, "heads": 4})
     opt = torch.optim.AdamW(d.student_parameters() + d.distiller_parameters(), lr=1e-3)
@@ -136,10 +113,10 @@ def test_hmkd_steps_for_every_detector_kind_on_synthetic_data(detector: str, lev
         assert torch.equal(before[n], v)
 
 
-def test_hmkd_terms_follow_alpha_beta_and_reduction() -> None:
+def test_hmkd_terms_follow_alpha_beta_and_reduction(make_pair, make_batch) -> None:
     """The logged terms are exactly alpha/beta times the component losses, with the stated scaling."""
-    student, teacher = _pair()
-    images, targets = _batch()
+    student, teacher = make_pair()
+    images, targets = make_batch()
     base = {"hidden": 32, "heads": 4, "inquiry_head": False}
     torch.manual_seed(3)
     d1 = build_distiller("hmkd", student=student, teacher=teacher, options={**base, "reduction": "sum", "alpha": 1.0, "beta": 1.0})
@@ -164,11 +141,11 @@ def test_hmkd_terms_follow_alpha_beta_and_reduction() -> None:
             assert torch.allclose(l3[k], l2[k], rtol=1e-5), k  # channel sums do not depend on image size
 
 
-def test_hmkd_bg_term_is_the_gcblock_loss_on_adapted_student() -> None:
-    student, teacher = _pair()
+def test_hmkd_bg_term_is_the_gcblock_loss_on_adapted_student(make_pair, make_batch) -> None:
+    student, teacher = make_pair()
     d = build_distiller("hmkd", student=student, teacher=teacher, options={"hidden": 32, "heads": 4, "reduction": "sum", "alpha": 1.0})
     d.train()
-    images, targets = _batch()
+    images, targets = make_batch()
     captured = {}
     orig = d.distill_losses
 
@@ -184,12 +161,12 @@ def test_hmkd_bg_term_is_the_gcblock_loss_on_adapted_student() -> None:
     assert torch.allclose(losses["distill.bg_p2"], want)
 
 
-def test_hmkd_aux_every_skips_the_decoder_task_exactly_on_off_steps() -> None:
+def test_hmkd_aux_every_skips_the_decoder_task_exactly_on_off_steps(make_pair, make_batch) -> None:
     """aux_every=3: the aux terms (the decoder's only training signal) come on iterations 0, 3, ...
     (and always during warm-up or without an iteration); on the other steps the distillation terms
     are those of an every-step distiller with the same weights, and no gradient reaches the decoder."""
-    student, teacher = _pair()
-    images, targets = _batch()
+    student, teacher = make_pair()
+    images, targets = make_batch()
     base = {"hidden": 32, "heads": 4}
     torch.manual_seed(3)
     d1 = build_distiller("hmkd", student=student, teacher=teacher, options=base)
@@ -223,12 +200,12 @@ def test_hmkd_aux_every_skips_the_decoder_task_exactly_on_off_steps() -> None:
 
 
 @pytest.mark.parametrize("method", ["hmkd", "fitnet"])
-def test_distiller_keeps_only_the_teacher_trunk(method: str) -> None:
+def test_distiller_keeps_only_the_teacher_trunk(method: str, make_pair, make_batch) -> None:
     """The teacher's heads are never run; once the caller drops the detector they are freed."""
     import gc
     import weakref
 
-    student, teacher = _pair()
+    student, teacher = make_pair()
     heads = weakref.ref(teacher.roi_heads)
     backbone = teacher.backbone
     d = build_distiller(method, student=student, teacher=teacher, options=_opts(method))
@@ -236,7 +213,7 @@ def test_distiller_keeps_only_the_teacher_trunk(method: str) -> None:
     del teacher
     gc.collect()
     assert heads() is None
-    images, targets = _batch()
+    images, targets = make_batch()
     assert any(k.startswith("distill.") for k in d(images, targets, iteration=0))
 
 
@@ -248,8 +225,8 @@ def test_small_flags_use_original_area() -> None:
     assert b.tolist() == [True, False]  # 31*33 = 1023 < 1024 <= 33*33
 
 
-def test_bad_options_are_one_line_errors() -> None:
-    student, teacher = _pair()
+def test_bad_options_are_one_line_errors(make_pair) -> None:
+    student, teacher = make_pair()
     with pytest.raises(ConfigError, match="distill.options.headz"):
         build_distiller("hmkd", student=student, teacher=teacher, options={"headz": 3})
     with pytest.raises(ConfigError, match="reduction"):
@@ -262,18 +239,18 @@ def test_bad_options_are_one_line_errors() -> None:
         build_distiller("hmkd", student=student, teacher=None)
 
 
-def test_teacher_and_student_class_counts_must_match() -> None:
-    student = build_detector("fcos", "resnet18", num_classes=3, fpn_channels=32, **TINY)
-    teacher = build_detector("fcos", "resnet18", num_classes=5, fpn_channels=32, **TINY)
+def test_teacher_and_student_class_counts_must_match(tiny_kwargs) -> None:
+    student = build_detector("fcos", "resnet18", num_classes=3, fpn_channels=32, **tiny_kwargs)
+    teacher = build_detector("fcos", "resnet18", num_classes=5, fpn_channels=32, **tiny_kwargs)
     for method in ("fitnet", "fgd", "icd", "hmkd"):
         with pytest.raises(ConfigError, match="teacher has 5 classes but the student has 3"):
             build_distiller(method, student=student, teacher=teacher)
 
 
-def test_teacher_in_bfloat16_gives_rounded_float32_targets() -> None:
-    student, teacher = _pair()
+def test_teacher_in_bfloat16_gives_rounded_float32_targets(make_pair, make_batch) -> None:
+    student, teacher = make_pair()
     d32 = build_distiller("hmkd", student=student, teacher=teacher, options=_opts("hmkd"))
-    images, targets = _batch()
+    images, targets = make_batch()
     tensors = d32._tap(images, targets).tensors
     ref = d32.teacher_features(tensors)
     d32.set_teacher_dtype("bfloat16")
@@ -293,8 +270,8 @@ def test_teacher_in_bfloat16_gives_rounded_float32_targets() -> None:
     assert any(p.grad is not None for p in student.backbone.parameters())
 
 
-def test_teacher_dtype_bad_value_names_the_key() -> None:
-    student, teacher = _pair()
+def test_teacher_dtype_bad_value_names_the_key(make_pair) -> None:
+    student, teacher = make_pair()
     d = build_distiller("fitnet", student=student, teacher=teacher, options={})
     with pytest.raises(ConfigError, match="distill.teacher_dtype.*float64"):
         d.set_teacher_dtype("float64")

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from hmkd.distill.gcblock import GcBlock, background_loss
+from hmkd.distill.gcblock import GcBlock
+from hmkd.distill.losses import background_loss
 
 
 def _feature() -> torch.Tensor:
@@ -68,10 +69,22 @@ def test_gcblock_context_per_image() -> None:
     assert torch.allclose(ctx[1].flatten(), torch.tensor([1.5, 1 / 3]))
 
 
+def _with_grad(*tensors: torch.Tensor, module: torch.nn.Module | None = None) -> set[str]:
+    """Names of the given tensors (t0, t1, ...) and of ``module``'s parameters that got a gradient."""
+    names = {f"t{i}" for i, t in enumerate(tensors) if t.grad is not None}
+    if module is not None:
+        names |= {n for n, p in module.named_parameters() if p.grad is not None}
+    return names
+
+
+GC_PARAMS = {"conv_mask.weight", "conv_mask.bias", "conv_v1.weight", "conv_v1.bias", "norm.weight", "norm.bias",
+             "conv_v2.weight", "conv_v2.bias"}
+
+
 def test_background_loss_paper_form() -> None:
     gc = _known_block()
-    t = _feature() + 1.0
-    s = t - _feature()  # T - S = F >= 0, so |T - S| = F
+    t = (_feature() + 1.0).requires_grad_(True)  # even if a caller forgot to detach the teacher
+    s = (t - _feature()).detach()  # T - S = F >= 0, so |T - S| = F
     s.requires_grad_(True)
     assert torch.allclose(background_loss(t, s, gc), torch.tensor(EXPECTED_SUMSQ))
     assert torch.allclose(background_loss(t, s, gc, reduction="mean"), torch.tensor(EXPECTED_SUMSQ / 8))
@@ -79,7 +92,8 @@ def test_background_loss_paper_form() -> None:
     t2, s2 = torch.cat([t, t]), torch.cat([s, s])
     assert torch.allclose(background_loss(t2, s2, gc), torch.tensor(EXPECTED_SUMSQ))
     background_loss(t, s, gc).backward()
-    assert s.grad is not None and gc.conv_v2.weight.grad is not None
+    # exactly the student map and every parameter of the block; never the teacher
+    assert _with_grad(t, s, module=gc) == {"t1"} | GC_PARAMS
 
 
 def test_background_loss_paper_identity_block_is_plain_sse() -> None:
@@ -94,12 +108,17 @@ def test_background_loss_fgd_form() -> None:
     gc_s = _identity_block()
     gc_t = _known_block()
     s = torch.zeros(1, 2, 2, 2, requires_grad=True)
-    t = _feature()
+    t = _feature().requires_grad_(True)
     # f'_s(0) = 0, f'_t(T) = EXPECTED -> sum of squares 70
     loss = background_loss(t, s, gc_s, form="fgd", gc_t=gc_t)
     assert torch.allclose(loss, torch.tensor(EXPECTED_SUMSQ))
     loss.backward()
-    assert gc_t.conv_v2.weight.grad is not None
+    # the student map and both blocks (FGD trains both); never the teacher map. The student-side
+    # block is the identity at S = 0, so only its last conv (and the map) can get a gradient.
+    assert _with_grad(t, s) == {"t1"}
+    assert {n for n, p in gc_t.named_parameters() if p.grad is not None} == GC_PARAMS
+    assert {n for n, p in gc_s.named_parameters() if p.grad is not None} >= {"conv_v2.weight", "conv_v2.bias"}
+    t.grad = None
     # shared block (gc_t None): identity block -> plain SSE of S - T = 1+4 = 5
     s2 = torch.zeros(1, 2, 2, 2)
     assert torch.allclose(background_loss(t, s2, gc_s, form="fgd"), torch.tensor(5.0))

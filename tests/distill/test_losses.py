@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from hmkd.distill.losses import StudentValueProjection, attention_weighted_mse, masked_feature_mse
+from hmkd.distill.decoder import StudentValueProjection
+from hmkd.distill.losses import attention_weighted_mse, masked_feature_mse
 
 
 def _maps() -> tuple[torch.Tensor, ...]:

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from hmkd.distill.masks import box_mask, fg_bg_masks, pad_boxes, project_boxes
+from hmkd.distill.masks import box_mask, fg_bg_masks, pad_boxes, pad_by_image, project_boxes
 
 H, W = 4, 6  # non-square on purpose: a H/W swap changes shapes and values
 
@@ -65,6 +65,19 @@ def test_pad_boxes_counts_and_order():
     assert p0.shape == (2, 0, 4) and v0.shape == (2, 0)
     pi, _ = pad_boxes([torch.tensor([[0, 0, 8, 8]])])  # integer boxes become float
     assert pi.is_floating_point()
+
+
+def test_pad_by_image_keeps_order_within_each_image():
+    # rows of images 2, 0, 2, 0, 2 (unsorted, as the decoder's real + fake inquiries come), 2 values each
+    values = torch.tensor([[20, 21], [0, 1], [22, 23], [2, 3], [24, 25]])
+    img = torch.tensor([2, 0, 2, 0, 2])
+    out, valid = pad_by_image(values, img, 4)
+    assert out.shape == (4, 3, 2) and out.dtype == values.dtype
+    assert out[0].tolist() == [[0, 1], [2, 3], [0, 0]]
+    assert out[2].tolist() == [[20, 21], [22, 23], [24, 25]]
+    assert valid.tolist() == [[True, True, False], [False] * 3, [True] * 3, [False] * 3]
+    e, ev = pad_by_image(torch.zeros(0, 5), torch.zeros(0, dtype=torch.long), 2)
+    assert e.shape == (2, 0, 5) and ev.shape == (2, 0)
 
 
 def test_project_boxes_rules():

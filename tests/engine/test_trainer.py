@@ -44,7 +44,7 @@ class ToyDistiller(Distiller):
     needs_teacher = True
 
     def __init__(self, student, teacher=None, options=None):
-        super().__init__(student, teacher, options)
+        super().__init__(student=student, teacher=teacher, options=options)
         self.adapter = nn.Conv2d(fpn_channels_of(student), fpn_channels_of(teacher), 1)
         self.probe = nn.Linear(fpn_channels_of(teacher), 1)
         self._extra = None

@@ -1,0 +1,117 @@
+"""HMKD's ``small_area`` option, and the named profiler ranges of HMKD's and ICD's steps."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from hmkd.distill import build_distiller
+from hmkd.distill.hmkd import PROFILE_PARTS
+from hmkd.distill.icd import PROFILE_PARTS as ICD_PARTS
+from hmkd.distill.inquiry import inquiry_loss
+
+SMALL = {"hidden": 32, "heads": 4}
+
+
+def _run(d, images, targets, iteration=0):
+    """One step's losses and the DistillInputs the method saw."""
+    seen = {}
+    orig = d.distill_losses
+
+    def spy(inputs, it):
+        seen["inputs"] = inputs
+        return orig(inputs, it)
+
+    d.distill_losses = spy
+    d.train()
+    losses = d(images, targets, iteration=iteration)
+    return losses, seen["inputs"]
+
+
+@pytest.mark.parametrize("small_area,flags", [(1024.0, [[True, True, False], [True]]),
+                                              (100.0, [[False, True, False], [False]]),
+                                              (1e12, [[True, True, True], [True]])])
+def test_small_area_decides_which_objects_are_small(small_area, flags, shared_pair, make_batch) -> None:
+    student, teacher = shared_pair  # objects of 560, 80, 5400 and 150 px in the original images
+    d = build_distiller("hmkd", student=student, teacher=teacher, options={**SMALL, "small_area": small_area})
+    with torch.no_grad():
+        _, inputs = _run(d, *make_batch())
+    assert [s.tolist() for s in inputs.small] == flags
+
+
+def test_small_area_zero_leaves_no_small_object_terms(make_pair, make_batch) -> None:
+    student, teacher = make_pair()
+    d = build_distiller("hmkd", student=student, teacher=teacher, options={**SMALL, "small_area": 0})
+    losses, inputs = _run(d, *make_batch())
+    assert not any(s.any() for s in inputs.small)
+    # the same terms as always (a step's dict does not change shape with its content) ...
+    assert sorted(losses) == sorted(
+        [k for k in losses if k.startswith("student.")]
+        + ["distill.others_p2", "distill.others_p3", "distill.others_p4", "distill.inquiry_p3",
+           "distill.small_fg_p2", "aux.identification_p3", "aux.localisation_p3", "distill.small_attn_p2",
+           "distill.bg_p2", "distill.bg_p3", "distill.bg_p4"])
+    assert all(torch.isfinite(v) for v in losses.values())
+    # ... but nothing from small objects: no inquiry, so no attention term and no decoder task; no
+    # small-object foreground (the untrained head, prior 0.01 < t = 0.5, proposes no candidate)
+    for k in ("distill.small_attn_p2", "aux.identification_p3", "aux.localisation_p3", "distill.small_fg_p2"):
+        assert losses[k].item() == 0.0, k
+    # the Inquiry Head still learns, towards an empty map: its focal loss against all-zero targets
+    logits = d.inquiry_heads["P3"](inputs.student.features["P3"])
+    want = inquiry_loss(logits, torch.zeros_like(logits[:, 0]))
+    assert losses["distill.inquiry_p3"].item() > 0 and torch.allclose(losses["distill.inquiry_p3"], want)
+    assert losses["distill.others_p2"].item() > 0  # the other objects are still distilled
+    sum(losses.values()).backward()
+    grads = [p.grad for p in list(student.parameters()) + d.distiller_parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+def test_every_object_small_matches_inquiries_all(make_pair, make_batch) -> None:
+    """With every object small, the decoder's inquiries are those of ``inquiries: all``."""
+    student, teacher = make_pair()
+    images, targets = make_batch()
+    torch.manual_seed(3)
+    d_small = build_distiller("hmkd", student=student, teacher=teacher, options={**SMALL, "small_area": 1e12})
+    torch.manual_seed(3)
+    d_all = build_distiller("hmkd", student=student, teacher=teacher, options={**SMALL, "inquiries": "all"})
+    with torch.no_grad():
+        torch.manual_seed(0)
+        a, _ = _run(d_small, images, targets)
+        torch.manual_seed(0)
+        b, _ = _run(d_all, images, targets)
+    for k in ("distill.small_attn_p2", "aux.identification_p3", "aux.localisation_p3"):
+        assert torch.equal(a[k], b[k]), k
+    assert not math.isclose(a["distill.small_fg_p2"].item(), b["distill.small_fg_p2"].item())
+
+
+def _ranges(prof, prefix: str) -> list:
+    return sorted((e for e in prof.events() if e.name.startswith(prefix)), key=lambda e: e.time_range.start)
+
+
+def test_hmkd_step_records_every_part_in_order(shared_pair, make_batch) -> None:
+    assert PROFILE_PARTS == ("adapters", "masks", "inquiry_head", "decoder_aux", "decoder_attention", "others",
+                             "small_fg", "attention_term", "gcblock_bg")
+    student, teacher = shared_pair
+    d = build_distiller("hmkd", student=student, teacher=teacher, options=SMALL)
+    d.train()
+    images, targets = make_batch()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        losses = d(images, targets, iteration=0)
+    ranges = _ranges(prof, "hmkd.")
+    assert [e.name for e in ranges] == [f"hmkd.{p}" for p in PROFILE_PARTS]
+    assert all(e.cpu_children for e in ranges), "every part runs some operator inside its range"
+    assert any(k.startswith("aux.") for k in losses) and "distill.small_attn_p2" in losses
+
+
+def test_icd_step_records_its_parts(shared_pair, make_batch) -> None:
+    assert ICD_PARTS == ("decoder_aux", "decoder_attention", "attention_term")
+    student, teacher = shared_pair
+    d = build_distiller("icd", student=student, teacher=teacher, options=SMALL)
+    d.train()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        d(*make_batch(), iteration=0)
+    ranges = _ranges(prof, "icd.")
+    assert [e.name for e in ranges] == [f"icd.{p}" for p in ICD_PARTS]
+    assert all(e.cpu_children for e in ranges)

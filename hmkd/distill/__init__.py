@@ -2,7 +2,7 @@
 
 Public: :data:`METHODS` (``{name: class}``), :data:`DESCRIPTIONS`, :func:`build_distiller`,
 :func:`needs_teacher`, :func:`method_class`, :func:`register` (for a method of your own), and the
-:class:`Distiller` / :class:`DistillInputs` interface. Importing this package registers the
+:class:`Distiller` / :class:`DistillInputs` / :class:`MethodOptions` interface. Importing this package registers the
 built-in methods (none, fitnet, fgd, icd, hmkd).
 
 Layout: one module per method (``fitnet``, ``fgd``, ``icd``, ``hmkd``: its options and its
@@ -16,6 +16,7 @@ and ``common`` (what is asked of a detector: levels, strides, kind, class count)
 from importlib import import_module
 
 from hmkd.distill.base import DistillInputs, Distiller
+from hmkd.distill.options import MethodOptions
 from hmkd.distill.registry import DESCRIPTIONS, METHODS, build_distiller, method_class, needs_teacher, register
 
 # the built-in methods, one module each: importing them registers them
@@ -28,6 +29,7 @@ __all__ = [
     "METHODS",
     "DistillInputs",
     "Distiller",
+    "MethodOptions",
     "build_distiller",
     "method_class",
     "needs_teacher",

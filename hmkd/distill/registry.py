@@ -12,6 +12,7 @@ from torch import nn
 
 from hmkd.config import from_dict
 from hmkd.distill.base import Distiller
+from hmkd.distill.options import MethodOptions
 from hmkd.errors import ConfigError
 
 METHODS: dict[str, type[Distiller]] = {"none": Distiller}
@@ -19,9 +20,19 @@ DESCRIPTIONS: dict[str, str] = {"none": "no distillation: the student's own dete
 
 
 def register(name: str, description: str):
-    """Class decorator adding a Distiller subclass to :data:`METHODS`."""
+    """Class decorator adding a Distiller subclass to :data:`METHODS`.
+
+    The class must be a :class:`Distiller` whose ``Options`` derive from
+    :class:`~hmkd.distill.options.MethodOptions` (so that its options are validated like every
+    other method's); that is checked here, when the method is defined, not at its first use.
+    """
 
     def deco(cls: type[Distiller]) -> type[Distiller]:
+        if not (isinstance(cls, type) and issubclass(cls, Distiller)):
+            raise TypeError(f"register({name!r}): {cls!r} is not a Distiller subclass")
+        opts = getattr(cls, "Options", None)
+        if not (isinstance(opts, type) and issubclass(opts, MethodOptions)):
+            raise TypeError(f"register({name!r}): {cls.__name__}.Options must derive from MethodOptions, got {opts!r}")
         cls.name = name
         METHODS[name] = cls
         DESCRIPTIONS[name] = description

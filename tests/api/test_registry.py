@@ -70,3 +70,22 @@ def test_only_decoder_methods_have_extra_optimisers(pair) -> None:
         assert d.extra_optimizers() is extra  # built once: the trainer and step_extra_optimizers share it
         no_clip = build_distiller(name, student=student, teacher=teacher, options={**SMALL, "decoder_clip": None})
         assert no_clip.extra_optimizers()[0][2] is None
+
+
+def test_register_checks_the_contract_when_the_method_is_defined() -> None:
+    from dataclasses import dataclass
+
+    from hmkd.distill import METHODS, Distiller, register
+
+    @dataclass
+    class PlainOptions:  # not a MethodOptions: its values would escape validation
+        weight: float = 1.0
+
+    class Bad(Distiller):
+        Options = PlainOptions
+
+    with pytest.raises(TypeError, match="Options must derive from MethodOptions"):
+        register("bad_options", "test-only")(Bad)
+    with pytest.raises(TypeError, match="is not a Distiller subclass"):
+        register("not_a_distiller", "test-only")(PlainOptions)
+    assert "bad_options" not in METHODS and "not_a_distiller" not in METHODS

@@ -30,8 +30,7 @@ WORKER = textwrap.dedent(
     import torch, torch.nn.functional as F
     from torch import nn
     from hmkd.config import load_config
-    from hmkd.distill.base import Distiller
-    from hmkd.distill.registry import register
+    from hmkd.distill import Distiller, MethodOptions, register
     from hmkd.engine.trainer import train
     from hmkd.models import fpn_channels_of
 
@@ -39,7 +38,7 @@ WORKER = textwrap.dedent(
     OUT = sys.argv[2]
 
     @dataclass
-    class Opts:
+    class Opts(MethodOptions):
         pass
 
     @register("toy_ddp", "test-only")

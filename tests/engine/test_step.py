@@ -24,7 +24,7 @@ class StepProbe(Distiller):
     name = "step_probe"
 
     def __init__(self, student: nn.Module) -> None:
-        super().__init__(student)
+        super().__init__(student=student)
         self.probe = nn.Linear(4, 1)
         self.nan_at: int | None = None
         self.empty = False

@@ -19,8 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hmkd.config import load_config
-from hmkd.distill.base import Distiller
-from hmkd.distill.registry import register
+from hmkd.distill import Distiller, MethodOptions, register
 from hmkd.engine import checkpoint as ck
 from hmkd.engine.sampler import InfiniteBatchSampler
 from hmkd.engine.evaluation import evaluate
@@ -31,7 +30,7 @@ from hmkd.models import build_model, fpn_channels_of
 
 # -- a tiny distiller exercising every part of the interface ---------------------------------------
 @dataclass
-class ToyOptions:
+class ToyOptions(MethodOptions):
     weight: float = 0.5
     nan_at: int | None = None  # make distill.toy NaN at this (0-based) iteration
     interrupt_at: int | None = None  # send ourselves SIGINT during this iteration

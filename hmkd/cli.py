@@ -13,6 +13,7 @@ import os
 import sys
 from typing import Sequence
 
+from hmkd.config import SynthConfig
 from hmkd.errors import ConfigError, HMKDError
 
 
@@ -231,11 +232,12 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="data set tools").add_subparsers(dest="data_cmd", required=True)
     p = data.add_parser("synth", help="generate the synthetic small-object data set (COCO format)")
     p.add_argument("--out", required=True)
-    p.add_argument("--train", type=int, default=1000)
-    p.add_argument("--val", type=int, default=200)
-    p.add_argument("--size", type=int, default=320)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--preset", default="default", help="default | hard")
+    synth = SynthConfig()
+    p.add_argument("--train", type=int, default=synth.n_train, help="training images")
+    p.add_argument("--val", type=int, default=synth.n_val, help="validation images")
+    p.add_argument("--size", type=int, default=synth.size, help="square image side in pixels")
+    p.add_argument("--seed", type=int, default=synth.seed)
+    p.add_argument("--preset", default=synth.preset, help="default | hard")
     p.set_defaults(func=cmd_data_synth)
     p = data.add_parser("visdrone", help="convert VisDrone-DET txt annotations to COCO JSON")
     p.add_argument("--src", required=True, help="folder with images/ and annotations/")

@@ -51,7 +51,9 @@ class ModelConfig:
 
 @dataclass
 class SynthConfig:
-    """Parameters of the synthetic generator (used when ``data.kind == 'synthetic'``)."""
+    """Parameters of the synthetic generator (used when ``data.kind == 'synthetic'``): the one place
+    their defaults live (:func:`hmkd.data.synthetic.generate_synthetic` and ``hmkd data synth`` use it);
+    any other key of a preset can be overridden in ``generate_synthetic``'s keyword arguments."""
 
     n_train: int = 1000
     n_val: int = 200

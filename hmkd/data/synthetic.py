@@ -50,7 +50,6 @@ import os
 import time
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -58,12 +57,13 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from hmkd.config import SynthConfig
 from hmkd.errors import ConfigError
 from hmkd.utils import write_json
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PRESETS", "SHAPES", "GENERATOR_VERSION", "SynthConfig", "generate_synthetic", "synthetic_exists", "render_image"]
+__all__ = ["PRESETS", "SHAPES", "GENERATOR_VERSION", "generate_synthetic", "synthetic_exists", "render_image"]
 
 GENERATOR_VERSION = 1
 """Bumped whenever the drawing changes, so stale folders are regenerated."""
@@ -453,20 +453,9 @@ def _resolve_config(preset: str, overrides: dict[str, Any]) -> dict[str, Any]:
     return cfg
 
 
-@dataclass
-class SynthConfig:
-    """How many images of which size, from which seed and preset: the set's identity (the one place
-    these defaults live; the run config's ``data.synth`` section and ``hmkd data synth`` use it)."""
-
-    n_train: int = 1000
-    n_val: int = 200
-    size: int = 320
-    seed: int = 0
-    preset: str = "default"
-
-
 def _split_options(options: dict[str, Any]) -> tuple[SynthConfig, dict[str, Any], dict[str, Any]]:
-    """``options`` -> (the set's size/seed/preset, the preset overrides, the resolved preset), checked."""
+    """``options`` -> (the set's size/seed/preset, the preset overrides, the resolved preset), checked.
+    The defaults of the first are :class:`hmkd.config.SynthConfig`'s, the run config's ``data.synth``."""
     names = {f.name for f in dataclasses.fields(SynthConfig)}
     spec = SynthConfig(**{k: v for k, v in options.items() if k in names})
     overrides = {k: v for k, v in options.items() if k not in names}

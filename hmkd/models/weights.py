@@ -140,7 +140,7 @@ def init_from_teacher(student: nn.Module, teacher: nn.Module, parts: str = "neck
     if fs != ft:
         raise ConfigError(
             f"distill.init_student: {parts} needs a teacher of the student's family, "
-            f"got a {ft} teacher and a {fs} student"
+            f"got a {ft} teacher and a {fs} student (distill.init_student: none starts the student as it is)"
         )
     s_inner, t_inner = getattr(student, "module", student), getattr(teacher, "module", teacher)
     own = s_inner.state_dict()
@@ -159,7 +159,8 @@ def init_from_teacher(student: nn.Module, teacher: nn.Module, parts: str = "neck
     if not copy:
         raise ConfigError(
             f"distill.init_student: nothing of the teacher's {_PART_WORDS[parts]} fits the {fs} student "
-            f"({len(report.skipped)} tensors differ in shape or are missing)"
+            f"({len(report.skipped)} tensors differ in shape or are missing; distill.init_student: none starts "
+            "the student as it is)"
         )
     s_inner.load_state_dict(copy, strict=False)
     report.copied = list(copy)

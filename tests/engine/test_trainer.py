@@ -338,3 +338,22 @@ def test_a_method_clip_replaces_train_clip_grad(synth_root, teacher_weights, tmp
     train(make_cfg(synth_root, "train.iters=1", "train.clip_grad=10", teacher=teacher_weights),
           output_dir=str(tmp_path / "b"), progress=False)
     assert seen == [10.0, 3.5]
+
+
+def test_fgd_runs_as_its_authors_by_default(synth_root, teacher_weights, tmp_path, monkeypatch):
+    """method fgd with nothing set: the student from the teacher's FPN and head, clip 35, FGD's levels."""
+    import hmkd.engine.trainer as trainer_mod
+    import hmkd.models.weights as weights_io
+
+    inits, clips = [], []
+    real_init, real_step = weights_io.init_from_teacher, trainer_mod.train_step
+    monkeypatch.setattr(weights_io, "init_from_teacher",
+                        lambda s, t, parts: inits.append(parts) or real_init(s, t, parts))
+    monkeypatch.setattr(trainer_mod, "train_step", lambda *a, **kw: clips.append(kw["clip_grad"]) or real_step(*a, **kw))
+    out = str(tmp_path / "fgd")
+    train(make_cfg(synth_root, "distill.method=fgd", "train.iters=1", "train.clip_grad=10", teacher=teacher_weights),
+          output_dir=out, progress=False)
+    assert inits == ["neck_head"] and clips == [35.0]
+    log = [json.loads(x) for x in open(os.path.join(out, "log.jsonl"))]
+    fg = sorted(k for k in log[0] if k.startswith("distill.fgd_fg_"))
+    assert fg == ["distill.fgd_fg_p3", "distill.fgd_fg_p4", "distill.fgd_fg_p5", "distill.fgd_fg_p6"]  # P3-P7 ∩ P3-P6

@@ -100,7 +100,8 @@ def test_refusals_are_one_line():
     with pytest.raises(ConfigError) as e:
         init_from_teacher(student, other, "neck_head")
     assert str(e.value) == ("distill.init_student: neck_head needs a teacher of the student's family, "
-                            "got a RetinaNet teacher and a FCOS student")
+                            "got a RetinaNet teacher and a FCOS student (distill.init_student: none starts the "
+                            "student as it is)")
     wide, _ = _pair(t_backbone="resnet18", fpn_channels=64)  # every FPN tensor is 64 wide, not 32
     with pytest.raises(ConfigError, match=r"^distill.init_student: nothing of the teacher's FPN fits the FCOS student"):
         init_from_teacher(student, wide, "neck")

@@ -278,7 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench_speed)
     p = bench.add_parser("accuracy", help="every method side by side (paper Table 1)")
     _add_config(p)
-    p.add_argument("--methods", nargs="+", default=None)
+    p.add_argument("--methods", nargs="+", default=None,
+                   help="methods (default: all); none_init adds no-KD from the teacher's FPN and head")
     p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--teacher", default=None, help="reuse a trained teacher checkpoint")
     p.add_argument("--ablation", default=None, help="supplement | heads | start_level | inquiry_head | others_bg | levels | weight | aux_every")

@@ -112,6 +112,10 @@ class DistillConfig:
     # precision makes the teacher pass cheaper (bf16 on a CPU with AVX512-BF16: ~1.8x) at the price
     # of rounded targets (bf16: features within a few % relative of float32); see the README.
     teacher_dtype: str = "float32"
+    # the student's FPN (neck) and detection head (neck_head) copied from the teacher before the
+    # first step (not on resume): none | neck | neck_head; null = the method's authors' default
+    # (fgd, icd: neck_head; none, fitnet, hmkd: none). See hmkd.models.weights.init_from_teacher.
+    init_student: str | None = None
 
 
 @dataclass
@@ -296,6 +300,8 @@ def check_config(cfg: Config) -> None:
     ):
         if value < low:
             raise ConfigError(f"{key} must be >= {low}, got {value}")
+    if cfg.distill.init_student not in (None, "none", "neck", "neck_head"):
+        raise ConfigError(f"distill.init_student must be none, neck or neck_head, got {cfg.distill.init_student!r}")
     for key, value in (
         ("train.lr", t.lr), ("train.momentum", t.momentum), ("train.weight_decay", t.weight_decay),
         ("train.warmup_factor", t.warmup_factor), ("train.gamma", t.gamma), ("train.clip_grad", t.clip_grad),

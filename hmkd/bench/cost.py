@@ -303,7 +303,7 @@ class _MethodRun:
         self.clock.start()
         engine_step.train_step(
             self.distiller, self.opt, images, targets, it,
-            main_params=self.main_params, clip_grad=self.cfg.train.clip_grad, extra_optimizers=self.extra_opts,
+            main_params=self.main_params, clip_grad=self.distiller.main_clip(self.cfg.train.clip_grad), extra_optimizers=self.extra_opts,
             scaler=self.scaler, amp=self.amp, clock=self.clock.mark,
         )
         self.i += 1

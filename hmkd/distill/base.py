@@ -108,6 +108,12 @@ class Distiller(nn.Module):
     needs_teacher: ClassVar[bool] = False
     #: Objects with an original-image area below this are "small" (:attr:`DistillInputs.small`).
     small_area: float = SMALL_AREA
+    #: What ``distill.init_student: null`` means for this method: ``none`` | ``neck`` | ``neck_head``
+    #: (how the method's authors start the student; see :func:`hmkd.models.weights.init_from_teacher`).
+    default_init_student: ClassVar[str] = "none"
+    #: Gradient clip (max global L2 norm) of the main parameters while this method trains, in place
+    #: of ``train.clip_grad``; None: ``train.clip_grad`` (see :meth:`main_clip`).
+    main_clip_grad: float | None = None
 
     def __init__(self, *, student: nn.Module, teacher: nn.Module | None = None, options: Any = None) -> None:
         """Keyword-only, so that two detectors of one class count cannot be swapped silently.
@@ -224,6 +230,11 @@ class Distiller(nn.Module):
         self._tap = DetectorTap(wrapped)
 
     # -- parameters -----------------------------------------------------------------------------
+    def main_clip(self, train_clip_grad: float | None) -> float | None:
+        """The main parameters' clip: :attr:`main_clip_grad` when the method sets one, else
+        ``train_clip_grad`` (what the trainer and ``hmkd bench cost`` pass to ``train_step``)."""
+        return self.main_clip_grad if self.main_clip_grad is not None else train_clip_grad
+
     def extra_modules(self) -> dict[str, nn.Module]:
         """Modules trained by their own optimiser (``aux.*`` losses), by name. None by default."""
         return {}

@@ -32,11 +32,25 @@ fgd_faster_rcnn_r101_fpn_2x_distill_faster_rcnn_r50_fpn_2x_coco.py`` in yzd-v/FG
 its Mask R-CNN config): ``temp=0.5, alpha_fgd=5e-5, beta_fgd=2.5e-5, gamma_fgd=5e-5,
 lambda_fgd=5e-7``. :data:`FGD_PRESETS` also holds its RetinaNet and FCOS configurations.
 
-Choices where FGD's paper and code leave room:
+Defaults as FGD's authors run it (yzd-v/FGD, ``configs/distillers/fgd/*.py`` and
+``mmdet/distillation``), each an option:
 
-* Boxes are projected with :func:`hmkd.distill.masks.project_boxes` (cells overlapped, stride based,
-  centre cell for sub-cell boxes); FGD's code scales by the unpadded image size and takes
-  ``floor..ceil`` inclusive, one cell wider.
+* ``box_rule="fgd"``: boxes go to cells by FGD's code (:func:`hmkd.distill.masks.fgd_box_cells`:
+  scaled by the map size over the *unpadded* image size, so stretched on padded batches as in FGD;
+  ``floor..ceil`` inclusive, one cell wider than the box; the area of the unclamped range).
+  ``box_rule="overlap"`` is our rule (:func:`hmkd.distill.masks.project_boxes`: the cells a box
+  overlaps, by the stride; the centre cell for a box smaller than a cell), the one HMKD uses.
+* ``levels``: the levels of FGD's configs, P2-P5 for two-stage detectors (``neck.fpn_convs.0-3``:
+  mmdet's max-pooled P6 is never distilled) and P3-P7 for RetinaNet and FCOS, each kept only where
+  both detectors produce it (a P2-P6 FCOS gets P3-P6).
+* ``clip_grad=35``: every FGD config clips the global L2 norm of the student + FGD modules at 35
+  (``optimizer_config.grad_clip``); the trainer uses it instead of ``train.clip_grad``
+  (:attr:`Distiller.main_clip_grad`); ``None`` leaves ``train.clip_grad`` in charge.
+* the student starts from the teacher's FPN and heads (``init_student=True`` in FGD's configs):
+  ``distill.init_student`` defaults to ``neck_head`` for FGD (:attr:`Distiller.default_init_student`).
+
+Other choices where FGD's paper and code leave room:
+
 * Overlapping boxes: FGD keeps the *smallest* box's ``1/(H_g W_g)`` (``overlap="max"``, default
   here); HMKD's paper keeps the minimum (``overlap="min"``). The option switches between them.
 * GcBlock init follows FGD (``gc_init="fgd"``): the context 1x1 conv Kaiming-normal (fan_in), the
@@ -57,11 +71,12 @@ from hmkd.distill.adapter import make_adapter
 from hmkd.distill.base import DistillInputs, Distiller
 from hmkd.distill.common import detector_kind, stride_of
 from hmkd.distill.gcblock import GcBlock
-from hmkd.distill.masks import fg_bg_masks
+from hmkd.distill.masks import BOX_RULES, fg_bg_masks
 from hmkd.distill.options import MethodOptions
 from hmkd.distill.registry import register
+from hmkd.errors import ConfigError
 
-__all__ = ["FGDDistiller", "FGDLoss", "FGDOptions", "FGD_PRESETS", "fgd_attention"]
+__all__ = ["FGDDistiller", "FGDLoss", "FGDOptions", "FGD_CLIP_GRAD", "FGD_LEVELS", "FGD_PRESETS", "fgd_attention"]
 
 #: FGD's published hyper-parameters per detector family (yzd-v/FGD configs/distillers/fgd/*.py).
 FGD_PRESETS: dict[str, dict[str, float]] = {
@@ -72,6 +87,15 @@ FGD_PRESETS: dict[str, dict[str, float]] = {
     # fcos_r101 -> r50 config
     "fcos": {"temperature": 0.8, "alpha": 1.6e-3, "beta": 8e-4, "gamma": 8e-4, "lambda_": 8e-6},
 }
+#: FGD's distilled FPN levels per detector family: the ``neck.fpn_convs.N`` hooks of its configs
+#: (faster/mask R-CNN: fpn_convs.0-3 = P2-P5; retina/fcos/gfl: fpn_convs.0-4 = P3-P7).
+FGD_LEVELS: dict[str, list[str]] = {
+    "two_stage": ["P2", "P3", "P4", "P5"],
+    "retinanet": ["P3", "P4", "P5", "P6", "P7"],
+    "fcos": ["P3", "P4", "P5", "P6", "P7"],
+}
+#: The global L2-norm gradient clip of every FGD config (``grad_clip=dict(max_norm=35, norm_type=2)``).
+FGD_CLIP_GRAD = 35.0
 _DETECTOR_PRESET = {
     "faster_rcnn": "two_stage",
     "mask_rcnn": "two_stage",
@@ -99,8 +123,12 @@ def fgd_attention(feat: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
 class FGDOptions(MethodOptions):
     """FGD's published preset for the student's detector family; any value set here overrides it.
 
+    ``levels``: None = FGD's levels for the family (:data:`FGD_LEVELS`) that both detectors have.
     ``scale`` multiplies all four weights (FGD's weights assume COCO-sized maps with sum reduction;
     see the README on loss scale). ``overlap``: ``max`` (FGD) or ``min`` (HMKD's rule).
+    ``box_rule``: ``fgd`` (FGD's code) or ``overlap`` (ours; :mod:`hmkd.distill.masks`).
+    ``clip_grad``: the main parameters' gradient clip (global L2 norm) while FGD trains, in place of
+    ``train.clip_grad`` (FGD's configs: 35); None = ``train.clip_grad``.
     """
 
     levels: list[str] | None = None
@@ -111,13 +139,16 @@ class FGDOptions(MethodOptions):
     lambda_: float | None = None
     scale: float = 1.0
     overlap: str = "max"
+    box_rule: str = "fgd"
+    clip_grad: float | None = FGD_CLIP_GRAD
 
     def check(self) -> None:
         super().check()
         self._levels("levels")
-        self._positive("temperature")
+        self._positive("temperature", "clip_grad")
         self._nonnegative("alpha", "beta", "gamma", "lambda_", "scale")
         self._choice("overlap", ("max", "min"))
+        self._choice("box_rule", BOX_RULES)
 
 
 class FGDLoss(nn.Module):
@@ -135,6 +166,9 @@ class FGDLoss(nn.Module):
         gc_ratio: bottleneck ratio of the two GcBlocks (FGD: C -> C/2).
         overlap: scale-mask rule where boxes overlap: ``"max"`` (FGD: smallest box wins, default)
             or ``"min"`` (HMKD paper Sec. 3.2.1); see :func:`hmkd.distill.masks.fg_bg_masks`.
+        box_rule: box-to-cell rule of the masks: ``"fgd"`` (FGD's code, default: scaled by the
+            unpadded image size, ``floor..ceil`` inclusive) or ``"overlap"`` (ours: the cells
+            overlapped, by the stride); see :func:`hmkd.distill.masks.fg_bg_masks`.
         gc_init: ``"fgd"`` (FGD's init: context conv Kaiming-normal fan_in with zero bias, last
             transform conv zero) or ``"default"`` (PyTorch's / GcBlock's own init).
 
@@ -154,6 +188,7 @@ class FGDLoss(nn.Module):
         gc_ratio: float = 0.5,
         overlap: Literal["min", "max"] = "max",
         gc_init: Literal["fgd", "default"] = "fgd",
+        box_rule: Literal["fgd", "overlap"] = "fgd",
     ) -> None:
         super().__init__()
         if temperature <= 0:
@@ -162,12 +197,15 @@ class FGDLoss(nn.Module):
             raise ValueError(f"FGDLoss: overlap must be 'min' or 'max', got {overlap!r}")
         if gc_init not in ("fgd", "default"):
             raise ValueError(f"FGDLoss: gc_init must be 'fgd' or 'default', got {gc_init!r}")
+        if box_rule not in BOX_RULES:
+            raise ValueError(f"FGDLoss: box_rule must be one of {', '.join(BOX_RULES)}, got {box_rule!r}")
         self.temperature = float(temperature)
         self.alpha = float(alpha)
         self.beta = float(beta)
         self.gamma = float(gamma)
         self.lambda_ = float(lambda_)
         self.overlap = overlap
+        self.box_rule = box_rule
         self.adapter = make_adapter(student_channels, teacher_channels)
         self.gc_student = GcBlock(teacher_channels, ratio=gc_ratio)
         self.gc_teacher = GcBlock(teacher_channels, ratio=gc_ratio)
@@ -200,7 +238,12 @@ class FGDLoss(nn.Module):
         return cls(student_channels, teacher_channels, **kwargs)  # type: ignore[arg-type]
 
     def forward(
-        self, student: Tensor, teacher: Tensor, boxes: Sequence[Tensor], stride: int
+        self,
+        student: Tensor,
+        teacher: Tensor,
+        boxes: Sequence[Tensor],
+        stride: int,
+        image_sizes: Sequence[Sequence[int]] | None = None,
     ) -> dict[str, Tensor]:
         """FGD losses for one level.
 
@@ -209,6 +252,8 @@ class FGDLoss(nn.Module):
             teacher: teacher map ``[B, Ct, H, W]`` (detached here; it never gets a gradient).
             boxes: per image ``[N_b, 4]`` xyxy boxes in input-frame pixels (``N_b`` may be 0).
             stride: the level's stride in pixels.
+            image_sizes: per image, the unpadded resized size ``(h, w)`` (``box_rule="fgd"``
+                scales boxes by it); None: the map covers each image exactly (no padding).
 
         Returns:
             ``{"fg", "bg", "attention", "global"}``: scalar tensors, already multiplied by
@@ -224,7 +269,9 @@ class FGDLoss(nn.Module):
             raise ValueError(f"FGDLoss: {len(boxes)} box tensors for a batch of {s.shape[0]} maps")
         n, _, h, w = s.shape
         boxes = [b.to(s.device) for b in boxes]
-        m, k = fg_bg_masks(boxes, (h, w), stride, overlap=self.overlap)
+        m, k = fg_bg_masks(
+            boxes, (h, w), stride, overlap=self.overlap, box_rule=self.box_rule, image_sizes=image_sizes
+        )
         m = m.to(s.dtype)
         k = k.to(s.dtype)
 
@@ -245,31 +292,50 @@ class FGDLoss(nn.Module):
 
 @register("fgd", "FGD: focal (fg/bg, attention-weighted) + global (GcBlock) distillation")
 class FGDDistiller(Distiller):
-    """``distill.fgd_{fg,bg,attention,global}_pN``: an :class:`FGDLoss` on each distilled level."""
+    """``distill.fgd_{fg,bg,attention,global}_pN``: an :class:`FGDLoss` on each distilled level.
+
+    As FGD's authors run it by default: their levels for the student's family, their box-to-cell
+    rule, the main parameters clipped at 35, the student initialised from the teacher's FPN and
+    heads (see the module docstring).
+    """
 
     Options = FGDOptions
     needs_teacher = True
+    default_init_student = "neck_head"  # init_student=True in every FGD config with a same-family teacher
 
     def __init__(self, *, student: nn.Module, teacher: nn.Module | None = None, options: FGDOptions | None = None) -> None:
         super().__init__(student=student, teacher=teacher, options=options)
         o = self.options
-        self.levels = self.resolve_levels(o.levels)
+        kind = detector_kind(student)
+        self.levels = self.resolve_levels(o.levels) if o.levels is not None else self._fgd_levels(kind)
+        self.main_clip_grad = o.clip_grad
         cs, ct = self.student_channels, self.teacher_channels
         over = {k: getattr(o, k) for k in ("temperature", "alpha", "beta", "gamma", "lambda_")}
         over = {k: v for k, v in over.items() if v is not None}
-        kind = detector_kind(student)
         self.losses = nn.ModuleDict(
-            {l: FGDLoss.for_detector(kind, cs, ct, overlap=o.overlap, **over) for l in self.levels}
+            {l: FGDLoss.for_detector(kind, cs, ct, overlap=o.overlap, box_rule=o.box_rule, **over) for l in self.levels}
         )
         if o.scale != 1.0:
             for m in self.losses.values():
                 for k in ("alpha", "beta", "gamma", "lambda_"):
                     setattr(m, k, getattr(m, k) * o.scale)
 
+    def _fgd_levels(self, kind: str) -> list[str]:
+        """FGD's levels for the student's family (:data:`FGD_LEVELS`) that both detectors produce."""
+        wanted = FGD_LEVELS[_DETECTOR_PRESET[kind]]
+        common = self.common_levels
+        levels = [l for l in common if l in wanted]
+        if not levels:
+            raise ConfigError(
+                f"distill.options.levels: none of FGD's levels for {kind} ({wanted[0]}-{wanted[-1]}) is produced "
+                f"by both detectors (common: {common}); set distill.options.levels"
+            )
+        return levels
+
     def distill_losses(self, inputs: DistillInputs, iteration: int | None) -> dict[str, torch.Tensor]:
         s, t = inputs.student.features, inputs.teacher_features
         out: dict[str, torch.Tensor] = {}
         for l in self.levels:
-            for k, v in self.losses[l](s[l], t[l], inputs.boxes, stride_of(l)).items():
+            for k, v in self.losses[l](s[l], t[l], inputs.boxes, stride_of(l), inputs.image_sizes).items():
                 out[f"distill.fgd_{k}_{l.lower()}"] = v
         return out

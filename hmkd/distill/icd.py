@@ -56,6 +56,7 @@ class ICDDistiller(Distiller):
 
     Options = ICDOptions
     needs_teacher = True
+    default_init_student = "neck_head"  # ICD: PRELOAD_FPN and PRELOAD_HEAD on in every official config
 
     def __init__(self, *, student: nn.Module, teacher: nn.Module | None = None, options: ICDOptions | None = None) -> None:
         super().__init__(student=student, teacher=teacher, options=options)

@@ -15,19 +15,36 @@ Projection rule (:func:`project_boxes`), applied to each axis independently:
   the border marks the border cells it would have spilled over.
 
 So a box smaller than a cell in both directions marks exactly the cell holding its centre.
+
+FGD's own rule (:func:`fgd_box_cells`, ``box_rule="fgd"`` of :func:`fg_bg_masks`; yzd-v/FGD
+``mmdet/distillation/losses/fgd.py``, ``FeatureLoss.forward``), kept for FGD as its authors run it:
+
+* each box is scaled by the map's size over the image's *unpadded* resized size
+  (``x' = x / img_w * W``, ``y' = y / img_h * H``, ``H x W`` the padded batch's map), not divided by
+  the stride, so on a padded batch an image smaller than the padded frame has its boxes stretched;
+* the cells are ``floor(x1') .. ceil(x2')`` (and ``floor(y1') .. ceil(y2')``), both inclusive, one
+  cell more than the box overlaps (a box inside one cell marks 2 x 2 cells);
+* a box's area is the count of that inclusive range before it is clamped to the map (a box on the
+  right or bottom border counts a row / column past the map), while the cells written are those of
+  the range that lie on the map.
+
 Every function here is fully vectorised: boxes are padded to ``[B, Nmax, 4]`` and their cell
 ranges broadcast against the ``[H, W]`` grid; there is no Python loop over boxes, cells or images.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Literal
 
 import torch
 from torch import Tensor
 
-__all__ = ["pad_by_image", "pad_boxes", "project_boxes", "box_mask", "fg_bg_masks"]
+__all__ = ["BOX_RULES", "pad_by_image", "pad_boxes", "project_boxes", "fgd_box_cells", "box_mask", "fg_bg_masks"]
+
+#: Box-to-cell rules of :func:`fg_bg_masks`: ``overlap`` (the module rule, HMKD's) and ``fgd`` (FGD's code).
+BOX_RULES = ("overlap", "fgd")
 
 
 def pad_by_image(values: Tensor, img: Tensor, batch: int) -> tuple[Tensor, Tensor]:
@@ -111,6 +128,50 @@ def project_boxes(boxes_padded: Tensor, stride: int, feat_hw: tuple[int, int]) -
     return torch.stack([x0, y0, x1, y1], dim=-1)
 
 
+def fgd_box_cells(
+    boxes_padded: Tensor, image_sizes: Tensor, feat_hw: tuple[int, int]
+) -> tuple[Tensor, Tensor]:
+    """FGD's box-to-cell rule (module docstring): inclusive cell ranges and their unclamped areas.
+
+    Args:
+        boxes_padded: ``[B, N, 4]`` xyxy boxes in resized-image pixels (e.g. from :func:`pad_boxes`).
+        image_sizes: ``[B, 2]`` each image's unpadded resized size ``(h, w)``.
+        feat_hw: the level's grid size ``(H, W)`` (of the padded batch).
+
+    Returns:
+        ``(cells, area)``: LongTensor ``[B, N, 4]`` of ``(x0, y0, x1, y1)`` inclusive cell indices,
+        ``floor(x1 / w * W) .. ceil(x2 / w * W)`` (the same for y), *not* clamped to the grid (cells
+        off the map are simply never written); float ``[B, N]`` area ``(x1 - x0 + 1) * (y1 - y0 + 1)``
+        of that unclamped range (at least 1).
+    """
+    h, w = int(feat_hw[0]), int(feat_hw[1])
+    b = boxes_padded if boxes_padded.is_floating_point() else boxes_padded.float()
+    sizes = image_sizes.to(device=b.device, dtype=b.dtype)
+    img_h, img_w = sizes[:, 0, None], sizes[:, 1, None]  # [B, 1]
+    # FGD's order of operations (divide by the image size, then multiply by the map size), so that
+    # floor/ceil land on the same cells as its code
+    x0 = torch.floor(b[..., 0] / img_w * w).long()
+    x1 = torch.ceil(b[..., 2] / img_w * w).long()
+    y0 = torch.floor(b[..., 1] / img_h * h).long()
+    y1 = torch.ceil(b[..., 3] / img_h * h).long()
+    area = ((x1 - x0 + 1) * (y1 - y0 + 1)).clamp(min=1).to(b.dtype)
+    return torch.stack([x0, y0, x1, y1], dim=-1), area
+
+
+def _sizes_tensor(
+    image_sizes: Sequence[Sequence[int]] | Tensor | None, n_img: int, feat_hw: tuple[int, int], stride: int, device
+) -> Tensor:
+    """``[B, 2]`` unpadded sizes; None: the map covers each image exactly (``H*stride x W*stride``)."""
+    if image_sizes is None:
+        return torch.tensor([[feat_hw[0] * stride, feat_hw[1] * stride]] * n_img, dtype=torch.float32, device=device)
+    sizes = torch.as_tensor(image_sizes, dtype=torch.float32, device=device).reshape(-1, 2)
+    if sizes.shape[0] != n_img:
+        raise ValueError(f"fg_bg_masks: {sizes.shape[0]} image sizes for {n_img} images")
+    if not bool((sizes > 0).all()):
+        raise ValueError(f"fg_bg_masks: image sizes must be positive, got {sizes.tolist()}")
+    return sizes
+
+
 def _inside(cells: Tensor, valid: Tensor, feat_hw: tuple[int, int]) -> Tensor:
     """Bool ``[B, N, H, W]``: cell lies in the (valid) box's projected range."""
     h, w = int(feat_hw[0]), int(feat_hw[1])
@@ -143,6 +204,8 @@ def fg_bg_masks(
     stride: int,
     *,
     overlap: Literal["min", "max"] = "min",
+    box_rule: Literal["overlap", "fgd"] = "overlap",
+    image_sizes: Sequence[Sequence[int]] | Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Binary foreground mask ``M`` and scale mask ``K`` of paper Sec. 3.2.1 (FGD's scale mask).
 
@@ -154,6 +217,12 @@ def fg_bg_masks(
             3.2.1): the minimum of their ``1/(H_g*W_g)``, i.e. the largest box wins. ``"max"``
             (FGD, Yang et al. 2022, "we choose the smallest box"): the maximum, i.e. the smallest
             box wins.
+        box_rule: ``"overlap"`` (default, the module rule: the cells a box overlaps, by the stride,
+            clamped, HMKD's) or ``"fgd"`` (FGD's code, :func:`fgd_box_cells`: scaled by the unpadded
+            image size, ``floor..ceil`` inclusive, area of the unclamped range; ``stride`` unused
+            unless ``image_sizes`` is None).
+        image_sizes: for ``box_rule="fgd"``, each image's unpadded resized size ``(h, w)``; None:
+            the map covers each image exactly (``(H * stride, W * stride)``, no padding).
 
     Returns:
         ``(M, K)``, both float32 ``[B, H, W]`` on the boxes' device.
@@ -162,26 +231,34 @@ def fg_bg_masks(
         the cell (``H_g, W_g >= 1`` the box's size in cells from :func:`project_boxes`), and
         ``1/N_bg`` on background cells, ``N_bg`` the image's number of background cells (if
         ``N_bg = 0`` there is no background cell and nothing is divided by zero). An image
-        without boxes has ``M = 0`` and ``K = 1/(H*W)``.
+        without boxes has ``M = 0`` and ``K = 1/(H*W)``. With ``box_rule="fgd"`` the cells and
+        ``H_g * W_g`` are those of :func:`fgd_box_cells`.
     """
     if overlap not in ("min", "max"):
         raise ValueError(f"fg_bg_masks: overlap must be 'min' or 'max', got {overlap!r}")
+    if box_rule not in BOX_RULES:
+        raise ValueError(f"fg_bg_masks: box_rule must be one of {', '.join(BOX_RULES)}, got {box_rule!r}")
     h, w = int(feat_hw[0]), int(feat_hw[1])
     padded, valid = pad_boxes(boxes)
     n_img, device = padded.shape[0], padded.device
     if padded.shape[1] == 0:
         m = torch.zeros(n_img, h, w, device=device)
         return m, torch.full((n_img, h, w), 1.0 / (h * w), device=device)
-    cells = project_boxes(padded, stride, (h, w))
+    if box_rule == "fgd":
+        sizes = _sizes_tensor(image_sizes, n_img, (h, w), stride, device)
+        cells, area = fgd_box_cells(padded, sizes, (h, w))
+        area = area.float()
+    else:
+        cells = project_boxes(padded, stride, (h, w))
+        area = ((cells[..., 2] - cells[..., 0] + 1) * (cells[..., 3] - cells[..., 1] + 1)).float()
     inside = _inside(cells, valid, (h, w))  # [B, N, H, W]
-    area = ((cells[..., 2] - cells[..., 0] + 1) * (cells[..., 3] - cells[..., 1] + 1)).float()
     area = area[:, :, None, None]
     if overlap == "min":  # min of 1/area == 1/(largest covering area); 0 where no box covers
         cover_area = torch.where(inside, area, area.new_zeros(())).amax(dim=1)
     else:  # "max": max of 1/area == 1/(smallest covering area); 0 where no box covers
-        big = area.new_full((), float(h * w + 1))
-        cover_area = torch.where(inside, area, big).amin(dim=1)
-        cover_area = torch.where(cover_area > h * w, cover_area.new_zeros(()), cover_area)
+        # (FGD's unclamped areas can exceed H*W, so the "no box" marker is +inf)
+        cover_area = torch.where(inside, area, area.new_full((), math.inf)).amin(dim=1)
+        cover_area = torch.where(torch.isinf(cover_area), cover_area.new_zeros(()), cover_area)
     fg = cover_area > 0
     m = fg.float()
     n_bg = (~fg).sum(dim=(1, 2)).clamp(min=1).float()  # [B]

@@ -10,8 +10,13 @@
     all-reduce the distiller's own gradients          # (outside DDP; multi-process only)
     clip, step the main optimiser and each of the distiller's extra optimisers, step the schedule
 
-Method ``none`` is plain training of one detector (how teachers are trained). Everything a run
-writes goes to ``output_dir`` (default ``runs/<cfg.name>``)::
+Method ``none`` is plain training of one detector (how teachers are trained). With
+``distill.init_student`` (``neck`` | ``neck_head``; ``null`` = the method's own default, e.g.
+``neck_head`` for FGD and ICD) the student's FPN (and detection head) are first copied from the
+teacher (:func:`hmkd.models.weights.init_from_teacher`), once, at the start of a run, never when
+resuming (the checkpoint holds the student); ``none`` with it is no-KD from the same start.
+A method may clip the main parameters its own way (``Distiller.main_clip_grad``, FGD's 35): it
+then replaces ``train.clip_grad``. Everything a run writes goes to ``output_dir`` (default ``runs/<cfg.name>``)::
 
     config.yaml          the resolved config, written at start
     log.jsonl            every log_period-th step: iteration, lr, each loss term, total, s/iter, memory
@@ -120,7 +125,7 @@ def train(
 
     Args:
         cfg: the run's config (teacher built from ``cfg.teacher``; its ``weights`` are required
-            when the method needs a teacher).
+            when the method needs a teacher or ``distill.init_student`` copies from it).
         output_dir: where everything is written (default ``cfg.output_dir`` or ``runs/<cfg.name>``).
         resume: continue from ``output_dir/last_checkpoint.pth`` (a fresh start, with a warning,
             when there is none).
@@ -161,12 +166,23 @@ class _Run:
     # -- setup ----------------------------------------------------------------------------------
     def _setup(self) -> None:
         from hmkd.data import build_data
-        from hmkd.distill import build_distiller, needs_teacher
+        from hmkd.distill import build_distiller, method_class, needs_teacher
         from hmkd.models import build_model
+        from hmkd.models import weights as weights_io
 
         cfg, ctx = self.raw_cfg, self.ctx
         method = cfg.distill.method
         with_teacher = needs_teacher(method)
+        # the student's FPN / heads from the teacher: at the start of a run only (a checkpoint holds the student)
+        init = cfg.distill.init_student or method_class(method).default_init_student
+        if init != "none":
+            if cfg.teacher is None or not cfg.teacher.weights:
+                raise ConfigError(
+                    f"distill.init_student {init} (method {method!r}) copies a trained teacher into the student: "
+                    "set teacher.weights to its checkpoint (or distill.init_student: none)"
+                )
+        resuming = self.resume and os.path.isfile(self._paths()["last"])
+        do_init = init != "none" and not resuming
         if with_teacher:
             if cfg.teacher is None:
                 raise ConfigError(f"distill.method {method!r} needs a teacher: add a 'teacher' section with 'weights'")
@@ -174,7 +190,7 @@ class _Run:
                 raise ConfigError(
                     f"distill.method {method!r} needs a trained teacher: set teacher.weights to its checkpoint"
                 )
-        elif cfg.teacher is not None:
+        elif cfg.teacher is not None and init == "none":
             logger.info("distill.method %r uses no teacher; the 'teacher' section is ignored", method)
 
         if ctx.is_main:
@@ -191,8 +207,18 @@ class _Run:
         self.cfg = resolve_config(cfg, self.out, n)
 
         student = build_model(cfg.model, n)
-        teacher = build_model(cfg.teacher, n) if with_teacher else None
+        teacher = build_model(cfg.teacher, n) if with_teacher or do_init else None
+        if do_init:
+            report = weights_io.init_from_teacher(student, teacher, init)
+            if ctx.is_main:
+                logger.info("distill.init_student %s: %s", init, report.summary())
+        if not with_teacher:
+            teacher = None  # only needed for the copy
         self.distiller = build_distiller(method, student=student, teacher=teacher, options=cfg.distill.options)
+        self.clip_grad = self.distiller.main_clip(cfg.train.clip_grad)
+        if self.clip_grad != cfg.train.clip_grad and ctx.is_main:
+            logger.info("method %r clips the main parameters' gradients at %s (not train.clip_grad %s)",
+                        method, self.clip_grad, cfg.train.clip_grad)
         self.distiller.set_teacher_dtype(cfg.distill.teacher_dtype)
         self.distiller.to(self.device)
         self.distiller.train()
@@ -449,7 +475,7 @@ class _Run:
                 try:
                     values = train_step(
                         self.distiller, self.optimizer, images, targets, it,
-                        main_params=self.main_params, clip_grad=tcfg.clip_grad, extra_optimizers=self.extras,
+                        main_params=self.main_params, clip_grad=self.clip_grad, extra_optimizers=self.extras,
                         scaler=self.scaler, amp=self.amp, ctx=ctx, sync_params=self.sync_params,
                     )
                 except NonFiniteLossError as e:

@@ -8,7 +8,7 @@ from hmkd.config import ModelConfig, model_kwargs
 from hmkd.models.backbones import BACKBONES, LEVELS, build_backbone, level_index
 from hmkd.models.detectors import DEFAULT_LEVELS, DETECTORS, build_detector, count_parameters, fpn_channels_of
 from hmkd.models.tap import DetectorTap, TapOutput, backbone_features, name_levels, renormalise
-from hmkd.models.weights import load_weights, read_state_dict
+from hmkd.models.weights import INIT_PARTS, InitReport, init_from_teacher, load_weights, read_state_dict
 
 
 def build_model(cfg: ModelConfig, num_classes: int | None = None, *, load: bool = True) -> nn.Module:
@@ -25,6 +25,8 @@ __all__ = [
     "BACKBONES",
     "DETECTORS",
     "DEFAULT_LEVELS",
+    "INIT_PARTS",
+    "InitReport",
     "LEVELS",
     "DetectorTap",
     "TapOutput",
@@ -34,6 +36,7 @@ __all__ = [
     "build_model",
     "count_parameters",
     "fpn_channels_of",
+    "init_from_teacher",
     "level_index",
     "load_weights",
     "name_levels",

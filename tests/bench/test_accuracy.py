@@ -238,3 +238,67 @@ def test_runs_recorded_before_the_split_are_reused(tmp_path):
     assert spec_diff(with_defaults(stored["hmkd_s0"]["spec"]), run_spec(rc)) == ["train.lr: 0.001 -> 0.002"]
     with pytest.raises(ConfigError, match="another config"):
         train_or_reuse(rc, str(run_dir), isolate=True, progress=False, what="hmkd")
+
+
+# -- distill.init_student in the benchmark -------------------------------------------------------------
+def test_init_student_set_once_for_every_row_and_the_teacher_initialised_no_kd_row(tmp_path):
+    from hmkd.bench.accuracy import NONE_INIT
+
+    cfg = _tiny_cfg(str(tmp_path / "data"), "distill.init_student=neck_head")
+    variants = plan_runs(cfg)
+    assert [v.key for v in variants] == ["none", NONE_INIT, "fitnet", "fgd", "icd", "hmkd"]
+    runs = {v.key: run_config(cfg, v, 0, "t.pth", str(tmp_path / v.key)) for v in variants}
+    # the plain no-KD row stays exactly as it was: no teacher, no distill section
+    assert runs["none"].teacher is None and runs["none"].distill.init_student is None
+    assert run_spec(runs["none"]) == run_spec(run_config(_tiny_cfg(str(tmp_path / "data")), variants[0], 0, None,
+                                                         str(tmp_path / "none")))
+    ni = runs[NONE_INIT]
+    assert ni.distill.method == "none" and ni.distill.init_student == "neck_head" and ni.distill.options == {}
+    assert ni.teacher is not None and ni.teacher.weights == os.path.abspath("t.pth")
+    assert variants[1].label == "student (no-KD, teacher-initialised)"
+    for key in ("fitnet", "fgd", "icd", "hmkd"):
+        assert runs[key].distill.init_student == "neck_head", key
+    assert run_spec(runs["fitnet"])["distill"]["init_student"] == "neck_head"
+
+    # not set: every method starts as its authors' do, and the row is there only when asked for
+    plain = _tiny_cfg(str(tmp_path / "data"))
+    assert NONE_INIT not in [v.key for v in plan_runs(plain)]
+    asked = plan_runs(plain, [NONE_INIT, "fgd"])
+    assert [v.key for v in asked] == ["none", NONE_INIT, "fgd"]
+    assert asked[1].init_student == "neck_head"  # FGD's and ICD's default
+    assert run_config(plain, asked[2], 0, "t.pth", str(tmp_path / "f")).distill.init_student is None
+    neck = plan_runs(_tiny_cfg(str(tmp_path / "data"), "distill.init_student=neck"), ["fgd"])
+    assert [v.key for v in neck] == ["none", NONE_INIT, "fgd"] and neck[1].init_student == "neck"
+    assert neck[1].label == "student (no-KD, teacher-initialised FPN)"
+    assert [v.key for v in plan_runs(cfg, ablation="weight")][:2] == ["none", NONE_INIT]
+    with pytest.raises(ConfigError, match="none_init: distill.init_student is none"):
+        plan_runs(_tiny_cfg(str(tmp_path / "data"), "distill.init_student=none"), [NONE_INIT])
+
+
+def test_run_spec_from_before_init_student_still_matches(tmp_path):
+    cfg = _tiny_cfg(str(tmp_path / "data"))
+    old = run_spec(cfg)
+    assert old["distill"]["init_student"] is None
+    del old["distill"]["init_student"]
+    assert spec_diff(with_defaults(old), run_spec(cfg)) == []
+    cfg.distill.init_student = "neck_head"
+    assert spec_diff(with_defaults(old), run_spec(cfg)) == ["distill.init_student: None -> 'neck_head'"]
+
+
+def test_tiny_benchmark_with_the_teacher_initialised_no_kd_row(tmp_path):
+    import torch
+
+    out = str(tmp_path / "bench")
+    cfg = _tiny_cfg(str(tmp_path / "data"), "train.iters=0")  # students at their start: the copy itself
+    res = run_accuracy_bench(cfg, methods=["none_init"], seeds=1, out_dir=out, progress=False, teacher_iters=1,
+                             isolate=False)
+    assert set(res["runs"]) == {"none_s3", "none_init_s3"}
+    assert "| student (no-KD, teacher-initialised) |" in res["table"]
+    teacher = torch.load(res["teacher"]["weights"], weights_only=False)["model"]
+    init = torch.load(os.path.join(out, "runs", "none_init_s3", "model_final.pth"), weights_only=False)["model"]
+    plain = torch.load(os.path.join(out, "runs", "none_s3", "model_final.pth"), weights_only=False)["model"]
+    heads = [k for k in init if k.startswith(("backbone.fpn.", "head."))]
+    assert all(torch.equal(init[k], teacher[k]) for k in heads)
+    assert not all(torch.equal(plain[k], teacher[k]) for k in heads)
+    body = [k for k in init if k.startswith("backbone.body.")]
+    assert all(torch.equal(init[k], plain[k]) for k in body)  # same seed: the same student body

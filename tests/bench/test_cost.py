@@ -141,3 +141,21 @@ def test_cost_bench_rejects_unknown_method_and_missing_teacher(tiny_cfg, tmp_pat
         run_cost_bench(tiny_cfg, methods=["hmkd:aux_every"], out_dir=str(tmp_path / "x"))
     with pytest.raises(ConfigError, match="not a file"):
         run_cost_bench(tiny_cfg, methods=["fitnet"], out_dir=str(tmp_path / "x"), random_teacher=False)
+
+
+def test_cost_bench_clips_as_the_trainer_does(tiny_cfg, tmp_path, one_thread, monkeypatch):
+    """Each method's steps clip the main parameters as training would: FGD at its own 35, the
+    others at train.clip_grad."""
+    import hmkd.engine.step as engine_step
+
+    real = engine_step.train_step
+    clips: dict[str, set] = {}
+
+    def spy(distiller, *args, **kw):
+        clips.setdefault(distiller.name, set()).add(kw["clip_grad"])
+        return real(distiller, *args, **kw)
+
+    monkeypatch.setattr(engine_step, "train_step", spy)
+    tiny_cfg.train.clip_grad = 10.0
+    run_cost_bench(tiny_cfg, methods=["fgd", "fitnet"], out_dir=str(tmp_path / "c"), iters=1, warmup=1, profile_steps=0)
+    assert clips == {"none": {10.0}, "fgd": {35.0}, "fitnet": {10.0}}

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from hmkd.distill.masks import box_mask, fg_bg_masks, pad_boxes, pad_by_image, project_boxes
+from hmkd.distill.masks import box_mask, fg_bg_masks, fgd_box_cells, pad_boxes, pad_by_image, project_boxes
 
 H, W = 4, 6  # non-square on purpose: a H/W swap changes shapes and values
 
@@ -208,9 +208,148 @@ def test_matches_slow_reference_loop():
     assert torch.equal(m, rm) and torch.allclose(k, rk)
 
 
+# -- FGD's box-to-cell rule (box_rule="fgd"); values by hand, as the fact sheet works them out -------
+def _fgd(boxes, sizes, feat_hw=(32, 32), stride=8, overlap="max"):
+    return fg_bg_masks(boxes, feat_hw, stride, overlap=overlap, box_rule="fgd", image_sizes=sizes)
+
+
+def test_fgd_rule_worked_example():
+    # 32x32 map, stride 8, unpadded 256x256, box (10, 10, 20, 30):
+    # x 10/256*32 = 1.25 -> floor 1, 20/256*32 = 2.5 -> ceil 3: columns 1, 2, 3
+    # y 1.25 -> 1, 30/256*32 = 3.75 -> ceil 4: rows 1..4; 12 cells at 1/12, background 1/1012
+    m, k = _fgd([_b([10, 10, 20, 30])], [(256, 256)])
+    exp = torch.zeros(32, 32)
+    exp[1:5, 1:4] = 1
+    assert torch.equal(m[0], exp)
+    assert torch.allclose(k[0][exp == 1], torch.full((12,), 1 / 12))
+    _check_k_bg(m[0], k[0], 1 / 1012)
+    cells, area = fgd_box_cells(pad_boxes([_b([10, 10, 20, 30])])[0], torch.tensor([[256.0, 256.0]]), (32, 32))
+    assert cells[0, 0].tolist() == [1, 1, 3, 4] and area[0, 0].item() == 12
+    # no sizes: the map covers the image exactly (32 x 8 = 256), the same masks
+    m2, k2 = fg_bg_masks([_b([10, 10, 20, 30])], (32, 32), 8, overlap="max", box_rule="fgd")
+    assert torch.equal(m2, m) and torch.equal(k2, k)
+
+
+def test_fgd_rule_padded_batch_stretches_the_smaller_image():
+    # batch padded to 256 x 256; image 1 is 256 high and 200 wide. Its box (100, 10, 150, 30):
+    # x 100/200*32 = 16 -> 16, 150/200*32 = 24 -> 24: columns 16..24 (the stride would give 12..18);
+    # y 1.25 .. 3.75: rows 1..4. 36 cells at 1/36, background 1/988.
+    boxes = [_b([100, 10, 150, 30]), _b([100, 10, 150, 30])]
+    m, k = _fgd(boxes, [(256, 256), (256, 200)])
+    exp0 = torch.zeros(32, 32)
+    exp0[1:5, 12:20] = 1  # image 0 is not padded: 100/256*32 = 12.5 -> 12, 150/256*32 = 18.75 -> 19
+    exp1 = torch.zeros(32, 32)
+    exp1[1:5, 16:25] = 1
+    assert torch.equal(m[0], exp0) and torch.equal(m[1], exp1)
+    assert torch.allclose(k[0][exp0 == 1], torch.full((32,), 1 / 32))  # 8 columns x 4 rows
+    assert torch.allclose(k[1][exp1 == 1], torch.full((36,), 1 / 36))
+    _check_k_bg(m[0], k[0], 1 / 992)
+    _check_k_bg(m[1], k[1], 1 / 988)
+
+
+def test_fgd_rule_sub_cell_box_marks_2x2_cells():
+    # (9, 9, 12, 12): 9/8 = 1.125 -> 1, 12/8 = 1.5 -> 2 on both axes: 2 x 2 cells at 1/4
+    m, k = _fgd([_b([9, 9, 12, 12])], [(256, 256)])
+    assert m.sum() == 4 and m[0, 1:3, 1:3].sum() == 4
+    assert torch.allclose(k[0, 1:3, 1:3], torch.full((2, 2), 0.25))
+    _check_k_bg(m[0], k[0], 1 / 1020)
+    # a grid-aligned box (8, 8, 16, 16): 1..2 inclusive, one cell more than it overlaps
+    m, k = _fgd([_b([8, 8, 16, 16])], [(256, 256)])
+    assert m.sum() == 4 and m[0, 1:3, 1:3].sum() == 4 and k[0, 1, 1] == pytest.approx(0.25)
+
+
+def test_fgd_rule_border_box_counts_the_phantom_row_and_column():
+    # (240, 240, 256, 256): 30 .. 32 inclusive on both axes = 3 x 3 = 9 for the area, but only
+    # cells 30..31 exist: 4 cells written, each 1/9
+    m, k = _fgd([_b([240, 240, 256, 256])], [(256, 256)])
+    exp = torch.zeros(32, 32)
+    exp[30:32, 30:32] = 1
+    assert torch.equal(m[0], exp)
+    assert torch.allclose(k[0, 30:32, 30:32], torch.full((2, 2), 1 / 9))
+    _check_k_bg(m[0], k[0], 1 / 1020)
+    # a box over the whole image: 0..32 x 0..32, area 33 x 33 = 1089 > H*W: every cell 1/1089
+    m, k = _fgd([_b([0, 0, 256, 256])], [(256, 256)])
+    assert m.sum() == 1024 and torch.allclose(k, torch.full_like(k, 1 / 1089))
+    m, k = _fgd([_b([0, 0, 256, 256])], [(256, 256)], overlap="min")
+    assert m.sum() == 1024 and torch.allclose(k, torch.full_like(k, 1 / 1089))
+
+
+def test_fgd_rule_image_without_boxes():
+    m, k = _fgd([_b(), _b([10, 10, 20, 30])], [(256, 256), (256, 256)])
+    assert m[0].sum() == 0 and torch.allclose(k[0], torch.full((32, 32), 1 / 1024))
+    assert m[1].sum() == 12
+    m, k = _fgd([_b(), _b()], [(256, 256), (200, 256)])
+    assert m.sum() == 0 and torch.allclose(k, torch.full_like(k, 1 / 1024))
+
+
+def test_fgd_rule_overlap_smallest_box_wins():
+    # A (0, 0, 64, 64): 0..8 x 0..8, area 81; B (10, 10, 20, 30): 1..3 x 1..4, area 12, inside A
+    boxes = [_b([0, 0, 64, 64], [10, 10, 20, 30])]
+    m, k = _fgd(boxes, [(256, 256)])
+    assert m.sum() == 81
+    assert k[0, 2, 2] == pytest.approx(1 / 12) and k[0, 8, 8] == pytest.approx(1 / 81)
+    _, k = _fgd(boxes, [(256, 256)], overlap="min")
+    assert k[0, 2, 2] == pytest.approx(1 / 81)
+    _check_k_bg(m[0], k[0], 1 / (1024 - 81))
+
+
+def test_fgd_rule_bad_arguments():
+    with pytest.raises(ValueError, match="box_rule"):
+        fg_bg_masks([_b()], (H, W), 8, box_rule="fgd2")
+    with pytest.raises(ValueError, match="2 image sizes for 1 images"):
+        fg_bg_masks([_b([0, 0, 8, 8])], (H, W), 8, box_rule="fgd", image_sizes=[(32, 48), (32, 48)])
+    with pytest.raises(ValueError, match="positive"):
+        fg_bg_masks([_b([0, 0, 8, 8])], (H, W), 8, box_rule="fgd", image_sizes=[(0, 48)])
+
+
+def _fgd_reference(boxes, sizes, feat_hw, pick=max):
+    """FGD's own loop (yzd-v/FGD FeatureLoss.forward), written out cell by cell."""
+    h, w = feat_hw
+    ms, ks = [], []
+    for bx, (ih, iw) in zip(boxes, sizes):
+        fg = torch.zeros(h, w, dtype=torch.float64)
+        for x1, y1, x2, y2 in bx.tolist():
+            # float32 as in FGD (its boxes are float32 tensors)
+            f = lambda v, n, size: float(torch.tensor(v) / size * n)  # noqa: E731
+            wmin, wmax = math.floor(f(x1, w, iw)), math.ceil(f(x2, w, iw))
+            hmin, hmax = math.floor(f(y1, h, ih)), math.ceil(f(y2, h, ih))
+            value = 1.0 / ((hmax + 1 - hmin) * (wmax + 1 - wmin))
+            for yy in range(hmin, min(hmax, h - 1) + 1):
+                for xx in range(wmin, min(wmax, w - 1) + 1):
+                    old = fg[yy, xx].item()
+                    fg[yy, xx] = value if old == 0 else pick(old, value)
+        m = (fg > 0).float()
+        n_bg = int((m == 0).sum())
+        k = torch.where(m > 0, fg, torch.full_like(fg, 1.0 / n_bg if n_bg else 0.0)).float()
+        ms.append(m)
+        ks.append(k)
+    return torch.stack(ms), torch.stack(ks)
+
+
+def test_fgd_rule_matches_fgds_loop_on_random_padded_boxes():
+    g = torch.Generator().manual_seed(0)
+    feat_hw, stride = (9, 11), 8  # a padded 72 x 88 batch
+    sizes = [(72, 88), (60, 88), (72, 50), (41, 63)]
+    boxes = []
+    for n, (ih, iw) in zip((0, 1, 3, 6), sizes):
+        xy = torch.rand(n, 2, generator=g) * torch.tensor([iw * 0.9, ih * 0.9])
+        wh = torch.rand(n, 2, generator=g) * 30
+        br = torch.minimum(xy + wh, torch.tensor([float(iw), float(ih)]))  # inside the image, as mmdet's
+        boxes.append(torch.cat([xy, br], dim=1))
+    for overlap, pick in (("max", max), ("min", min)):
+        m, k = fg_bg_masks(boxes, feat_hw, stride, overlap=overlap, box_rule="fgd", image_sizes=sizes)
+        rm, rk = _fgd_reference(boxes, sizes, feat_hw, pick)
+        assert torch.equal(m, rm), overlap
+        assert torch.allclose(k, rk), overlap
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_matches_cpu():
     boxes = [_b([0, 0, 16, 16], [8, 8, 40, 24]), _b()]
     m, k = fg_bg_masks(boxes, (H, W), 8)
     mc, kc = fg_bg_masks([b.cuda() for b in boxes], (H, W), 8)
+    assert mc.is_cuda and torch.equal(mc.cpu(), m) and torch.allclose(kc.cpu(), k)
+    sizes = [(32, 40), (20, 48)]
+    m, k = fg_bg_masks(boxes, (H, W), 8, overlap="max", box_rule="fgd", image_sizes=sizes)
+    mc, kc = fg_bg_masks([b.cuda() for b in boxes], (H, W), 8, overlap="max", box_rule="fgd", image_sizes=sizes)
     assert mc.is_cuda and torch.equal(mc.cpu(), m) and torch.allclose(kc.cpu(), k)

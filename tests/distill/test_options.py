@@ -61,6 +61,8 @@ REFUSED = [
     ("fgd", {"lambda_": -1}, "distill.options.lambda_ must be >= 0, got -1.0"),
     ("fgd", {"scale": -2}, "distill.options.scale must be >= 0, got -2.0"),
     ("fgd", {"levels": []}, "distill.options.levels must be a non-empty list of FPN levels (leave it out for the default), got []"),
+    ("fgd", {"box_rule": "centre"}, "distill.options.box_rule must be one of overlap, fgd, got 'centre'"),
+    ("fgd", {"clip_grad": 0}, "distill.options.clip_grad must be > 0, got 0.0"),
     # FitNet
     ("fitnet", {"weight": -0.1}, "distill.options.weight must be >= 0, got -0.1"),
     ("fitnet", {"levels": ["P2", "X"]}, f"distill.options.levels must be a list of FPN levels ({LEVELS}), got 'X'"),
@@ -98,7 +100,7 @@ ACCEPTED = [
     ("hmkd", {**SMALL, "fakes_per_real": 0, "small_area": 0, "decoder_clip": None, "alpha": 0, "warmup_iters": 0,
               "inquiry_threshold": 0.99, "levels": ["P2", "P3"], "pairs": ["P3", "P4"]}),
     ("icd", {**SMALL, "weight": 0, "decoder_weight_decay": 0, "levels": ["P3"]}),
-    ("fgd", {"temperature": 0.1, "alpha": 0, "scale": 0, "overlap": "min"}),
+    ("fgd", {"temperature": 0.1, "alpha": 0, "scale": 0, "overlap": "min", "box_rule": "overlap", "clip_grad": None}),
     ("fitnet", {"weight": 0, "levels": ["P4"]}),
 ]
 

@@ -264,3 +264,96 @@ def test_sampler_order_is_resumable_without_loading():
     # resuming with another batch size (or process count) goes on at the consumed-sample position
     other = InfiniteBatchSampler(5, 3, seed=3, start_iter=2, start_position=4)
     assert other.batch(2) == stream[2] + stream[3][:1] and other.batch(3) == stream[3][1:] + stream[4]
+
+
+# -- distill.init_student: the student starts from the teacher's FPN and head --------------------------
+def _keys(sd: dict, *prefixes: str) -> list[str]:
+    return [k for k in sd if k.startswith(prefixes)]
+
+
+def test_init_student_with_method_none_is_teacher_initialised_no_kd(synth_root, teacher_weights, tmp_path):
+    out = str(tmp_path / "none_init")
+    cfg = make_cfg(synth_root, "distill.method=none", "distill.init_student=neck_head", "train.iters=0",
+                   teacher=teacher_weights)
+    train(cfg, output_dir=out, progress=False)
+    final = ck.load_checkpoint(os.path.join(out, "model_final.pth"))["model"]
+    teacher = torch.load(teacher_weights, weights_only=True)
+    copied = _keys(final, "backbone.fpn.", "head.")
+    assert copied and all(torch.equal(final[k], teacher[k]) for k in copied)
+    body = _keys(final, "backbone.body.")
+    assert not any(torch.equal(final[k], teacher[k]) for k in body if k.endswith("conv1.weight"))
+    # the same run without init_student: the student's own random FPN and head
+    plain = str(tmp_path / "none_plain")
+    train(make_cfg(synth_root, "train.iters=0"), output_dir=plain, progress=False)
+    own = ck.load_checkpoint(os.path.join(plain, "model_final.pth"))["model"]
+    assert not torch.equal(own["head.classification_head.cls_logits.weight"], teacher["head.classification_head.cls_logits.weight"])
+    assert all(torch.equal(own[k], final[k]) for k in body)  # same seed, same body
+
+
+def test_init_student_copies_at_the_start_only_never_on_resume(synth_root, teacher_weights, tmp_path, monkeypatch):
+    import hmkd.models.weights as weights_io
+
+    calls = []
+    real = weights_io.init_from_teacher
+
+    def spy(student, teacher, parts):
+        calls.append(parts)
+        return real(student, teacher, parts)
+
+    monkeypatch.setattr(weights_io, "init_from_teacher", spy)
+    out = str(tmp_path / "run")
+    # FGD's default is neck_head (null = the method's authors' default); 2 iterations then 1 more on resume
+    train(make_cfg(synth_root, "distill.method=none", "distill.init_student=neck", "train.iters=2",
+                   teacher=teacher_weights), output_dir=out, progress=False)
+    assert calls == ["neck"]
+    metrics = train(make_cfg(synth_root, "distill.method=none", "distill.init_student=neck", "train.iters=3",
+                             teacher=teacher_weights), output_dir=out, resume=True, progress=False)
+    assert calls == ["neck"] and metrics["iteration"] == 3  # resumed: the checkpoint holds the student
+    # the method's default: toy_test (like fitnet and hmkd) none, so nothing is copied
+    train(make_cfg(synth_root, "train.iters=1", teacher=teacher_weights), output_dir=str(tmp_path / "toy"), progress=False)
+    assert calls == ["neck"]
+
+
+def test_init_student_configuration_errors(synth_root, teacher_weights, tmp_path):
+    with pytest.raises(ConfigError, match=r"^distill.init_student neck_head \(method 'none'\) copies a trained teacher"):
+        train(make_cfg(synth_root, "distill.init_student=neck_head"), output_dir=str(tmp_path / "a"), progress=False)
+    with pytest.raises(ConfigError, match=r"^distill.init_student must be none, neck or neck_head, got 'all'$"):
+        train(make_cfg(synth_root, "distill.init_student=all"), output_dir=str(tmp_path / "b"), progress=False)
+
+
+def test_a_method_clip_replaces_train_clip_grad(synth_root, teacher_weights, tmp_path, monkeypatch):
+    import hmkd.engine.trainer as trainer_mod
+
+    seen = []
+    real = trainer_mod.train_step
+
+    def spy(*args, **kw):
+        seen.append(kw["clip_grad"])
+        return real(*args, **kw)
+
+    monkeypatch.setattr(trainer_mod, "train_step", spy)
+    train(make_cfg(synth_root, "train.iters=1", "train.clip_grad=10", teacher=teacher_weights),
+          output_dir=str(tmp_path / "a"), progress=False)
+    monkeypatch.setattr(ToyDistiller, "main_clip_grad", 3.5)  # as FGD's clip_grad
+    train(make_cfg(synth_root, "train.iters=1", "train.clip_grad=10", teacher=teacher_weights),
+          output_dir=str(tmp_path / "b"), progress=False)
+    assert seen == [10.0, 3.5]
+
+
+def test_fgd_runs_as_its_authors_by_default(synth_root, teacher_weights, tmp_path, monkeypatch):
+    """method fgd with nothing set: the student from the teacher's FPN and head, clip 35, FGD's levels."""
+    import hmkd.engine.trainer as trainer_mod
+    import hmkd.models.weights as weights_io
+
+    inits, clips = [], []
+    real_init, real_step = weights_io.init_from_teacher, trainer_mod.train_step
+    monkeypatch.setattr(weights_io, "init_from_teacher",
+                        lambda s, t, parts: inits.append(parts) or real_init(s, t, parts))
+    monkeypatch.setattr(trainer_mod, "train_step", lambda *a, **kw: clips.append(kw["clip_grad"]) or real_step(*a, **kw))
+    out = str(tmp_path / "fgd")
+    train(make_cfg(synth_root, "distill.method=fgd", "train.iters=1", "train.clip_grad=10", teacher=teacher_weights),
+          output_dir=out, progress=False)
+    assert inits == ["neck_head"] and clips == [35.0]
+    log = [json.loads(x) for x in open(os.path.join(out, "log.jsonl"))]
+    fg = sorted(k for k in log[0] if k.startswith("distill.fgd_fg_"))
+    assert fg == ["distill.fgd_fg_p3", "distill.fgd_fg_p4", "distill.fgd_fg_p5", "distill.fgd_fg_p6"]  # P3-P7 ∩ P3-P6

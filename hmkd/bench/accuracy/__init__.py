@@ -9,6 +9,9 @@ What :func:`run_accuracy_bench` does::
     students   for every method (none fitnet fgd icd hmkd) or ablation variant, for every seed s
                in [cfg.seed, cfg.seed + seeds): cfg with seed := s, distill.method := method,
                trained by hmkd.engine.trainer.train into out_dir/runs/<key>_s<seed>
+               (none: the plain student, no teacher; none_init, when asked for or when the config
+               sets distill.init_student: the no-KD student initialised from the teacher's FPN and
+               heads, the fair baseline of rows that start so)
     outputs    out_dir/results.json, results.md, results.png
                (an ablation writes results_<ablation>.json/.md/.png, so it can share out_dir
                and reuse the teacher and the no-KD runs of the main benchmark)
@@ -50,7 +53,16 @@ Modules, one job each:
 """
 
 from hmkd.bench.accuracy.bench import run_accuracy_bench
-from hmkd.bench.accuracy.plan import ABLATIONS, LABELS, METHOD_ORDER, METRICS, Variant, ablation_variants, plan_runs
+from hmkd.bench.accuracy.plan import (
+    ABLATIONS,
+    LABELS,
+    METHOD_ORDER,
+    METRICS,
+    NONE_INIT,
+    Variant,
+    ablation_variants,
+    plan_runs,
+)
 from hmkd.bench.accuracy.plot import plot_results
 from hmkd.bench.accuracy.spec import run_config, run_spec, spec_diff, with_defaults
 from hmkd.bench.accuracy.summary import summarise
@@ -61,6 +73,7 @@ __all__ = [
     "LABELS",
     "METHOD_ORDER",
     "METRICS",
+    "NONE_INIT",
     "Variant",
     "ablation_variants",
     "format_table",

@@ -46,7 +46,11 @@ def run_accuracy_bench(
     Args:
         cfg: the student run (model, data, train) with a ``teacher`` section (the teacher's model;
             its ``weights``, when set, must exist and are used as the teacher).
-        methods: methods to compare (default ``none fitnet fgd icd hmkd``); ``none`` is always run.
+        methods: methods to compare (default ``none fitnet fgd icd hmkd``); ``none`` is always run;
+            ``none_init`` adds the no-KD row initialised from the teacher (``distill.init_student``,
+            else ``neck_head``), which is also added when the config sets ``distill.init_student``
+            to ``neck`` or ``neck_head`` (e.g. the override ``distill.init_student=neck_head``,
+            which then applies to every distilled row).
         seeds: how many seeds (``cfg.seed``, ``cfg.seed + 1``, ...) or an explicit list.
         out_dir: everything goes here (``runs/<key>_s<seed>``, ``runs/teacher``, ``results.*``).
         teacher: a trained teacher checkpoint (``--teacher``); overrides ``cfg.teacher.weights``.
@@ -105,7 +109,7 @@ def _run_bench(
     n_runs = len(variants) * len(seeds_run)
     say(progress, f"{len(variants)} rows x {len(seeds_run)} seeds = {n_runs} student runs -> {out_dir}")
 
-    needs_teacher = any(v.method != "none" for v in variants)
+    needs_teacher = any(v.method != "none" or v.init_student for v in variants)
     tinfo = obtain_teacher(cfg, out_dir, teacher, teacher_cfg, teacher_iters, isolate=isolate, progress=progress) if (
         needs_teacher or teacher or teacher_cfg is not None or (cfg.teacher is not None)
     ) else None

@@ -18,17 +18,23 @@ __all__ = [
     "LABELS",
     "METHOD_ORDER",
     "METRICS",
+    "NONE_INIT",
     "Variant",
     "ablation_variants",
     "effective_options",
     "method_options_of",
+    "none_init_variant",
     "plan_runs",
     "seed_list",
 ]
 
 METRICS = ("mAP", "AP50", "AP75", "APs", "APm", "APl")
 METHOD_ORDER = ("none", "fitnet", "fgd", "icd", "hmkd")
-LABELS = {"teacher": "teacher", "none": "student (no-KD)", "fitnet": "FitNet", "fgd": "FGD", "icd": "ICD", "hmkd": "HMKD"}
+#: the no-KD row of a student initialised from the teacher (``distill.init_student``), by name in
+#: ``methods`` or added when the config sets ``distill.init_student`` to ``neck`` or ``neck_head``
+NONE_INIT = "none_init"
+LABELS = {"teacher": "teacher", "none": "student (no-KD)", NONE_INIT: "student (no-KD, teacher-initialised)",
+          "fitnet": "FitNet", "fgd": "FGD", "icd": "ICD", "hmkd": "HMKD"}
 ABLATIONS = {
     "supplement": "HMKD with the supplemental (background) distillation on/off (paper Table 5)",
     "heads": "HMKD with 1, 4, 8, 16 decoder heads (paper Table 6)",
@@ -43,12 +49,17 @@ ABLATIONS = {
 
 @dataclass
 class Variant:
-    """One row of the table: ``key`` names its run folders (``<key>_s<seed>``)."""
+    """One row of the table: ``key`` names its run folders (``<key>_s<seed>``).
+
+    ``init_student`` (``neck`` | ``neck_head``) makes a ``none`` row start from the teacher's FPN
+    (and heads) (:data:`NONE_INIT`); None leaves ``distill.init_student`` as the config says (the
+    plain ``none`` row has no teacher at all)."""
 
     key: str
     method: str
     label: str
     options: dict[str, Any] = field(default_factory=dict)
+    init_student: str | None = None
 
 
 def _levels_of(m: ModelConfig) -> list[str]:
@@ -139,21 +150,40 @@ def ablation_variants(cfg: Config, ablation: str, method_options: dict[str, dict
     return out
 
 
+def none_init_variant(cfg: Config) -> Variant:
+    """The no-KD row with the student initialised from the teacher: ``distill.init_student`` of the
+    config, or ``neck_head`` (FGD's and ICD's default) when the config leaves it to each method."""
+    init = cfg.distill.init_student or "neck_head"
+    if init == "none":
+        raise ConfigError(f"{NONE_INIT}: distill.init_student is none, so that row would be the plain no-KD row; "
+                          "set distill.init_student to neck or neck_head")
+    if init not in ("neck", "neck_head"):
+        raise ConfigError(f"distill.init_student must be none, neck or neck_head, got {init!r}")
+    label = LABELS[NONE_INIT] if init == "neck_head" else "student (no-KD, teacher-initialised FPN)"
+    return Variant(NONE_INIT, "none", label, {}, init_student=init)
+
+
 def plan_runs(
     cfg: Config,
     methods: Sequence[str] | None = None,
     ablation: str | None = None,
     method_options: dict[str, dict[str, Any]] | None = None,
 ) -> list[Variant]:
-    """The table's student rows, no-KD first (it is always included: every gain is measured from it)."""
+    """The table's student rows, no-KD first (it is always included: every gain is measured from it),
+    then the teacher-initialised no-KD row (:data:`NONE_INIT`) when ``methods`` names it or the config
+    sets ``distill.init_student`` to ``neck`` / ``neck_head`` (every distilled row then starts so)."""
     none = Variant("none", "none", LABELS["none"], {})
-    if ablation:
-        return [none] + ablation_variants(cfg, ablation, method_options)
     wanted = list(methods) if methods else list(METHOD_ORDER)
+    head = [none]
+    if NONE_INIT in wanted or cfg.distill.init_student in ("neck", "neck_head"):
+        head.append(none_init_variant(cfg))
+    wanted = [m for m in wanted if m != NONE_INIT]
+    if ablation:
+        return head + ablation_variants(cfg, ablation, method_options)
     for m in wanted:
         effective_options(m, method_options_of(cfg, m, method_options))  # unknown methods and bad options fail here
     ordered = [m for m in METHOD_ORDER if m in wanted] + [m for m in wanted if m not in METHOD_ORDER]
-    out = [none]
+    out = head
     for m in dict.fromkeys(ordered):
         if m != "none":
             out.append(Variant(m, m, LABELS.get(m, m), method_options_of(cfg, m, method_options)))

@@ -66,11 +66,18 @@ def run_config(cfg: Config, v: Variant, seed: int, teacher_weights: str | None, 
     rc.seed = int(seed)
     rc.name = f"{cfg.name}-{v.key}_s{seed}"
     rc.output_dir = run_dir
-    if v.method == "none":  # no teacher: nothing else of the distill section applies
+    if v.method == "none" and not v.init_student:  # no teacher: nothing else of the distill section applies
         rc.distill = DistillConfig(method="none")
         rc.teacher = None
-    else:  # the variant's method and options; the rest (teacher_dtype, ...) as the config says
+    elif v.method == "none":  # no-KD, but the student starts from the teacher's FPN (and heads)
+        rc.distill = DistillConfig(method="none", init_student=v.init_student)
+        if rc.teacher is None:
+            raise ConfigError(f"row {v.key!r} (distill.init_student {v.init_student}) needs a 'teacher' section in the config")
+        rc.teacher = dataclasses.replace(rc.teacher, weights=os.path.abspath(teacher_weights) if teacher_weights else None)
+    else:  # the variant's method and options; the rest (teacher_dtype, init_student, ...) as the config says
         rc.distill = dataclasses.replace(cfg.distill, method=v.method, options=dict(v.options))
+        if v.init_student:
+            rc.distill.init_student = v.init_student
         if rc.teacher is None:
             raise ConfigError(f"method {v.method!r} needs a 'teacher' section in the config")
         rc.teacher = dataclasses.replace(rc.teacher, weights=os.path.abspath(teacher_weights) if teacher_weights else None)

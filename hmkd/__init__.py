@@ -43,6 +43,9 @@ def distiller(method: str, *, teacher: nn.Module | None, student: nn.Module, **o
         ``distiller.student_parameters() + distiller.distiller_parameters()`` with your optimiser
         and call ``distiller.step_extra_optimizers()`` after it (it steps the method's own
         optimisers, e.g. the matching decoder's AdamW of ICD and HMKD; none for the others).
+        Call ``distiller.extra_schedulers(total_iters)`` once before training to give those
+        optimisers their schedule over the run (ICD: cosine to 0; it also sizes ICD's bypass
+        window, which counts the ``iteration`` you pass).
     """
     return build_distiller(method, student=student, teacher=teacher, options=options)
 

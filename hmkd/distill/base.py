@@ -8,10 +8,13 @@ prefixed dict (``student.loss_classifier``, ``distill.small_p2``, ``aux.identifi
 sum is backpropagated once:
 
 - ``student.*`` and ``distill.*`` terms train the student and the distiller's modules (adapters,
-  GcBlocks, student-side projections) with the main optimiser;
+  GcBlocks, student-side projections) with the main optimiser, except the modules a method gives
+  its own optimiser (:meth:`extra_modules`, e.g. ICD's student-side value projection);
 - ``aux.*`` terms train only modules that have their own optimiser (:meth:`extra_optimizers`, e.g.
   the matching decoder); their inputs come from the teacher and are detached, and the distillation
-  terms detach the decoder's outputs, so the two never mix.
+  terms detach the decoder's outputs, so the decoder learns from its own task only.
+
+The method's own optimisers may follow a schedule over the run (:meth:`extra_schedulers`).
 
 The teacher is kept out of ``parameters()``, ``state_dict()`` and DDP: it is frozen, in eval mode,
 and moved with the distiller by ``.to()``.
@@ -129,6 +132,9 @@ class Distiller(nn.Module):
         self._teacher: list[nn.Module] = []  # hidden from parameters()/state_dict()/DDP
         self._common_levels: list[str] | None = None
         self._extra_opts: list[tuple[str, torch.optim.Optimizer, float | None]] | None = None
+        self._extra_scheds: list[tuple[str, torch.optim.lr_scheduler.LRScheduler]] | None = None
+        #: the run's length in iterations, once :meth:`extra_schedulers` has been told it (else None)
+        self.total_iters: int | None = None
         if self.needs_teacher and teacher is None:
             raise ConfigError(f"method {self.name!r} needs a teacher (config 'teacher' with 'weights')")
         if teacher is not None:
@@ -260,8 +266,36 @@ class Distiller(nn.Module):
         """Build the optimisers of :meth:`extra_optimizers`; none for the base (override it)."""
         return []
 
+    def extra_schedulers(self, total_iters: int) -> list[tuple[str, torch.optim.lr_scheduler.LRScheduler]]:
+        """``(name, scheduler)`` of the learning-rate schedules of the method's own optimisers, for a
+        run of ``total_iters`` iterations; built once by :meth:`make_extra_schedulers` and cached.
+
+        Call it once, before the first step, when the run's length is known (the trainer does, with
+        ``train.iters``); it also records that length as :attr:`total_iters`, which a method may use
+        to size other iteration-based settings (ICD's bypass window). Each scheduler is stepped once
+        per iteration after the optimisers (the trainer does it after each ``train_step``;
+        :meth:`step_extra_optimizers` does it too) and its state belongs in a training checkpoint.
+        None for the base.
+        """
+        if self._extra_scheds is None:
+            if total_iters < 0:
+                raise ValueError(f"extra_schedulers: total_iters must be >= 0, got {total_iters}")
+            self.total_iters = int(total_iters)
+            self._extra_scheds = list(self.make_extra_schedulers(int(total_iters)))
+        elif int(total_iters) != self.total_iters:
+            raise ValueError(
+                f"extra_schedulers: already built for {self.total_iters} iterations, asked for {total_iters}"
+            )
+        return self._extra_scheds
+
+    def make_extra_schedulers(self, total_iters: int) -> list[tuple[str, torch.optim.lr_scheduler.LRScheduler]]:
+        """Build the schedulers of :meth:`extra_schedulers` over :meth:`extra_optimizers`; none for the
+        base (override it)."""
+        return []
+
     def step_extra_optimizers(self) -> None:
-        """Clip, step and zero the method's own optimisers (e.g. the matching decoder's AdamW).
+        """Clip, step and zero the method's own optimisers (e.g. the matching decoder's AdamW), then
+        step their schedules if :meth:`extra_schedulers` built any.
 
         Call it after ``loss.backward()``, next to your own ``optimizer.step()``.
         """
@@ -272,6 +306,8 @@ class Distiller(nn.Module):
                     torch.nn.utils.clip_grad_norm_(params, clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
+        for _, sched in self._extra_scheds or ():
+            sched.step()
 
     # -- the step -------------------------------------------------------------------------------
     def teacher_features(self, tensors: torch.Tensor) -> dict[str, torch.Tensor]:

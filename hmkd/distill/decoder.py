@@ -1,29 +1,51 @@
 """The instance-conditional matching decoder shared by ICD and HMKD, and what goes with it.
 
 ICD (Kang et al., NeurIPS 2021) introduced it; HMKD (Sec. 3.2.2, Fig. 3) uses it for its
-hierarchical matching. Inquiries (one per object) attend over the teacher's key/value maps::
+hierarchical matching, "with reference to DETR". It is ONE post-norm transformer decoder layer
+without self-attention between the inquiries (ICD's ``OfficialDecoderLayer``, ``ATT_LAYERS = 1``)::
 
-    b_i   = MLP([class_emb(label_i) ; sine(cx, cy, w, h)]) (+ Linear(T_l sampled at the centre))
-    K     = F_k(X + F_pe(V)),  O = F_v(X),  q_i = F_q(b_i)         split into N_m heads of c
-    m_ij  = softmax_U(k_j . q_ij / sqrt(c))
+    K = F_k(X + F_pe(P)),  O = F_v(X),  q_i = F_q(b_i)          split into N_m heads of c
+    m_ij = softmax_j(k_j . q_ij / sqrt(c))                      padded positions excluded
+    y_i  = LN(b_i + F_o(sum_j m_ij O_j))                          multi-head attention + out proj
+    z_i  = LN(y_i + W_2 ReLU(W_1 y_i))                            FFN 4 x hidden, dropout 0
 
-X is the concatenation (along positions) of the given key maps: HMKD passes the single level
-l-1 map, the ICD baseline passes all FPN levels. V is a 2-D sine positional embedding per map
-plus a learned per-map level embedding when more than one map is given.
+X is the concatenation (along positions) of the given key maps: HMKD passes the single level l-1
+map, ICD all FPN levels. P is DETR's normalised sine embedding of each map's cells over each
+image's valid (unpadded) extent (:func:`~hmkd.distill.positional.valid_extent_pos_embed`), with
+no level embedding, and the padded cells are masked out of the attention (:func:`valid_cells`).
+The attention m (softmax over positions) and the values O are what the distillation uses; the
+auxiliary heads read the layer's output z.
 
-The decoder is trained only by the ICD-style auxiliary task (:meth:`MatchingDecoder.aux_loss`),
-on the teacher side: it never sends gradients into its input maps (they are detached inside). It
-has its own optimiser (:func:`decoder_optimizers`, from the :class:`DecoderOptions` both methods
-share). The student side of the imitation is :class:`StudentValueProjection`.
+Inquiry encodings b_i (``encoding``):
+
+- ``icd`` (ICD's ``InstanceEncoder``): MLP_3([one-hot class ; sine(cx') ; sine(cy') ; 10-d scale
+  indicator]), the centre (cx', cy') normalised by the image size, 128 features per coordinate at
+  hidden 256 (hidden/2), the indicator 5 width + 5 height bins of ~log2 of the box side in pixels;
+- ``hmkd`` (the HMKD paper's reading): MLP_2([class embedding ; sine(cx, cy, w, h)]), plus
+  Linear(teacher level-l feature bilinearly sampled at the centre) with ``query_feature``.
+
+The decoder is trained only by ICD's auxiliary task (:meth:`MatchingDecoder.aux_task`): every
+object's inquiry with its centre jittered by ``U(-j, j) x (w, h)``, plus ``fakes_per_real`` fake
+inquiries per object (ICD's non-COCO sampler, :meth:`MatchingDecoder.sample_inquiries`); a shared
+3-layer MLP on z predicts a real/fake logit (BCE over real + fake) and, through a sigmoid, the
+distances from the jittered centre to the box's left/top/right/bottom edges in image-normalised
+units (L1 divided by the box's normalised w or h, summed over the 4 sides, averaged over the real
+inquiries). It never sends gradients into its input maps (they are detached inside). It has its
+own optimiser (:func:`decoder_optimizers`, from the :class:`DecoderOptions` both methods share)
+with an optional cosine schedule over the run (:func:`decoder_schedulers`). The student side of
+the imitation is :class:`StudentValueProjection`.
 
 Boxes are xyxy in pixels of the resized input frame; ``image_sizes`` are the per-image resized
-(h, w) before batch padding (torchvision ``ImageList.image_sizes``).
+(h, w) before batch padding (torchvision ``ImageList.image_sizes``); ``padded_hw`` is the padded
+batch tensor's (H, W).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -31,15 +53,37 @@ from torch import Tensor, nn
 
 from hmkd.distill.masks import pad_by_image
 from hmkd.distill.options import MethodOptions, refuse
-from hmkd.distill.positional import sine_box_encoding, sine_pos_embed_2d
+from hmkd.distill.positional import sine_box_encoding, sine_split_encoding, valid_extent_pos_embed
 
 __all__ = [
+    "ENCODINGS",
+    "AuxOutput",
     "DecoderOptions",
+    "KeyValues",
     "MatchingDecoder",
     "StudentValueProjection",
     "decoder_optimizers",
+    "decoder_schedulers",
+    "fake_count",
+    "scale_indicator",
     "split_heads",
+    "valid_cells",
 ]
+
+#: Inquiry encodings: ``icd`` (ICD's) and ``hmkd`` (the HMKD paper's reading).
+ENCODINGS = ("icd", "hmkd")
+#: Decoder learning-rate schedules: ``constant`` or ``cosine`` to 0 over the run (ICD's).
+DECODER_SCHEDULES = ("constant", "cosine")
+#: ICD's ``MAX_LABELS`` (cap on real + fake inquiries per image): 100 for Faster/Mask R-CNN
+#: (``RCNN_R_50_R101_icd_FPN_1x.yaml``, ``MaskRCNN_...``), 300 otherwise (``utils/build.py``).
+MAX_INQUIRIES = {"faster_rcnn": 100, "mask_rcnn": 100}
+MAX_INQUIRIES_DEFAULT = 300
+#: ICD's fake boxes on a non-COCO label set (``UNIFORM_SAMPLE_BOX`` / ``NUM_CLASSES != 80``):
+#: (w, h) ~ N(0.2, 0.2) of the image, clipped to mean +- 2 std, then to [0.002, 0.7]; centre
+#: uniform, clipped to [0.03, 0.97].
+FAKE_SIZE_MEAN, FAKE_SIZE_STD = 0.2, 0.2
+FAKE_SIZE_RANGE = (0.002, 0.7)
+FAKE_CENTRE_RANGE = (0.03, 0.97)
 
 
 def split_heads(x: Tensor, heads: int) -> Tensor:
@@ -48,52 +92,115 @@ def split_heads(x: Tensor, heads: int) -> Tensor:
     return x.reshape(b, u, heads, hidden // heads).transpose(1, 2)
 
 
-def _mlp(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out_dim))
+def _mlp(in_dim: int, hidden: int, out_dim: int, layers: int = 2) -> nn.Sequential:
+    """``layers`` Linear layers with ReLU between them (ICD's ``MLP``)."""
+    dims = [in_dim] + [hidden] * (layers - 1) + [out_dim]
+    mods: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
+        if i:
+            mods.append(nn.ReLU(inplace=True))
+        mods.append(nn.Linear(a, b))
+    return nn.Sequential(*mods)
 
 
-def _xyxy_to_cxcywh(boxes: Tensor) -> Tensor:
-    x1, y1, x2, y2 = boxes.unbind(-1)
-    return torch.stack(((x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1), dim=-1)
+def fake_count(n_real: int, fakes_per_real: int, cap: int) -> int:
+    """Fake inquiries of an image with ``n_real`` objects (ICD's ``SAMPLE_RULE='relative'``):
+    ``min(max(1, (f + 1) n), max(cap, n)) - n``, i.e. f per object, real + fake capped at
+    ``cap`` (never below the objects), and one fake for an image without objects."""
+    total = min(max(1, (fakes_per_real + 1) * n_real), max(cap, n_real))
+    return total - n_real
 
 
-def _cxcywh_to_xyxy(boxes: Tensor) -> Tensor:
-    cx, cy, w, h = boxes.unbind(-1)
-    return torch.stack((cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2), dim=-1)
+def scale_indicator(wh_px: Tensor) -> Tensor:
+    """ICD's 10-d scale indicator of boxes ``[N, 2]`` (w, h) in pixels: one-hot of
+    ``clamp(floor(ln(side) * 1.44 - 5), 0, 4)`` (~ log2(side) - 5: < 64 px, 64-128, 128-256,
+    256-512, >= 512) for the width, then the same 5 bins for the height."""
+    bins = (wh_px.float().log() * 1.44 - 5.0).clamp(min=0.0, max=4.0).long()
+    return F.one_hot(bins, 5).to(torch.float32).reshape(-1, 10)
 
 
-def _attend_values(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None) -> Tensor:
-    """``softmax(q k^T / sqrt(c)) v`` with c = q's width, for v wider than q and k.
+def valid_cells(
+    image_sizes: Sequence[tuple[int, int]],
+    hw: tuple[int, int],
+    padded_hw: tuple[int, int],
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """Bool [B, h, w]: the cells of an h x w map of the padded (H, W) batch that hold image
+    content (ICD's ``mask_out_padding``): with the stride estimated as ``(H/h + W/w) / 2``, the
+    rows below ``ceil(img_h / stride)`` and the columns below ``ceil(img_w / stride)``."""
+    h, w = int(hw[0]), int(hw[1])
+    stride = (float(padded_hw[0]) / h + float(padded_hw[1]) / w) / 2.0
+    rows = torch.tensor([math.ceil(float(ih) / stride) for ih, _ in image_sizes], device=device)
+    cols = torch.tensor([math.ceil(float(iw) / stride) for _, iw in image_sizes], device=device)
+    ys = torch.arange(h, device=device)
+    xs = torch.arange(w, device=device)
+    return (ys[None, :, None] < rows[:, None, None]) & (xs[None, None, :] < cols[:, None, None])
 
-    The fused (flash) kernels, CPU included, need q, k and v of one width; with a wider v
-    PyTorch falls back to the math kernel, which materialises the [B, heads, Nq, U] attention
-    and keeps it (and its softmax) for backward. Zero columns appended to q and k leave every
-    logit unchanged (the scale is passed explicitly), so the result is the same up to
-    float summation order while the fused kernel never stores the attention matrix.
+
+def _xavier_in_proj_(linears: Sequence[nn.Linear]) -> None:
+    """Initialise q/k/v projections as slices of one xavier-uniform ``in_proj`` (as
+    ``nn.MultiheadAttention`` and ICD's copy of it do: fan-out = 3 x hidden), biases 0."""
+    fan_out = sum(lin.out_features for lin in linears)
+    for lin in linears:
+        bound = math.sqrt(6.0 / (lin.in_features + fan_out))
+        nn.init.uniform_(lin.weight, -bound, bound)
+        nn.init.zeros_(lin.bias)
+
+
+class KeyValues(NamedTuple):
+    """One step's keys and values of the key maps, shared by the aux task and the distillation.
+
+    Attributes:
+        keys, values: [B, heads, U, c].
+        pad: bool [B, U], True at positions excluded from the attention (None: no mask).
     """
-    c = q.shape[-1]
-    extra = v.shape[-1] - c
-    if extra > 0:
-        q, k = F.pad(q, (0, extra)), F.pad(k, (0, extra))
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=1.0 / math.sqrt(c))
+
+    keys: Tensor
+    values: Tensor
+    pad: Tensor | None
+
+
+@dataclass
+class AuxOutput:
+    """What :meth:`MatchingDecoder.aux_task` gives back.
+
+    Attributes:
+        losses: ``{"identification": BCE, "localisation": L1}``.
+        queries: the encoded inquiries [B, Nq, hidden] (each image's real ones first, then its fakes;
+            padded rows are 0), with their graph to the encoder.
+        real: bool [B, Nq], True for real (object) inquiries.
+        valid: bool [B, Nq], True for real and fake inquiries (False on padding).
+    """
+
+    losses: dict[str, Tensor]
+    queries: Tensor
+    real: Tensor
+    valid: Tensor
+
+    def real_queries(self) -> tuple[Tensor, Tensor]:
+        """(queries [B, Nr, hidden], real [B, Nr]): the first Nr = max objects per image rows, where
+        every image's real inquiries are (rows of fakes among them are False in ``real``)."""
+        nr = int(self.real.sum(1).max()) if self.real.numel() else 0
+        return self.queries[:, :nr], self.real[:, :nr]
 
 
 class MatchingDecoder(nn.Module):
-    """Instance-conditional multi-head attention decoder (ICD; HMKD's hierarchical matching).
+    """Instance-conditional decoder layer (ICD; HMKD's hierarchical matching), see the module docstring.
 
     Args:
         in_channels: channels C of the teacher maps (keys/values and the query map).
-        num_classes: number of object classes K. Labels index ``nn.Embedding(K + 1, hidden/2)``
-            directly, so they must lie in [0, K] (torchvision convention: 1..K objects, 0
-            background; padded inquiries use 0).
+        num_classes: number of object classes K; labels are torchvision's 1..K (0: background,
+            encoded as no class).
         hidden: attention width (multiple of 16 and of ``heads``).
         heads: number of heads N_m; per-head width c = hidden / heads.
-        query_feature: add Linear(C -> hidden) of the query map bilinearly sampled at each box
-            centre to the inquiry (the "low-resolution, high-semantic" part of HMKD).
-        fakes_per_real: fake inquiries per real object in :meth:`aux_loss`.
-        max_key_maps: size of the learned level-embedding table (ICD passes up to 5 levels).
-        real_jitter: relative jitter of the real inquiries' boxes in :meth:`aux_loss`.
-        fake_size_jitter: fake box sides are real sides scaled by ``exp(U(-j, j))``.
+        encoding: ``icd`` or ``hmkd`` (module docstring).
+        query_feature: add Linear(C -> hidden) of the query map bilinearly sampled at each
+            inquiry's centre (HMKD's "low-resolution, high-semantic" part).
+        fakes_per_real: fake inquiries per object in the aux task.
+        max_inquiries: cap on real + fake inquiries per image (never below its objects).
+        jitter: the aux task's inquiry centres are shifted by ``U(-jitter, jitter) x (w, h)``.
+        padding_mask: mask padded cells out of the attention and normalise the position embedding
+            over each image's valid extent; False: every cell of the padded map is a position.
         temperature: sine-encoding temperature.
     """
 
@@ -103,12 +210,13 @@ class MatchingDecoder(nn.Module):
         num_classes: int,
         hidden: int = 256,
         heads: int = 8,
-        query_feature: bool = True,
-        fakes_per_real: int = 3,
         *,
-        max_key_maps: int = 8,
-        real_jitter: float = 0.1,
-        fake_size_jitter: float = 0.5,
+        encoding: str = "icd",
+        query_feature: bool = False,
+        fakes_per_real: int = 5,
+        max_inquiries: int = MAX_INQUIRIES_DEFAULT,
+        jitter: float = 0.3,
+        padding_mask: bool = True,
         temperature: float = 10000.0,
     ) -> None:
         super().__init__()
@@ -116,331 +224,318 @@ class MatchingDecoder(nn.Module):
             raise ValueError(f"MatchingDecoder: hidden must be a multiple of 16, got {hidden}")
         if hidden % heads != 0:
             raise ValueError(f"MatchingDecoder: heads ({heads}) must divide hidden ({hidden})")
-        if fakes_per_real < 0:
-            raise ValueError(f"MatchingDecoder: fakes_per_real must be >= 0, got {fakes_per_real}")
+        if encoding not in ENCODINGS:
+            raise ValueError(f"MatchingDecoder: encoding must be one of {ENCODINGS}, got {encoding!r}")
+        if fakes_per_real < 0 or max_inquiries < 1 or jitter < 0:
+            raise ValueError(
+                f"MatchingDecoder: need fakes_per_real >= 0, max_inquiries >= 1, jitter >= 0 "
+                f"(got {fakes_per_real}, {max_inquiries}, {jitter})"
+            )
         self.in_channels = in_channels
         self.num_classes = num_classes
         self.hidden = hidden
         self.heads = heads
         self.head_dim = hidden // heads
-        self.query_feature = query_feature
+        self.encoding = encoding
         self.fakes_per_real = fakes_per_real
-        self.real_jitter = real_jitter
-        self.fake_size_jitter = fake_size_jitter
+        self.max_inquiries = max_inquiries
+        self.jitter = jitter
+        self.padding_mask = padding_mask
         self.temperature = temperature
 
         # inquiry encoder
-        self.class_embed = nn.Embedding(num_classes + 1, hidden // 2)
-        self.inquiry_mlp = _mlp(hidden, hidden, hidden)  # F_b
+        if encoding == "icd":
+            self.class_embed = None
+            self.inquiry_mlp = _mlp(num_classes + hidden + 10, hidden, hidden, layers=3)
+        else:
+            self.class_embed = nn.Embedding(num_classes + 1, hidden // 2)
+            self.inquiry_mlp = _mlp(hidden, hidden, hidden, layers=2)
         self.query_feat_proj = nn.Linear(in_channels, hidden) if query_feature else None
-        # attention projections
-        self.pos_proj = nn.Linear(hidden, in_channels)  # F_pe
-        self.level_embed = nn.Parameter(torch.empty(max_key_maps, hidden))
-        nn.init.normal_(self.level_embed)
-        self.key_proj = nn.Linear(in_channels, hidden)  # F_k
-        self.value_proj = nn.Linear(in_channels, hidden)  # F_v
-        self.query_proj = nn.Linear(hidden, hidden)  # F_q
-        # auxiliary heads
-        self.ident_head = _mlp(hidden, hidden, 1)
-        # localisation sees what was attended, WHERE it was (attended positional embedding) and
-        # the inquiry itself: values carry no position, so offsets need the other two.
-        self.loc_head = _mlp(3 * hidden, hidden, 4)
+        # the decoder layer: attention projections (F_pe, F_k, F_v, F_q), out projection, FFN, norms
+        self.pos_proj = nn.Linear(hidden, in_channels)
+        self.query_proj = nn.Linear(hidden, hidden)
+        self.key_proj = nn.Linear(in_channels, hidden)
+        self.value_proj = nn.Linear(in_channels, hidden)
+        _xavier_in_proj_([self.query_proj, self.key_proj, self.value_proj])
+        self.out_proj = nn.Linear(hidden, hidden)
+        nn.init.zeros_(self.out_proj.bias)
+        self.norm1 = nn.LayerNorm(hidden)
+        self.ffn_in = nn.Linear(hidden, 4 * hidden)
+        self.ffn_out = nn.Linear(4 * hidden, hidden)
+        self.norm2 = nn.LayerNorm(hidden)
+        # auxiliary predictor: [identification logit, l, t, r, b]
+        self.predictor = _mlp(hidden, hidden, 5, layers=3)
+
+    @property
+    def query_feature(self) -> bool:
+        return self.query_feat_proj is not None
 
     # ------------------------------------------------------------------ inquiries
     def _encode(
         self,
-        boxes: Tensor,
+        centres: Tensor,
+        wh: Tensor,
         labels: Tensor,
         img: Tensor,
         sizes_hw: Tensor,
         query_map: Tensor | None,
         query_stride: int | None,
     ) -> Tensor:
-        """Encode flat boxes [N,4] xyxy px of images ``img`` [N] into inquiries [N, hidden]."""
-        wh = sizes_hw[img].flip(-1).to(boxes.dtype)  # [N, 2] as (w, h)
-        cxcywh = _xyxy_to_cxcywh(boxes)
-        norm = (cxcywh / torch.cat((wh, wh), dim=-1)).clamp(0.0, 1.0)
-        delta = torch.cat(
-            (self.class_embed(labels.long()), sine_box_encoding(norm, self.hidden // 2, self.temperature)),
-            dim=-1,
-        )
-        q = self.inquiry_mlp(delta.to(self.class_embed.weight.dtype))
+        """Inquiries [N, hidden] of centres [N, 2] and sides [N, 2] (px) of images ``img`` [N]."""
+        img_wh = sizes_hw[img].flip(-1).to(centres.dtype)  # [N, 2] as (w, h)
+        c_norm = centres / img_wh
+        if self.encoding == "icd":
+            onehot = F.one_hot(labels.long(), self.num_classes + 1)[:, 1:].to(torch.float32)
+            delta = torch.cat(
+                (onehot, sine_split_encoding(c_norm, self.hidden // 2, self.temperature), scale_indicator(wh)), dim=-1
+            )
+        else:
+            norm = torch.cat((c_norm, wh / img_wh), dim=-1).clamp(0.0, 1.0)
+            delta = torch.cat(
+                (self.class_embed(labels.long()), sine_box_encoding(norm, self.hidden // 2, self.temperature)),
+                dim=-1,
+            )
+        q = self.inquiry_mlp(delta.to(self.out_proj.weight.dtype))
         if self.query_feat_proj is not None:
             if query_map is None or query_stride is None:
                 raise ValueError("MatchingDecoder: query_feature=True needs query_map and query_stride")
             qm = query_map.detach()
             hq, wq = qm.shape[-2:]
+            n = centres.shape[0]
             # align_corners=False: -1/+1 are the outer edges of the padded map; a centre at
             # pixel p lies at map coordinate p / stride (cell x spans [x, x+1)).
-            gx = 2.0 * cxcywh[:, 0] / (query_stride * wq) - 1.0
-            gy = 2.0 * cxcywh[:, 1] / (query_stride * hq) - 1.0
-            grid = qm.new_zeros(qm.shape[0], boxes.shape[0], 1, 2)
-            # each image samples only its own boxes: put them at their own row, others at 0
-            grid[img, torch.arange(boxes.shape[0], device=boxes.device), 0] = torch.stack(
-                (gx, gy), dim=-1
-            ).to(qm.dtype)
+            gx = 2.0 * centres[:, 0] / (query_stride * wq) - 1.0
+            gy = 2.0 * centres[:, 1] / (query_stride * hq) - 1.0
+            grid = qm.new_zeros(qm.shape[0], n, 1, 2)
+            # each image samples only its own inquiries: put them at their own row, others at 0
+            rows = torch.arange(n, device=centres.device)
+            grid[img, rows, 0] = torch.stack((gx, gy), dim=-1).to(qm.dtype)
             sampled = F.grid_sample(qm, grid, mode="bilinear", padding_mode="border", align_corners=False)
-            feat = sampled[img, :, torch.arange(boxes.shape[0], device=boxes.device), 0]  # [N, C]
-            q = q + self.query_feat_proj(feat)
+            q = q + self.query_feat_proj(sampled[img, :, rows, 0])
         return q
-
-    def build_inquiries(
-        self,
-        boxes: list[Tensor],
-        labels: list[Tensor],
-        image_sizes: list[tuple[int, int]],
-        query_map: Tensor | None = None,
-        query_stride: int | None = None,
-    ) -> tuple[Tensor, Tensor]:
-        """Encode every object as an inquiry b_i, padded per image.
-
-        Args:
-            boxes: per image [N_b, 4] xyxy in input pixels (N_b may be 0).
-            labels: per image [N_b] class indices in [0, num_classes].
-            image_sizes: per image resized (h, w); boxes are normalised by them.
-            query_map: teacher's level-l map [B, C, H, W] (needed when ``query_feature``).
-            query_stride: stride of ``query_map`` in input pixels.
-
-        Returns:
-            queries [B, Nq, hidden] (Nq = max N_b; padded rows are finite but meaningless) and
-            valid [B, Nq] bool.
-        """
-        flat_boxes, flat_labels, img, sizes = self._flatten(boxes, labels, image_sizes)
-        enc = self._encode(flat_boxes, flat_labels, img, sizes, query_map, query_stride)
-        return pad_by_image(enc, img, len(boxes))
 
     def _flatten(
         self,
         boxes: list[Tensor],
         labels: list[Tensor],
-        image_sizes: list[tuple[int, int]],
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        image_sizes: Sequence[tuple[int, int]],
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, list[int]]:
         if not (len(boxes) == len(labels) == len(image_sizes)):
             raise ValueError(
                 f"MatchingDecoder: {len(boxes)} box lists, {len(labels)} label lists, "
                 f"{len(image_sizes)} image sizes"
             )
-        device = self.class_embed.weight.device
-        counts = torch.tensor([int(b.shape[0]) for b in boxes], device=device, dtype=torch.long)
+        device = self.out_proj.weight.device
+        counts = [int(b.shape[0]) for b in boxes]
         flat_boxes = torch.cat([b.reshape(-1, 4) for b in boxes]).to(device=device, dtype=torch.float32)
         flat_labels = torch.cat([lab.reshape(-1) for lab in labels]).to(device=device, dtype=torch.long)
-        img = torch.repeat_interleave(torch.arange(len(boxes), device=device), counts)
+        img = torch.repeat_interleave(torch.arange(len(boxes), device=device), torch.tensor(counts, device=device))
         sizes = torch.tensor([[int(h), int(w)] for h, w in image_sizes], device=device, dtype=torch.float32)
-        return flat_boxes, flat_labels, img, sizes
+        return flat_boxes, flat_labels, img, sizes, counts
 
-    # ------------------------------------------------------------------ attention
-    def keys_values(self, key_maps: list[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-        """Keys and values [B, heads, U, c] of the concatenated key maps (detached inputs) and the
-        positional embedding V [U, hidden]. Compute them once per step and pass them as ``kv`` to
-        :meth:`aux_loss` and :meth:`forward` (both need the same keys and values)."""
-        return self._keys_values(key_maps, with_pos=True)
-
-    def _keys_values(self, key_maps: list[Tensor], with_pos: bool = False):
-        if len(key_maps) == 0:
-            raise ValueError("MatchingDecoder: key_maps is empty")
-        if len(key_maps) > self.level_embed.shape[0]:
-            raise ValueError(
-                f"MatchingDecoder: {len(key_maps)} key maps but max_key_maps={self.level_embed.shape[0]}"
-            )
-        xs, pes = [], []
-        for i, km in enumerate(key_maps):  # loop over a handful of FPN levels
-            km = km.detach()
-            h, w = km.shape[-2:]
-            xs.append(km.flatten(2).transpose(1, 2))  # [B, HW, C]
-            pe = sine_pos_embed_2d(h, w, self.hidden, self.temperature, device=km.device, dtype=km.dtype)
-            if len(key_maps) > 1:
-                pe = pe + self.level_embed[i].to(km.dtype)
-            pes.append(pe)
-        x = torch.cat(xs, dim=1)  # [B, U, C]
-        v_pos = torch.cat(pes, dim=0)  # [U, hidden]
-        keys = self.key_proj(x + self.pos_proj(v_pos))
-        values = self.value_proj(x)
-        if with_pos:
-            return split_heads(keys, self.heads), split_heads(values, self.heads), v_pos
-        return split_heads(keys, self.heads), split_heads(values, self.heads)
-
-    def value_heads(self, x: Tensor) -> Tensor:
-        """Split [B, U, hidden] into heads: [B, heads, U, c]."""
-        return split_heads(x, self.heads)
-
-    def _queries(self, queries: Tensor) -> Tensor:
-        return split_heads(self.query_proj(queries), self.heads)  # [B, heads, Nq, c]
-
-    def attend(
+    def build_inquiries(
         self,
-        queries: Tensor,
-        key_maps: list[Tensor],
-        key_padding_mask: Tensor | None = None,
-        kv: tuple[Tensor, Tensor, Tensor] | None = None,
+        boxes: list[Tensor],
+        labels: list[Tensor],
+        image_sizes: Sequence[tuple[int, int]],
+        query_map: Tensor | None = None,
+        query_stride: int | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """Attention masks m and teacher values O (``kv``: precomputed :meth:`keys_values`).
-
-        By default no key padding mask is applied: the batch-padding region of the maps is
-        kept as attendable positions (it is zero-padded image content, which the learned
-        attention learns to ignore, and the student's values cover the same positions). Pass
-        ``key_padding_mask`` (see :meth:`key_padding_mask`) to exclude it.
+        """Every object's inquiry at its own (un-jittered) box, padded per image.
 
         Args:
-            queries: [B, Nq, hidden] from :meth:`build_inquiries`.
-            key_maps: list of teacher maps [B, C, H_k, W_k] (detached inside).
-            key_padding_mask: optional bool [B, U], True where a position must be ignored.
+            boxes: per image [N_b, 4] xyxy in input pixels (N_b may be 0).
+            labels: per image [N_b] class indices in [0, num_classes].
+            image_sizes: per image resized (h, w); centres are normalised by them.
+            query_map: teacher's level-l map [B, C, H, W] (needed when ``query_feature``).
+            query_stride: stride of ``query_map`` in input pixels.
 
         Returns:
-            m [B, heads, Nq, U] (rows sum to 1) and values [B, heads, U, c].
+            queries [B, Nq, hidden] (Nq = max N_b; padded rows are 0) and valid [B, Nq] bool.
         """
-        k, v = (kv[0], kv[1]) if kv is not None else self._keys_values(key_maps)
-        q = self._queries(queries)
-        logits = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(self.head_dim)
-        if key_padding_mask is not None:
-            logits = logits.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
-        return logits.softmax(dim=-1), v
+        gt, lab, img, sizes, _ = self._flatten(boxes, labels, image_sizes)
+        centres = (gt[:, :2] + gt[:, 2:]) / 2
+        enc = self._encode(centres, gt[:, 2:] - gt[:, :2], lab, img, sizes, query_map, query_stride)
+        return pad_by_image(enc, img, len(boxes))
 
-    @staticmethod
-    def key_padding_mask(
-        image_sizes: list[tuple[int, int]],
-        key_hw: list[tuple[int, int]],
-        strides: list[int],
-        device: torch.device | str | None = None,
-    ) -> Tensor:
-        """Bool [B, U], True at cells outside each image's valid region.
+    def sample_inquiries(
+        self,
+        boxes: list[Tensor],
+        labels: list[Tensor],
+        image_sizes: Sequence[tuple[int, int]],
+        generator: torch.Generator | None = None,
+    ) -> dict[str, Tensor]:
+        """The aux task's real + fake inquiries, flat (each image's objects first, then its fakes).
 
-        Cell (x, y) of a stride-s map is valid when ``x * s < w`` and ``y * s < h`` (it holds at
-        least one image pixel), so every image keeps at least one valid cell.
+        Per image with n objects, :func:`fake_count` fakes: class uniform in [1, K], centre uniform
+        in [0.03, 0.97] of the image, (w, h) ~ N(0.2, 0.2) of the image clipped to [0.002, 0.6], the
+        box clamped to the image (ICD's sampler on a non-COCO label set). Every inquiry's centre is
+        then jittered by ``U(-jitter, jitter) x (w, h)`` of its (clamped) box.
+
+        Returns:
+            ``boxes`` [N, 4] px (fakes clamped), ``centres`` [N, 2] px (jittered), ``labels`` [N],
+            ``img`` [N], ``real`` [N] bool, ``sizes`` [B, 2] (h, w).
         """
-        sizes = torch.tensor([[int(h), int(w)] for h, w in image_sizes], device=device)
-        masks = []
-        for (h, w), s in zip(key_hw, strides):  # loop over FPN levels
-            ys = torch.arange(h, device=device) * s
-            xs = torch.arange(w, device=device) * s
-            ok = (ys[None, :, None] < sizes[:, 0, None, None]) & (xs[None, None, :] < sizes[:, 1, None, None])
-            masks.append(~ok.flatten(1))
-        return torch.cat(masks, dim=1)
+        gt, lab, img, sizes, counts = self._flatten(boxes, labels, image_sizes)
+        device = gt.device
+        n_fake = [fake_count(n, self.fakes_per_real, self.max_inquiries) for n in counts]
+        nf = sum(n_fake)
+        fake_img = torch.repeat_interleave(torch.arange(len(boxes), device=device), torch.tensor(n_fake, device=device))
+        fake_lab = torch.randint(1, self.num_classes + 1, (nf,), device=device, generator=generator)
+        lo, hi = FAKE_CENTRE_RANGE
+        ctr = torch.rand(nf, 2, device=device, generator=generator).clamp(lo, hi)
+        wh = FAKE_SIZE_MEAN + FAKE_SIZE_STD * torch.randn(nf, 2, device=device, generator=generator)
+        wh = wh.clamp(FAKE_SIZE_MEAN - 2 * FAKE_SIZE_STD, FAKE_SIZE_MEAN + 2 * FAKE_SIZE_STD).clamp(*FAKE_SIZE_RANGE)
+        img_wh = sizes[fake_img].flip(-1)
+        fake_boxes = torch.cat((ctr - wh / 2, ctr + wh / 2), dim=-1).clamp(0.0, 1.0) * img_wh.repeat(1, 2)
+
+        all_boxes = torch.cat((gt, fake_boxes))
+        side = all_boxes[:, 2:] - all_boxes[:, :2]
+        shift = (torch.rand(side.shape, device=device, generator=generator) * 2 - 1) * self.jitter
+        centres = (all_boxes[:, :2] + all_boxes[:, 2:]) / 2 + shift * side
+        real = torch.cat((torch.ones(gt.shape[0], dtype=torch.bool, device=device),
+                          torch.zeros(nf, dtype=torch.bool, device=device)))
+        return {"boxes": all_boxes, "centres": centres, "labels": torch.cat((lab, fake_lab)),
+                "img": torch.cat((img, fake_img)), "real": real, "sizes": sizes}
+
+    # ------------------------------------------------------------------ attention
+    def keys_values(
+        self,
+        key_maps: list[Tensor],
+        image_sizes: Sequence[tuple[int, int]] | None = None,
+        padded_hw: tuple[int, int] | None = None,
+    ) -> KeyValues:
+        """Keys, values (and the padding mask) of the concatenated key maps (detached inside).
+        Compute them once per step and pass them to :meth:`aux_task` and :meth:`forward`.
+
+        ``image_sizes`` and ``padded_hw`` (the padded batch's H, W) locate each image's valid cells;
+        they are needed with ``padding_mask`` (the default).
+        """
+        if len(key_maps) == 0:
+            raise ValueError("MatchingDecoder: key_maps is empty")
+        if self.padding_mask and (image_sizes is None or padded_hw is None):
+            raise ValueError("MatchingDecoder: padding_mask needs image_sizes and padded_hw")
+        xs, pes, pads = [], [], []
+        for km in key_maps:  # loop over a handful of FPN levels
+            km = km.detach()
+            b, _, h, w = km.shape
+            xs.append(km.flatten(2).transpose(1, 2))  # [B, hw, C]
+            if self.padding_mask:
+                valid = valid_cells(image_sizes, (h, w), padded_hw, device=km.device)
+            else:
+                valid = torch.ones(b, h, w, dtype=torch.bool, device=km.device)
+            pes.append(valid_extent_pos_embed(valid, self.hidden, self.temperature).to(km.dtype))
+            pads.append(~valid.flatten(1))
+        x = torch.cat(xs, dim=1)  # [B, U, C]
+        pos = torch.cat(pes, dim=1)  # [B, U, hidden]
+        keys = self.key_proj(x + self.pos_proj(pos))
+        values = self.value_proj(x)
+        pad = torch.cat(pads, dim=1) if self.padding_mask else None
+        return KeyValues(split_heads(keys, self.heads), split_heads(values, self.heads), pad)
+
+    def attend(self, queries: Tensor, kv: KeyValues) -> Tensor:
+        """The layer's attention m [B, heads, Nq, U] of inquiries [B, Nq, hidden] (rows sum to 1,
+        0 on padded positions)."""
+        q = split_heads(self.query_proj(queries), self.heads)
+        logits = torch.matmul(q, kv.keys.transpose(-1, -2)) / math.sqrt(self.head_dim)
+        if kv.pad is not None:
+            logits = logits.masked_fill(kv.pad[:, None, None, :], float("-inf"))
+        return logits.softmax(dim=-1)
+
+    def layer(self, queries: Tensor, kv: KeyValues) -> Tensor:
+        """The decoder layer's output z [B, Nq, hidden] (module docstring). The attention runs in
+        ``scaled_dot_product_attention`` (a fused kernel where one applies)."""
+        q = split_heads(self.query_proj(queries), self.heads)
+        mask = None if kv.pad is None else ~kv.pad[:, None, None, :]
+        att = F.scaled_dot_product_attention(q, kv.keys, kv.values, attn_mask=mask)  # [B, heads, Nq, c]
+        y = self.norm1(queries + self.out_proj(att.transpose(1, 2).flatten(2)))
+        return self.norm2(y + self.ffn_out(F.relu(self.ffn_in(y))))
 
     def forward(
         self,
         boxes: list[Tensor],
         labels: list[Tensor],
-        image_sizes: list[tuple[int, int]],
-        key_maps: list[Tensor],
+        image_sizes: Sequence[tuple[int, int]],
+        kv: KeyValues,
         query_map: Tensor | None = None,
         query_stride: int | None = None,
-        key_padding_mask: Tensor | None = None,
-        kv: tuple[Tensor, Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """:meth:`build_inquiries` then :meth:`attend`: returns (m, values, valid)."""
+        """:meth:`build_inquiries` then :meth:`attend`: returns (m, values [B, heads, U, c], valid)."""
         queries, valid = self.build_inquiries(boxes, labels, image_sizes, query_map, query_stride)
-        m, values = self.attend(queries, key_maps, key_padding_mask, kv=kv)
-        return m, values, valid
+        return self.attend(queries, kv), kv.values, valid
 
     # ------------------------------------------------------------------ auxiliary task
-    def aux_loss(
+    def aux_task(
         self,
         boxes: list[Tensor],
         labels: list[Tensor],
-        image_sizes: list[tuple[int, int]],
-        key_maps: list[Tensor],
+        image_sizes: Sequence[tuple[int, int]],
+        kv: KeyValues,
         query_map: Tensor | None = None,
         query_stride: int | None = None,
         *,
-        key_padding_mask: Tensor | None = None,
         generator: torch.Generator | None = None,
-        kv: tuple[Tensor, Tensor, Tensor] | None = None,
-    ) -> dict[str, Tensor]:
-        """ICD-style auxiliary task that trains the decoder (teacher side only).
+    ) -> AuxOutput:
+        """ICD's auxiliary task that trains the decoder (teacher side only).
 
-        Inquiries per image: its real objects with jittered boxes (centre shifted by
-        ``U(-j, j)`` x side, each side scaled by ``exp(U(-j, j))``, j = ``real_jitter``; without
-        the jitter the localisation target would be identically zero) and
-        ``fakes_per_real`` x N_b fake ones: class uniform in [1, num_classes], centre uniform in
-        the image, (w, h) of a real box drawn uniformly from the whole batch with each side
-        scaled by ``exp(U(-j_f, j_f))``, j_f = ``fake_size_jitter``. From each inquiry's
-        attended value (sum_j m_ij O_j, heads concatenated) one MLP predicts a real/fake
-        logit and another, from the attended value, the attended positional embedding
-        (sum_j m_ij V_j) and the inquiry, 4 offsets ``(gt - inquiry) / (w, h, w, h)`` of the
-        inquiry box (xyxy).
+        Inquiries from :meth:`sample_inquiries`; the predictor on the layer's output z gives a
+        real/fake logit and (sigmoid) the distances (l, t, r, b) from the jittered centre to the
+        box's edges, normalised by the image's (w, h, w, h). Losses (ICD's ``InstanceEncoder.loss``):
 
-        Returns:
-            ``{"identification": BCE over real + fake inquiries (mean),
-            "localisation": L1 over the real inquiries' 4 offsets (mean)}``; both are 0 (with a
-            graph to the decoder's parameters) when the batch has no objects.
+        - identification: BCE with logits, target 1 for real and 0 for fake, mean over every
+          (real + fake) inquiry of the batch;
+        - localisation: ``sum_{l,t,r,b} |pred - target| / (w, h, w, h)`` (the box's normalised
+          width for l and r, height for t and b), summed over the real inquiries of the batch and
+          divided by their count (0 without objects).
         """
-        gt, lab, img, sizes = self._flatten(boxes, labels, image_sizes)
-        n = gt.shape[0]
-        if n == 0:
-            zero = sum(p.sum() for p in self.parameters()) * 0.0
-            return {"identification": zero, "localisation": zero.clone()}
-        device = gt.device
+        s = self.sample_inquiries(boxes, labels, image_sizes, generator)
+        bx, ctr, img = s["boxes"], s["centres"], s["img"]
+        enc = self._encode(ctr, bx[:, 2:] - bx[:, :2], s["labels"], img, s["sizes"], query_map, query_stride)
+        n_img = len(boxes)
+        queries, valid = pad_by_image(enc, img, n_img)
+        real, _ = pad_by_image(s["real"], img, n_img)
+        img_wh = s["sizes"][img].flip(-1).repeat(1, 2)  # (w, h, w, h)
+        target = torch.cat((ctr - bx[:, :2], bx[:, 2:] - ctr), dim=-1) / img_wh  # l, t, r, b
+        scale = (bx[:, 2:] - bx[:, :2]).repeat(1, 2) / img_wh  # w, h, w, h
+        target, _ = pad_by_image(target, img, n_img)
+        scale, _ = pad_by_image(scale, img, n_img)
 
-        def rand(*shape: int) -> Tensor:
-            return torch.rand(*shape, device=device, generator=generator)
+        pred = self.predictor(self.layer(queries, kv)).float()  # [B, Nq, 5]; losses in float32 (AMP too)
+        logit = pred[..., 0]
+        ident = F.binary_cross_entropy_with_logits(logit[valid], real[valid].float())
+        err = ((pred[..., 1:].sigmoid() - target).abs() / scale.clamp(min=1e-7)).sum(-1)
+        loc = (err * real.float()).sum() / real.sum().clamp(min=1).float()
+        return AuxOutput({"identification": ident, "localisation": loc}, queries, real, valid)
 
-        # real inquiries: jittered gt boxes
-        gt_c = _xyxy_to_cxcywh(gt)
-        gt_wh = gt_c[:, 2:].clamp(min=1.0)
-        j = self.real_jitter
-        ctr = gt_c[:, :2] + (rand(n, 2) * 2 - 1) * j * gt_wh
-        side = gt_wh * torch.exp((rand(n, 2) * 2 - 1) * j)
-        real_c = torch.cat((ctr, side), dim=-1)
-
-        # fake inquiries
-        nf = n * self.fakes_per_real
-        fake_img = img.repeat_interleave(self.fakes_per_real)
-        size_wh = sizes[fake_img].flip(-1)  # (w, h)
-        fake_ctr = rand(nf, 2) * size_wh
-        src = torch.randint(0, n, (nf,), device=device, generator=generator)
-        fake_side = gt_wh[src] * torch.exp((rand(nf, 2) * 2 - 1) * self.fake_size_jitter)
-        fake_c = torch.cat((fake_ctr, fake_side), dim=-1)
-        fake_lab = torch.randint(1, max(2, self.num_classes + 1), (nf,), device=device, generator=generator)
-        fake_lab = fake_lab.clamp(max=self.num_classes)
-
-        all_c = torch.cat((real_c, fake_c))
-        all_boxes = _cxcywh_to_xyxy(all_c)
-        all_lab = torch.cat((lab, fake_lab))
-        all_img = torch.cat((img, fake_img))
-        is_real = torch.cat((torch.ones(n, device=device), torch.zeros(nf, device=device)))
-        # localisation targets (fakes get zeros; they are masked out)
-        wh4 = all_c[:, 2:].repeat(1, 2)
-        tgt = torch.cat((gt, gt.new_zeros(nf, 4)))
-        loc_t = (tgt - all_boxes) / wh4
-
-        enc = self._encode(all_boxes, all_lab, all_img, sizes, query_map, query_stride)
-        queries, valid = pad_by_image(enc, all_img, len(boxes))
-        real_p, _ = pad_by_image(is_real, all_img, len(boxes))
-        loc_p, _ = pad_by_image(loc_t, all_img, len(boxes))
-
-        k, v, pos = kv if kv is not None else self._keys_values(key_maps, with_pos=True)
-        q = self._queries(queries)
-        attn_mask = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]
-        c = v.shape[-1]
-        pos_h = split_heads(pos[None].expand(v.shape[0], -1, -1).to(v.dtype), self.heads)  # [B, heads, U, c]
-        both = _attend_values(q, k, torch.cat((v, pos_h), dim=-1), attn_mask)
-        att = both[..., :c].transpose(1, 2).flatten(2)  # [B, Nq, hidden]: sum_j m_ij O_j
-        att_pos = both[..., c:].transpose(1, 2).flatten(2)  # [B, Nq, hidden]: sum_j m_ij V_j
-
-        ident_logit = self.ident_head(att).squeeze(-1)
-        ident = F.binary_cross_entropy_with_logits(ident_logit[valid], real_p[valid].to(ident_logit.dtype))
-        real_mask = valid & (real_p > 0.5)
-        loc_pred = self.loc_head(torch.cat((att, att_pos, queries), dim=-1))
-        loc = F.l1_loss(loc_pred[real_mask], loc_p[real_mask].to(loc_pred.dtype))
-        return {"identification": ident, "localisation": loc}
+    def aux_loss(self, *args, **kwargs) -> dict[str, Tensor]:
+        """:meth:`aux_task`'s losses only (same arguments)."""
+        return self.aux_task(*args, **kwargs).losses
 
 
 class StudentValueProjection(nn.Module):
     """Student-side value projection F_v^S: Linear(C -> hidden) per position, split into heads,
-    the counterpart of the decoder's ``value_proj`` on the (adapted) student maps.
+    the counterpart of the decoder's ``value_proj`` on the student maps.
 
     Args:
-        in_channels: channels C of the adapted student map.
+        in_channels: channels C of the student map (ICD: the raw student FPN map; HMKD: the adapted one).
         hidden: width (must match the decoder's hidden).
         heads: number of heads (must match the decoder's heads).
+        init: ``default`` (PyTorch's Linear init) or ``attention``: the value slice of a fresh
+            xavier-uniform ``in_proj`` with bias 0, as ICD's student-side decoder (fan-out 3 x hidden).
     """
 
-    def __init__(self, in_channels: int, hidden: int = 256, heads: int = 8) -> None:
+    def __init__(self, in_channels: int, hidden: int = 256, heads: int = 8, init: str = "default") -> None:
         super().__init__()
         if hidden % heads != 0:
             raise ValueError(f"StudentValueProjection: heads ({heads}) must divide hidden ({hidden})")
+        if init not in ("default", "attention"):
+            raise ValueError(f"StudentValueProjection: init must be 'default' or 'attention', got {init!r}")
         self.heads = heads
         self.proj = nn.Linear(in_channels, hidden)
+        if init == "attention":
+            bound = math.sqrt(6.0 / (in_channels + 3 * hidden))
+            nn.init.uniform_(self.proj.weight, -bound, bound)
+            nn.init.zeros_(self.proj.bias)
 
     def forward(self, x: Tensor | list[Tensor]) -> Tensor:
         """Map [B, C, H, W] (or a list of maps, concatenated along positions in order, as the
@@ -452,25 +547,34 @@ class StudentValueProjection(nn.Module):
 
 @dataclass
 class DecoderOptions(MethodOptions):
-    """The options of a method with a matching decoder (ICD, HMKD).
+    """The options of a method with a matching decoder (ICD, HMKD); each method sets its own defaults.
 
     Attributes:
-        heads, hidden: decoder heads N_m and attention width (paper: 8, 256).
-        fakes_per_real: fake inquiries per real one in the decoder's auxiliary task.
-        decoder_lr, decoder_weight_decay, decoder_clip: the decoder's own AdamW (default 1e-4 /
-            1e-4, ICD's; the HMKD paper's 1e-3 / 1e-3 is in ``configs/coco/base_hmkd.yaml``) and
-            the max-norm its gradients are clipped to (None: no clipping).
-        warmup_iters: iterations during which only the decoder learns (no attention-weighted
-            term), since attention from an untrained decoder is noise (ICD: 1000).
+        heads, hidden: decoder heads N_m and attention width (ICD and the HMKD paper: 8, 256).
+        encoding: inquiry encoding, ``icd`` or ``hmkd`` (see :mod:`hmkd.distill.decoder`).
+        fakes_per_real: fake inquiries per object in the aux task (ICD: 5).
+        max_inquiries: cap on real + fake inquiries per image (None: ICD's ``MAX_LABELS`` of the
+            student's family, 100 for Faster/Mask R-CNN, 300 otherwise).
+        jitter: the aux task's inquiry centres move by ``U(-jitter, jitter)`` x (w, h) (ICD: 0.3).
+        padding_mask: mask padded cells out of the attention, position embedding normalised over
+            each image's valid extent (ICD and DETR: on).
+        decoder_lr, decoder_weight_decay: the decoder's own AdamW (ICD: 1e-4 / 1e-4; the HMKD
+            paper's 1e-3 / 1e-3 is in ``configs/coco/base_hmkd.yaml``).
+        decoder_clip: max L2 norm its gradients are clipped to, jointly (None: no clipping).
+        decoder_schedule: ``constant`` or ``cosine`` (to 0 over the run, ICD's).
     """
 
     heads: int = 8
     hidden: int = 256
-    fakes_per_real: int = 3
+    encoding: str = "icd"
+    fakes_per_real: int = 5
+    max_inquiries: int | None = None
+    jitter: float = 0.3
+    padding_mask: bool = True
     decoder_lr: float = 1e-4
     decoder_weight_decay: float = 1e-4
     decoder_clip: float | None = 1.0
-    warmup_iters: int = 0
+    decoder_schedule: str = "constant"
 
     def check(self) -> None:
         super().check()
@@ -480,21 +584,46 @@ class DecoderOptions(MethodOptions):
             refuse("hidden", "a positive multiple of 16", self.hidden)
         if self.hidden % self.heads:
             refuse("heads", f"a divisor of hidden ({self.hidden})", self.heads)
+        self._choice("encoding", ENCODINGS)
         if self.fakes_per_real < 0:
             refuse("fakes_per_real", ">= 0", self.fakes_per_real)
+        if self.max_inquiries is not None and self.max_inquiries < 1:
+            refuse("max_inquiries", ">= 1", self.max_inquiries)
+        self._nonnegative("jitter")
         self._positive("decoder_lr", "decoder_clip")
         self._nonnegative("decoder_weight_decay")
-        if self.warmup_iters < 0:
-            refuse("warmup_iters", ">= 0", self.warmup_iters)
+        self._choice("decoder_schedule", DECODER_SCHEDULES)
+
+    def inquiry_cap(self, detector_kind: str) -> int:
+        """``max_inquiries``, or ICD's default for a student of ``detector_kind``."""
+        if self.max_inquiries is not None:
+            return self.max_inquiries
+        return MAX_INQUIRIES.get(detector_kind, MAX_INQUIRIES_DEFAULT)
 
 
 def decoder_optimizers(
-    modules: dict[str, nn.Module], options: DecoderOptions
+    groups: dict[str, nn.Module | Sequence[nn.Module]], options: DecoderOptions
 ) -> list[tuple[str, torch.optim.Optimizer, float | None]]:
-    """``(name, AdamW, clip)`` for each decoder module: the optimiser every decoder-using method
-    returns from ``make_extra_optimizers`` (lr, weight decay and clip from ``options``)."""
+    """``(name, AdamW, clip)``: one optimiser per entry of ``groups``, over all its modules' parameters
+    (clipped jointly at ``decoder_clip``); what a decoder method returns from ``make_extra_optimizers``."""
     o = options
+    out = []
+    for name, mods in groups.items():
+        mods = [mods] if isinstance(mods, nn.Module) else list(mods)
+        params = [p for m in mods for p in m.parameters()]
+        out.append((name, torch.optim.AdamW(params, lr=o.decoder_lr, weight_decay=o.decoder_weight_decay), o.decoder_clip))
+    return out
+
+
+def decoder_schedulers(
+    optimizers: Sequence[tuple[str, torch.optim.Optimizer, float | None]], options: DecoderOptions, total_iters: int
+) -> list[tuple[str, torch.optim.lr_scheduler.LRScheduler]]:
+    """``(name, LambdaLR)`` per decoder optimiser: ``decoder_schedule`` over ``total_iters``
+    (``cosine``: ``0.5 (1 + cos(pi i / total_iters))``, no warm-up, as ICD's ``WarmupCosineLR``
+    with its 10 warm-up iterations at factor 1; ``constant``: 1); stepped once per iteration."""
+    from hmkd.engine.optim import WarmupSchedule  # the trainer's own multiplier (picklable)
+
     return [
-        (name, torch.optim.AdamW(m.parameters(), lr=o.decoder_lr, weight_decay=o.decoder_weight_decay), o.decoder_clip)
-        for name, m in modules.items()
+        (name, torch.optim.lr_scheduler.LambdaLR(opt, WarmupSchedule(total_iters, schedule=options.decoder_schedule)))
+        for name, opt, _ in optimizers
     ]

@@ -40,8 +40,14 @@ from torch.profiler import record_function
 
 from hmkd.distill.adapter import make_adapter
 from hmkd.distill.base import DistillInputs, Distiller
-from hmkd.distill.common import finer_level, stride_of
-from hmkd.distill.decoder import DecoderOptions, MatchingDecoder, StudentValueProjection, decoder_optimizers
+from hmkd.distill.common import detector_kind, finer_level, stride_of
+from hmkd.distill.decoder import (
+    DecoderOptions,
+    MatchingDecoder,
+    StudentValueProjection,
+    decoder_optimizers,
+    decoder_schedulers,
+)
 from hmkd.distill.gcblock import GcBlock
 from hmkd.distill.inquiry import InquiryHead, candidate_cells, inquiry_loss, inquiry_targets, widen_to_finer_level
 from hmkd.distill.losses import attention_weighted_mse, background_loss, masked_feature_mse
@@ -76,9 +82,14 @@ class HMKDOptions(DecoderOptions):
         start_level: level of the inquiries; keys/values come from the next finer level
             (default: the second-finest common level, P3 for Faster/Mask R-CNN: Table 7).
         pairs: several starting levels, e.g. ``[P3, P4]`` ("P2 to P4"); overrides start_level.
-        heads, hidden, fakes_per_real, decoder_lr, decoder_weight_decay, decoder_clip,
-            warmup_iters: the matching decoder's (:class:`~hmkd.distill.decoder.DecoderOptions`;
-            heads N_m: Table 6).
+        heads, hidden, encoding, fakes_per_real, max_inquiries, jitter, padding_mask, decoder_lr,
+            decoder_weight_decay, decoder_clip, decoder_schedule: the matching decoder's
+            (:class:`~hmkd.distill.decoder.DecoderOptions`; heads N_m: Table 6). HMKD's defaults:
+            ``encoding: hmkd`` (class embedding + sine of the box, the paper's reading), a constant
+            decoder learning rate, clip 1.0; the rest is ICD's (the paper trains the decoder with
+            ICD's task and says no more).
+        warmup_iters: iterations during which only the decoder learns (no attention-weighted
+            term), since attention from an untrained decoder is noise (ICD: 1000).
         query_feature: inquiries also add the teacher's level-l feature at the object.
         inquiries: ``small`` (objects with area < ``small_area``) or ``all``.
         inquiry_head: use the Inquiry Head (Table 5-style switch).
@@ -110,6 +121,8 @@ class HMKDOptions(DecoderOptions):
             foreground. 0: no object is small.
     """
 
+    encoding: str = "hmkd"
+    warmup_iters: int = 0
     levels: list[str] | None = None
     start_level: str | None = None
     pairs: list[str] | None = None
@@ -141,6 +154,8 @@ class HMKDOptions(DecoderOptions):
         self._nonnegative("inquiry_weight", "alpha", "beta", "others_bg_weight", "small_area")
         if self.aux_every < 1:
             refuse("aux_every", ">= 1", self.aux_every)
+        if self.warmup_iters < 0:
+            refuse("warmup_iters", ">= 0", self.warmup_iters)
 
 
 @register("hmkd", "HMKD: hierarchical matching (small-object inquiries over finer teacher maps) + supplemental GcBlock")
@@ -170,8 +185,10 @@ class HMKDDistiller(Distiller):
         self.adapters = nn.ModuleDict({l: make_adapter(cs, ct) for l in self.mask_levels})
         self.decoders = nn.ModuleDict(
             {
-                s: MatchingDecoder(ct, self.num_classes, hidden=o.hidden, heads=o.heads, query_feature=o.query_feature,
-                                   fakes_per_real=o.fakes_per_real)
+                s: MatchingDecoder(ct, self.num_classes, hidden=o.hidden, heads=o.heads, encoding=o.encoding,
+                                   query_feature=o.query_feature, fakes_per_real=o.fakes_per_real,
+                                   max_inquiries=o.inquiry_cap(detector_kind(student)), jitter=o.jitter,
+                                   padding_mask=o.padding_mask)
                 for s in self.pairs
             }
         )
@@ -186,6 +203,9 @@ class HMKDDistiller(Distiller):
 
     def make_extra_optimizers(self) -> list[tuple[str, torch.optim.Optimizer, float | None]]:
         return decoder_optimizers(self.extra_modules(), self.options)
+
+    def make_extra_schedulers(self, total_iters: int) -> list[tuple[str, torch.optim.lr_scheduler.LRScheduler]]:
+        return decoder_schedulers(self.extra_optimizers(), self.options, total_iters)
 
     # -- loss scale -----------------------------------------------------------------------------
     def _sum_scale(self, input_hw: tuple[int, int], channels: int) -> tuple[float, float]:
@@ -276,16 +296,17 @@ class HMKDDistiller(Distiller):
         with record_function("hmkd.decoder_aux"):
             for start, fine in pairs if run_aux else ():
                 dec = self.decoders[start]
-                kvs[start] = dec.keys_values([t_feats[fine]])  # one key/value pass serves aux and distillation
-                aux[start] = dec.aux_loss(keep, keep_labels, inputs.image_sizes, [t_feats[fine]],
-                                          t_feats[start] if o.query_feature else None, stride_of(start), kv=kvs[start])
+                # one key/value pass serves aux and distillation
+                kvs[start] = dec.keys_values([t_feats[fine]], inputs.image_sizes, input_hw)
+                aux[start] = dec.aux_loss(keep, keep_labels, inputs.image_sizes, kvs[start],
+                                          t_feats[start] if o.query_feature else None, stride_of(start))
         attention: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         with record_function("hmkd.decoder_attention"), torch.no_grad():  # m and O^T are targets: no graph
             for start, fine in pairs if not warm else ():
                 dec = self.decoders[start]
-                kv = kvs[start] if start in kvs else dec.keys_values([t_feats[fine]])
-                attention[start] = dec(keep, keep_labels, inputs.image_sizes, [t_feats[fine]],
-                                       t_feats[start] if o.query_feature else None, stride_of(start), kv=kv)
+                kv = kvs[start] if start in kvs else dec.keys_values([t_feats[fine]], inputs.image_sizes, input_hw)
+                attention[start] = dec(keep, keep_labels, inputs.image_sizes, kv,
+                                       t_feats[start] if o.query_feature else None, stride_of(start))
 
         # L_others: fg/bg-separated imitation on every distilled level (K makes it scale-free)
         others: dict[str, torch.Tensor] = {}

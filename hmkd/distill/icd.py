@@ -1,14 +1,26 @@
-"""ICD baseline (Kang et al., NeurIPS 2021): instance-conditional distillation over all FPN levels.
+"""ICD baseline (Kang et al., NeurIPS 2021) as its authors run it (``megvii-research/ICD``,
+``pytorch_release``): instance-conditional distillation over all FPN levels.
 
-Every object (no small-object focus) is an inquiry; the decoder's keys/values span ALL distilled
-teacher levels concatenated along positions (a learned level embedding tells them apart); the
-student imitates the teacher's LayerNorm-normalised values under the attention of each inquiry
-(``distill.icd``); the decoder is trained only by its auxiliary identification + localisation task
-(``aux.*``), with its own AdamW, and a warm-up keeps the distillation term off while it is noise.
-It shares :class:`~hmkd.distill.decoder.MatchingDecoder`, its options and optimiser, and
-:func:`~hmkd.distill.losses.attention_weighted_mse` with HMKD, so the two differ exactly in what
-HMKD adds: small-object inquiries over a finer level, the Inquiry Head, fg/bg masks and the
-supplemental GcBlock term.
+Per step:
+
+* the matching decoder (:class:`~hmkd.distill.decoder.MatchingDecoder`, ``encoding: icd``: one
+  post-norm decoder layer; keys/values span ALL distilled teacher levels concatenated along
+  positions, padded cells masked, DETR's valid-extent sine embedding, no level embedding) runs its
+  auxiliary task on every object's jittered inquiry plus 5 fakes per object (``aux.identification``,
+  ``aux.localisation``);
+* ``distill.icd``: the student's FPN maps (no adapter) go through a student-side value projection
+  and imitate the teacher's LayerNorm-normalised values under the decoder's attention of THIS
+  step's real (jittered) inquiries, fakes excluded (:func:`~hmkd.distill.losses.attention_weighted_mse`,
+  normalised per image by default), times ``weight``;
+* the decoder AND the student-side projection are trained by one AdamW (lr 1e-4, weight decay
+  1e-4, cosine to 0 over the run, gradient norm clipped jointly at 0.01), never by the student's
+  optimiser;
+* during the first ``bypass_iters`` iterations (ICD's ``BYPASS_DISTILL``) the loss is computed on
+  DETACHED student maps: only the projection learns from it while the decoder's attention forms.
+
+Defaults follow the official configs per detector family (``weight``: 8 for RetinaNet/FCOS, 3 for
+Faster/Mask R-CNN; ``max_inquiries``: 300 / 100). The MegEngine release's per-batch reduction is an
+option. It shares the decoder, its options and optimiser, and the loss with HMKD.
 
 :meth:`ICDDistiller.distill_losses` runs its parts inside named ``torch.profiler`` ranges
 (:data:`PROFILE_PARTS`, each ``icd.<part>``) so that a profiler can time them.
@@ -22,32 +34,65 @@ import torch
 from torch import nn
 from torch.profiler import record_function
 
-from hmkd.distill.adapter import make_adapter
 from hmkd.distill.base import DistillInputs, Distiller
-from hmkd.distill.decoder import DecoderOptions, MatchingDecoder, StudentValueProjection, decoder_optimizers
+from hmkd.distill.common import detector_kind
+from hmkd.distill.decoder import (
+    DecoderOptions,
+    MatchingDecoder,
+    StudentValueProjection,
+    decoder_optimizers,
+    decoder_schedulers,
+)
 from hmkd.distill.losses import attention_weighted_mse
+from hmkd.distill.options import refuse
 from hmkd.distill.registry import register
 
-__all__ = ["ICDDistiller", "ICDOptions", "PROFILE_PARTS"]
+__all__ = ["AUTHORS_ITERS", "BYPASS_AUTHORS", "ICDDistiller", "ICDOptions", "PROFILE_PARTS", "WEIGHTS"]
 
 #: The profiler ranges of one step, in order (each recorded as ``icd.<part>``): the decoder's
-#: key/value pass + auxiliary loss, its no-grad attention pass, and the student side (adapters,
-#: value projection, attention-weighted MSE).
+#: key/value pass + auxiliary task, the no-grad attention of the real inquiries, and the student
+#: side (value projection, attention-weighted MSE).
 PROFILE_PARTS = ("decoder_aux", "decoder_attention", "attention_term")
+
+#: ``INS_ATT_MIMIC.WEIGHT_VALUE`` per student family (``RCNN_R_50_R101_icd_FPN_1x.yaml``,
+#: ``MaskRCNN_R_50_R101_icd_FPN_1x.yaml``: 3.0); 8.0 otherwise (``retinanet_R_50_R101_icd_FPN_1x.yaml``,
+#: ``FCOS_R50_R101_icd.yaml`` and the default of ``utils/build.py``).
+WEIGHTS = {"faster_rcnn": 3.0, "mask_rcnn": 3.0}
+WEIGHT_DEFAULT = 8.0
+#: ``MODEL.DISTILLER.BYPASS_DISTILL`` (1000) of the authors' 1x schedule (``SOLVER.MAX_ITER`` 90k).
+BYPASS_AUTHORS = 1000
+AUTHORS_ITERS = 90_000
 
 
 @dataclass
 class ICDOptions(DecoderOptions):
-    """``levels`` (default: every common level) and the loss ``weight``, plus the decoder's options
-    (:class:`~hmkd.distill.decoder.DecoderOptions`: size, optimiser, warm-up)."""
+    """ICD's options; the decoder's (:class:`~hmkd.distill.decoder.DecoderOptions`) with ICD's defaults.
+
+    Attributes:
+        levels: distilled levels (default: every common level, P2-P6 for R-CNNs, P3-P7 otherwise).
+        weight: loss weight (None: 8.0, or 3.0 for Faster/Mask R-CNN students).
+        reduction: ``image`` (PyTorch release: per image by its object count, mean over the batch)
+            or ``batch`` (MegEngine release: over all objects of the batch).
+        bypass_iters: iterations during which the loss is computed on detached student maps
+            (None: the authors' share of the run, ``round(1000 / 90000 x run length)``; the run
+            length is what :meth:`~hmkd.distill.base.Distiller.extra_schedulers` was told, the
+            authors' 90k when it was never called).
+    """
 
     levels: list[str] | None = None
-    weight: float = 1.0
+    weight: float | None = None
+    reduction: str = "image"
+    bypass_iters: int | None = None
+    decoder_clip: float | None = 0.01
+    decoder_schedule: str = "cosine"
 
     def check(self) -> None:
         super().check()
         self._levels("levels")
         self._nonnegative("weight")
+        self._choice("reduction", ("image", "batch"))
+        if self.bypass_iters is not None and self.bypass_iters < 0:
+            refuse("bypass_iters", ">= 0", self.bypass_iters)
 
 
 @register("icd", "ICD: instance-conditional decoder over all levels, all objects, with its auxiliary task")
@@ -62,35 +107,51 @@ class ICDDistiller(Distiller):
         super().__init__(student=student, teacher=teacher, options=options)
         o = self.options
         self.levels = self.resolve_levels(o.levels)
-        cs, ct = self.student_channels, self.teacher_channels
-        self.adapters = nn.ModuleDict({l: make_adapter(cs, ct) for l in self.levels})
+        kind = detector_kind(student)
+        self.weight = float(o.weight) if o.weight is not None else WEIGHTS.get(kind, WEIGHT_DEFAULT)
         self.decoder = MatchingDecoder(
-            ct, self.num_classes, hidden=o.hidden, heads=o.heads, query_feature=False,
-            fakes_per_real=o.fakes_per_real, max_key_maps=max(8, len(self.levels)),
+            self.teacher_channels, self.num_classes, hidden=o.hidden, heads=o.heads, encoding=o.encoding,
+            fakes_per_real=o.fakes_per_real, max_inquiries=o.inquiry_cap(kind), jitter=o.jitter,
+            padding_mask=o.padding_mask,
         )
-        self.value_proj = StudentValueProjection(ct, o.hidden, o.heads)
+        # ICD has no adapter: its student-side decoder projects the raw student FPN maps
+        self.value_proj = StudentValueProjection(self.student_channels, o.hidden, o.heads, init="attention")
+
+    @property
+    def bypass_iters(self) -> int:
+        """The bypass window's length in iterations (see :class:`ICDOptions`)."""
+        if self.options.bypass_iters is not None:
+            return int(self.options.bypass_iters)
+        total = self.total_iters if self.total_iters is not None else AUTHORS_ITERS
+        return int(round(BYPASS_AUTHORS * total / AUTHORS_ITERS))
 
     def extra_modules(self) -> dict[str, nn.Module]:
-        return {"decoder": self.decoder}
+        return {"decoder": self.decoder, "value_proj": self.value_proj}
 
     def make_extra_optimizers(self) -> list[tuple[str, torch.optim.Optimizer, float | None]]:
-        return decoder_optimizers(self.extra_modules(), self.options)
+        # one AdamW over the decoder and the student-side projection, clipped jointly (ICD's teacher_opt)
+        return decoder_optimizers({"decoder": [self.decoder, self.value_proj]}, self.options)
+
+    def make_extra_schedulers(self, total_iters: int) -> list[tuple[str, torch.optim.lr_scheduler.LRScheduler]]:
+        return decoder_schedulers(self.extra_optimizers(), self.options, total_iters)
 
     def distill_losses(self, inputs: DistillInputs, iteration: int | None) -> dict[str, torch.Tensor]:
         o = self.options
         t_maps = [inputs.teacher_features[l] for l in self.levels]
-        distill = iteration is None or iteration >= o.warmup_iters
+        padded_hw = tuple(inputs.student.tensors.shape[-2:])
+        bypass = iteration is not None and iteration < self.bypass_iters
         with record_function("icd.decoder_aux"):
-            kv = self.decoder.keys_values(t_maps)  # shared by the aux task and the distillation
-            aux = self.decoder.aux_loss(inputs.boxes, inputs.labels, inputs.image_sizes, t_maps, kv=kv)
-        out = {f"aux.{k}": v for k, v in aux.items()}
-        with record_function("icd.decoder_attention"):
-            if distill:
-                with torch.no_grad():  # m and O^T are targets
-                    m, v_t, valid = self.decoder(inputs.boxes, inputs.labels, inputs.image_sizes, t_maps, kv=kv)
+            kv = self.decoder.keys_values(t_maps, inputs.image_sizes, padded_hw)  # aux task and distillation
+            aux = self.decoder.aux_task(inputs.boxes, inputs.labels, inputs.image_sizes, kv)
+        out = {f"aux.{k}": v for k, v in aux.losses.items()}
+        with record_function("icd.decoder_attention"), torch.no_grad():  # m and O^T are targets
+            queries, real = aux.real_queries()  # this step's jittered real inquiries (fakes masked)
+            m = self.decoder.attend(queries.detach(), kv)
         with record_function("icd.attention_term"):
-            if distill:
-                s_maps = [self.adapters[l](inputs.student.features[l]) for l in self.levels]
-                v_s = self.value_proj(s_maps)
-                out["distill.icd"] = o.weight * attention_weighted_mse(m, v_s, v_t.detach(), valid)
+            s_maps = [inputs.student.features[l] for l in self.levels]
+            if bypass:  # BYPASS_DISTILL: the loss trains the projection only
+                s_maps = [s.detach() for s in s_maps]
+            v_s = self.value_proj(s_maps)
+            loss = attention_weighted_mse(m, v_s, kv.values.detach(), real, reduction=o.reduction)
+            out["distill.icd"] = self.weight * loss
         return out

@@ -72,14 +72,23 @@ def attention_weighted_mse(
     values_s: Tensor,
     values_t: Tensor,
     valid: Tensor,
+    reduction: Literal["batch", "image"] = "batch",
 ) -> Tensor:
     """Attention-weighted imitation of the decoder values.
 
-    Both value tensors are LayerNorm-normalised over the c channels of each head (no affine),
-    ``MSE_c`` per position gives [B, h, U], and the loss is
-    ``1/(h N_s) sum_heads sum_{valid i} < m_ij , MSE_c >`` with N_s the number of valid (real)
-    inquiries in the batch. ``m`` and ``values_t`` are detached: gradients reach ``values_s``
-    only (the decoder is trained by its own auxiliary task).
+    Both value tensors are LayerNorm-normalised over the c channels of each head (no affine,
+    eps 1e-5), ``MSE_c`` per position gives [B, h, U], and each valid (real) inquiry i of image b
+    contributes ``e_bhi = < m_bhi , MSE_c >``. ``reduction``:
+
+    - ``batch`` (HMKD's ``1/(N_m N_s)``; ICD's MegEngine release): ``sum e / (h N_s)`` with N_s
+      the valid inquiries of the whole batch, so every object weighs the same and an image without
+      objects changes nothing;
+    - ``image`` (ICD's PyTorch release, ``mimic_loss``): per image and head the weighted sum is
+      divided by that image's total weight ``sum_i sum_j m_bhij`` (= its object count n_b), then
+      averaged over heads and over ALL B images, so an image without objects counts as 0 in the mean.
+
+    ``m`` and ``values_t`` are detached: gradients reach ``values_s`` only (the decoder is trained
+    by its own auxiliary task).
 
     ``MSE_c`` is a mean over the c channels of a head: the paper defines this term as an MSE in
     the hidden dimension of LayerNorm-normalised per-head values, so it is already per-channel in
@@ -89,7 +98,8 @@ def attention_weighted_mse(
         m: attention masks [B, h, Nq, U] (rows sum to 1).
         values_s: student values [B, h, U, c].
         values_t: teacher values [B, h, U, c].
-        valid: bool [B, Nq], False for padded inquiries.
+        valid: bool [B, Nq], False for padded (or fake) inquiries.
+        reduction: ``batch`` or ``image`` (above).
 
     Returns:
         Scalar tensor; 0 (still attached to ``values_s``'s graph) when N_s = 0.
@@ -105,14 +115,20 @@ def attention_weighted_mse(
             f"attention_weighted_mse: m {tuple(m.shape)}, values {tuple(values_s.shape)} and "
             f"valid {tuple(valid.shape)} do not fit"
         )
+    if reduction not in ("batch", "image"):
+        raise ValueError(f"attention_weighted_mse: reduction must be 'batch' or 'image', got {reduction!r}")
     c = values_s.shape[-1]
     ln_s = F.layer_norm(values_s, (c,))
     ln_t = F.layer_norm(values_t.detach(), (c,))
     mse_c = (ln_s - ln_t).pow(2).mean(dim=-1)  # [B, h, U]
-    per_inquiry = torch.matmul(m.detach().to(mse_c.dtype), mse_c.unsqueeze(-1)).squeeze(-1)  # [B,h,Nq]
-    total = (per_inquiry * valid[:, None, :].to(mse_c.dtype)).sum()
+    # the real inquiries' attention summed: [B, h, U] (ICD's value_mask)
+    sel = valid[:, None, None, :].to(mse_c.dtype).expand(b, h, 1, nq)
+    w = torch.matmul(sel, m.detach().to(mse_c.dtype)).squeeze(2)
+    per_head = (w * mse_c).sum(dim=-1)  # [B, h]
+    if reduction == "image":
+        return (per_head / w.sum(dim=-1).clamp(min=1e-6)).mean()
     n_s = valid.sum().clamp(min=1).to(mse_c.dtype)
-    return total / (h * n_s)
+    return per_head.sum() / (h * n_s)
 
 
 def _reduce(sq: Tensor, reduction: str) -> Tensor:

@@ -1,5 +1,5 @@
-"""DETR-style sine/cosine encodings of boxes and grid positions (the matching decoder's inquiries
-and keys)."""
+"""Sine/cosine encodings of the matching decoder: of boxes and centres (its inquiries) and of the
+cells of its key maps (DETR's normalised 2-D embedding over each image's valid extent)."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["sine_box_encoding", "sine_pos_embed_2d"]
+__all__ = ["sine_box_encoding", "sine_split_encoding", "valid_extent_pos_embed"]
 
 
 def _sine_1d(values: Tensor, dim: int, temperature: float) -> Tensor:
-    """DETR sine/cosine features of scalars in [0, 1]: ``[..] -> [.., dim]``.
+    """DETR sine/cosine features of scalars (1 = one period of the lowest frequency): ``[..] -> [.., dim]``.
 
     Feature 2k is ``sin(2*pi*v / T^(2k/dim))`` and feature 2k+1 ``cos`` of the same argument.
     """
@@ -25,7 +25,7 @@ def _sine_1d(values: Tensor, dim: int, temperature: float) -> Tensor:
 
 
 def sine_box_encoding(boxes_norm: Tensor, dim: int, temperature: float = 10000.0) -> Tensor:
-    """DETR-style sine encoding of normalised boxes.
+    """DETR-style sine encoding of normalised boxes (HMKD's inquiry encoding).
 
     Args:
         boxes_norm: [N, 4] as (cx, cy, w, h) in [0, 1] (relative to the image size).
@@ -42,28 +42,44 @@ def sine_box_encoding(boxes_norm: Tensor, dim: int, temperature: float = 10000.0
     return enc.flatten(-2).to(boxes_norm.dtype if boxes_norm.is_floating_point() else torch.float32)
 
 
-def sine_pos_embed_2d(
-    h: int,
-    w: int,
-    dim: int,
-    temperature: float = 10000.0,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype = torch.float32,
-) -> Tensor:
-    """DETR-style 2-D sine positional embedding of an h x w grid.
+def sine_split_encoding(values: Tensor, dim: int, temperature: float = 10000.0) -> Tensor:
+    """ICD's sine encoding of normalised coordinates (its inquiries' jittered centres).
 
-    Cell (x, y) is at normalised coordinates ((x + 0.5) / w, (y + 0.5) / h) (cell centres,
-    consistent with normalised box centres); the first ``dim/2`` features encode x, the last
-    ``dim/2`` encode y, each as interleaved (sin, cos) as in :func:`sine_box_encoding`.
+    ``[.., n] -> [.., n * dim]``: per coordinate v, ``dim/2`` sines followed by ``dim/2`` cosines
+    (not interleaved) of ``2*pi*v / T^(2k/dim)``, k = 0..dim/2-1; the coordinates' blocks in order.
+    (ICD's ``InstanceEncoder.get_pos_embeddings`` with 128 features per coordinate.)
+    """
+    if dim % 2 != 0:
+        raise ValueError(f"sine_split_encoding: dim must be even, got {dim}")
+    k = torch.arange(dim // 2, device=values.device, dtype=torch.float32)
+    freq = temperature ** (2.0 * k / dim)
+    arg = values.float()[..., None] * (2.0 * math.pi) / freq  # [.., n, dim/2]
+    return torch.cat((arg.sin(), arg.cos()), dim=-1).flatten(-2)
+
+
+def valid_extent_pos_embed(valid: Tensor, dim: int, temperature: float = 10000.0) -> Tensor:
+    """DETR's normalised 2-D sine embedding (``PositionEmbeddingSine(dim/2, normalize=True)``).
+
+    Along each axis a valid cell's coordinate is the running count of valid cells up to it divided
+    by the axis' valid count (``cumsum / (last + 1e-6)``): cell i of n valid ones is at (i + 1) / n,
+    so each image's valid (unpadded) extent spans (0, 1] whatever the batch padding. Cells outside
+    the valid extent get the values DETR gives them (they are masked from attention anyway).
+
+    Args:
+        valid: bool [B, h, w], True on cells that hold image content (see
+            :func:`hmkd.distill.decoder.valid_cells`).
+        dim: output width: ``dim/2`` features for y, then ``dim/2`` for x, each interleaved (sin, cos)
+            of ``2*pi*v / T^(2k/(dim/2))`` (as :func:`sine_box_encoding`).
 
     Returns:
-        [h * w, dim] in raster (row-major) order, matching ``map.flatten(2)``.
+        [B, h * w, dim] in raster (row-major) order, matching ``map.flatten(2)``.
     """
     if dim % 4 != 0:
-        raise ValueError(f"sine_pos_embed_2d: dim must be a multiple of 4, got {dim}")
-    ys = (torch.arange(h, device=device, dtype=torch.float32) + 0.5) / h
-    xs = (torch.arange(w, device=device, dtype=torch.float32) + 0.5) / w
-    ex = _sine_1d(xs, dim // 2, temperature)  # [w, dim/2]
-    ey = _sine_1d(ys, dim // 2, temperature)  # [h, dim/2]
-    emb = torch.cat((ex[None, :, :].expand(h, w, -1), ey[:, None, :].expand(h, w, -1)), dim=-1)
-    return emb.reshape(h * w, dim).to(dtype)
+        raise ValueError(f"valid_extent_pos_embed: dim must be a multiple of 4, got {dim}")
+    v = valid.to(torch.float32)
+    y = v.cumsum(1)
+    x = v.cumsum(2)
+    y = y / (y[:, -1:, :] + 1e-6)
+    x = x / (x[:, :, -1:] + 1e-6)
+    emb = torch.cat((_sine_1d(y, dim // 2, temperature), _sine_1d(x, dim // 2, temperature)), dim=-1)
+    return emb.flatten(1, 2)

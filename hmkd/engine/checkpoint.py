@@ -4,7 +4,8 @@ A training checkpoint is a dict (see :func:`hmkd.engine.trainer.train`)::
 
     {"model": student state dict,            # a plain detector checkpoint: build_model(weights=path)
      "distiller": the method's own modules,   # adapters, GcBlocks, decoder ... (no student keys)
-     "optimizer": ..., "extra_optimizers": {name: state}, "scheduler": ..., "scaler": ... | None,
+     "optimizer": ..., "extra_optimizers": {name: state}, "scheduler": ..., "extra_schedulers": {name: state},
+     "scaler": ... | None,
      "iteration": int, "rng": [per-rank RNG states], "config": dict, "trainer": {...}}
 
 Files are written atomically (:func:`hmkd.utils.atomic_open` with ``durable=True``): the object is

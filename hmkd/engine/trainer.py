@@ -8,7 +8,8 @@
     total = sum(losses.values())                      # a non-finite term stops the run
     total.backward()                                  # once; DDP averages the student's gradients
     all-reduce the distiller's own gradients          # (outside DDP; multi-process only)
-    clip, step the main optimiser and each of the distiller's extra optimisers, step the schedule
+    clip, step the main optimiser and each of the distiller's extra optimisers, step the schedules
+    (the main one and the distiller's ``extra_schedulers(train.iters)``, e.g. ICD's decoder cosine)
 
 Method ``none`` is plain training of one detector (how teachers are trained). With
 ``distill.init_student`` (``neck`` | ``neck_head``; ``null`` = the method's own default, e.g.
@@ -35,7 +36,8 @@ Fault tolerance:
   function of (seed, iteration) (:class:`~hmkd.engine.sampler.InfiniteBatchSampler`, skipping
   consumed samples arithmetically), each sample's augmentation draws from its own seed
   (:class:`~hmkd.engine.sampler.SeededDataset`), and the Python/NumPy/torch/CUDA generator states
-  of every rank, the optimisers, schedule and AMP scaler are restored. This holds for any
+  of every rank, the optimisers, schedules (the distiller's own too) and AMP scaler are restored.
+  This holds for any
   ``data.workers`` (workers only change who loads a sample, not what it is). Resuming with another
   number of processes (or batch size) continues the data stream at the consumed-sample count, but
   the random streams are then reseeded, so that resume is not bitwise. On GPU the data and
@@ -243,6 +245,8 @@ class _Run:
 
         self.optimizer = build_optimizer(cfg.train, self.main_params)
         self.scheduler = build_scheduler(cfg.train, self.optimizer)
+        # the method's own optimisers' schedules over the run (e.g. ICD's cosine decoder lr)
+        self.extra_scheds = list(self.distiller.extra_schedulers(cfg.train.iters))
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp) if self.amp else None
         self.iteration = 0
         self.best = {"iteration": None, "mAP": None}
@@ -263,6 +267,7 @@ class _Run:
             "optimizer": self.optimizer.state_dict(),
             "extra_optimizers": {name: opt.state_dict() for name, opt, _ in self.extras},
             "scheduler": self.scheduler.state_dict(),
+            "extra_schedulers": {name: sched.state_dict() for name, sched in self.extra_scheds},
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "iteration": self.iteration,
             "rng": rng,
@@ -325,6 +330,14 @@ class _Run:
             self.scheduler.load_state_dict(sched)
             for group, base, fn in zip(self.optimizer.param_groups, self.scheduler.base_lrs, self.scheduler.lr_lambdas):
                 group["lr"] = base * fn(self.scheduler.last_epoch)
+            saved_sched = ckpt.get("extra_schedulers") or {}
+            for name, sched in self.extra_scheds:
+                if name not in saved_sched:
+                    raise CheckpointError(f"{path}: no state for extra scheduler {name!r}")
+                state = dict(saved_sched[name])
+                if "lr_lambdas" in state:  # the schedule itself comes from the method and the config
+                    state["lr_lambdas"] = [None] * len(state["lr_lambdas"])
+                sched.load_state_dict(state)
             if self.scaler is not None and ckpt.get("scaler"):
                 self.scaler.load_state_dict(ckpt["scaler"])
         except CheckpointError:
@@ -481,6 +494,8 @@ class _Run:
                 except NonFiniteLossError as e:
                     raise NonFiniteLossError(f"{e} (last good checkpoint: {last_ckpt or 'none yet'})") from None
                 self.scheduler.step()
+                for _, sched in self.extra_scheds:
+                    sched.step()
                 self.iteration = it + 1
                 self.samples_seen += cfg.data.batch_size * ctx.world_size
                 dt = time.perf_counter() - t0

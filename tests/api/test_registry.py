@@ -66,7 +66,9 @@ def test_only_decoder_methods_have_extra_optimisers(pair) -> None:
         assert [(n, type(o), c) for n, o, c in extra] == [("decoder", torch.optim.AdamW, 5.0)]
         group = extra[0][1].param_groups[0]
         assert group["lr"] == 3e-4 and group["weight_decay"] == 0.02
-        assert {id(p) for p in group["params"]} == {id(p) for p in d.extra_modules()["decoder"].parameters()}
+        # over every module the method trains with it (ICD: the decoder and the student-side projection)
+        assert {id(p) for p in group["params"]} == {id(p) for m in d.extra_modules().values() for p in m.parameters()}
+        assert len(d.extra_schedulers(10)) == 1  # the decoder's schedule (ICD cosine, HMKD constant)
         assert d.extra_optimizers() is extra  # built once: the trainer and step_extra_optimizers share it
         no_clip = build_distiller(name, student=student, teacher=teacher, options={**SMALL, "decoder_clip": None})
         assert no_clip.extra_optimizers()[0][2] is None

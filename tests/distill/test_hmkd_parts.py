@@ -54,10 +54,12 @@ def test_small_area_zero_leaves_no_small_object_terms(make_pair, make_batch) -> 
            "distill.small_fg_p2", "aux.identification_p3", "aux.localisation_p3", "distill.small_attn_p2",
            "distill.bg_p2", "distill.bg_p3", "distill.bg_p4"])
     assert all(torch.isfinite(v) for v in losses.values())
-    # ... but nothing from small objects: no inquiry, so no attention term and no decoder task; no
+    # ... but nothing from small objects: no real inquiry, so no attention term and no localisation
+    # (the decoder still learns to call each image's one fake inquiry fake, as ICD's does); no
     # small-object foreground (the untrained head, prior 0.01 < t = 0.5, proposes no candidate)
-    for k in ("distill.small_attn_p2", "aux.identification_p3", "aux.localisation_p3", "distill.small_fg_p2"):
+    for k in ("distill.small_attn_p2", "aux.localisation_p3", "distill.small_fg_p2"):
         assert losses[k].item() == 0.0, k
+    assert losses["aux.identification_p3"].item() > 0.0
     # the Inquiry Head still learns, towards an empty map: its focal loss against all-zero targets
     logits = d.inquiry_heads["P3"](inputs.student.features["P3"])
     want = inquiry_loss(logits, torch.zeros_like(logits[:, 0]))
@@ -115,3 +117,27 @@ def test_icd_step_records_its_parts(shared_pair, make_batch) -> None:
     ranges = _ranges(prof, "icd.")
     assert [e.name for e in ranges] == [f"icd.{p}" for p in ICD_PARTS]
     assert all(e.cpu_children for e in ranges)
+
+
+def _grads(module: torch.nn.Module) -> list[bool]:
+    return [p.grad is not None and bool(p.grad.abs().sum() > 0) for p in module.parameters()]
+
+
+def test_hmkd_decoder_terms_reach_exactly_their_parameters(make_pair, make_batch) -> None:
+    """The decoder's task trains every decoder parameter and nothing else; the attention term trains
+    the student-side projection, the finer level's adapter and the student, never the decoder."""
+    student, teacher = make_pair()
+    d = build_distiller("hmkd", student=student, teacher=teacher, options={**SMALL, "inquiries": "all"})
+    d.train()
+    losses = d(*make_batch(), iteration=10**6)
+    dec = d.decoders["P3"]
+    assert dec.encoding == "hmkd" and dec.query_feature and dec.max_inquiries == 100
+    (losses["aux.identification_p3"] + losses["aux.localisation_p3"]).backward(retain_graph=True)
+    assert all(_grads(dec))
+    others = [m for n, m in d.named_children() if n != "decoders"]
+    assert not any(g for m in others for g in _grads(m))
+    d.zero_grad(set_to_none=True)
+    losses["distill.small_attn_p2"].backward(retain_graph=True)
+    assert all(_grads(d.value_proj["P3"])) and all(_grads(d.adapters["P2"])) and any(_grads(student.backbone.fpn))
+    assert not any(_grads(dec)) and not any(_grads(d.adapters["P3"])) and not any(_grads(d.gc))
+    assert not any(_grads(d.inquiry_heads)) and not any(_grads(student.roi_heads))

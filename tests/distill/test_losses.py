@@ -72,6 +72,30 @@ def test_attention_weighted_mse_ns_normalisation_over_batch() -> None:
     assert torch.allclose(loss, torch.tensor(12.8 / 6), atol=1e-4)
 
 
+def test_attention_weighted_mse_per_image_with_an_empty_image_vs_per_batch() -> None:
+    vs, vt, m = _attention_case()
+    # three images: image 0 as the case with both inquiries real (3.4 and 6 over the two heads),
+    # image 1 with inquiry 0 only (3.4), image 2 without objects
+    vs3, vt3, m3 = torch.cat([vs] * 3), torch.cat([vt] * 3), torch.cat([m] * 3)
+    valid = torch.tensor([[True, True], [True, False], [False, False]])
+    # per head (squared errors 4 up to LayerNorm's eps): image 0 head 0: .75*4 + .5*4 = 5,
+    # head 1: .1*4 + 1*4 = 4.4; image 1: 3, .4
+    # per image (PyTorch ICD): each head's sum / n_b, mean over B=3 images x 2 heads, the empty one 0
+    want_image = ((5 / 2 + 4.4 / 2) + (3 / 1 + 0.4 / 1) + 0.0) / (3 * 2)
+    loss = attention_weighted_mse(m3, vs3, vt3, valid, reduction="image")
+    assert torch.allclose(loss, torch.tensor(want_image), atol=1e-4)
+    # per batch (MegEngine ICD, HMKD's 1/(N_m N_s)): everything / (heads x 3 objects); the empty image is no matter
+    want_batch = (5 + 4.4 + 3 + 0.4) / (2 * 3)
+    assert torch.allclose(attention_weighted_mse(m3, vs3, vt3, valid, reduction="batch"), torch.tensor(want_batch), atol=1e-4)
+    assert torch.allclose(attention_weighted_mse(m3[:2], vs3[:2], vt3[:2], valid[:2], reduction="batch"),
+                          torch.tensor(want_batch), atol=1e-4)
+    # per image without the empty image: mean over 2 images, so the empty one dilutes by 2/3
+    two = attention_weighted_mse(m3[:2], vs3[:2], vt3[:2], valid[:2], reduction="image")
+    assert torch.allclose(loss, two * 2 / 3, atol=1e-6)
+    with pytest.raises(ValueError, match="reduction"):
+        attention_weighted_mse(m3, vs3, vt3, valid, reduction="sum")
+
+
 def test_attention_weighted_mse_no_inquiries_is_zero_with_graph() -> None:
     vs, vt, m = _attention_case()
     vs = vs.clone().requires_grad_(True)
@@ -96,3 +120,6 @@ def test_student_value_projection_shapes_and_values() -> None:
     assert both.shape == (2, 4, 26, 2) and torch.allclose(both[:, :, :20], out)
     with pytest.raises(ValueError):
         StudentValueProjection(3, hidden=8, heads=3)
+    # ICD's init: the value slice of a xavier-uniform in_proj [3 x hidden, C], bias 0
+    icd = StudentValueProjection(64, hidden=32, heads=4, init="attention")
+    assert icd.proj.weight.abs().max() <= (6 / (64 + 96)) ** 0.5 and torch.equal(icd.proj.bias, torch.zeros(32))

@@ -54,6 +54,12 @@ REFUSED = [
     ("icd", {**SMALL, "fakes_per_real": -3}, "distill.options.fakes_per_real must be >= 0, got -3"),
     ("icd", {**SMALL, "decoder_lr": -1e-4}, "distill.options.decoder_lr must be > 0, got -0.0001"),
     ("icd", {**SMALL, "levels": ["P8"]}, f"distill.options.levels must be a list of FPN levels ({LEVELS}), got 'P8'"),
+    ("icd", {**SMALL, "reduction": "sum"}, "distill.options.reduction must be one of image, batch, got 'sum'"),
+    ("icd", {**SMALL, "bypass_iters": -1}, "distill.options.bypass_iters must be >= 0, got -1"),
+    ("icd", {**SMALL, "encoding": "detr"}, "distill.options.encoding must be one of icd, hmkd, got 'detr'"),
+    ("icd", {**SMALL, "max_inquiries": 0}, "distill.options.max_inquiries must be >= 1, got 0"),
+    ("icd", {**SMALL, "jitter": -0.1}, "distill.options.jitter must be >= 0, got -0.1"),
+    ("icd", {**SMALL, "decoder_schedule": "step"}, "distill.options.decoder_schedule must be one of constant, cosine, got 'step'"),
     # FGD
     ("fgd", {"overlap": "x"}, "distill.options.overlap must be one of max, min, got 'x'"),
     ("fgd", {"temperature": 0}, "distill.options.temperature must be > 0, got 0.0"),
@@ -99,7 +105,9 @@ def test_levels_both_detectors_lack_are_refused_naming_the_key(shared_pair) -> N
 ACCEPTED = [
     ("hmkd", {**SMALL, "fakes_per_real": 0, "small_area": 0, "decoder_clip": None, "alpha": 0, "warmup_iters": 0,
               "inquiry_threshold": 0.99, "levels": ["P2", "P3"], "pairs": ["P3", "P4"]}),
-    ("icd", {**SMALL, "weight": 0, "decoder_weight_decay": 0, "levels": ["P3"]}),
+    ("icd", {**SMALL, "weight": 0, "decoder_weight_decay": 0, "levels": ["P3"], "bypass_iters": 0, "reduction": "batch",
+             "encoding": "hmkd", "padding_mask": False, "decoder_schedule": "constant", "max_inquiries": 1, "jitter": 0,
+             "fakes_per_real": 0, "decoder_clip": None}),
     ("fgd", {"temperature": 0.1, "alpha": 0, "scale": 0, "overlap": "min", "box_rule": "overlap", "clip_grad": None}),
     ("fitnet", {"weight": 0, "levels": ["P4"]}),
 ]

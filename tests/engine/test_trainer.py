@@ -23,6 +23,7 @@ from hmkd.distill import Distiller, MethodOptions, register
 from hmkd.engine import checkpoint as ck
 from hmkd.engine.sampler import InfiniteBatchSampler
 from hmkd.engine.evaluation import evaluate
+from hmkd.engine.optim import WarmupSchedule
 from hmkd.engine.trainer import TrainingInterrupted, train
 from hmkd.errors import ConfigError, NonFiniteLossError
 from hmkd.models import build_model, fpn_channels_of
@@ -55,6 +56,11 @@ class ToyDistiller(Distiller):
         if self._extra is None:
             self._extra = [("probe", torch.optim.AdamW(self.probe.parameters(), lr=1e-2), 1.0)]
         return self._extra
+
+    def make_extra_schedulers(self, total_iters):
+        # a schedule over the run (like ICD's cosine decoder lr): resume must restore it
+        (_, opt, _), = self.extra_optimizers()
+        return [("probe", torch.optim.lr_scheduler.LambdaLR(opt, WarmupSchedule(total_iters, "cosine")))]
 
     def distill_losses(self, inputs, iteration):
         t = inputs.teacher_features["P3"]
@@ -179,6 +185,11 @@ def _assert_same_run(a: str, b: str) -> None:
     _same_state(la["optimizer"]["state"], lb["optimizer"]["state"], "optimizer")
     _same_state(la["extra_optimizers"]["probe"]["state"], lb["extra_optimizers"]["probe"]["state"], "probe")
     assert la["scheduler"]["last_epoch"] == lb["scheduler"]["last_epoch"]
+    # the distiller's own schedule (cosine over the 4 iterations): restored, and stepped once per iteration
+    sa, sb = la["extra_schedulers"]["probe"], lb["extra_schedulers"]["probe"]
+    assert sa["last_epoch"] == sb["last_epoch"] == 4 and sa["_last_lr"] == sb["_last_lr"] == [0.0]
+    ga, gb = la["extra_optimizers"]["probe"]["param_groups"], lb["extra_optimizers"]["probe"]["param_groups"]
+    assert [g["lr"] for g in ga] == [g["lr"] for g in gb] == [0.0]
     log_a = [json.loads(x) for x in open(os.path.join(a, "log.jsonl"))]
     log_b = [json.loads(x) for x in open(os.path.join(b, "log.jsonl"))]
     assert [r["iteration"] for r in log_a] == [r["iteration"] for r in log_b]

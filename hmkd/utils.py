@@ -103,14 +103,25 @@ def save_figure(fig: Any, path: str | os.PathLike, **kwargs: Any) -> str:
 
 
 def _cpu_name() -> str:
+    """The CPU's model name, with its family and model numbers where /proc/cpuinfo has them: a
+    virtual machine's name is often just "AMD EPYC", the same for CPU generations of very
+    different speed."""
+    fields: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key in ("model name", "cpu family", "model") and key not in fields:
+                    fields[key] = value.strip()
+                if not line.strip() and fields:
+                    break  # the first processor's block is enough
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    if "cpu family" in fields and "model" in fields:
+        name += f" (family {fields['cpu family']}, model {fields['model']})"
+    return name
 
 
 def machine_info(device: Any = None) -> dict[str, Any]:

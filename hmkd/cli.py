@@ -92,6 +92,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_fit_decoder(args: argparse.Namespace) -> int:
+    from hmkd.engine.decoder_report import fit_decoder_report
+
+    cfg = _load_cfg(args)
+    report = fit_decoder_report(cfg, out=args.out, quality_images=args.quality_images, progress=not args.no_progress)
+    print(report["markdown"])
+    print(f"fitted decoder: {report['decoder']}")
+    return 0
+
+
 # -- demo ---------------------------------------------------------------------------------------
 def cmd_demo(args: argparse.Namespace) -> int:
     from hmkd.demo import run_demo
@@ -258,6 +268,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("fit-decoder", help="fit ICD's / HMKD's matching decoder on the frozen teacher; report its matching")
+    _add_config(p)
+    p.add_argument("--out", default=None, help="write the fitted decoder here (default: the cache, reused by later runs)")
+    p.add_argument("--quality-images", type=int, default=64, help="validation images the quality report uses")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_fit_decoder)
 
     p = sub.add_parser("demo", help="the whole story on the synthetic data set, on CPU")
     p.add_argument("--out", default="runs/demo")

@@ -43,6 +43,10 @@ from hmkd.models.tap import DetectorTap, TapOutput, backbone_features, renormali
 #: COCO's "small": area < 32 x 32 pixels in the original image (a method may set its own).
 SMALL_AREA = 32 * 32
 
+#: Terms whose name starts with this are measurements, logged with the losses but never summed
+#: into the loss (e.g. HMKD's ``metric.in_box_p2``, the attention mass inside the objects).
+METRIC_PREFIX = "metric."
+
 #: Precisions the frozen teacher may run in (``distill.teacher_dtype``).
 TEACHER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

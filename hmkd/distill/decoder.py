@@ -44,19 +44,27 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from hmkd.distill.decoder_task import FAKE_KINDS, attention_in_box_loss, cells_in_boxes, sample_inquiries
 from hmkd.distill.masks import pad_by_image
 from hmkd.distill.options import MethodOptions, refuse
-from hmkd.distill.positional import sine_box_encoding, sine_split_encoding, valid_extent_pos_embed
+from hmkd.distill.positional import (
+    absolute_pos_embed,
+    absolute_sine_code,
+    sine_box_encoding,
+    sine_split_encoding,
+    valid_extent_pos_embed,
+)
 
 __all__ = [
     "ENCODINGS",
+    "POSITION_CODES",
     "AuxOutput",
     "DecoderOptions",
     "KeyValues",
@@ -64,7 +72,6 @@ __all__ = [
     "StudentValueProjection",
     "decoder_optimizers",
     "decoder_schedulers",
-    "fake_count",
     "scale_indicator",
     "split_heads",
     "valid_cells",
@@ -74,16 +81,15 @@ __all__ = [
 ENCODINGS = ("icd", "hmkd")
 #: Decoder learning-rate schedules: ``constant`` or ``cosine`` to 0 over the run (ICD's).
 DECODER_SCHEDULES = ("constant", "cosine")
+#: What a fitted decoder does during distillation: keeps learning (``joint``) or not (``frozen``).
+DECODER_TRAINING = ("joint", "frozen")
 #: ICD's ``MAX_LABELS`` (cap on real + fake inquiries per image): 100 for Faster/Mask R-CNN
 #: (``RCNN_R_50_R101_icd_FPN_1x.yaml``, ``MaskRCNN_...``), 300 otherwise (``utils/build.py``).
 MAX_INQUIRIES = {"faster_rcnn": 100, "mask_rcnn": 100}
 MAX_INQUIRIES_DEFAULT = 300
-#: ICD's fake boxes on a non-COCO label set (``UNIFORM_SAMPLE_BOX`` / ``NUM_CLASSES != 80``):
-#: (w, h) ~ N(0.2, 0.2) of the image, clipped to mean +- 2 std, then to [0.002, 0.7]; centre
-#: uniform, clipped to [0.03, 0.97].
-FAKE_SIZE_MEAN, FAKE_SIZE_STD = 0.2, 0.2
-FAKE_SIZE_RANGE = (0.002, 0.7)
-FAKE_CENTRE_RANGE = (0.03, 0.97)
+#: Key/query position codes: ``normalised`` (DETR's over each image's valid extent, ICD's) or
+#: ``absolute`` (pixel sine codes with cell-level resolution, :func:`absolute_sine_code`).
+POSITION_CODES = ("normalised", "absolute")
 
 
 def split_heads(x: Tensor, heads: int) -> Tensor:
@@ -101,14 +107,6 @@ def _mlp(in_dim: int, hidden: int, out_dim: int, layers: int = 2) -> nn.Sequenti
             mods.append(nn.ReLU(inplace=True))
         mods.append(nn.Linear(a, b))
     return nn.Sequential(*mods)
-
-
-def fake_count(n_real: int, fakes_per_real: int, cap: int) -> int:
-    """Fake inquiries of an image with ``n_real`` objects (ICD's ``SAMPLE_RULE='relative'``):
-    ``min(max(1, (f + 1) n), max(cap, n)) - n``, i.e. f per object, real + fake capped at
-    ``cap`` (never below the objects), and one fake for an image without objects."""
-    total = min(max(1, (fakes_per_real + 1) * n_real), max(cap, n_real))
-    return total - n_real
 
 
 def scale_indicator(wh_px: Tensor) -> Tensor:
@@ -153,11 +151,13 @@ class KeyValues(NamedTuple):
     Attributes:
         keys, values: [B, heads, U, c].
         pad: bool [B, U], True at positions excluded from the attention (None: no mask).
+        grid: per key map, (h, w, stride px), in the order the positions concatenate them.
     """
 
     keys: Tensor
     values: Tensor
     pad: Tensor | None
+    grid: tuple[tuple[int, int, float], ...] = ()
 
 
 @dataclass
@@ -170,12 +170,24 @@ class AuxOutput:
             padded rows are 0), with their graph to the encoder.
         real: bool [B, Nq], True for real (object) inquiries.
         valid: bool [B, Nq], True for real and fake inquiries (False on padding).
+        logits: the identification logits [B, Nq] (float32, detached).
+        boxes: each inquiry's box [B, Nq, 4] px (a fake's own), ``centres`` [B, Nq, 2] its jittered
+            position, ``displaced`` [B, Nq] bool its kind: what the quality measures read.
+        localisation: the predicted (l, t, r, b) [B, Nq, 4] (image-normalised, detached).
+        attention: the layer's attention [B, heads, Nq, U] when it was computed explicitly
+            (``attention_supervision`` > 0), else None.
     """
 
     losses: dict[str, Tensor]
     queries: Tensor
     real: Tensor
     valid: Tensor
+    logits: Tensor | None = None
+    boxes: Tensor | None = None
+    centres: Tensor | None = None
+    displaced: Tensor | None = None
+    localisation: Tensor | None = None
+    attention: Tensor | None = None
 
     def real_queries(self) -> tuple[Tensor, Tensor]:
         """(queries [B, Nr, hidden], real [B, Nr]): the first Nr = max objects per image rows, where
@@ -202,6 +214,15 @@ class MatchingDecoder(nn.Module):
         padding_mask: mask padded cells out of the attention and normalise the position embedding
             over each image's valid extent; False: every cell of the padded map is a position.
         temperature: sine-encoding temperature.
+        fakes: the aux task's fake inquiries, ``random`` (ICD's), ``displaced`` or ``mixed``
+            (:mod:`hmkd.distill.decoder_task`).
+        displacement: (low, high) of a displaced fake's move, in units of its box's (w, h).
+        position_code: ``normalised`` (DETR's, ICD's) or ``absolute``: keys get the pixel sine
+            code of their cell centres and every inquiry adds Linear(the same code of its centre),
+            so that a query can single out the cells at its position.
+        position_min_period: shortest period (px) of the ``absolute`` code (required with it;
+            HMKD uses 2 x the key map's stride).
+        attention_supervision: weight of :func:`attention_in_box_loss` in the aux task (0: off).
     """
 
     def __init__(
@@ -218,6 +239,11 @@ class MatchingDecoder(nn.Module):
         jitter: float = 0.3,
         padding_mask: bool = True,
         temperature: float = 10000.0,
+        fakes: str = "random",
+        displacement: tuple[float, float] = (1.5, 3.0),
+        position_code: str = "normalised",
+        position_min_period: float | None = None,
+        attention_supervision: float = 0.0,
     ) -> None:
         super().__init__()
         if hidden % 16 != 0:
@@ -231,6 +257,21 @@ class MatchingDecoder(nn.Module):
                 f"MatchingDecoder: need fakes_per_real >= 0, max_inquiries >= 1, jitter >= 0 "
                 f"(got {fakes_per_real}, {max_inquiries}, {jitter})"
             )
+        if fakes not in FAKE_KINDS:
+            raise ValueError(f"MatchingDecoder: fakes must be one of {FAKE_KINDS}, got {fakes!r}")
+        if position_code not in POSITION_CODES:
+            raise ValueError(f"MatchingDecoder: position_code must be one of {POSITION_CODES}, got {position_code!r}")
+        if position_code == "absolute" and not (position_min_period and position_min_period > 0):
+            raise ValueError("MatchingDecoder: position_code 'absolute' needs position_min_period > 0 (px)")
+        if not 0 <= displacement[0] <= displacement[1]:
+            raise ValueError(f"MatchingDecoder: displacement must be (low, high) with 0 <= low <= high, got {displacement}")
+        if attention_supervision < 0:
+            raise ValueError(f"MatchingDecoder: attention_supervision must be >= 0, got {attention_supervision}")
+        self.fakes = fakes
+        self.displacement = (float(displacement[0]), float(displacement[1]))
+        self.position_code = position_code
+        self.position_min_period = float(position_min_period) if position_min_period else None
+        self.attention_supervision = float(attention_supervision)
         self.in_channels = in_channels
         self.num_classes = num_classes
         self.hidden = hidden
@@ -251,6 +292,7 @@ class MatchingDecoder(nn.Module):
             self.class_embed = nn.Embedding(num_classes + 1, hidden // 2)
             self.inquiry_mlp = _mlp(hidden, hidden, hidden, layers=2)
         self.query_feat_proj = nn.Linear(in_channels, hidden) if query_feature else None
+        self.query_pos_proj = nn.Linear(hidden, hidden) if position_code == "absolute" else None
         # the decoder layer: attention projections (F_pe, F_k, F_v, F_q), out projection, FFN, norms
         self.pos_proj = nn.Linear(hidden, in_channels)
         self.query_proj = nn.Linear(hidden, hidden)
@@ -280,8 +322,10 @@ class MatchingDecoder(nn.Module):
         sizes_hw: Tensor,
         query_map: Tensor | None,
         query_stride: int | None,
+        feature_centres: Tensor | None = None,
     ) -> Tensor:
-        """Inquiries [N, hidden] of centres [N, 2] and sides [N, 2] (px) of images ``img`` [N]."""
+        """Inquiries [N, hidden] of centres [N, 2] and sides [N, 2] (px) of images ``img`` [N]; the
+        query feature is read at ``feature_centres`` (default: the centres)."""
         img_wh = sizes_hw[img].flip(-1).to(centres.dtype)  # [N, 2] as (w, h)
         c_norm = centres / img_wh
         if self.encoding == "icd":
@@ -296,16 +340,20 @@ class MatchingDecoder(nn.Module):
                 dim=-1,
             )
         q = self.inquiry_mlp(delta.to(self.out_proj.weight.dtype))
+        if self.query_pos_proj is not None:
+            code = absolute_sine_code(centres.flip(-1), self.hidden // 2, self.position_min_period)  # (y, x) as the keys
+            q = q + self.query_pos_proj(code.to(q.dtype))
         if self.query_feat_proj is not None:
             if query_map is None or query_stride is None:
                 raise ValueError("MatchingDecoder: query_feature=True needs query_map and query_stride")
             qm = query_map.detach()
             hq, wq = qm.shape[-2:]
             n = centres.shape[0]
+            at = centres if feature_centres is None else feature_centres
             # align_corners=False: -1/+1 are the outer edges of the padded map; a centre at
             # pixel p lies at map coordinate p / stride (cell x spans [x, x+1)).
-            gx = 2.0 * centres[:, 0] / (query_stride * wq) - 1.0
-            gy = 2.0 * centres[:, 1] / (query_stride * hq) - 1.0
+            gx = 2.0 * at[:, 0] / (query_stride * wq) - 1.0
+            gy = 2.0 * at[:, 1] / (query_stride * hq) - 1.0
             grid = qm.new_zeros(qm.shape[0], n, 1, 2)
             # each image samples only its own inquiries: put them at their own row, others at 0
             rows = torch.arange(n, device=centres.device)
@@ -365,38 +413,12 @@ class MatchingDecoder(nn.Module):
         image_sizes: Sequence[tuple[int, int]],
         generator: torch.Generator | None = None,
     ) -> dict[str, Tensor]:
-        """The aux task's real + fake inquiries, flat (each image's objects first, then its fakes).
-
-        Per image with n objects, :func:`fake_count` fakes: class uniform in [1, K], centre uniform
-        in [0.03, 0.97] of the image, (w, h) ~ N(0.2, 0.2) of the image clipped to [0.002, 0.6], the
-        box clamped to the image (ICD's sampler on a non-COCO label set). Every inquiry's centre is
-        then jittered by ``U(-jitter, jitter) x (w, h)`` of its (clamped) box.
-
-        Returns:
-            ``boxes`` [N, 4] px (fakes clamped), ``centres`` [N, 2] px (jittered), ``labels`` [N],
-            ``img`` [N], ``real`` [N] bool, ``sizes`` [B, 2] (h, w).
-        """
+        """The aux task's real + fake inquiries of a batch (:func:`~hmkd.distill.decoder_task.sample_inquiries`
+        with this decoder's ``fakes``, ``displacement``, ``fakes_per_real``, cap and ``jitter``)."""
         gt, lab, img, sizes, counts = self._flatten(boxes, labels, image_sizes)
-        device = gt.device
-        n_fake = [fake_count(n, self.fakes_per_real, self.max_inquiries) for n in counts]
-        nf = sum(n_fake)
-        fake_img = torch.repeat_interleave(torch.arange(len(boxes), device=device), torch.tensor(n_fake, device=device))
-        fake_lab = torch.randint(1, self.num_classes + 1, (nf,), device=device, generator=generator)
-        lo, hi = FAKE_CENTRE_RANGE
-        ctr = torch.rand(nf, 2, device=device, generator=generator).clamp(lo, hi)
-        wh = FAKE_SIZE_MEAN + FAKE_SIZE_STD * torch.randn(nf, 2, device=device, generator=generator)
-        wh = wh.clamp(FAKE_SIZE_MEAN - 2 * FAKE_SIZE_STD, FAKE_SIZE_MEAN + 2 * FAKE_SIZE_STD).clamp(*FAKE_SIZE_RANGE)
-        img_wh = sizes[fake_img].flip(-1)
-        fake_boxes = torch.cat((ctr - wh / 2, ctr + wh / 2), dim=-1).clamp(0.0, 1.0) * img_wh.repeat(1, 2)
-
-        all_boxes = torch.cat((gt, fake_boxes))
-        side = all_boxes[:, 2:] - all_boxes[:, :2]
-        shift = (torch.rand(side.shape, device=device, generator=generator) * 2 - 1) * self.jitter
-        centres = (all_boxes[:, :2] + all_boxes[:, 2:]) / 2 + shift * side
-        real = torch.cat((torch.ones(gt.shape[0], dtype=torch.bool, device=device),
-                          torch.zeros(nf, dtype=torch.bool, device=device)))
-        return {"boxes": all_boxes, "centres": centres, "labels": torch.cat((lab, fake_lab)),
-                "img": torch.cat((img, fake_img)), "real": real, "sizes": sizes}
+        return sample_inquiries(gt, lab, img, sizes, counts, num_classes=self.num_classes,
+                                fakes_per_real=self.fakes_per_real, cap=self.max_inquiries, jitter=self.jitter,
+                                fakes=self.fakes, displacement=self.displacement, generator=generator)
 
     # ------------------------------------------------------------------ attention
     def keys_values(
@@ -415,7 +437,9 @@ class MatchingDecoder(nn.Module):
             raise ValueError("MatchingDecoder: key_maps is empty")
         if self.padding_mask and (image_sizes is None or padded_hw is None):
             raise ValueError("MatchingDecoder: padding_mask needs image_sizes and padded_hw")
-        xs, pes, pads = [], [], []
+        if self.position_code == "absolute" and padded_hw is None:
+            raise ValueError("MatchingDecoder: position_code 'absolute' needs padded_hw")
+        xs, pes, pads, grid = [], [], [], []
         for km in key_maps:  # loop over a handful of FPN levels
             km = km.detach()
             b, _, h, w = km.shape
@@ -424,14 +448,20 @@ class MatchingDecoder(nn.Module):
                 valid = valid_cells(image_sizes, (h, w), padded_hw, device=km.device)
             else:
                 valid = torch.ones(b, h, w, dtype=torch.bool, device=km.device)
-            pes.append(valid_extent_pos_embed(valid, self.hidden, self.temperature).to(km.dtype))
+            stride = (float(padded_hw[0]) / h + float(padded_hw[1]) / w) / 2.0 if padded_hw is not None else 1.0
+            grid.append((h, w, stride))
+            if self.position_code == "absolute":
+                pe = absolute_pos_embed(b, (h, w), stride, self.hidden, self.position_min_period, device=km.device)
+            else:
+                pe = valid_extent_pos_embed(valid, self.hidden, self.temperature)
+            pes.append(pe.to(km.dtype))
             pads.append(~valid.flatten(1))
         x = torch.cat(xs, dim=1)  # [B, U, C]
         pos = torch.cat(pes, dim=1)  # [B, U, hidden]
         keys = self.key_proj(x + self.pos_proj(pos))
         values = self.value_proj(x)
         pad = torch.cat(pads, dim=1) if self.padding_mask else None
-        return KeyValues(split_heads(keys, self.heads), split_heads(values, self.heads), pad)
+        return KeyValues(split_heads(keys, self.heads), split_heads(values, self.heads), pad, tuple(grid))
 
     def attend(self, queries: Tensor, kv: KeyValues) -> Tensor:
         """The layer's attention m [B, heads, Nq, U] of inquiries [B, Nq, hidden] (rows sum to 1,
@@ -442,12 +472,16 @@ class MatchingDecoder(nn.Module):
             logits = logits.masked_fill(kv.pad[:, None, None, :], float("-inf"))
         return logits.softmax(dim=-1)
 
-    def layer(self, queries: Tensor, kv: KeyValues) -> Tensor:
+    def layer(self, queries: Tensor, kv: KeyValues, attention: Tensor | None = None) -> Tensor:
         """The decoder layer's output z [B, Nq, hidden] (module docstring). The attention runs in
-        ``scaled_dot_product_attention`` (a fused kernel where one applies)."""
-        q = split_heads(self.query_proj(queries), self.heads)
-        mask = None if kv.pad is None else ~kv.pad[:, None, None, :]
-        att = F.scaled_dot_product_attention(q, kv.keys, kv.values, attn_mask=mask)  # [B, heads, Nq, c]
+        ``scaled_dot_product_attention`` (a fused kernel where one applies), unless ``attention``
+        (:meth:`attend` of the same queries, when the caller needs it too) is given."""
+        if attention is None:
+            q = split_heads(self.query_proj(queries), self.heads)
+            mask = None if kv.pad is None else ~kv.pad[:, None, None, :]
+            att = F.scaled_dot_product_attention(q, kv.keys, kv.values, attn_mask=mask)  # [B, heads, Nq, c]
+        else:
+            att = torch.matmul(attention, kv.values)
         y = self.norm1(queries + self.out_proj(att.transpose(1, 2).flatten(2)))
         return self.norm2(y + self.ffn_out(F.relu(self.ffn_in(y))))
 
@@ -475,6 +509,7 @@ class MatchingDecoder(nn.Module):
         query_stride: int | None = None,
         *,
         generator: torch.Generator | None = None,
+        keep_attention: bool = False,
     ) -> AuxOutput:
         """ICD's auxiliary task that trains the decoder (teacher side only).
 
@@ -486,11 +521,16 @@ class MatchingDecoder(nn.Module):
           (real + fake) inquiry of the batch;
         - localisation: ``sum_{l,t,r,b} |pred - target| / (w, h, w, h)`` (the box's normalised
           width for l and r, height for t and b), summed over the real inquiries of the batch and
-          divided by their count (0 without objects).
+          divided by their count (0 without objects);
+        - attention (with ``attention_supervision`` > 0, times it): :func:`attention_in_box_loss`
+          of the real inquiries over the key cells of their boxes.
+
+        ``keep_attention``: compute the attention explicitly and return it (for the quality measures).
         """
         s = self.sample_inquiries(boxes, labels, image_sizes, generator)
         bx, ctr, img = s["boxes"], s["centres"], s["img"]
-        enc = self._encode(ctr, bx[:, 2:] - bx[:, :2], s["labels"], img, s["sizes"], query_map, query_stride)
+        enc = self._encode(ctr, bx[:, 2:] - bx[:, :2], s["labels"], img, s["sizes"], query_map, query_stride,
+                           feature_centres=s["feature_centres"])
         n_img = len(boxes)
         queries, valid = pad_by_image(enc, img, n_img)
         real, _ = pad_by_image(s["real"], img, n_img)
@@ -500,12 +540,22 @@ class MatchingDecoder(nn.Module):
         target, _ = pad_by_image(target, img, n_img)
         scale, _ = pad_by_image(scale, img, n_img)
 
-        pred = self.predictor(self.layer(queries, kv)).float()  # [B, Nq, 5]; losses in float32 (AMP too)
+        box_pad, _ = pad_by_image(bx, img, n_img)
+        supervise = self.attention_supervision > 0
+        m = self.attend(queries, kv) if supervise or keep_attention else None
+        pred = self.predictor(self.layer(queries, kv, m)).float()  # [B, Nq, 5]; losses in float32 (AMP too)
         logit = pred[..., 0]
         ident = F.binary_cross_entropy_with_logits(logit[valid], real[valid].float())
         err = ((pred[..., 1:].sigmoid() - target).abs() / scale.clamp(min=1e-7)).sum(-1)
         loc = (err * real.float()).sum() / real.sum().clamp(min=1).float()
-        return AuxOutput({"identification": ident, "localisation": loc}, queries, real, valid)
+        losses = {"identification": ident, "localisation": loc}
+        if supervise:
+            inside = cells_in_boxes(box_pad, kv.grid)
+            losses["attention"] = self.attention_supervision * attention_in_box_loss(m, inside, real)
+        centres, _ = pad_by_image(ctr, img, n_img)
+        displaced, _ = pad_by_image(s["displaced"], img, n_img)
+        return AuxOutput(losses, queries, real, valid, logit.detach(), box_pad, centres, displaced,
+                         pred[..., 1:].sigmoid().detach(), m.detach() if m is not None else None)
 
     def aux_loss(self, *args, **kwargs) -> dict[str, Tensor]:
         """:meth:`aux_task`'s losses only (same arguments)."""
@@ -562,6 +612,22 @@ class DecoderOptions(MethodOptions):
             paper's 1e-3 / 1e-3 is in ``configs/coco/base_hmkd.yaml``).
         decoder_clip: max L2 norm its gradients are clipped to, jointly (None: no clipping).
         decoder_schedule: ``constant`` or ``cosine`` (to 0 over the run, ICD's).
+        fakes: the aux task's fake inquiries: ``random`` (ICD's), ``displaced`` (a real object's
+            inquiry moved outside its box) or ``mixed`` (half each); see
+            :mod:`hmkd.distill.decoder_task`.
+        displacement: [low, high] of a displaced fake's move in units of its box's (w, h).
+        position_code: ``normalised`` (DETR's, ICD's) or ``absolute`` (pixel sine codes with
+            cell-level resolution on keys and inquiries).
+        attention_supervision: weight of the direct supervision of the attention towards the
+            object's cells in the aux task (an extension beyond ICD and the paper; 0: off).
+        decoder_fit: ``none`` (the decoder starts untrained and learns during distillation, as ICD
+            and the paper train it), ``auto`` (fit it on the frozen teacher alone before
+            distilling, cached by teacher, options and data, and reused), or the path of a file
+            ``hmkd fit-decoder`` wrote.
+        decoder_training: with a fitted decoder, ``joint`` (it keeps learning its task during
+            distillation, warm-started) or ``frozen`` (no aux task, no decoder optimiser).
+        fit_iters, fit_lr: the fit's iterations and its constant AdamW learning rate (None:
+            ``decoder_lr``); batches are the config's training batches.
     """
 
     heads: int = 8
@@ -575,6 +641,14 @@ class DecoderOptions(MethodOptions):
     decoder_weight_decay: float = 1e-4
     decoder_clip: float | None = 1.0
     decoder_schedule: str = "constant"
+    fakes: str = "random"
+    displacement: list[float] = field(default_factory=lambda: [1.5, 3.0])
+    position_code: str = "normalised"
+    attention_supervision: float = 0.0
+    decoder_fit: str = "none"
+    decoder_training: str = "joint"
+    fit_iters: int = 1500
+    fit_lr: float | None = None
 
     def check(self) -> None:
         super().check()
@@ -593,6 +667,33 @@ class DecoderOptions(MethodOptions):
         self._positive("decoder_lr", "decoder_clip")
         self._nonnegative("decoder_weight_decay")
         self._choice("decoder_schedule", DECODER_SCHEDULES)
+        self._choice("fakes", FAKE_KINDS)
+        d = self.displacement
+        if not (isinstance(d, (list, tuple)) and len(d) == 2 and 0 <= d[0] <= d[1]):
+            refuse("displacement", "[low, high] with 0 <= low <= high", d)
+        self._choice("position_code", POSITION_CODES)
+        self._nonnegative("attention_supervision")
+        self._choice("decoder_training", DECODER_TRAINING)
+        if not isinstance(self.decoder_fit, str) or not self.decoder_fit:
+            refuse("decoder_fit", "none, auto or the path of a fitted decoder", self.decoder_fit)
+        if self.decoder_training == "frozen" and self.decoder_fit == "none":
+            refuse("decoder_training", "joint when decoder_fit is none (a frozen untrained decoder attends at random)",
+                   self.decoder_training)
+        if self.fit_iters < 1:
+            refuse("fit_iters", ">= 1", self.fit_iters)
+        self._positive("fit_lr")
+
+    @property
+    def frozen(self) -> bool:
+        """The decoder is fitted beforehand and does not learn during distillation."""
+        return self.decoder_training == "frozen"
+
+    def decoder_kwargs(self) -> dict:
+        """The :class:`MatchingDecoder` arguments these options set (its task and codes)."""
+        return dict(hidden=self.hidden, heads=self.heads, encoding=self.encoding, fakes_per_real=self.fakes_per_real,
+                    jitter=self.jitter, padding_mask=self.padding_mask, fakes=self.fakes,
+                    displacement=tuple(self.displacement), position_code=self.position_code,
+                    attention_supervision=self.attention_supervision)
 
     def inquiry_cap(self, detector_kind: str) -> int:
         """``max_inquiries``, or ICD's default for a student of ``detector_kind``."""

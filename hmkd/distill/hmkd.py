@@ -39,15 +39,11 @@ from torch import nn
 from torch.profiler import record_function
 
 from hmkd.distill.adapter import make_adapter
-from hmkd.distill.base import DistillInputs, Distiller
+from hmkd.distill.base import METRIC_PREFIX, DistillInputs
 from hmkd.distill.common import detector_kind, finer_level, stride_of
-from hmkd.distill.decoder import (
-    DecoderOptions,
-    MatchingDecoder,
-    StudentValueProjection,
-    decoder_optimizers,
-    decoder_schedulers,
-)
+from hmkd.distill.decoder import AuxOutput, DecoderOptions, MatchingDecoder, StudentValueProjection
+from hmkd.distill.decoder_method import DecoderDistiller
+from hmkd.distill.decoder_task import attention_in_box_share
 from hmkd.distill.gcblock import GcBlock
 from hmkd.distill.inquiry import InquiryHead, candidate_cells, inquiry_loss, inquiry_targets, widen_to_finer_level
 from hmkd.distill.losses import attention_weighted_mse, background_loss, masked_feature_mse
@@ -83,11 +79,16 @@ class HMKDOptions(DecoderOptions):
             (default: the second-finest common level, P3 for Faster/Mask R-CNN: Table 7).
         pairs: several starting levels, e.g. ``[P3, P4]`` ("P2 to P4"); overrides start_level.
         heads, hidden, encoding, fakes_per_real, max_inquiries, jitter, padding_mask, decoder_lr,
-            decoder_weight_decay, decoder_clip, decoder_schedule: the matching decoder's
-            (:class:`~hmkd.distill.decoder.DecoderOptions`; heads N_m: Table 6). HMKD's defaults:
-            ``encoding: hmkd`` (class embedding + sine of the box, the paper's reading), a constant
-            decoder learning rate, clip 1.0; the rest is ICD's (the paper trains the decoder with
-            ICD's task and says no more).
+            decoder_weight_decay, decoder_clip, decoder_schedule, fakes, displacement, position_code,
+            attention_supervision, decoder_fit, decoder_training, fit_iters, fit_lr: the matching
+            decoder's (:class:`~hmkd.distill.decoder.DecoderOptions`; heads N_m: Table 6). HMKD's
+            defaults: ``encoding: hmkd`` (class embedding + sine of the box, the paper's reading), a
+            constant decoder learning rate, clip 1.0; the rest is ICD's (the paper trains the decoder
+            with ICD's task and says no more). A ``position_code: absolute`` decoder's shortest
+            period is 2 strides of the key level.
+        attention_term: the attention-weighted imitation ``distill.small_attn`` (False: dropped, the
+            hierarchical matching's own contribution removed; the decoder is then not needed for
+            the loss and neither built nor run).
         warmup_iters: iterations during which only the decoder learns (no attention-weighted
             term), since attention from an untrained decoder is noise (ICD: 1000).
         query_feature: inquiries also add the teacher's level-l feature at the object.
@@ -140,6 +141,7 @@ class HMKDOptions(DecoderOptions):
     others_bg_weight: float = 0.0
     aux_every: int = 1
     small_area: float = 32.0 * 32.0
+    attention_term: bool = True
 
     def check(self) -> None:
         super().check()
@@ -159,7 +161,7 @@ class HMKDOptions(DecoderOptions):
 
 
 @register("hmkd", "HMKD: hierarchical matching (small-object inquiries over finer teacher maps) + supplemental GcBlock")
-class HMKDDistiller(Distiller):
+class HMKDDistiller(DecoderDistiller):
     """HMKD around a student and a frozen teacher; see the module docstring for the terms."""
 
     Options = HMKDOptions
@@ -183,29 +185,69 @@ class HMKDDistiller(Distiller):
         #: levels whose fg/bg masks a step needs: the distilled ones and the pairs' finer ones
         self.mask_levels = sorted(set(self.levels) | {finer_level(s) for s in self.pairs}, key=level_index)
         self.adapters = nn.ModuleDict({l: make_adapter(cs, ct) for l in self.mask_levels})
+        cap = o.inquiry_cap(detector_kind(student))
+        pairs = self.pairs if o.attention_term else []
         self.decoders = nn.ModuleDict(
             {
-                s: MatchingDecoder(ct, self.num_classes, hidden=o.hidden, heads=o.heads, encoding=o.encoding,
-                                   query_feature=o.query_feature, fakes_per_real=o.fakes_per_real,
-                                   max_inquiries=o.inquiry_cap(detector_kind(student)), jitter=o.jitter,
-                                   padding_mask=o.padding_mask)
-                for s in self.pairs
+                s: MatchingDecoder(ct, self.num_classes, query_feature=o.query_feature, max_inquiries=cap,
+                                   position_min_period=2.0 * stride_of(finer_level(s)), **o.decoder_kwargs())
+                for s in pairs
             }
         )
-        self.value_proj = nn.ModuleDict({s: StudentValueProjection(ct, o.hidden, o.heads) for s in self.pairs})
+        self.value_proj = nn.ModuleDict({s: StudentValueProjection(ct, o.hidden, o.heads) for s in pairs})
         self.inquiry_heads = nn.ModuleDict({s: InquiryHead(cs) for s in self.pairs}) if o.inquiry_head else None
         self.gc = nn.ModuleDict({l: GcBlock(ct) for l in self.levels}) if o.supplement else None
         self.gc_t = nn.ModuleDict({l: GcBlock(ct) for l in self.levels}) if o.supplement and o.bg_form == "fgd" else None
+        self.freeze_decoder_if_asked()
 
     # -- optimisation ---------------------------------------------------------------------------
     def extra_modules(self) -> dict[str, nn.Module]:
         return {"decoder": self.decoders}
 
     def make_extra_optimizers(self) -> list[tuple[str, torch.optim.Optimizer, float | None]]:
-        return decoder_optimizers(self.extra_modules(), self.options)
+        return self.decoder_optimizers_of(self.extra_modules())
 
-    def make_extra_schedulers(self, total_iters: int) -> list[tuple[str, torch.optim.lr_scheduler.LRScheduler]]:
-        return decoder_schedulers(self.extra_optimizers(), self.options, total_iters)
+    # -- the matching decoders' task (also what hmkd fit-decoder trains) -------------------------
+    def decoder_modules(self) -> nn.Module:
+        return self.decoders
+
+    def fit_spec(self) -> dict:
+        o = self.options
+        return {**super().fit_spec(), "pairs": list(self.decoders), "query_feature": o.query_feature,
+                "inquiries": o.inquiries, "small_area": o.small_area,
+                "max_inquiries": next(iter(self.decoders.values())).max_inquiries if len(self.decoders) else None}
+
+    def inquiry_objects(self, boxes: list[torch.Tensor], labels: list[torch.Tensor], small: list[torch.Tensor]
+                        ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The objects that make inquiries: the small ones (``inquiries: small``) or all."""
+        if self.options.inquiries == "all":
+            return boxes, labels
+        return [b[s] for b, s in zip(boxes, small)], [lab[s] for lab, s in zip(labels, small)]
+
+    def decoder_task(self, teacher_features, boxes, labels, small, image_sizes, padded_hw, *, generator=None,
+                     keep_attention=False, keys=None) -> dict[str, AuxOutput]:
+        keep, keep_labels = self.inquiry_objects(boxes, labels, small)
+        out = {}
+        for start, dec in self.decoders.items():
+            kv = dec.keys_values([teacher_features[finer_level(start)]], image_sizes, padded_hw)
+            out[start] = dec.aux_task(keep, keep_labels, image_sizes, kv if keys is None else keys(kv),
+                                      self._query_map(teacher_features, start), stride_of(start), generator=generator,
+                                      keep_attention=keep_attention)
+        return out
+
+    @torch.no_grad()
+    def distillation_attention(self, teacher_features, boxes, labels, small, image_sizes, padded_hw):
+        keep, keep_labels = self.inquiry_objects(boxes, labels, small)
+        out = {}
+        for start, dec in self.decoders.items():
+            kv = dec.keys_values([teacher_features[finer_level(start)]], image_sizes, padded_hw)
+            m, _, valid = dec(keep, keep_labels, image_sizes, kv, self._query_map(teacher_features, start),
+                              stride_of(start))
+            out[start] = (m, valid, keep, kv)
+        return out
+
+    def _query_map(self, teacher_features: dict[str, torch.Tensor], start: str) -> torch.Tensor | None:
+        return teacher_features[start] if self.options.query_feature else None
 
     # -- loss scale -----------------------------------------------------------------------------
     def _sum_scale(self, input_hw: tuple[int, int], channels: int) -> tuple[float, float]:
@@ -270,11 +312,12 @@ class HMKDDistiller(Distiller):
         input_hw = tuple(inputs.student.tensors.shape[-2:])
         ch_factor, area_factor = self._sum_scale(input_hw, next(iter(t_feats.values())).shape[1])
         small_boxes = [b[s] for b, s in zip(inputs.boxes, inputs.small)]
-        keep = small_boxes if o.inquiries == "small" else inputs.boxes
-        keep_labels = [lab[s] for lab, s in zip(inputs.labels, inputs.small)] if o.inquiries == "small" else inputs.labels
+        keep, keep_labels = self.inquiry_objects(inputs.boxes, inputs.labels, inputs.small)
         warm = iteration is not None and iteration < o.warmup_iters
-        # the decoder's aux task (its only training signal): every step, or every aux_every-th
-        run_aux = warm or iteration is None or iteration % o.aux_every == 0
+        # the decoder's aux task (its only training signal): every step, or every aux_every-th;
+        # never for a frozen (fitted) decoder
+        run_aux = self.decoder_learns and (warm or iteration is None or iteration % o.aux_every == 0)
+        matched = [(start, fine) for start, fine in pairs if start in self.decoders]
         # With reduction "mean" the per-image sum over objects becomes a mean over objects.
         n_img = max(1, len(inputs.boxes))
         per_obj = (lambda n: n_img / max(1.0, float(n))) if o.reduction == "mean" else (lambda n: 1.0)
@@ -294,19 +337,21 @@ class HMKDDistiller(Distiller):
         kvs: dict[str, tuple[torch.Tensor, ...]] = {}
         aux: dict[str, dict[str, torch.Tensor]] = {}
         with record_function("hmkd.decoder_aux"):
-            for start, fine in pairs if run_aux else ():
+            for start, fine in matched if run_aux else ():
                 dec = self.decoders[start]
                 # one key/value pass serves aux and distillation
                 kvs[start] = dec.keys_values([t_feats[fine]], inputs.image_sizes, input_hw)
                 aux[start] = dec.aux_loss(keep, keep_labels, inputs.image_sizes, kvs[start],
-                                          t_feats[start] if o.query_feature else None, stride_of(start))
+                                          self._query_map(t_feats, start), stride_of(start))
         attention: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        in_box: dict[str, torch.Tensor] = {}
         with record_function("hmkd.decoder_attention"), torch.no_grad():  # m and O^T are targets: no graph
-            for start, fine in pairs if not warm else ():
+            for start, fine in matched if not warm else ():
                 dec = self.decoders[start]
                 kv = kvs[start] if start in kvs else dec.keys_values([t_feats[fine]], inputs.image_sizes, input_hw)
-                attention[start] = dec(keep, keep_labels, inputs.image_sizes, kv,
-                                       t_feats[start] if o.query_feature else None, stride_of(start))
+                attention[start] = dec(keep, keep_labels, inputs.image_sizes, kv, self._query_map(t_feats, start),
+                                       stride_of(start))
+                in_box[start] = attention_in_box_share(attention[start][0], keep, kv.grid, attention[start][2])
 
         # L_others: fg/bg-separated imitation on every distilled level (K makes it scale-free)
         others: dict[str, torch.Tensor] = {}
@@ -324,7 +369,7 @@ class HMKDDistiller(Distiller):
                 small_fg[start] = o.beta * ch_factor * per_obj(n_regions) * val
         attn: dict[str, torch.Tensor] = {}
         with record_function("hmkd.attention_term"):
-            for start, fine in pairs if not warm else ():
+            for start, fine in matched if not warm else ():
                 m_att, v_t, valid = attention[start]
                 v_s = self.value_proj[start](adapted[fine])
                 attn[start] = o.beta * attention_weighted_mse(m_att, v_s, v_t.detach(), valid)
@@ -350,5 +395,7 @@ class HMKDDistiller(Distiller):
                 out[f"aux.{k}_{start.lower()}"] = v
             if start in attn:
                 out[f"distill.small_attn_{fine.lower()}"] = attn[start]
+            if start in in_box:
+                out[f"{METRIC_PREFIX}in_box_{fine.lower()}"] = in_box[start]
         out.update((f"distill.bg_{l.lower()}", v) for l, v in bg.items())
         return out

@@ -34,15 +34,10 @@ import torch
 from torch import nn
 from torch.profiler import record_function
 
-from hmkd.distill.base import DistillInputs, Distiller
-from hmkd.distill.common import detector_kind
-from hmkd.distill.decoder import (
-    DecoderOptions,
-    MatchingDecoder,
-    StudentValueProjection,
-    decoder_optimizers,
-    decoder_schedulers,
-)
+from hmkd.distill.base import DistillInputs
+from hmkd.distill.common import detector_kind, stride_of
+from hmkd.distill.decoder import AuxOutput, DecoderOptions, MatchingDecoder, StudentValueProjection
+from hmkd.distill.decoder_method import DecoderDistiller
 from hmkd.distill.losses import attention_weighted_mse
 from hmkd.distill.options import refuse
 from hmkd.distill.registry import register
@@ -96,7 +91,7 @@ class ICDOptions(DecoderOptions):
 
 
 @register("icd", "ICD: instance-conditional decoder over all levels, all objects, with its auxiliary task")
-class ICDDistiller(Distiller):
+class ICDDistiller(DecoderDistiller):
     """``distill.icd`` and the decoder's ``aux.identification`` / ``aux.localisation``."""
 
     Options = ICDOptions
@@ -110,12 +105,12 @@ class ICDDistiller(Distiller):
         kind = detector_kind(student)
         self.weight = float(o.weight) if o.weight is not None else WEIGHTS.get(kind, WEIGHT_DEFAULT)
         self.decoder = MatchingDecoder(
-            self.teacher_channels, self.num_classes, hidden=o.hidden, heads=o.heads, encoding=o.encoding,
-            fakes_per_real=o.fakes_per_real, max_inquiries=o.inquiry_cap(kind), jitter=o.jitter,
-            padding_mask=o.padding_mask,
+            self.teacher_channels, self.num_classes, max_inquiries=o.inquiry_cap(kind),
+            position_min_period=2.0 * min(stride_of(l) for l in self.levels), **o.decoder_kwargs(),
         )
         # ICD has no adapter: its student-side decoder projects the raw student FPN maps
         self.value_proj = StudentValueProjection(self.student_channels, o.hidden, o.heads, init="attention")
+        self.freeze_decoder_if_asked()
 
     @property
     def bypass_iters(self) -> int:
@@ -130,22 +125,43 @@ class ICDDistiller(Distiller):
 
     def make_extra_optimizers(self) -> list[tuple[str, torch.optim.Optimizer, float | None]]:
         # one AdamW over the decoder and the student-side projection, clipped jointly (ICD's teacher_opt)
-        return decoder_optimizers({"decoder": [self.decoder, self.value_proj]}, self.options)
+        return self.decoder_optimizers_of({"decoder": [self.decoder, self.value_proj]})
 
-    def make_extra_schedulers(self, total_iters: int) -> list[tuple[str, torch.optim.lr_scheduler.LRScheduler]]:
-        return decoder_schedulers(self.extra_optimizers(), self.options, total_iters)
+    # -- the decoder's task (also what hmkd fit-decoder trains) ---------------------------------
+    def decoder_modules(self) -> nn.Module:
+        return self.decoder
+
+    def fit_spec(self) -> dict:
+        return {**super().fit_spec(), "levels": list(self.levels), "max_inquiries": self.decoder.max_inquiries}
+
+    def decoder_task(self, teacher_features, boxes, labels, small, image_sizes, padded_hw, *, generator=None,
+                     keep_attention=False, keys=None) -> dict[str, AuxOutput]:
+        kv = self.decoder.keys_values([teacher_features[l] for l in self.levels], image_sizes, padded_hw)
+        return {"": self.decoder.aux_task(boxes, labels, image_sizes, kv if keys is None else keys(kv),
+                                          generator=generator, keep_attention=keep_attention)}
+
+    @torch.no_grad()
+    def distillation_attention(self, teacher_features, boxes, labels, small, image_sizes, padded_hw):
+        kv = self.decoder.keys_values([teacher_features[l] for l in self.levels], image_sizes, padded_hw)
+        m, _, valid = self.decoder(boxes, labels, image_sizes, kv)
+        return {"": (m, valid, list(boxes), kv)}
 
     def distill_losses(self, inputs: DistillInputs, iteration: int | None) -> dict[str, torch.Tensor]:
         o = self.options
         t_maps = [inputs.teacher_features[l] for l in self.levels]
         padded_hw = tuple(inputs.student.tensors.shape[-2:])
         bypass = iteration is not None and iteration < self.bypass_iters
-        with record_function("icd.decoder_aux"):
+        out: dict[str, torch.Tensor] = {}
+        with record_function("icd.decoder_aux"), torch.set_grad_enabled(self.decoder_learns and torch.is_grad_enabled()):
             kv = self.decoder.keys_values(t_maps, inputs.image_sizes, padded_hw)  # aux task and distillation
-            aux = self.decoder.aux_task(inputs.boxes, inputs.labels, inputs.image_sizes, kv)
-        out = {f"aux.{k}": v for k, v in aux.losses.items()}
+            if self.decoder_learns:
+                aux = self.decoder.aux_task(inputs.boxes, inputs.labels, inputs.image_sizes, kv)
+                out.update((f"aux.{k}", v) for k, v in aux.losses.items())
         with record_function("icd.decoder_attention"), torch.no_grad():  # m and O^T are targets
-            queries, real = aux.real_queries()  # this step's jittered real inquiries (fakes masked)
+            if self.decoder_learns:
+                queries, real = aux.real_queries()  # this step's jittered real inquiries (fakes masked)
+            else:  # a frozen, fitted decoder: every object's inquiry at its own box
+                queries, real = self.decoder.build_inquiries(inputs.boxes, inputs.labels, inputs.image_sizes)
             m = self.decoder.attend(queries.detach(), kv)
         with record_function("icd.attention_term"):
             s_maps = [inputs.student.features[l] for l in self.levels]

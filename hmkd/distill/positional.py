@@ -8,7 +8,14 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["sine_box_encoding", "sine_split_encoding", "valid_extent_pos_embed"]
+__all__ = [
+    "ABSOLUTE_MAX_PERIOD",
+    "absolute_pos_embed",
+    "absolute_sine_code",
+    "sine_box_encoding",
+    "sine_split_encoding",
+    "valid_extent_pos_embed",
+]
 
 
 def _sine_1d(values: Tensor, dim: int, temperature: float) -> Tensor:
@@ -83,3 +90,42 @@ def valid_extent_pos_embed(valid: Tensor, dim: int, temperature: float = 10000.0
     x = x / (x[:, :, -1:] + 1e-6)
     emb = torch.cat((_sine_1d(y, dim // 2, temperature), _sine_1d(x, dim // 2, temperature)), dim=-1)
     return emb.flatten(1, 2)
+
+
+#: Longest period (pixels) of :func:`absolute_sine_code`: wider than any input hmkd resizes to.
+ABSOLUTE_MAX_PERIOD = 4096.0
+
+
+def absolute_sine_code(coords_px: Tensor, dim: int, min_period: float, max_period: float = ABSOLUTE_MAX_PERIOD) -> Tensor:
+    """Sine code of pixel coordinates with cell-level resolution (``position_code: absolute``).
+
+    ``[.., n] -> [.., n * dim]``: per coordinate v (pixels of the resized input, not normalised),
+    interleaved (sin, cos) of ``2*pi*v / p_k`` with ``dim/2`` periods ``p_k`` geometric from
+    ``min_period`` to ``max_period``; the coordinates' blocks in order. The dot product of two codes
+    is ``sum_k cos(2*pi*(v - v') / p_k)``, which peaks at v = v' and falls within about
+    ``min_period`` (DETR's normalised code, whose shortest period is the whole image, cannot tell
+    cells a few strides apart). Used for both the key cells and the inquiries' centres, so a
+    linear map of each can make their dot product peak where the inquiry points.
+    """
+    if dim % 2 != 0:
+        raise ValueError(f"absolute_sine_code: per-coordinate dim must be even, got {dim}")
+    if not 0 < min_period < max_period:
+        raise ValueError(f"absolute_sine_code: need 0 < min_period < max_period, got {min_period}, {max_period}")
+    k = torch.arange(dim // 2, device=coords_px.device, dtype=torch.float32)
+    periods = min_period * (max_period / min_period) ** (k / max(1, dim // 2 - 1))
+    arg = coords_px.float()[..., None] * (2.0 * math.pi) / periods  # [.., n, dim/2]
+    return torch.stack((arg.sin(), arg.cos()), dim=-1).flatten(-2).flatten(-2)
+
+
+def absolute_pos_embed(
+    batch: int, hw: tuple[int, int], stride: float, dim: int, min_period: float, device: torch.device | str | None = None
+) -> Tensor:
+    """:func:`absolute_sine_code` of every cell centre ``((x + 0.5) stride, (y + 0.5) stride)`` of an
+    h x w map: ``[batch, h * w, dim]`` in raster order, ``dim/2`` features for y then ``dim/2`` for x
+    (as :func:`valid_extent_pos_embed`). The same for every image: pixel positions need no per-image
+    normalisation (padded cells are masked from the attention)."""
+    h, w = int(hw[0]), int(hw[1])
+    ys = (torch.arange(h, dtype=torch.float32, device=device) + 0.5) * stride
+    xs = (torch.arange(w, dtype=torch.float32, device=device) + 0.5) * stride
+    grid = torch.stack(torch.meshgrid(ys, xs, indexing="ij"), dim=-1).reshape(h * w, 2)  # (y, x)
+    return absolute_sine_code(grid, dim // 2, min_period).expand(batch, -1, -1)

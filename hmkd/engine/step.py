@@ -2,7 +2,7 @@
 ``hmkd bench cost`` times, so the benchmark measures exactly what training does.
 
     losses = distiller(images, targets, iteration)    # under fp16 autocast with amp (CUDA)
-    total = sum(losses.values())                       # every term and the total read back once
+    total = sum(losses.values())                       # every term (but metric.*) and the total read back once
     a non-finite value stops here (all ranks together), before any parameter is touched
     zero the gradients, total.backward()               # scaled with a GradScaler
     all-reduce the gradients of sync_params            # the distiller's own, outside DDP
@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from hmkd.distill.base import METRIC_PREFIX
 from hmkd.engine import distributed as du
 from hmkd.engine.optim import clip_gradients
 from hmkd.errors import ConfigError, NonFiniteLossError
@@ -91,7 +92,7 @@ def train_step(
         method = getattr(distiller, "name", type(distiller).__name__)
         raise ConfigError(f"method {method!r} returned no loss at iteration {iteration + 1}")
     names = [*losses, "total"]
-    total = sum(losses.values())
+    total = sum(v for k, v in losses.items() if not k.startswith(METRIC_PREFIX))
     values = torch.stack([v.detach().float().reshape(()) for v in [*losses.values(), total]]).tolist()
     if clock is not None:
         clock("forward")

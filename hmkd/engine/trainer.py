@@ -77,8 +77,10 @@ from hmkd.config import (
     save_config,
     to_dict,
 )
+from hmkd.distill.decoder_method import DecoderDistiller
 from hmkd.engine import checkpoint as ckpt_io
 from hmkd.engine import distributed as du
+from hmkd.engine.decoder_fit import prepare_decoder
 from hmkd.engine.evaluation import evaluate_model, write_eval_outputs
 from hmkd.engine.loaders import close_loader_iter, next_batch, to_device
 from hmkd.engine.logging_utils import JsonlLogger, TensorBoardLogger, peak_memory_mb, plot_loss_curve, read_jsonl
@@ -223,6 +225,13 @@ class _Run:
                         method, self.clip_grad, cfg.train.clip_grad)
         self.distiller.set_teacher_dtype(cfg.distill.teacher_dtype)
         self.distiller.to(self.device)
+        self.decoder_file: str | None = None
+        if isinstance(self.distiller, DecoderDistiller) and not resuming:
+            # a decoder fitted on the teacher alone (distill.options.decoder_fit): the main process fits
+            # or finds it in the cache first, the others then load the cached file
+            self.decoder_file = du.main_first(
+                ctx, lambda: prepare_decoder(self.distiller, cfg, self.train_set, self.device, progress=self.progress)
+            )
         self.distiller.train()
         self.student = student
         self.main_params = self.distiller.student_parameters() + self.distiller.distiller_parameters()

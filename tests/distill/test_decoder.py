@@ -13,11 +13,11 @@ from hmkd.distill.decoder import (
     MatchingDecoder,
     decoder_optimizers,
     decoder_schedulers,
-    fake_count,
     scale_indicator,
     split_heads,
     valid_cells,
 )
+from hmkd.distill.decoder_task import fake_count
 from hmkd.distill.positional import sine_box_encoding, sine_split_encoding, valid_extent_pos_embed
 
 

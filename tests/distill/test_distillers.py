@@ -31,7 +31,7 @@ def test_gradients_reach_student_and_distiller_never_teacher(method: str, make_p
     images, targets = make_batch()
     losses = d(images, targets, iteration=10**6)
     assert any(k.startswith("distill.") for k in losses)
-    assert all(k.split(".")[0] in ("student", "distill", "aux") for k in losses)
+    assert all(k.split(".")[0] in ("student", "distill", "aux", "metric") for k in losses)
     distill = sum(v for k, v in losses.items() if k.startswith("distill."))
     distill.backward(retain_graph=True)
     extra = {id(p) for m in d.extra_modules().values() for p in m.parameters()}

@@ -200,6 +200,18 @@ def cmd_viz_heatmap(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_viz_attention(args: argparse.Namespace) -> int:
+    from hmkd.viz.attention import viz_attention
+
+    cfg = _load_cfg(args)
+    res = viz_attention(
+        cfg, decoder=args.decoder, weights=args.weights, images=args.images, out_dir=args.out,
+        objects=args.objects, levels=args.levels, device=args.device, dpi=args.dpi,
+    )
+    print("\n".join(res["paths"]))
+    return 0
+
+
 def cmd_export_onnx(args: argparse.Namespace) -> int:
     import torch
 
@@ -340,6 +352,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_viz_heatmap)
+    p = viz.add_parser("attention", help="matching-decoder attention of small objects, fitted vs untrained (paper Fig. 3)")
+    _add_config(p)
+    p.add_argument("--weights", required=True, help="the teacher checkpoint (sets teacher.weights)")
+    p.add_argument("--decoder", required=True, help="the fitted decoder file (hmkd fit-decoder)")
+    p.add_argument("--images", nargs="+", required=True, help="validation-set indices or image file names")
+    p.add_argument("--objects", type=int, default=4, help="the smallest inquiring objects drawn per image")
+    p.add_argument("--level", "--level-name", dest="levels", nargs="+", default=None,
+                   help="draw only the decoder(s) over these key levels, e.g. P3 (default: every decoder)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dpi", type=int, default=150)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_viz_attention)
 
     exp = sub.add_parser("export", help="export for deployment").add_subparsers(dest="export_cmd", required=True)
     p = exp.add_parser("onnx", help="ONNX export checked with onnxruntime")

@@ -27,7 +27,7 @@ def demo_settings(out_dir: str, quick: bool) -> dict[str, dict[str, Any]]:
         train = {"iters": 12, "lr": 1e-3, "warmup_iters": 2, "ckpt_period": 100, "log_period": 4}
         teacher_model = {"backbone": "resnet34", "fpn_channels": 64}
         teacher_iters = 24
-        hmkd_opts: dict[str, Any] = {"hidden": 32, "heads": 4}
+        hmkd_opts: dict[str, Any] = {"hidden": 32, "heads": 4, "fit_iters": 6}
     else:
         data = {"kind": "synthetic", "root": os.path.join(out_dir, "data"), "batch_size": 4, "eval_batch_size": 8,
                 "synth": {"n_train": 600, "n_val": 100, "size": 256, "seed": 0, "preset": "default"}}
@@ -36,7 +36,7 @@ def demo_settings(out_dir: str, quick: bool) -> dict[str, dict[str, Any]]:
         train = {"iters": 200, "lr": 1e-3, "warmup_iters": 30, "ckpt_period": 100, "log_period": 10}
         teacher_model = {"backbone": "resnet50"}
         teacher_iters = 450
-        hmkd_opts = {"hidden": 128, "heads": 8}
+        hmkd_opts = {"hidden": 128, "heads": 8, "fit_iters": 300}
     base = {"seed": 0, "device": "cpu", "data": data, "model": model, "train": train}
     teacher_dir = os.path.join(out_dir, "teacher")
     return {

@@ -432,6 +432,10 @@ def run_cost_bench(
         r["step_ratio"] = r["step_s"] / base["step_s"]
         r["memory_ratio"] = r["peak_memory_mb"] / max(base["peak_memory_mb"], 1e-9)
         r["extra_backward_s"] = r["phases_s"]["backward"] - base["phases_s"]["backward"]
+        # the floor of a teacher-based method: the no-KD step plus one frozen teacher forward
+        if r["phases_s"]["teacher_forward"] > 0:
+            r["floor_s"] = base["step_s"] + r["phases_s"]["teacher_forward"]
+            r["floor_ratio"] = r["step_s"] / r["floor_s"]
     res: dict[str, Any] = {
         "config": config_name or cfg.name,
         "machine": machine_info(dev),

@@ -308,6 +308,15 @@ class MatchingDecoder(nn.Module):
         # auxiliary predictor: [identification logit, l, t, r, b]
         self.predictor = _mlp(hidden, hidden, 5, layers=3)
 
+    def reset_parameters(self) -> None:
+        """Initialise every parameter afresh from the current random stream (as at construction: each
+        layer's own init, then the q/k/v projections as slices of one xavier ``in_proj``)."""
+        for m in self.modules():
+            if m is not self and hasattr(m, "reset_parameters"):
+                m.reset_parameters()
+        _xavier_in_proj_([self.query_proj, self.key_proj, self.value_proj])
+        nn.init.zeros_(self.out_proj.bias)
+
     @property
     def query_feature(self) -> bool:
         return self.query_feat_proj is not None
@@ -587,11 +596,14 @@ class StudentValueProjection(nn.Module):
             nn.init.uniform_(self.proj.weight, -bound, bound)
             nn.init.zeros_(self.proj.bias)
 
-    def forward(self, x: Tensor | list[Tensor]) -> Tensor:
+    def forward(self, x: Tensor | list[Tensor], cells: Tensor | None = None) -> Tensor:
         """Map [B, C, H, W] (or a list of maps, concatenated along positions in order, as the
-        decoder does for its key maps) -> values [B, heads, U, hidden/heads]."""
+        decoder does for its key maps) -> values [B, heads, U, hidden/heads]; with ``cells``
+        ([B, k] position indices) only those positions are projected: [B, heads, k, hidden/heads]."""
         maps = [x] if isinstance(x, Tensor) else list(x)
         flat = torch.cat([mp.flatten(2).transpose(1, 2) for mp in maps], dim=1)  # [B, U, C]
+        if cells is not None:
+            flat = flat.gather(1, cells[..., None].expand(-1, -1, flat.shape[-1]))
         return split_heads(self.proj(flat), self.heads)
 
 
@@ -647,7 +659,7 @@ class DecoderOptions(MethodOptions):
     attention_supervision: float = 0.0
     decoder_fit: str = "none"
     decoder_training: str = "joint"
-    fit_iters: int = 1500
+    fit_iters: int = 600
     fit_lr: float | None = None
 
     def check(self) -> None:

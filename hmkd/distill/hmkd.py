@@ -89,6 +89,11 @@ class HMKDOptions(DecoderOptions):
         attention_term: the attention-weighted imitation ``distill.small_attn`` (False: dropped, the
             hierarchical matching's own contribution removed; the decoder is then not needed for
             the loss and neither built nor run).
+        attention_cells: compute the attention-weighted term on each image's k cells with the most
+            attention of its real inquiries only (the term is linear in the attention, so this drops
+            the rest of the sum; the share of the attention kept is logged as
+            ``metric.attention_kept_pN``). A speed knob for a decoder whose attention is
+            concentrated; None (default): every cell, the paper's sum.
         warmup_iters: iterations during which only the decoder learns (no attention-weighted
             term), since attention from an untrained decoder is noise (ICD: 1000).
         query_feature: inquiries also add the teacher's level-l feature at the object.
@@ -123,6 +128,9 @@ class HMKDOptions(DecoderOptions):
     """
 
     encoding: str = "hmkd"
+    position_code: str = "absolute"
+    attention_supervision: float = 1.0
+    decoder_fit: str = "auto"
     warmup_iters: int = 0
     levels: list[str] | None = None
     start_level: str | None = None
@@ -142,6 +150,7 @@ class HMKDOptions(DecoderOptions):
     aux_every: int = 1
     small_area: float = 32.0 * 32.0
     attention_term: bool = True
+    attention_cells: int | None = None
 
     def check(self) -> None:
         super().check()
@@ -158,6 +167,8 @@ class HMKDOptions(DecoderOptions):
             refuse("aux_every", ">= 1", self.aux_every)
         if self.warmup_iters < 0:
             refuse("warmup_iters", ">= 0", self.warmup_iters)
+        if self.attention_cells is not None and self.attention_cells < 1:
+            refuse("attention_cells", ">= 1 (or null: every cell)", self.attention_cells)
 
 
 @register("hmkd", "HMKD: hierarchical matching (small-object inquiries over finer teacher maps) + supplemental GcBlock")
@@ -368,10 +379,21 @@ class HMKDDistiller(DecoderDistiller):
                 val = masked_feature_mse(adapted[fine], t_feats[fine], ms.to(k_small.dtype), k_small)
                 small_fg[start] = o.beta * ch_factor * per_obj(n_regions) * val
         attn: dict[str, torch.Tensor] = {}
+        out_metrics: dict[str, torch.Tensor] = {}
         with record_function("hmkd.attention_term"):
             for start, fine in matched if not warm else ():
                 m_att, v_t, valid = attention[start]
-                v_s = self.value_proj[start](adapted[fine])
+                cells = None
+                if o.attention_cells is not None and o.attention_cells < m_att.shape[-1]:
+                    # only the cells the real inquiries attend to most (the term is linear in m)
+                    weight = (m_att * valid[:, None, :, None]).sum((1, 2))  # [B, U]
+                    cells = weight.topk(o.attention_cells, dim=-1).indices  # [B, k]
+                    kept = weight.gather(1, cells).sum() / weight.sum().clamp(min=1e-12)
+                    out_metrics[f"{METRIC_PREFIX}attention_kept_{fine.lower()}"] = kept
+                    heads, n = m_att.shape[1], m_att.shape[2]
+                    m_att = m_att.gather(3, cells[:, None, None, :].expand(-1, heads, n, -1))
+                    v_t = v_t.gather(2, cells[:, None, :, None].expand(-1, heads, -1, v_t.shape[-1]))
+                v_s = self.value_proj[start](adapted[fine], cells)
                 attn[start] = o.beta * attention_weighted_mse(m_att, v_s, v_t.detach(), valid)
         # supplemental (background) distillation with GcBlocks
         bg: dict[str, torch.Tensor] = {}
@@ -397,5 +419,8 @@ class HMKDDistiller(DecoderDistiller):
                 out[f"distill.small_attn_{fine.lower()}"] = attn[start]
             if start in in_box:
                 out[f"{METRIC_PREFIX}in_box_{fine.lower()}"] = in_box[start]
+            kept = f"{METRIC_PREFIX}attention_kept_{fine.lower()}"
+            if kept in out_metrics:
+                out[kept] = out_metrics[kept]
         out.update((f"distill.bg_{l.lower()}", v) for l, v in bg.items())
         return out

@@ -6,8 +6,9 @@ distillation whose ``distill.options.decoder_fit`` is ``auto``. The file is cach
 ``$HMKD_CACHE/decoders`` (default ``~/.cache/hmkd/decoders``) by a key over everything the fit
 depends on: the teacher checkpoint's bytes (SHA-256), the decoder's options and the method's choice
 of inquiries (:meth:`~hmkd.distill.decoder_method.DecoderDistiller.fit_spec`), the data section, the
-student's input size and normalisation (the teacher sees the student's transformed batch) and the
-seed. Any later run with the same key (ICD or HMKD, any student) loads it instead of fitting again.
+student's input size and normalisation (the teacher sees the student's transformed batch); the fit
+has its own seed (:data:`FIT_SEED`), so runs of any seed share it. Any later run with the same key
+(ICD or HMKD, any student) loads it instead of fitting again.
 
 A fitted file is a dict: ``format`` (:data:`~hmkd.distill.decoder_method.FITTED_FORMAT`), ``key``,
 ``spec``, ``teacher`` (path and SHA-256), ``state_dict`` (the decoder modules'), ``fit`` (iterations,
@@ -29,6 +30,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from hmkd.distill.base import small_flags
+from hmkd.distill.decoder import MatchingDecoder
 from hmkd.distill.decoder_method import FITTED_FORMAT, DecoderDistiller
 from hmkd.engine.checkpoint import load_checkpoint, save_checkpoint
 from hmkd.engine.loaders import close_loader_iter, next_batch, to_device
@@ -39,6 +41,10 @@ from hmkd.utils import json_safe
 __all__ = ["cache_dir", "fit_decoder", "fit_key", "load_fitted", "prepare_decoder", "teacher_digest", "transformed_batch"]
 
 logger = logging.getLogger(__name__)
+
+#: The fit's own seed (its initial weights, batches, fakes): a fit depends on its key only, not on
+#: the seed of the run that asked for it, so every run with the teacher shares one fit.
+FIT_SEED = 0
 
 
 def cache_dir() -> str:
@@ -64,7 +70,7 @@ def fit_key(distiller: DecoderDistiller, cfg: Any, teacher_sha: str) -> str:
         "teacher_sha256": teacher_sha,
         "data": {k: v for k, v in _plain(cfg.data).items() if k not in ("workers", "eval_batch_size")},
         "input": {k: json_safe(getattr(m, k, None)) for k in ("min_size", "max_size", "image_mean", "image_std")},
-        "seed": cfg.seed,
+        "fit_seed": FIT_SEED,
     }
     blob = json.dumps(spec, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:24]
@@ -95,14 +101,15 @@ def fit_decoder(
     *,
     batch_size: int,
     device: torch.device,
-    seed: int = 0,
+    seed: int = FIT_SEED,
     iters: int | None = None,
     log_period: int = 100,
     progress: bool = False,
 ) -> dict[str, Any]:
     """Train ``distiller``'s decoder modules on their aux task over ``train_set`` with the teacher frozen.
 
-    AdamW at the options' ``fit_lr`` (constant), weight decay ``decoder_weight_decay``, gradients
+    The decoders start from weights drawn afresh from ``seed`` (whatever the distiller was built
+    with), then AdamW at the options' ``fit_lr`` (constant), weight decay ``decoder_weight_decay``, gradients
     clipped at ``decoder_clip``; ``iters`` (default ``fit_iters``) batches of ``batch_size`` drawn
     as training draws them (seeded). Returns ``{"iters", "seconds", "losses"}`` (the last
     ``log_period`` steps' mean of each term).
@@ -112,6 +119,11 @@ def fit_decoder(
     o = distiller.options
     iters = int(iters or o.fit_iters)
     mods = distiller.decoder_modules()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(mix_seed(seed, 41))
+        for m in mods.modules():
+            if isinstance(m, MatchingDecoder):
+                m.reset_parameters()
     was_frozen = [p.requires_grad for p in mods.parameters()]
     mods.requires_grad_(True)
     mods.train()
@@ -174,13 +186,14 @@ def prepare_decoder(
 ) -> str | None:
     """Resolve ``distill.options.decoder_fit`` for ``distiller`` and load the fitted decoder.
 
-    ``none``: nothing (returns None). A path: load it (its teacher must be this one). ``auto``: load
+    ``none``, or a method without a decoder (HMKD with ``attention_term: false``): nothing (returns
+    None). A path: load it (its teacher must be this one). ``auto``: load
     the cached fit of this key, or fit now and cache it (``output`` overrides where it is written).
     Returns the file loaded.
     """
     choice = distiller.options.decoder_fit
-    if choice == "none" and output is None:
-        return None
+    if (choice == "none" and output is None) or not any(True for _ in distiller.decoder_modules().parameters()):
+        return None  # nothing to fit: learnt during distillation, or no decoder (attention_term: false)
     weights = getattr(cfg.teacher, "weights", None) if cfg.teacher is not None else None
     if not weights:
         raise ConfigError("distill.options.decoder_fit needs the teacher's checkpoint: set teacher.weights")
@@ -201,8 +214,7 @@ def prepare_decoder(
         return path
     logger.info("fitting the %s decoder on the frozen teacher (%d iterations) -> %s",
                 distiller.name, distiller.options.fit_iters, path)
-    fit = fit_decoder(distiller, train_set, batch_size=cfg.data.batch_size, device=device, seed=cfg.seed,
-                      progress=progress)
+    fit = fit_decoder(distiller, train_set, batch_size=cfg.data.batch_size, device=device, progress=progress)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     save_checkpoint({"format": FITTED_FORMAT, "key": key, "spec": distiller.fit_spec(),
                      "teacher": {"path": os.path.abspath(weights), "sha256": sha},

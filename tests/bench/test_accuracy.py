@@ -41,7 +41,7 @@ TINY = [
     "model.detections_per_img=20", "model.topk_candidates=50",
     "teacher.backbone=resnet18",
     "train.iters=1", "train.warmup_iters=0", "train.log_period=1", "train.ckpt_period=0",
-    "distill.method=hmkd", "distill.options.hidden=32", "distill.options.heads=4",
+    "distill.method=hmkd", "distill.options.hidden=32", "distill.options.heads=4", "distill.options.fit_iters=2",
 ]
 
 
@@ -125,7 +125,7 @@ def test_run_configs_keep_the_distill_section_beyond_method_and_options(tmp_path
     keys (teacher_dtype) must survive (they were silently reset to their defaults)."""
     cfg = _tiny_cfg(str(tmp_path / "data"), "distill.teacher_dtype=bfloat16")
     runs = {v.key: run_config(cfg, v, 0, "t.pth", str(tmp_path / v.key)) for v in plan_runs(cfg, ["fitnet", "hmkd"])}
-    assert runs["hmkd"].distill.teacher_dtype == "bfloat16" and runs["hmkd"].distill.options == {"hidden": 32, "heads": 4}
+    assert runs["hmkd"].distill.teacher_dtype == "bfloat16" and runs["hmkd"].distill.options == {"hidden": 32, "heads": 4, "fit_iters": 2}
     assert runs["fitnet"].distill.teacher_dtype == "bfloat16" and runs["fitnet"].distill.method == "fitnet"
     assert runs["none"].distill.teacher_dtype == "float32" and runs["none"].teacher is None  # no teacher to run
 
@@ -135,7 +135,7 @@ def test_plans_and_ablation_variants(tmp_path):
     assert [v.key for v in plan_runs(cfg)] == ["none", "fitnet", "fgd", "icd", "hmkd"]
     assert [v.key for v in plan_runs(cfg, ["icd", "fitnet"])] == ["none", "fitnet", "icd"]
     hm = [v for v in plan_runs(cfg) if v.method == "hmkd"][0]
-    assert hm.options == {"hidden": 32, "heads": 4}  # cfg.distill.options go to cfg.distill.method only
+    assert hm.options == {"hidden": 32, "heads": 4, "fit_iters": 2}  # cfg.distill.options go to cfg.distill.method only
     assert [v for v in plan_runs(cfg) if v.method == "icd"][0].options == {}
     heads = ablation_variants(cfg, "heads")
     assert [v.key for v in heads] == ["hmkd-heads1", "hmkd", "hmkd-heads8", "hmkd-heads16"]

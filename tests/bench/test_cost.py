@@ -126,7 +126,14 @@ def test_cost_bench_tiny_writes_tables(tiny_cfg, tmp_path, one_thread, counted_s
     assert "parts" not in fitnet and "parts" not in none
     assert variant["base_method"] == "hmkd" and variant["options"] == {"hidden": 16, "heads": 2, "aux_every": 2}
     assert "parts" not in variant  # the split is for plain methods
-    assert set(data["targets"]) == {"step_ratio", "memory_ratio", "mask_share"}
+    assert set(data["targets"]) == {"step_ratio", "memory_ratio", "mask_share", "floor"}
+    # the floor: no-KD step + the method's own teacher forward; every HMKD row is checked against it
+    none = data["methods"][0]
+    assert "floor_s" not in none and hmkd["floor_s"] == pytest.approx(none["step_s"] + hmkd["phases_s"]["teacher_forward"])
+    assert hmkd["floor_ratio"] == pytest.approx(hmkd["step_s"] / hmkd["floor_s"])
+    assert [f["method"] for f in data["targets"]["floor"]] == ["hmkd", "hmkd:aux_every=2"]
+    assert all(f["target"] == 1.15 and f["decoder"] == "jointly trained" for f in data["targets"]["floor"])
+    assert "Floor: the no-KD step plus one frozen teacher forward" in md
     assert data["targets"]["mask_share"]["value"] == pytest.approx(hmkd["parts"]["masks"]["share"])
     assert "hmkd parts" in md and "| masks (fg/bg + small-object) |" in md and "icd parts" in md
     assert "extra backward over no-KD" in md

@@ -32,7 +32,7 @@ def workdir(tmp_path_factory):
         yaml.safe_dump(TINY, f)
     distill = {"_base_": "student.yaml", "name": "tiny_hmkd",
                "teacher": {"backbone": "resnet34", "weights": "runs/teacher/model_final.pth"},
-               "distill": {"method": "hmkd", "options": {"hidden": 32, "heads": 4}}}
+               "distill": {"method": "hmkd", "options": {"hidden": 32, "heads": 4, "fit_iters": 2}}}
     with open("hmkd.yaml", "w") as f:
         yaml.safe_dump(distill, f)
     yield d

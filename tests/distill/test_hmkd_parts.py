@@ -51,13 +51,14 @@ def test_small_area_zero_leaves_no_small_object_terms(make_pair, make_batch) -> 
     assert sorted(losses) == sorted(
         [k for k in losses if k.startswith("student.")]
         + ["distill.others_p2", "distill.others_p3", "distill.others_p4", "distill.inquiry_p3",
-           "distill.small_fg_p2", "aux.identification_p3", "aux.localisation_p3", "distill.small_attn_p2",
-           "distill.bg_p2", "distill.bg_p3", "distill.bg_p4"])
+           "distill.small_fg_p2", "aux.identification_p3", "aux.localisation_p3", "aux.attention_p3",
+           "distill.small_attn_p2", "metric.in_box_p2", "distill.bg_p2", "distill.bg_p3", "distill.bg_p4"])
     assert all(torch.isfinite(v) for v in losses.values())
     # ... but nothing from small objects: no real inquiry, so no attention term and no localisation
     # (the decoder still learns to call each image's one fake inquiry fake, as ICD's does); no
     # small-object foreground (the untrained head, prior 0.01 < t = 0.5, proposes no candidate)
-    for k in ("distill.small_attn_p2", "aux.localisation_p3", "distill.small_fg_p2"):
+    for k in ("distill.small_attn_p2", "aux.localisation_p3", "aux.attention_p3", "metric.in_box_p2",
+              "distill.small_fg_p2"):
         assert losses[k].item() == 0.0, k
     assert losses["aux.identification_p3"].item() > 0.0
     # the Inquiry Head still learns, towards an empty map: its focal loss against all-zero targets
@@ -141,3 +142,48 @@ def test_hmkd_decoder_terms_reach_exactly_their_parameters(make_pair, make_batch
     assert all(_grads(d.value_proj["P3"])) and all(_grads(d.adapters["P2"])) and any(_grads(student.backbone.fpn))
     assert not any(_grads(dec)) and not any(_grads(d.adapters["P3"])) and not any(_grads(d.gc))
     assert not any(_grads(d.inquiry_heads)) and not any(_grads(student.roi_heads))
+
+
+def test_attention_term_false_drops_the_matching_and_its_decoder(make_pair, make_batch) -> None:
+    student, teacher = make_pair()
+    d = build_distiller("hmkd", student=student, teacher=teacher, options={**SMALL, "attention_term": False})
+    assert len(d.decoders) == 0 and len(d.value_proj) == 0
+    assert d.make_extra_optimizers() == []
+    losses, _ = _run(d, *make_batch())
+    assert not any(k.startswith(("aux.", "metric.")) or "small_attn" in k for k in losses)
+    # the other terms stay: others, the Inquiry Head, the small-object foreground, the background
+    assert {"distill.inquiry_p3", "distill.small_fg_p2", "distill.others_p2", "distill.bg_p2"} <= set(losses)
+
+
+def test_student_value_projection_of_some_cells_is_those_of_the_whole_map() -> None:
+    from hmkd.distill.decoder import StudentValueProjection
+
+    torch.manual_seed(0)
+    proj = StudentValueProjection(8, hidden=16, heads=4)
+    x = torch.randn(2, 8, 3, 5)
+    cells = torch.tensor([[0, 7, 14], [3, 3, 9]])
+    full = proj(x)  # [2, 4, 15, 4]
+    some = proj(x, cells)
+    assert some.shape == (2, 4, 3, 4)
+    for b in range(2):
+        assert torch.allclose(some[b], full[b][:, cells[b]], atol=1e-6)
+
+
+def test_attention_cells_keeps_the_most_attended_cells_only(make_pair, make_batch) -> None:
+    student, teacher = make_pair()
+    images, targets = make_batch()
+    out = {}
+    for k in (None, 10**6, 8):
+        torch.manual_seed(0)
+        d = build_distiller("hmkd", student=student, teacher=teacher,
+                            options={**SMALL, "inquiries": "all", "attention_cells": k})
+        with torch.no_grad():
+            out[k], _ = _run(d, images, targets)
+    # more cells than the map has: the exact sum; 8 cells: part of it, and the share kept is logged
+    assert out[10**6]["distill.small_attn_p2"].item() == pytest.approx(out[None]["distill.small_attn_p2"].item(), rel=1e-6)
+    assert "metric.attention_kept_p2" not in out[None]
+    kept = out[8]["metric.attention_kept_p2"].item()
+    assert 0.0 < kept < 1.0
+    assert 0.0 < out[8]["distill.small_attn_p2"].item() < out[None]["distill.small_attn_p2"].item()
+    with pytest.raises(Exception, match="attention_cells"):
+        build_distiller("hmkd", student=student, teacher=teacher, options={**SMALL, "attention_cells": 0})

@@ -101,9 +101,21 @@ def test_the_cache_key_covers_teacher_task_and_input_but_not_the_distillation(sy
     for change in ("distill.options.fakes=random", "distill.options.jitter=0.5", "model.min_size=96"):
         cfg = make_cfg(synth_root, teacher_weights, change)
         assert fit_key(_method(cfg)[0], cfg, sha) != key, change
-    for same in ("distill.options.alpha=3.0", "distill.options.decoder_training=joint", "data.workers=1"):
+    for same in ("distill.options.alpha=3.0", "distill.options.decoder_training=joint", "data.workers=1", "seed=11"):
         cfg = make_cfg(synth_root, teacher_weights, same)
         assert fit_key(_method(cfg)[0], cfg, sha) == key, same
+
+
+def test_a_fit_does_not_depend_on_the_seed_the_distiller_was_built_with(synth_root, teacher_weights) -> None:
+    states = []
+    for seed in (1, 2):
+        cfg = make_cfg(synth_root, teacher_weights, f"seed={seed}")
+        torch.manual_seed(seed)
+        d, train = _method(cfg)
+        decoder_fit.fit_decoder(d, train, batch_size=2, device=torch.device("cpu"), iters=2)
+        states.append(d.decoder_state())
+    assert states[0].keys() == states[1].keys()
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
 
 
 def test_a_fitted_file_of_another_teacher_or_shape_is_refused(synth_root, teacher_weights, tmp_path):
@@ -210,3 +222,28 @@ def test_quality_measures_of_an_attention_spread_over_the_box(synth_root, teache
     assert s["exp_entropy_median"] == pytest.approx(float(n_cells.median()), rel=1e-4)
     assert s["in_box_over_uniform_median"] == pytest.approx(float((1.0 / torch.tensor(0.0 + a["uniform_median"]))), rel=0.5)
     assert a["goal_met"] == (s["in_box_over_uniform_median"] >= 10.0)
+
+
+def test_nothing_is_fitted_without_a_decoder(synth_root, teacher_weights, cache) -> None:
+    cfg = make_cfg(synth_root, teacher_weights, "distill.options.decoder_fit=auto", "distill.options.attention_term=false")
+    d, train = _method(cfg)
+    assert prepare_decoder(d, cfg, train, torch.device("cpu")) is None
+    assert not (cache / "decoders").exists()
+
+
+def test_icd_fits_and_freezes_its_decoder_too(synth_root, teacher_weights, tmp_path) -> None:
+    cfg = make_cfg(synth_root, teacher_weights, "distill.method=icd")
+    d, train = _method(cfg)
+    out = str(tmp_path / "icd.pt")
+    prepare_decoder(d, cfg, train, torch.device("cpu"), output=out)
+    assert load_fitted(out)["spec"]["method"] == "icd" and load_fitted(out)["spec"]["levels"] == ["P3", "P4", "P5", "P6"]
+    cfg = make_cfg(synth_root, teacher_weights, "distill.method=icd", f"distill.options.decoder_fit={out}",
+                   "distill.options.decoder_training=frozen")
+    d, train = _method(cfg)
+    prepare_decoder(d, cfg, train, torch.device("cpu"))
+    (name, opt, _), = d.make_extra_optimizers()  # the student-side projection still learns
+    assert {id(p) for g in opt.param_groups for p in g["params"]} == {id(p) for p in d.value_proj.parameters()}
+    d.train()
+    images, targets = zip(*[train[i] for i in range(2)])
+    losses = d(list(images), list(targets), iteration=10**6)
+    assert set(k for k in losses if not k.startswith("student.")) == {"distill.icd"}

@@ -105,6 +105,9 @@ def _run_bench(
     out_dir = os.path.abspath(out_dir)
     if is_rank0():
         os.makedirs(os.path.join(out_dir, "runs"), exist_ok=True)
+    # decoders fitted on the teacher (decoder_fit: auto) are cached with the benchmark's runs, unless
+    # the user points HMKD_CACHE elsewhere; every run of this teacher reuses the one fit
+    os.environ.setdefault("HMKD_CACHE", os.path.join(out_dir, "cache"))
     t_start = time.time()
     n_runs = len(variants) * len(seeds_run)
     say(progress, f"{len(variants)} rows x {len(seeds_run)} seeds = {n_runs} student runs -> {out_dir}")

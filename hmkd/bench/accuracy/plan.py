@@ -44,6 +44,9 @@ ABLATIONS = {
     "levels": "HMKD distilling L_others/L_bg on P2-P4 (default) or on every common level",
     "weight": "HMKD with its loss weights alpha = beta = 1 (default) or 5 (the loss scale)",
     "aux_every": "HMKD with the decoder's auxiliary task on every step (default) or every 4th (aux_every, a speed knob)",
+    "attention_term": "HMKD with and without the attention-weighted term (the hierarchical matching's own contribution)",
+    "decoder": "HMKD with its decoder learnt during distillation from scratch, fitted on the teacher then trained "
+               "jointly, or fitted and frozen",
 }
 
 
@@ -118,6 +121,13 @@ def ablation_variants(cfg: Config, ablation: str, method_options: dict[str, dict
     elif ablation == "aux_every":
         changes = [(f"auxevery{k}", f"HMKD, decoder task every {'step' if k == 1 else f'{k}th step'}", {"aux_every": k})
                    for k in (1, 4)]
+    elif ablation == "attention_term":
+        changes = [("attn", "HMKD, attention term on", {"attention_term": True}),
+                   ("noattn", "HMKD, attention term off", {"attention_term": False})]
+    elif ablation == "decoder":
+        changes = [("scratch", "HMKD, decoder learnt from scratch", {"decoder_fit": "none", "decoder_training": "joint"}),
+                   ("fitjoint", "HMKD, fitted decoder, trained on", {"decoder_fit": "auto", "decoder_training": "joint"}),
+                   ("fitfrozen", "HMKD, fitted decoder, frozen", {"decoder_fit": "auto", "decoder_training": "frozen"})]
     elif ablation == "levels":
         common = _common_levels(cfg, ablation)
         changes = [("levels3", f"HMKD, levels {common[0]}-{common[min(2, len(common) - 1)]}", {"levels": None}),

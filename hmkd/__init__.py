@@ -4,8 +4,8 @@ The public API (everything else is private by convention)::
 
     import hmkd
     distiller = hmkd.HMKD(teacher=teacher, student=student, heads=8)  # or hmkd.distiller("fgd", teacher=..., student=...)
-    losses = distiller(images, targets, iteration=it)                  # flat dict: student.*, distill.*, aux.*
-    sum(losses.values()).backward()
+    losses = distiller(images, targets, iteration=it)                  # flat dict: student.*, distill.*, aux.*, metric.*
+    hmkd.total_loss(losses).backward()                                  # every term but the metric.* measurements
 
 See the README section "Use HMKD in your own training loop".
 """
@@ -18,7 +18,7 @@ from torch import nn
 
 from hmkd.config import Config, load_config
 from hmkd.distill.base import Distiller
-from hmkd.distill import METHODS, build_distiller
+from hmkd.distill import METHODS, build_distiller, total_loss
 from hmkd.errors import CheckpointError, ConfigError, DataError, HMKDError, NonFiniteLossError
 from hmkd.models import DetectorTap, build_detector, build_model, load_weights
 
@@ -72,4 +72,5 @@ __all__ = [
     "distiller",
     "load_config",
     "load_weights",
+    "total_loss",
 ]

@@ -1,7 +1,8 @@
 """Distillation methods under one interface (:class:`Distiller`) and their table.
 
 Public: :data:`METHODS` (``{name: class}``), :data:`DESCRIPTIONS`, :func:`build_distiller`,
-:func:`needs_teacher`, :func:`method_class`, :func:`register` (for a method of your own), and the
+:func:`needs_teacher`, :func:`method_class`, :func:`register` (for a method of your own),
+:func:`total_loss` (a step's loss without its ``metric.*`` measurements), and the
 :class:`Distiller` / :class:`DistillInputs` / :class:`MethodOptions` interface. Importing this package registers the
 built-in methods (none, fitnet, fgd, icd, hmkd).
 
@@ -15,7 +16,7 @@ and ``common`` (what is asked of a detector: levels, strides, kind, class count)
 
 from importlib import import_module
 
-from hmkd.distill.base import DistillInputs, Distiller
+from hmkd.distill.base import DistillInputs, Distiller, total_loss
 from hmkd.distill.options import MethodOptions
 from hmkd.distill.registry import DESCRIPTIONS, METHODS, build_distiller, method_class, needs_teacher, register
 
@@ -34,4 +35,5 @@ __all__ = [
     "method_class",
     "needs_teacher",
     "register",
+    "total_loss",
 ]

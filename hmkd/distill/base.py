@@ -47,6 +47,11 @@ SMALL_AREA = 32 * 32
 #: into the loss (e.g. HMKD's ``metric.in_box_p2``, the attention mass inside the objects).
 METRIC_PREFIX = "metric."
 
+
+def total_loss(losses: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The loss to backpropagate: the sum of a step's terms, without the ``metric.*`` measurements."""
+    return sum(v for k, v in losses.items() if not k.startswith(METRIC_PREFIX))
+
 #: Precisions the frozen teacher may run in (``distill.teacher_dtype``).
 TEACHER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

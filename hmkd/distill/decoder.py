@@ -10,9 +10,12 @@ without self-attention between the inquiries (ICD's ``OfficialDecoderLayer``, ``
     z_i  = LN(y_i + W_2 ReLU(W_1 y_i))                            FFN 4 x hidden, dropout 0
 
 X is the concatenation (along positions) of the given key maps: HMKD passes the single level l-1
-map, ICD all FPN levels. P is DETR's normalised sine embedding of each map's cells over each
-image's valid (unpadded) extent (:func:`~hmkd.distill.positional.valid_extent_pos_embed`), with
-no level embedding, and the padded cells are masked out of the attention (:func:`valid_cells`).
+map, ICD all FPN levels. P is (``position_code``) DETR's normalised sine embedding of each map's
+cells over each image's valid (unpadded) extent
+(:func:`~hmkd.distill.positional.valid_extent_pos_embed`, ICD's), or a sine code of the cells'
+pixel coordinates with periods down to 2 strides (:func:`~hmkd.distill.positional.absolute_pos_embed`),
+whose code of the inquiry's centre is then also added to b_i through a linear layer; no level
+embedding; the padded cells are masked out of the attention (:func:`valid_cells`).
 The attention m (softmax over positions) and the values O are what the distillation uses; the
 auxiliary heads read the layer's output z.
 
@@ -24,13 +27,15 @@ Inquiry encodings b_i (``encoding``):
 - ``hmkd`` (the HMKD paper's reading): MLP_2([class embedding ; sine(cx, cy, w, h)]), plus
   Linear(teacher level-l feature bilinearly sampled at the centre) with ``query_feature``.
 
-The decoder is trained only by ICD's auxiliary task (:meth:`MatchingDecoder.aux_task`): every
+The decoder is trained only by its auxiliary task (:meth:`MatchingDecoder.aux_task`), ICD's: every
 object's inquiry with its centre jittered by ``U(-j, j) x (w, h)``, plus ``fakes_per_real`` fake
-inquiries per object (ICD's non-COCO sampler, :meth:`MatchingDecoder.sample_inquiries`); a shared
+inquiries per object (ICD's non-COCO sampler, or displaced copies of real inquiries:
+:mod:`hmkd.distill.decoder_task`); a shared
 3-layer MLP on z predicts a real/fake logit (BCE over real + fake) and, through a sigmoid, the
 distances from the jittered centre to the box's left/top/right/bottom edges in image-normalised
 units (L1 divided by the box's normalised w or h, summed over the 4 sides, averaged over the real
-inquiries). It never sends gradients into its input maps (they are detached inside). It has its
+inquiries); with ``attention_supervision`` also ``-log`` of the attention mass inside each real
+inquiry's object (an extension beyond ICD and the paper). It never sends gradients into its input maps (they are detached inside). It has its
 own optimiser (:func:`decoder_optimizers`, from the :class:`DecoderOptions` both methods share)
 with an optional cosine schedule over the run (:func:`decoder_schedulers`). The student side of
 the imitation is :class:`StudentValueProjection`.

@@ -17,8 +17,11 @@ Per step, with ``S'_l = adapter(S_l)`` and ``T_l`` the teacher's map at level ``
     ``m_ij`` the matching decoder's attention of inquiry ``i`` (small objects; ``inquiries: all``
     for every object) over level ``l-1``, ``O^T = F_v(T_{l-1})``, ``O^S`` the student-side value
     projection of ``S'_{l-1}``; ``m`` and ``O^T`` are detached.
-  - ``aux.identification_pL`` / ``aux.localisation_pL``: the decoder's own ICD-style task (teacher
-    side only, its own AdamW).
+  - ``aux.identification_pL`` / ``aux.localisation_pL`` / ``aux.attention_pL``: the decoder's own
+    task (ICD's, plus the supervision of its attention towards the objects; teacher side only, its
+    own AdamW), fitted on the teacher before distilling and then trained on jointly or frozen
+    (``decoder_fit``, ``decoder_training``; see :mod:`hmkd.distill.decoder_method` and
+    docs/MATCHING.md). ``metric.in_box_pL-1`` logs the attention mass inside the objects (not a loss).
 * ``distill.bg_pN`` (Sec. 3.2.3): ``sum f'(|T - S'|)^2`` with a trainable GcBlock (``bg_form: fgd``:
   ``sum (f'_s(S') - f'_t(T))^2``).
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from hmkd.distill.base import METRIC_PREFIX
+from hmkd.distill.base import total_loss
 from hmkd.engine import distributed as du
 from hmkd.engine.optim import clip_gradients
 from hmkd.errors import ConfigError, NonFiniteLossError
@@ -92,7 +92,7 @@ def train_step(
         method = getattr(distiller, "name", type(distiller).__name__)
         raise ConfigError(f"method {method!r} returned no loss at iteration {iteration + 1}")
     names = [*losses, "total"]
-    total = sum(v for k, v in losses.items() if not k.startswith(METRIC_PREFIX))
+    total = total_loss(losses)
     values = torch.stack([v.detach().float().reshape(()) for v in [*losses.values(), total]]).tolist()
     if clock is not None:
         clock("forward")

@@ -46,7 +46,9 @@ class ModelConfig:
     detections_per_img: int = 100
     topk_candidates: int = 1000
     weights: str | None = None
-    backbone_weights: str | None = None  # ImageNet-style weights for the backbone body only
+    # weights for the backbone body only: a file (ImageNet-style), or "pretrain": the stand-in
+    # pretrained on another synthetic task by the config's pretrain section (hmkd.engine.pretrain)
+    backbone_weights: str | None = None
 
 
 @dataclass
@@ -119,6 +121,31 @@ class DistillConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Evaluation on the val split: COCO's metrics (maxDets 100) always, and AI-TOD's size buckets
+    (very tiny < 8^2, tiny 8^2-16^2, small 16^2-32^2, medium >= 32^2 px^2) with ``aitod``."""
+
+    aitod: bool = True
+    # detections per image AI-TOD's numbers score (AI-TOD's toolkit: 1500, VisDrone's: 500); a
+    # detector emits at most model.detections_per_img of them
+    max_dets: int = 1500
+
+
+@dataclass
+class PretrainConfig:
+    """The stand-in for ImageNet pretraining (``model.backbone_weights: pretrain``): the backbone is
+    trained once, as part of a detector, on a synthetic set of other classes (its own seed and the
+    ``pretrain`` preset) and cached by these settings (:mod:`hmkd.engine.pretrain`)."""
+
+    synth: SynthConfig = field(default_factory=lambda: SynthConfig(n_train=1000, n_val=50, size=256, seed=1000,
+                                                                   preset="pretrain"))
+    iters: int = 1000
+    batch_size: int = 4
+    lr: float = 1e-3
+    seed: int = 1000
+
+
+@dataclass
 class Config:
     """A whole run."""
 
@@ -131,6 +158,8 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
 
 
 def _type_name(tp: Any) -> str:
@@ -297,6 +326,9 @@ def check_config(cfg: Config) -> None:
         ("data.batch_size", d.batch_size, 1),
         ("data.eval_batch_size", d.eval_batch_size, 1),
         ("data.workers", d.workers, 0),
+        ("eval.max_dets", cfg.eval.max_dets, 100),
+        ("pretrain.iters", cfg.pretrain.iters, 1),
+        ("pretrain.batch_size", cfg.pretrain.batch_size, 1),
     ):
         if value < low:
             raise ConfigError(f"{key} must be >= {low}, got {value}")

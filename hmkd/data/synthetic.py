@@ -32,10 +32,12 @@ Annotations are of what is *visible*: ``segmentation`` is the compressed RLE of 
 (exact for tiny objects, unlike polygons), ``area`` its pixel count, ``bbox`` its tight box
 ``[x, y, w, h]`` in pixels, ``iscrowd`` 0.
 
-Presets: ``"default"`` (the set of docs/CALIBRATION.md: 6-32 objects of 6-160 px, about 80% small, high contrast) and
-``"hard"`` (benchmark set: 30-60 objects, mostly 4-16 px, clustered and overlapping, 8 classes with
-confusable pairs disc/hexagon, square/diamond, cross/star, lower contrast and more noise), any of
-whose keys can be overridden (see ``PRESETS``). A folder already holding a set made with the same
+Presets: ``"default"`` (the set of docs/CALIBRATION.md: 6-32 objects of 6-160 px, about 80% small, high contrast),
+``"aitod"`` (the paper-regime benchmark's set: 10-40 objects whose sizes span AI-TOD's buckets, very
+tiny to medium), ``"pretrain"`` (the ImageNet stand-in's set: the same kind of images with six other
+classes, see :mod:`hmkd.engine.pretrain`) and ``"hard"`` (30-60 objects, mostly 4-16 px, clustered and
+overlapping, 8 classes with confusable pairs disc/hexagon, square/diamond, cross/star, lower contrast
+and more noise), any of whose keys can be overridden (see ``PRESETS``). A folder already holding a set made with the same
 parameters (recorded in ``meta.json``) is not regenerated.
 """
 
@@ -94,6 +96,41 @@ PRESETS: dict[str, dict[str, Any]] = {
         "min_visible": 0.6,
         "min_pixels": 8,
         "min_colour_distance": 60.0,  # palette colour vs local background, max over RGB (0-255)
+        "place_tries": 6,
+    },
+    # the paper-regime evaluation set: object sides spanning AI-TOD's buckets (very tiny < 8 px,
+    # tiny 8-16, small 16-32, medium >= 32; areas in px^2 are those sides squared)
+    "aitod": {
+        "classes": ["disc", "square", "triangle", "ring", "cross", "diamond"],
+        "objects_per_image": [10, 40],
+        "size_mix": [[0.22, 5, 9], [0.33, 9, 17], [0.30, 17, 34], [0.15, 34, 96]],
+        "aspect": [0.8, 1.25],
+        "rotation_jitter": 10.0,
+        "contrast": [0.6, 1.0],
+        "noise_sigma": [2.0, 7.0],
+        "distractors": [10, 28],
+        "texture_prob": 0.4,
+        "cluster_prob": 0.2,
+        "min_visible": 0.6,
+        "min_pixels": 8,
+        "min_colour_distance": 60.0,
+        "place_tries": 6,
+    },
+    # the stand-in for ImageNet pretraining (hmkd.engine.pretrain): the same kind of images, other classes
+    "pretrain": {
+        "classes": ["hexagon", "star", "pentagon", "crescent", "hourglass", "chevron"],
+        "objects_per_image": [8, 32],
+        "size_mix": [[0.5, 6, 20], [0.35, 20, 48], [0.15, 48, 128]],
+        "aspect": [0.8, 1.25],
+        "rotation_jitter": 10.0,
+        "contrast": [0.6, 1.0],
+        "noise_sigma": [2.0, 7.0],
+        "distractors": [8, 24],
+        "texture_prob": 0.4,
+        "cluster_prob": 0.15,
+        "min_visible": 0.6,
+        "min_pixels": 8,
+        "min_colour_distance": 60.0,
         "place_tries": 6,
     },
     "hard": {
@@ -159,7 +196,30 @@ def _star(u: np.ndarray, v: np.ndarray, p: dict) -> np.ndarray:
     return r <= p["inner"] + (1.0 - p["inner"]) * tri
 
 
-# name -> (inside test, rotation: "free" or "jitter")
+def _pentagon(u: np.ndarray, v: np.ndarray, p: dict) -> np.ndarray:
+    inside = np.ones(u.shape, dtype=bool)
+    for k in range(5):  # the half-planes of a regular pentagon's edges (apothem cos 36 degrees)
+        a = math.pi / 2 + (2 * k + 1) * math.pi / 5
+        inside &= u * math.cos(a) + v * math.sin(a) <= math.cos(math.pi / 5)
+    return inside
+
+
+def _crescent(u: np.ndarray, v: np.ndarray, p: dict) -> np.ndarray:
+    return (u * u + v * v <= 1.0) & ((u - p["bite"]) ** 2 + v * v > 0.8**2)
+
+
+def _hourglass(u: np.ndarray, v: np.ndarray, p: dict) -> np.ndarray:
+    return (np.abs(v) <= 1.0) & (np.abs(u) <= np.abs(v) + 0.15)
+
+
+def _chevron(u: np.ndarray, v: np.ndarray, p: dict) -> np.ndarray:
+    outer = (v <= 1.0) & (2.0 * np.abs(u) <= v + 1.0)
+    return outer & ~(2.0 * np.abs(u) <= v - 0.1)
+
+
+# name -> (inside test, rotation: "free" or "jitter"). pentagon, crescent, hourglass and chevron are the
+# classes of the "pretrain" preset only (the stand-in for ImageNet pretraining: other classes than the
+# evaluation sets')
 SHAPES: dict[str, tuple[Callable[[np.ndarray, np.ndarray, dict], np.ndarray], str]] = {
     "disc": (_disc, "free"),
     "ring": (_ring, "free"),
@@ -169,6 +229,10 @@ SHAPES: dict[str, tuple[Callable[[np.ndarray, np.ndarray, dict], np.ndarray], st
     "cross": (_cross, "jitter"),
     "hexagon": (_hexagon, "free"),
     "star": (_star, "free"),
+    "pentagon": (_pentagon, "free"),
+    "crescent": (_crescent, "free"),
+    "hourglass": (_hourglass, "free"),
+    "chevron": (_chevron, "free"),
 }
 
 
@@ -342,12 +406,14 @@ def render_image(
         cls = int(rng.integers(len(classes)))
         test, rot_kind = SHAPES[classes[cls]]
         aspect = float(rng.uniform(*cfg["aspect"]))
-        if classes[cls] in ("disc", "ring", "hexagon", "star"):
+        if classes[cls] in ("disc", "ring", "hexagon", "star", "pentagon", "crescent"):
             aspect = 1.0 + (aspect - 1.0) * 0.4  # keep round shapes round-ish
         half_w = side / 2 * math.sqrt(aspect)
         half_h = side / 2 / math.sqrt(aspect)
         angle = rng.uniform(0, 2 * math.pi) if rot_kind == "free" else rng.uniform(-jitter, jitter)
         params = {"hole": rng.uniform(0.45, 0.65), "arm": rng.uniform(0.28, 0.4), "inner": rng.uniform(0.38, 0.5)}
+        if classes[cls] == "crescent":  # drawn only for crescents: the other classes' random streams stay as they were
+            params["bite"] = rng.uniform(0.45, 0.7)
         base_colour = _colour(rng)
         contrast = np.float32(rng.uniform(*cfg["contrast"]))
         shade = rng.uniform(-0.15, 0.15, 2).astype(np.float32)
@@ -520,6 +586,10 @@ def _split_stats(objs_per_image: list[int], areas: list[int]) -> dict[str, Any]:
         "small": int((a < 32**2).sum()),
         "medium": int(((a >= 32**2) & (a < 96**2)).sum()),
         "large": int((a >= 96**2).sum()),
+        # AI-TOD's buckets
+        "very_tiny": int((a < 8**2).sum()),
+        "tiny": int(((a >= 8**2) & (a < 16**2)).sum()),
+        "small_16_32": int(((a >= 16**2) & (a < 32**2)).sum()),
         "empty_images": int(sum(1 for k in objs_per_image if k == 0)),
     }
 
@@ -574,7 +644,7 @@ def generate_synthetic(out_dir: str | os.PathLike, **options: Any) -> dict[str, 
         **options: the fields of :class:`SynthConfig` (defaults there): ``n_train``, ``n_val``
             (images per split), ``size`` (square image side in pixels), ``seed`` (image ``i`` of a
             split uses ``SeedSequence([seed, split, i, crc32(preset)])``), ``preset``
-            (``"default"`` or ``"hard"``); any other name replaces that key of the preset (see
+            (a name of ``PRESETS``); any other name replaces that key of the preset (see
             ``PRESETS``), e.g. ``objects_per_image=[3, 8]``.
 
     Returns:

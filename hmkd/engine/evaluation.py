@@ -24,7 +24,12 @@ from hmkd.engine.inference import inference_on_dataset
 from hmkd.engine.signals import worker_init
 from hmkd.utils import write_json
 
-__all__ = ["evaluate", "evaluate_model", "write_eval_outputs"]
+__all__ = ["aitod_max_dets_of", "evaluate", "evaluate_model", "write_eval_outputs"]
+
+
+def aitod_max_dets_of(cfg: Config) -> int | None:
+    """The ``aitod_max_dets`` of :func:`evaluate_model` a run's ``eval`` section asks for."""
+    return int(cfg.eval.max_dets) if cfg.eval.aitod else None
 
 
 def evaluate_model(
@@ -37,8 +42,10 @@ def evaluate_model(
     with_masks: bool = False,
     progress: bool = True,
     ctx: du.DistContext | None = None,
+    aitod_max_dets: int | None = None,
 ) -> tuple[dict[str, dict[str, Any]], list[dict]]:
-    """COCO metrics and detections of ``model`` on ``dataset`` (bbox; segm too with ``with_masks``).
+    """COCO metrics and detections of ``model`` on ``dataset`` (bbox; segm too with ``with_masks``;
+    AI-TOD's size buckets too with ``aitod_max_dets``, see :func:`~hmkd.engine.evaluator.coco_metrics`).
 
     In a multi-process run each rank infers on its shard (indices ``rank::world_size``), the
     detections are gathered and scored on rank 0, and every rank returns the same metrics. The
@@ -68,7 +75,8 @@ def evaluate_model(
     metrics: dict[str, dict[str, Any]] = {}
     if ctx.is_main:
         iou_types = ("bbox", "segm") if with_masks else ("bbox",)
-        metrics = coco_metrics(gt_json_for(dataset), detections, iou_types, getattr(dataset, "class_names", None))
+        metrics = coco_metrics(gt_json_for(dataset), detections, iou_types, getattr(dataset, "class_names", None),
+                               aitod_max_dets=aitod_max_dets)
     metrics = du.broadcast_object(ctx, metrics)
     return metrics, detections
 
@@ -98,6 +106,7 @@ def evaluate(cfg: Config, *, weights: str, out_dir: str, progress: bool = True) 
             with_masks=is_mask_model(cfg),
             progress=progress,
             ctx=ctx,
+            aitod_max_dets=aitod_max_dets_of(cfg),
         )
         if ctx.is_main:
             write_eval_outputs(out_dir, metrics, dets)

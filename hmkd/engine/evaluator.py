@@ -14,6 +14,11 @@ the reference itself. ``tests/engine/test_evaluator.py`` checks the two for exac
 and masks, small/medium/large and crowd ground truth, random sets). Detections for ``segm`` are loaded without their
 ``bbox`` key (as detectron2 does), so a detection's area is its mask area, not its box area.
 
+Besides COCO's, ``aitod_max_dets`` adds AI-TOD's size buckets (very tiny < 8^2, tiny 8^2-16^2, small
+16^2-32^2, medium >= 32^2 px^2 of area) under ``"aitod"``: AI-TOD's protocol (its evaluation toolkit's
+area ranges and maxDets ``[1, 100, N]``, N = 1500 there, 500 in VisDrone's) on the same engines;
+``tests/engine/test_evaluator_aitod.py`` checks it against faster-coco-eval-aitod, the AI-TOD fork.
+
 The detections are COCO results (:mod:`hmkd.engine.coco_results` converts a detector's outputs and
 checks a list before it is scored); :mod:`hmkd.engine.inference` produces them over a data set.
 """
@@ -41,13 +46,24 @@ from hmkd.errors import DataError
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "AITOD_AREAS",
+    "AITOD_KEYS",
     "SUMMARY_KEYS",
+    "aitod_from_precision",
     "coco_metrics",
     "gc_paused",
     "make_eval",
     "match_pycocotools_precision",
     "quiet",
 ]
+
+AITOD_AREAS: dict[str, list[float]] = {
+    "all": [0.0, 1e5**2], "verytiny": [0.0, 8.0**2], "tiny": [8.0**2, 16.0**2], "small": [16.0**2, 32.0**2],
+    "medium": [32.0**2, 1e5**2],
+}
+"""AI-TOD's area ranges (px^2), in its toolkit's order."""
+AITOD_KEYS: tuple[str, ...] = ("AP", "AP50", "AP75", "APvt", "APt", "APs", "APm")
+"""The AI-TOD numbers reported under ``"aitod"`` (all at its largest maxDets)."""
 
 SUMMARY_KEYS: tuple[str, ...] = (
     "mAP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl",
@@ -160,6 +176,44 @@ def make_eval(engine: str, gt_data: dict, dets: list[dict], iou_type: str) -> An
     raise ValueError(f"unknown COCO evaluation engine {engine!r}; use 'pycocotools' or 'faster'")
 
 
+def _dets_for(iou_type: str, detections: Sequence[dict]) -> list[dict]:
+    """Fresh copies of ``detections`` for one evaluation (loadRes adds keys to them): for ``segm``
+    without their ``bbox`` (a detection's area is then its mask's), for ``bbox`` without masks."""
+    if iou_type == "segm":
+        dets = []
+        for d in detections:
+            if "segmentation" not in d:
+                raise ValueError("segm evaluation needs detections with 'segmentation' (with_masks=True)")
+            dets.append(copy.deepcopy({k: v for k, v in d.items() if k != "bbox"}))
+        return dets
+    # shallow copies: loadRes only adds keys to each dict, it never changes the values
+    dets = [dict(d) for d in detections]
+    if any("segmentation" in d for d in dets):
+        for d in dets:
+            d.pop("segmentation", None)
+    return dets
+
+
+def _aitod_metrics(
+    engine: str, data: dict, dets: list[dict], iou_type: str, ids: list[int] | None, max_dets: int
+) -> dict[str, Any]:
+    """AI-TOD's numbers: the same evaluation with its area ranges and maxDets ``[1, 100, max_dets]``."""
+    ev = make_eval(engine, data, dets, iou_type)
+    if ids is not None:
+        ev.params.imgIds = ids
+    ev.params.areaRng = [list(r) for r in AITOD_AREAS.values()]
+    ev.params.areaRngLbl = list(AITOD_AREAS)
+    ev.params.maxDets = [1, 100, max_dets]
+    with quiet():
+        ev.evaluate()
+        ev.accumulate()
+        if engine == "faster":
+            match_pycocotools_precision(ev, data)
+    out: dict[str, Any] = {"max_dets": max_dets}
+    out.update(aitod_from_precision(np.asarray(ev.eval["precision"]), ev.params.iouThrs))
+    return out
+
+
 def _class_names(gt_data: dict, cat_ids: list[int], class_names: Sequence[str] | None) -> list[str]:
     if class_names is not None:
         names = list(class_names)
@@ -204,6 +258,29 @@ def _pct(x: float) -> float:
     return float(x) * 100.0 if x >= 0 else math.nan
 
 
+def _mean_ap(precision: np.ndarray) -> float:
+    p = precision[precision > -1]
+    return float(p.mean() * 100.0) if p.size else math.nan
+
+
+def aitod_from_precision(precision: np.ndarray, iou_thrs: Sequence[float]) -> dict[str, float]:
+    """AI-TOD's AP numbers (percent) from an accumulated ``precision [T, R, K, A, M]`` whose areas are
+    :data:`AITOD_AREAS` in order: each the mean over the entries > -1 at the last maxDets, as
+    COCOeval's ``_summarize`` computes them."""
+    thr = np.asarray(iou_thrs, dtype=np.float64)
+    a = {name: i for i, name in enumerate(AITOD_AREAS)}
+    at = lambda t: np.flatnonzero(np.isclose(thr, t))  # noqa: E731
+    return {
+        "AP": _mean_ap(precision[:, :, :, a["all"], -1]),
+        "AP50": _mean_ap(precision[at(0.5), :, :, a["all"], -1]),
+        "AP75": _mean_ap(precision[at(0.75), :, :, a["all"], -1]),
+        "APvt": _mean_ap(precision[:, :, :, a["verytiny"], -1]),
+        "APt": _mean_ap(precision[:, :, :, a["tiny"], -1]),
+        "APs": _mean_ap(precision[:, :, :, a["small"], -1]),
+        "APm": _mean_ap(precision[:, :, :, a["medium"], -1]),
+    }
+
+
 def coco_metrics(
     gt: str | os.PathLike | dict,
     detections: Sequence[dict],
@@ -212,6 +289,7 @@ def coco_metrics(
     *,
     image_ids: Iterable[int] | None = None,
     engine: str = "faster",
+    aitod_max_dets: int | None = None,
 ) -> dict[str, dict[str, Any]]:
     """COCO metrics of ``detections`` against ``gt``, in percent.
 
@@ -225,13 +303,18 @@ def coco_metrics(
         engine: ``"faster"`` (default: faster-coco-eval's C++ matching and accumulation, its
             precision made bit-identical to pycocotools', see :func:`match_pycocotools_precision`)
             or ``"pycocotools"`` (the reference COCOeval).
+        aitod_max_dets: also score AI-TOD's size buckets (:data:`AITOD_AREAS`) with maxDets
+            ``[1, 100, aitod_max_dets]`` (AI-TOD: 1500, VisDrone: 500); None: COCO's metrics only.
 
     Returns:
         ``{iou_type: {"mAP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs",
-        "ARm", "ARl", "per_class": {name: AP}}}``; ``nan`` where COCOeval has nothing to score.
+        "ARm", "ARl", "per_class": {name: AP}}}`` (plus ``"aitod": {"max_dets", "AP", "AP50", "AP75",
+        "APvt", "APt", "APs", "APm"}`` with ``aitod_max_dets``); ``nan`` where COCOeval has nothing to score.
     """
+    if aitod_max_dets is not None and int(aitod_max_dets) < 100:
+        raise ValueError(f"aitod_max_dets must be >= 100 (AI-TOD's maxDets are [1, 100, N]), got {aitod_max_dets}")
     with gc_paused():
-        return _coco_metrics(gt, detections, iou_types, class_names, image_ids, engine)
+        return _coco_metrics(gt, detections, iou_types, class_names, image_ids, engine, aitod_max_dets)
 
 
 def _coco_metrics(
@@ -241,6 +324,7 @@ def _coco_metrics(
     class_names: Sequence[str] | None,
     image_ids: Iterable[int] | None,
     engine: str,
+    aitod_max_dets: int | None = None,
 ) -> dict[str, dict[str, Any]]:
     gt_data = _load_gt_dict(gt)
     cat_ids = sorted(c["id"] for c in gt_data["categories"])
@@ -267,18 +351,7 @@ def _coco_metrics(
                 problem = segm_problem(a["segmentation"], im["height"], im["width"])
                 if problem is not None:  # pycocotools would crash or read out of bounds on it
                     raise DataError(f"ground truth annotation id {a.get('id')} has an unusable segmentation ({problem})")
-            dets = []
-            for d in detections:
-                if "segmentation" not in d:
-                    raise ValueError("segm evaluation needs detections with 'segmentation' (with_masks=True)")
-                d2 = {k: v for k, v in d.items() if k != "bbox"}
-                dets.append(copy.deepcopy(d2))
-        else:
-            # shallow copies: loadRes only adds keys to each dict, it never changes the values
-            dets = [dict(d) for d in detections]
-            if any("segmentation" in d for d in dets):
-                for d in dets:
-                    d.pop("segmentation", None)
+        dets = _dets_for(iou_type, detections)
         ev = make_eval(engine, data, dets, iou_type)
         if ids is not None:
             ev.params.imgIds = ids
@@ -299,6 +372,8 @@ def _coco_metrics(
             p = p[p > -1]
             per_class[name] = float(p.mean() * 100.0) if p.size else math.nan
         out["per_class"] = per_class
+        if aitod_max_dets is not None:
+            out["aitod"] = _aitod_metrics(engine, data, _dets_for(iou_type, detections), iou_type, ids, int(aitod_max_dets))
         results[iou_type] = out
         logger.info(
             "%s: mAP %.2f AP50 %.2f AP75 %.2f APs %.2f APm %.2f APl %.2f (%d detections, %s)",

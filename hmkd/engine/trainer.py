@@ -81,7 +81,7 @@ from hmkd.distill.decoder_method import DecoderDistiller
 from hmkd.engine import checkpoint as ckpt_io
 from hmkd.engine import distributed as du
 from hmkd.engine.decoder_fit import prepare_decoder
-from hmkd.engine.evaluation import evaluate_model, write_eval_outputs
+from hmkd.engine.evaluation import aitod_max_dets_of, evaluate_model, write_eval_outputs
 from hmkd.engine.loaders import close_loader_iter, next_batch, to_device
 from hmkd.engine.logging_utils import JsonlLogger, TensorBoardLogger, peak_memory_mb, plot_loss_curve, read_jsonl
 from hmkd.engine.optim import build_optimizer, build_scheduler
@@ -386,6 +386,7 @@ class _Run:
             with_masks=is_mask_model(self.cfg),
             progress=self.progress,
             ctx=self.ctx,
+            aitod_max_dets=aitod_max_dets_of(self.cfg),
         )
         self.distiller.train()
         self.eval_seconds += time.perf_counter() - t0

@@ -27,6 +27,7 @@ from hmkd.bench.accuracy import (
     spec_diff,
     with_defaults,
 )
+from hmkd.bench.accuracy.plan import AITOD_METRICS
 from hmkd.config import load_config
 from hmkd.errors import ConfigError
 
@@ -80,7 +81,7 @@ def test_tiny_benchmark_writes_results_and_resumes(tmp_path):
     assert set(saved["runs"]) == {"none_s3", "hmkd_s3"}  # none is always there
     for name, run in saved["runs"].items():
         assert run["seed"] == 3 and not run["reused"]
-        assert set(run["bbox"]) == set(METRICS)
+        assert set(run["bbox"]) == set(METRICS) | set(AITOD_METRICS)  # eval.aitod is on by default
         assert run["sec_per_iter"] > 0 and run["peak_mem_mb"] > 0
         assert os.path.isfile(os.path.join(out, "runs", name, "model_final.pth"))
         assert json.load(open(os.path.join(out, "runs", name, "metrics.json")))["iteration"] == 1
@@ -89,9 +90,11 @@ def test_tiny_benchmark_writes_results_and_resumes(tmp_path):
     assert hm["std"]["mAP"] is None  # one seed: no spread
     assert hm["gain"]["mAP"] == pytest.approx(hm["mean"]["mAP"] - saved["methods"]["none"]["mean"]["mAP"])
     assert saved["teacher"]["source"] == "trained" and saved["teacher"]["iterations"] == 1
-    assert set(saved["teacher"]["metrics"]) == set(METRICS)
+    assert set(saved["teacher"]["metrics"]) == set(METRICS) | set(AITOD_METRICS)
+    assert set(hm["mean"]) == set(METRICS) | set(AITOD_METRICS)
     md = open(os.path.join(out, "results.md")).read()
-    for row in ("| teacher (resnet18, 1 it) |", "| student (no-KD) |", "| HMKD |", "s/iter", "x no-KD"):
+    for row in ("| teacher (resnet18, 1 it) |", "| student (no-KD) |", "| HMKD |", "s/iter", "x no-KD",
+                "| AI-TOD size buckets |"):
         assert row in md, row
 
     # a second call: every run is reused, nothing is retrained or rewritten

@@ -98,3 +98,24 @@ def test_loads_as_coco_with_masks(tmp_path):
     assert img.shape == (3, 64, 64) and t["masks"].shape[1:] == (64, 64)
     assert t["masks"].shape[0] == t["boxes"].shape[0] > 0
     assert ds.stats["clipped"] == 0 and ds.stats["dropped"] == 0
+
+
+def test_aitod_preset_spans_the_aitod_buckets(tmp_path):
+    r = generate_synthetic(tmp_path, seed=0, preset="aitod", n_train=6, n_val=1, size=192)
+    t = r["train"]
+    buckets = {"very_tiny": t["very_tiny"], "tiny": t["tiny"], "small_16_32": t["small_16_32"],
+               "medium": t["medium"] + t["large"]}
+    assert sum(buckets.values()) == t["objects"]
+    for name, count in buckets.items():
+        assert count >= 0.08 * t["objects"], (name, buckets)  # every bucket holds a real share
+
+
+def test_pretrain_preset_has_other_classes_than_the_evaluation_sets(tmp_path):
+    from hmkd.data.synthetic import PRESETS
+
+    generate_synthetic(tmp_path, seed=0, preset="pretrain", n_train=2, n_val=1, size=128)
+    d = json.loads((tmp_path / "annotations" / "train.json").read_text())
+    names = {c["name"] for c in d["categories"]}
+    assert names == set(PRESETS["pretrain"]["classes"]) and len(d["annotations"]) > 0
+    for preset in ("default", "aitod"):
+        assert not names & set(PRESETS[preset]["classes"]), preset

@@ -15,6 +15,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "ABLATIONS",
+    "AITOD_METRICS",
     "LABELS",
     "METHOD_ORDER",
     "METRICS",
@@ -29,6 +30,8 @@ __all__ = [
 ]
 
 METRICS = ("mAP", "AP50", "AP75", "APs", "APm", "APl")
+#: AI-TOD's numbers (hmkd.engine.evaluator.AITOD_KEYS) as the benchmark names them, where the runs scored them
+AITOD_METRICS = ("aitod_AP", "aitod_APvt", "aitod_APt", "aitod_APs", "aitod_APm")
 METHOD_ORDER = ("none", "fitnet", "fgd", "icd", "hmkd")
 #: the no-KD row of a student initialised from the teacher (``distill.init_student``), by name in
 #: ``methods`` or added when the config sets ``distill.init_student`` to ``neck`` or ``neck_head``

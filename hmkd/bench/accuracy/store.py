@@ -8,7 +8,7 @@ import math
 import os
 from typing import Any
 
-from hmkd.bench.accuracy.plan import METRICS
+from hmkd.bench.accuracy.plan import AITOD_METRICS, METRICS
 
 __all__ = ["ERROR_FILE", "SPEC_FILE", "bbox_metrics", "finished_metrics", "read_json", "run_costs"]
 
@@ -64,10 +64,15 @@ def run_costs(run_dir: str, metrics: dict[str, Any]) -> dict[str, Any]:
 
 
 def bbox_metrics(metrics: dict[str, Any]) -> dict[str, float | None]:
-    """The six COCO box metrics (None where COCOeval has none, e.g. APl without large objects)."""
+    """The six COCO box metrics and, where the run scored them, AI-TOD's (``aitod_AP``, ``aitod_APvt``
+    ...; :data:`AITOD_METRICS`); None where COCOeval has none (e.g. APl without large objects)."""
     b = metrics.get("bbox") or {}
-    out: dict[str, float | None] = {}
-    for k in METRICS:
-        v = b.get(k)
-        out[k] = float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None
+    aitod = b.get("aitod") or {}
+
+    def num(v: Any) -> float | None:
+        return float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None
+
+    out: dict[str, float | None] = {k: num(b.get(k)) for k in METRICS}
+    if aitod:
+        out.update({k: num(aitod.get(k[len("aitod_"):])) for k in AITOD_METRICS})
     return out

@@ -9,7 +9,7 @@ import math
 import statistics
 from typing import Any
 
-from hmkd.bench.accuracy.plan import METRICS, Variant
+from hmkd.bench.accuracy.plan import AITOD_METRICS, METRICS, Variant
 
 __all__ = ["summarise"]
 
@@ -31,8 +31,11 @@ def summarise(
     for v in variants:
         rs = [r for r in runs.values() if r["key"] == v.key]
         mean, std = {}, {}
-        for k in METRICS:
+        for k in METRICS + AITOD_METRICS:
             mean[k], std[k] = _mean_std([r["bbox"].get(k) for r in rs])
+        if all(mean[k] is None for k in AITOD_METRICS):  # runs scored without AI-TOD's buckets
+            for k in AITOD_METRICS:
+                mean.pop(k), std.pop(k)
         sec, _ = _mean_std([r.get("sec_per_iter") for r in rs])
         mems = [r.get("peak_mem_mb") for r in rs if r.get("peak_mem_mb") is not None]
         iters = [r.get("iterations") for r in rs if r.get("iterations")]
@@ -43,7 +46,9 @@ def summarise(
     base = rows.get("none")
     for key, row in rows.items():
         gain, closed = {}, {}
-        for k in METRICS:
+        for k in METRICS + AITOD_METRICS:
+            if k not in row["mean"]:
+                continue
             m, s = row["mean"].get(k), (base["mean"].get(k) if base else None)
             gain[k] = (m - s) if m is not None and s is not None else None
             t = (teacher_metrics or {}).get(k)

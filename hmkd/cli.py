@@ -102,6 +102,21 @@ def cmd_fit_decoder(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from hmkd.config import PRETRAIN_BACKBONE
+    from hmkd.engine.pretrain import ensure_pretrained
+
+    cfg = _load_cfg(args)
+    sections = [("model", cfg.model), ("teacher", cfg.teacher)]
+    wanted = [(name, m) for name, m in sections if m is not None and (args.all or m.backbone_weights == PRETRAIN_BACKBONE)]
+    if not wanted:
+        raise ConfigError(f"{args.config}: no model or teacher section sets backbone_weights: {PRETRAIN_BACKBONE} "
+                          "(--all pretrains every section's backbone)")
+    for name, m in wanted:
+        print(f"{name} ({m.backbone}): {ensure_pretrained(cfg, m, progress=not args.no_progress)}")
+    return 0
+
+
 # -- demo ---------------------------------------------------------------------------------------
 def cmd_demo(args: argparse.Namespace) -> int:
     from hmkd.demo import run_demo
@@ -287,6 +302,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quality-images", type=int, default=64, help="validation images the quality report uses")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_fit_decoder)
+
+    p = sub.add_parser("pretrain", help="make the pretrained backbone stand-in (backbone_weights: pretrain) ahead of time")
+    _add_config(p)
+    p.add_argument("--all", action="store_true", help="every section's backbone, whatever its backbone_weights say")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("demo", help="the whole story on the synthetic data set, on CPU")
     p.add_argument("--out", default="runs/demo")

@@ -22,6 +22,10 @@ from hmkd.errors import ConfigError
 from hmkd.utils import atomic_open
 
 
+#: ``model.backbone_weights: pretrain``: the backbone stand-in for ImageNet weights (hmkd.engine.pretrain)
+PRETRAIN_BACKBONE = "pretrain"
+
+
 @dataclass
 class ModelConfig:
     """A detector (see :func:`hmkd.models.build_detector`); ``weights`` is a local file or None."""

@@ -85,6 +85,7 @@ from hmkd.engine.evaluation import aitod_max_dets_of, evaluate_model, write_eval
 from hmkd.engine.loaders import close_loader_iter, next_batch, to_device
 from hmkd.engine.logging_utils import JsonlLogger, TensorBoardLogger, peak_memory_mb, plot_loss_curve, read_jsonl
 from hmkd.engine.optim import build_optimizer, build_scheduler
+from hmkd.engine.pretrain import resolve_pretrained
 from hmkd.engine.sampler import InfiniteBatchSampler, SeededDataset, mix_seed
 from hmkd.engine.signals import StopSignal, worker_init
 from hmkd.engine.step import train_step
@@ -210,8 +211,11 @@ class _Run:
         self.num_classes = n
         self.cfg = resolve_config(cfg, self.out, n)
 
-        student = build_model(cfg.model, n)
-        teacher = build_model(cfg.teacher, n) if with_teacher or do_init else None
+        # backbone_weights: pretrain -> the stand-in's file (pretrained now if not cached; a resumed
+        # student's weights come from its checkpoint)
+        built = resolve_pretrained(cfg, student=not resuming, teacher=with_teacher or do_init, progress=self.progress)
+        student = build_model(built.model, n)
+        teacher = build_model(built.teacher, n) if with_teacher or do_init else None
         if do_init:
             report = weights_io.init_from_teacher(student, teacher, init)
             if ctx.is_main:

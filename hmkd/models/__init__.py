@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from hmkd.config import ModelConfig, model_kwargs
+from hmkd.config import PRETRAIN_BACKBONE, ModelConfig, model_kwargs
+from hmkd.errors import ConfigError
 from hmkd.models.backbones import BACKBONES, LEVELS, build_backbone, level_index
 from hmkd.models.detectors import DEFAULT_LEVELS, DETECTORS, build_detector, count_parameters, fpn_channels_of
 from hmkd.models.tap import DetectorTap, TapOutput, backbone_features, name_levels, renormalise
@@ -13,6 +14,9 @@ from hmkd.models.weights import INIT_PARTS, InitReport, init_from_teacher, load_
 
 def build_model(cfg: ModelConfig, num_classes: int | None = None, *, load: bool = True) -> nn.Module:
     """Build the detector a :class:`ModelConfig` describes and load its weights file if it names one."""
+    if load and cfg.backbone_weights == PRETRAIN_BACKBONE:
+        raise ConfigError(f"backbone_weights: {PRETRAIN_BACKBONE} names the pretrained stand-in, which "
+                          "hmkd.engine.pretrain.resolve_pretrained turns into its file first")
     model = build_detector(**model_kwargs(cfg, num_classes))
     if load and cfg.backbone_weights:
         load_weights(model, cfg.backbone_weights, prefix="backbone.body", strict=False)

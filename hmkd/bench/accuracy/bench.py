@@ -14,9 +14,9 @@ from hmkd.bench.accuracy.plan import ABLATIONS, plan_runs, seed_list
 from hmkd.bench.accuracy.plot import plot_results
 from hmkd.bench.accuracy.runs import is_rank0, say, train_or_reuse
 from hmkd.bench.accuracy.spec import run_config
-from hmkd.bench.accuracy.store import bbox_metrics, run_costs
+from hmkd.bench.accuracy.store import bbox_metrics, read_json, run_costs
 from hmkd.bench.accuracy.summary import summarise
-from hmkd.bench.accuracy.table import format_table
+from hmkd.bench.accuracy.table import format_table, stage_lines
 from hmkd.bench.accuracy.teacher import obtain_teacher
 from hmkd.config import Config, to_dict
 from hmkd.errors import ConfigError
@@ -87,6 +87,27 @@ def run_accuracy_bench(
             du.cleanup(ctx)
 
 
+def _pretrain_stage(cfg: Config, train_teacher: bool, progress: bool) -> dict[str, Any]:
+    """The pretrained stand-in (``backbone_weights: pretrain``) of the student's backbone and, when the
+    benchmark trains the teacher, of the teacher's: made now or found in the cache, with the wall time
+    its pretraining took and its detector's metrics on the pretraining set."""
+    from hmkd.config import PRETRAIN_BACKBONE
+    from hmkd.engine.pretrain import ensure_pretrained
+
+    out: dict[str, Any] = {}
+    sections = [("student", cfg.model)] + ([("teacher", cfg.teacher)] if train_teacher else [])
+    for name, m in sections:
+        if m.backbone_weights != PRETRAIN_BACKBONE:
+            continue
+        say(progress, f"pretrained stand-in of the {name}'s {m.backbone}")
+        path = ensure_pretrained(cfg, m, progress=progress)
+        info = read_json(os.path.join(os.path.dirname(path), "pretrain.json")) or {}
+        out[name] = {"backbone": m.backbone, "weights": path, "wall_seconds": info.get("wall_seconds"),
+                     "iterations": ((info.get("config") or {}).get("train") or {}).get("iters"),
+                     "metrics": info.get("metrics")}
+    return out
+
+
 def _run_bench(
     cfg: Config,
     methods: Sequence[str] | None,
@@ -113,6 +134,8 @@ def _run_bench(
     say(progress, f"{len(variants)} rows x {len(seeds_run)} seeds = {n_runs} student runs -> {out_dir}")
 
     needs_teacher = any(v.method != "none" or v.init_student for v in variants)
+    train_teacher = cfg.teacher is not None and not (teacher or cfg.teacher.weights)
+    pretrained = _pretrain_stage(cfg, train_teacher, progress)
     tinfo = obtain_teacher(cfg, out_dir, teacher, teacher_cfg, teacher_iters, isolate=isolate, progress=progress) if (
         needs_teacher or teacher or teacher_cfg is not None or (cfg.teacher is not None)
     ) else None
@@ -145,6 +168,7 @@ def _run_bench(
         "command": " ".join(shlex.quote(a) for a in sys.argv),
         "config": to_dict(cfg),
         "teacher": tinfo,
+        "pretrained": pretrained,
         "runs": runs,
         "methods": rows,
         "machine": machine_info(),
@@ -154,7 +178,7 @@ def _run_bench(
     }
     if is_rank0():
         write_json(files["json"], result)
-        write_text(files["md"], f"# {title}\n\n{table}\n")
+        write_text(files["md"], f"# {title}\n\n{table}\n\n{stage_lines(result)}\n")
         try:
             plot_results(rows, tinfo, files["png"], title)
         except Exception as e:  # a figure is not worth failing a finished benchmark

@@ -19,6 +19,7 @@ __all__ = [
     "LABELS",
     "METHOD_ORDER",
     "METRICS",
+    "NAMED_ROWS",
     "NONE_INIT",
     "Variant",
     "ablation_variants",
@@ -36,11 +37,17 @@ METHOD_ORDER = ("none", "fitnet", "fgd", "icd", "hmkd")
 #: the no-KD row of a student initialised from the teacher (``distill.init_student``), by name in
 #: ``methods`` or added when the config sets ``distill.init_student`` to ``neck`` or ``neck_head``
 NONE_INIT = "none_init"
+#: rows of a method with other options than its defaults, named in ``methods`` like a method:
+#: name -> (method, options, label); their run folders are ``<name with - for _>_s<seed>``
+NAMED_ROWS: dict[str, tuple[str, dict[str, Any], str]] = {
+    "icd_fitted": ("icd", {"decoder_fit": "auto"}, "ICD (decoder pre-fitted on the teacher)"),
+    "hmkd_scratch": ("hmkd", {"decoder_fit": "none"}, "HMKD (decoder learnt from scratch)"),
+}
 LABELS = {"teacher": "teacher", "none": "student (no-KD)", NONE_INIT: "student (no-KD, teacher-initialised)",
           "fitnet": "FitNet", "fgd": "FGD", "icd": "ICD", "hmkd": "HMKD"}
 ABLATIONS = {
     "supplement": "HMKD with the supplemental (background) distillation on/off (paper Table 5)",
-    "heads": "HMKD with 1, 4, 8, 16 decoder heads (paper Table 6)",
+    "heads": "HMKD with 1, 4, 8 decoder heads (paper Table 6)",
     "start_level": "HMKD with the inquiries starting at P3, P4, P5 (keys one level finer; paper Table 7)",
     "inquiry_head": "HMKD with the Inquiry Head on/off",
     "others_bg": "HMKD with L_others on the foreground only (the paper's formula) or on fg + bg",
@@ -136,7 +143,7 @@ def ablation_variants(cfg: Config, ablation: str, method_options: dict[str, dict
         changes = [("levels3", f"HMKD, levels {common[0]}-{common[min(2, len(common) - 1)]}", {"levels": None}),
                    ("levelsall", f"HMKD, levels {common[0]}-{common[-1]}", {"levels": common})]
     elif ablation == "heads":
-        for h in (1, 4, 8, 16):
+        for h in (1, 4, 8):
             if hidden % h:
                 logger.warning("ablation heads: %d heads do not divide hidden=%d; skipped", h, hidden)
                 continue
@@ -194,11 +201,17 @@ def plan_runs(
     if ablation:
         return head + ablation_variants(cfg, ablation, method_options)
     for m in wanted:
-        effective_options(m, method_options_of(cfg, m, method_options))  # unknown methods and bad options fail here
-    ordered = [m for m in METHOD_ORDER if m in wanted] + [m for m in wanted if m not in METHOD_ORDER]
+        method, extra, _ = NAMED_ROWS.get(m, (m, {}, ""))
+        # unknown methods and bad options fail here
+        effective_options(method, {**method_options_of(cfg, method, method_options), **extra})
+    order = [r for m in METHOD_ORDER for r in (m, *(n for n, row in NAMED_ROWS.items() if row[0] == m))]
+    ordered = [m for m in order if m in wanted] + [m for m in wanted if m not in order]
     out = head
     for m in dict.fromkeys(ordered):
-        if m != "none":
+        if m in NAMED_ROWS:
+            method, extra, label = NAMED_ROWS[m]
+            out.append(Variant(m.replace("_", "-"), method, label, {**method_options_of(cfg, method, method_options), **extra}))
+        elif m != "none":
             out.append(Variant(m, m, LABELS.get(m, m), method_options_of(cfg, m, method_options)))
     return out
 

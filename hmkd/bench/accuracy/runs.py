@@ -7,11 +7,12 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from typing import Any
 
 from hmkd.bench.accuracy.isolate import train_isolated
 from hmkd.bench.accuracy.spec import run_spec, spec_diff, with_defaults
-from hmkd.bench.accuracy.store import SPEC_FILE, finished_metrics, read_json
+from hmkd.bench.accuracy.store import SPEC_FILE, WALL_FILE, finished_metrics, read_json
 from hmkd.config import Config, to_dict
 from hmkd.errors import ConfigError
 from hmkd.utils import write_json
@@ -61,11 +62,20 @@ def train_or_reuse(
     if is_rank0():
         os.makedirs(run_dir, exist_ok=True)
         write_json(spec_path, {"spec": new_spec, "config": to_dict(cfg)})
-    if isolate:
-        train_isolated(cfg, run_dir, started, progress)
-        metrics = finished_metrics(run_dir)
-        if metrics is None:
-            raise RuntimeError(f"{run_dir}: training ended without a finished metrics.json")
-    else:
-        metrics = train(cfg, output_dir=run_dir, resume=started, progress=progress)
+    t0 = time.time()
+    try:
+        if isolate:
+            train_isolated(cfg, run_dir, started, progress)
+            metrics = finished_metrics(run_dir)
+            if metrics is None:
+                raise RuntimeError(f"{run_dir}: training ended without a finished metrics.json")
+        else:
+            metrics = train(cfg, output_dir=run_dir, resume=started, progress=progress)
+    finally:  # the wall time of every start of the run (process start, decoder fit, training, evaluation)
+        if is_rank0():
+            wall = read_json(os.path.join(run_dir, WALL_FILE)) or {"starts": []}
+            wall["starts"].append({"began": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t0)),
+                                   "seconds": round(time.time() - t0, 1)})
+            wall["wall_seconds"] = round(sum(s["seconds"] for s in wall["starts"]), 1)
+            write_json(os.path.join(run_dir, WALL_FILE), wall)
     return metrics, False

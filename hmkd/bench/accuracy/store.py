@@ -10,10 +10,12 @@ from typing import Any
 
 from hmkd.bench.accuracy.plan import AITOD_METRICS, METRICS
 
-__all__ = ["ERROR_FILE", "SPEC_FILE", "bbox_metrics", "finished_metrics", "read_json", "run_costs"]
+__all__ = ["ERROR_FILE", "SPEC_FILE", "WALL_FILE", "bbox_metrics", "finished_metrics", "read_json", "run_costs"]
 
 #: the config a run folder was started with: ``{"spec": run_spec(cfg), "config": to_dict(cfg)}``
 SPEC_FILE = "bench_run.json"
+#: a run folder's wall time as the benchmark measured it, every start of the run summed
+WALL_FILE = "bench_wall.json"
 #: what a child process that failed or was stopped reports (see :mod:`hmkd.bench.accuracy.isolate`)
 ERROR_FILE = "bench_error.json"
 
@@ -52,7 +54,9 @@ def run_costs(run_dir: str, metrics: dict[str, Any]) -> dict[str, Any]:
                     peak = v if peak is None else max(peak, v)
     except OSError:
         pass
+    wall = read_json(os.path.join(run_dir, WALL_FILE)) or {}
     return {
+        "wall_seconds": wall.get("wall_seconds"),
         "sec_per_iter": timing.get("sec_per_iter"),
         "train_seconds": timing.get("train_seconds"),
         "eval_seconds": timing.get("eval_seconds"),

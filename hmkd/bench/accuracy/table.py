@@ -6,7 +6,7 @@ from typing import Any
 
 from hmkd.bench.accuracy.plan import AITOD_METRICS, METRICS
 
-__all__ = ["format_table"]
+__all__ = ["format_table", "stage_lines"]
 
 
 def _fmt(v: float | None, nd: int = 1) -> str:
@@ -80,4 +80,25 @@ def format_table(rows: dict[str, dict[str, Any]], teacher: dict[str, Any] | None
             cl = r["gap_closed"]
             pct = [("–" if cl.get(k) is None else f"{100 * cl[k]:.0f}%") for k in ("mAP", "APs")]
             lines.append(f"| {r['label']} | {pct[0]} | {pct[1]} |")
+    return "\n".join(lines)
+
+
+def stage_lines(result: dict[str, Any]) -> str:
+    """Markdown lines with the wall time of every stage of a benchmark: the pretrained stand-ins, the
+    teacher, the student runs (summed over every start of each run, as measured by the benchmark)."""
+    def minutes(sec: float | None) -> str:
+        return "–" if sec is None else f"{sec / 60:.1f} min"
+
+    lines = ["| stage | wall time |", "|---|---:|"]
+    for name, p in (result.get("pretrained") or {}).items():
+        lines.append(f"| pretrained stand-in, {name} ({p.get('backbone')}, {p.get('iterations')} it) | "
+                     f"{minutes(p.get('wall_seconds'))} |")
+    t = result.get("teacher") or {}
+    if t.get("source") == "trained":
+        lines.append(f"| teacher ({t.get('iterations')} it) | {minutes(t.get('wall_seconds'))} |")
+    runs = result.get("runs") or {}
+    walls = [r.get("wall_seconds") for r in runs.values()]
+    known = [w for w in walls if w is not None]
+    lines.append(f"| {len(runs)} student runs (decoder fits included) | {minutes(sum(known) if known else None)}"
+                 + (f" ({len(walls) - len(known)} without a record)" if len(known) < len(walls) else "") + " |")
     return "\n".join(lines)

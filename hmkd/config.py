@@ -87,6 +87,7 @@ class DataConfig:
     hflip: bool = True  # multi-scale training: give model.min_size a list of sizes
     with_masks: bool = False
     synth: SynthConfig = field(default_factory=SynthConfig)
+    check_images: bool = True  # pre-flight header read of every image before iteration 1 (hmkd.data.check)
 
 
 @dataclass

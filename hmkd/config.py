@@ -110,6 +110,7 @@ class TrainConfig:
     ckpt_period: int = 200
     log_period: int = 20
     tensorboard: bool = False
+    keep_last_checkpoint: bool = False  # keep last_checkpoint.pth (the resume state) after a finished run
 
 
 @dataclass

@@ -21,8 +21,8 @@ import os
 import re
 import types
 import typing
-from dataclasses import dataclass, field
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any, Union
 
 import yaml
@@ -87,7 +87,7 @@ class DataConfig:
     hflip: bool = True  # multi-scale training: give model.min_size a list of sizes
     with_masks: bool = False
     synth: SynthConfig = field(default_factory=SynthConfig)
-    check_images: bool = True  # pre-flight header read of every image before iteration 1 (hmkd.data.check)
+    check_images: bool = True  # before iteration 1, read every image's header (hmkd.data.check)
 
 
 @dataclass

@@ -67,7 +67,7 @@ KEY_DOCS: dict[str, tuple[str, str]] = {
     "data.workers": ("integer >= 0", "DataLoader worker processes (0: load in the main process); does not change the data"),
     "data.hflip": ("", "random horizontal flip in training (boxes and masks follow)"),
     "data.with_masks": ("", "instance masks in the training targets (always on for Mask R-CNN)"),
-    "data.check_images": ("", "before iteration 1, read every image's header (size, format) in parallel and print a summary; problems stop the run"),
+    "data.check_images": ("", "before iteration 1, read every image's header (size, format; in parallel, nothing decoded): a missing, unreadable or mis-sized image stops the run naming it; false: the annotations only (the data summary and the no-box check stay)"),
     "data.synth": ("", "the synthetic generator's parameters (`data.kind: synthetic`)"),
     "data.synth.n_train": ("", "training images"),
     "data.synth.n_val": ("", "validation images"),

@@ -230,8 +230,7 @@ class _Run:
             raise ConfigError(f"train split has {n} classes but val split has {self.val_set.num_classes}")
         self.num_classes = n
         self.cfg = resolve_config(cfg, self.out, n)
-        if cfg.data.check_images:
-            self._check_data()
+        self._check_data(read_images=cfg.data.check_images)
 
         student = build_model(cfg.model, n)
         teacher = build_model(cfg.teacher, n) if with_teacher or do_init else None
@@ -289,16 +288,17 @@ class _Run:
         self.eval_seconds = 0.0
         self.samples_seen = 0  # global data-stream position (all ranks together)
 
-    def _check_data(self) -> None:
+    def _check_data(self, read_images: bool = True) -> None:
         """The pre-flight check of both splits (rank 0; every rank raises its error) and the
-        one-screen summary."""
+        one-screen summary; ``read_images`` (``data.check_images``): every image's header too."""
         from hmkd.data.check import check_dataset, format_reports
         from hmkd.errors import DataError
 
         error = None
         if self.ctx.is_main:
             try:
-                reports = [check_dataset(self.train_set, "train"), check_dataset(self.val_set, "val")]
+                reports = [check_dataset(self.train_set, "train", read_images=read_images),
+                           check_dataset(self.val_set, "val", read_images=read_images)]
                 for line in format_reports(reports):
                     logger.info("data: %s", line)
             except DataError as e:

@@ -64,6 +64,9 @@ def test_a_broken_image_is_found_before_training(tmp_path: Path, breakage, match
     with pytest.raises(DataError, match=match) as e:
         check_dataset(ds, "train")
     assert "\n" not in str(e.value)
+    # data.check_images: false reads the annotations only
+    report = check_dataset(ds, "train", read_images=False)
+    assert report.boxes == 3 and "images not read" in format_reports([report])[0]
 
 
 def test_many_problems_one_line_and_the_first_ones_logged(tmp_path: Path, caplog) -> None:
@@ -87,8 +90,9 @@ def test_a_training_split_without_annotations_is_an_error(tmp_path: Path) -> Non
     data["annotations"] = [a for a in data["annotations"] if a["iscrowd"]]  # a crowd region only
     img_dir, ann = _write(tmp_path, data)
     ds = CocoDetection(img_dir, ann, train=True)
-    with pytest.raises(DataError, match=r"ann.json: the train split has no annotations \(3 images, 0 boxes, 1 crowd regions\)"):
-        check_dataset(ds, "train")
+    for read_images in (True, False):
+        with pytest.raises(DataError, match=r"ann.json: the train split has no annotations \(3 images, 0 boxes, 1 crowd regions\)"):
+            check_dataset(ds, "train", read_images=read_images)
     assert check_dataset(CocoDetection(img_dir, ann, train=False), "val").boxes == 0  # a val split may be empty
 
 

@@ -101,3 +101,19 @@ def test_log_lines_carry_their_level_and_warnings_stand_out() -> None:
     assert coloured.startswith("\033[33m") and coloured.endswith("\033[0m")
     info = logging.LogRecord("hmkd", logging.INFO, __file__, 1, "step", (), None)
     assert "\033" not in LevelFormatter(colour=True).format(info) and " INFO    hmkd: step" in LevelFormatter().format(info)
+
+
+def test_the_evaluation_log_names_its_engine_and_says_it_is_exact(caplog) -> None:
+    from hmkd.engine.evaluator import coco_metrics
+
+    gt = {"images": [{"id": 1, "file_name": "a.png", "width": 64, "height": 64}],
+          "categories": [{"id": 1, "name": "x"}],
+          "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [8, 8, 16, 16], "area": 256, "iscrowd": 0}]}
+    dets = [{"image_id": 1, "category_id": 1, "bbox": [8, 8, 16, 16], "score": 0.9}]
+    with caplog.at_level(logging.INFO, logger="hmkd.engine.evaluator"):
+        coco_metrics(gt, dets)
+        coco_metrics(gt, dets, engine="pycocotools")
+    said = [r.getMessage() for r in caplog.records if r.name == "hmkd.engine.evaluator"]
+    assert said[0].startswith("bbox: mAP 100.00 ") and said[0].endswith(
+        "(1 detections on 1 images; scored by faster-coco-eval's COCOeval, made bit-identical to pycocotools')")
+    assert said[1].endswith("(1 detections on 1 images; scored by pycocotools' COCOeval)")

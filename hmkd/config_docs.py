@@ -102,7 +102,9 @@ KEY_DOCS: dict[str, tuple[str, str]] = {
 }
 
 
-def _allowed_names() -> dict[str, str]:
+def _allowed_names(builtin_only: bool = False) -> dict[str, str]:
+    """The registries' names; ``builtin_only``: methods of hmkd itself (not those a plug-in or a
+    test registered), for the docs."""
     from hmkd.data import DATASETS
     from hmkd.distill import METHODS
     from hmkd.models import DETECTORS
@@ -113,7 +115,7 @@ def _allowed_names() -> dict[str, str]:
         "backbones": " | ".join(BACKBONES),
         "norms": " | ".join(NORMS),
         "datasets": " | ".join(DATASETS),
-        "methods": " | ".join(METHODS),
+        "methods": " | ".join(m for m, cls in METHODS.items() if not builtin_only or cls.__module__.startswith("hmkd.")),
     }
 
 
@@ -202,7 +204,7 @@ def render_markdown() -> str:
     """The text of ``docs/CONFIG.md``: every key with its default, allowed values and meaning."""
     from hmkd.distill import METHODS
 
-    names = _allowed_names()
+    names = _allowed_names(builtin_only=True)
     lines = [
         "# Config keys",
         "",

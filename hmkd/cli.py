@@ -2,6 +2,8 @@
 
 Errors of the project's own type (:class:`hmkd.errors.HMKDError`) print as one line
 ``hmkd: error: <message>`` and exit with status 2; nothing partial is left behind as if complete.
+Log lines carry their level (``WARNING`` ones in colour on a terminal); Python warnings go
+through the same log.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from typing import Sequence
 
 from hmkd.config import SynthConfig
 from hmkd.errors import ConfigError, HMKDError
+
+logger = logging.getLogger("hmkd")
 
 
 def _load_cfg(args: argparse.Namespace, *, need_classes: bool = False):
@@ -73,13 +77,28 @@ def cmd_data_visdrone(args: argparse.Namespace) -> int:
 
 # -- train / distill / eval ---------------------------------------------------------------------
 def cmd_train(args: argparse.Namespace) -> int:
+    from hmkd.engine.logging_utils import format_summary
     from hmkd.engine.trainer import train
 
     cfg = _load_cfg(args)
     if args.cmd == "distill" and cfg.distill.method == "none":
         raise ConfigError(f"{args.config}: distill.method is 'none'; use 'hmkd train' or set distill.method")
+    if args.cmd == "train" and cfg.distill.method != "none":
+        logger.warning(
+            "%s sets distill.method %r: this run distils from teacher.weights (%s), as 'hmkd distill' would; "
+            "add distill.method=none to train the detector alone", args.config, cfg.distill.method,
+            getattr(cfg.teacher, "weights", None),
+        )
     metrics = train(cfg, output_dir=args.output_dir, resume=args.resume, progress=not args.no_progress)
-    print(json.dumps(metrics, indent=2, default=str))
+    print(format_summary(metrics))
+    return 0
+
+
+# -- config -------------------------------------------------------------------------------------
+def cmd_config_show(args: argparse.Namespace) -> int:
+    from hmkd.config_docs import show
+
+    print(show(_load_cfg(args), args.config), end="")
     return 0
 
 
@@ -253,18 +272,71 @@ def cmd_export_onnx(args: argparse.Namespace) -> int:
 
 # -- parser -------------------------------------------------------------------------------------
 def _add_config(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", help="YAML config (see configs/)")
-    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.iters=100")
+    p.add_argument("config", help="YAML config (see configs/; every key: docs/CONFIG.md)")
+    p.add_argument("overrides", nargs="*", default=[], metavar="key=value",
+                   help="optional overrides of config keys, values read as YAML, e.g. train.iters=100 model.levels=[P3,P4]")
+
+
+# Help of the options that do not set their own (every option has one: tests/cli/test_cli_help.py).
+_HELP: dict[str, str] = {
+    "--out": "output folder (file for data visdrone / export onnx)",
+    "--output-dir": "where the run writes (default: the config's output_dir, else runs/<name>)",
+    "--no-progress": "no progress output (no tqdm bar and no per-step log lines)",
+    "--seed": "random seed",
+    "--weights": "a checkpoint (model_final.pth or any detector weights file)",
+    "--device": "cpu | cuda | cuda:N",
+    "--size": "square input side in pixels",
+    "--warmup": "untimed warm-up runs",
+    "--iters": "timed runs",
+    "--score-thresh": "detections below this score are not drawn",
+    "--level": "FPN level (P2..P7)",
+    "--topk": "how many top detections the Grad-CAM target sums",
+    "--opset": "ONNX opset",
+    "--dpi": "figure resolution",
+    "what": "what to list",
+    "bench accuracy --seeds": "seeds per method (0, 1, ...); the table reports mean +- std",
+    "bench evalspeed --images": "synthetic ground-truth images",
+    "viz detections --images": "image files to draw on",
+    "viz heatmap --images": "image files to draw on",
+}
+
+
+def _fill_help(parser: argparse.ArgumentParser, path: str = "") -> None:
+    """Give every option without a help text the one of :data:`_HELP` ("sub command --option",
+    else "--option"), recursively."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                _fill_help(sub, f"{path} {name}".strip())
+        elif action.help is None:
+            key = action.option_strings[0] if action.option_strings else action.dest
+            action.help = _HELP.get(f"{path} {key}") or _HELP.get(key)
+
+
+def _version() -> str:
+    import torch
+    import torchvision
+
+    from hmkd import __version__
+
+    return f"hmkd {__version__} (torch {torch.__version__}, torchvision {torchvision.__version__}, python {sys.version.split()[0]})"
 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="hmkd", description="Hierarchical Matching Knowledge Distillation toolkit")
     ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    ap.add_argument("--version", action="version", version=_version(), help="print the version and exit")
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     p = sub.add_parser("list", help="list registered detectors, backbones, methods or datasets")
     p.add_argument("what", choices=["detectors", "backbones", "methods", "datasets"])
     p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("config", help="inspect configs")
+    conf = p.add_subparsers(dest="config_cmd", required=True)
+    p = conf.add_parser("show", help="the resolved config: every key with its value, default and allowed values")
+    _add_config(p)
+    p.set_defaults(func=cmd_config_show)
 
     data = sub.add_parser("data", help="data set tools").add_subparsers(dest="data_cmd", required=True)
     p = data.add_parser("synth", help="generate the synthetic small-object data set (COCO format)")
@@ -285,9 +357,13 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=helptext)
         _add_config(p)
         p.add_argument("--output-dir", default=None)
-        p.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/last_checkpoint.pth")
+        p.add_argument("--resume", action="store_true",
+                       help="continue from OUTPUT_DIR/last_checkpoint.pth (an error if there is none)")
         p.add_argument("--no-progress", action="store_true")
         p.set_defaults(func=cmd_train)
+    sub.choices["train"].description = (
+        "Train one detector (a teacher, or a student without distillation). A config with distill.method "
+        "other than none distils (with a warning): use hmkd distill for that.")
 
     p = sub.add_parser("eval", help="COCO evaluation of a checkpoint on the config's val split")
     _add_config(p)
@@ -395,15 +471,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opset", type=int, default=17)
     p.add_argument("--check-images", nargs="*", default=None, help="images to compare onnxruntime with PyTorch on")
     p.set_defaults(func=cmd_export_onnx)
+    _fill_help(ap)
     return ap
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``hmkd`` command."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(name)s: %(message)s"
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(LevelFormatter(colour=_isatty(sys.stderr)))
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, handlers=[handler])
+    logging.captureWarnings(True)  # warnings.warn(...) becomes a WARNING log line like the others
     try:
         return int(args.func(args) or 0)
     except HMKDError as e:
@@ -412,6 +490,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt as e:  # TrainingInterrupted (a checkpoint was saved) or a plain Ctrl-C
         print(f"hmkd: {e}" if str(e) else "hmkd: interrupted", file=sys.stderr)
         return 128 + int(getattr(e, "signum", 2))  # 130 for SIGINT, 143 for SIGTERM (shell convention)
+    finally:
+        logging.captureWarnings(False)
+
+
+def _isatty(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+class LevelFormatter(logging.Formatter):
+    """``2026-01-02 10:00:00 INFO    hmkd.engine.trainer: ...``; on a terminal, WARNING in yellow and
+    ERROR in red (the whole line), so that they stand out of the step lines."""
+
+    COLOURS = {logging.WARNING: "\033[33m", logging.ERROR: "\033[31;1m", logging.CRITICAL: "\033[31;1m"}
+
+    def __init__(self, colour: bool = False) -> None:
+        super().__init__("%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
+        self.colour = colour
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        if record.name == "py.warnings":  # "file:line: UserWarning: message\n  source line": keep one line
+            text = text.splitlines()[0] if text else text
+        code = self.COLOURS.get(record.levelno) if self.colour else None
+        return f"{code}{text}\033[0m" if code else text
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -2,17 +2,26 @@
 
 One YAML file fully describes a run; the resolved config is saved beside its outputs
 (``config.yaml``). An unknown key, a wrong type or a missing file is a one-line
-:class:`~hmkd.errors.ConfigError` naming the key, e.g. ``config.yaml: unknown key 'train.lrr'``.
+:class:`~hmkd.errors.ConfigError` naming where the key came from (the file, its ``_base_``, or the
+command line) and the key, with the nearest valid key when there is one, e.g.
+``config.yaml: unknown key 'teacher.backbon' (did you mean 'teacher.backbone'?)`` or
+``command line: unknown key 'train.lrr' (did you mean 'train.lr'?)``. ``distill.options`` are
+checked against the method's own options here too (when the method is registered).
+Every key is documented in ``docs/CONFIG.md`` (``hmkd config show`` prints a resolved config with
+each key's default and allowed values).
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 import math
 import os
+import re
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Union
 
@@ -84,6 +93,7 @@ class DataConfig:
     hflip: bool = True  # multi-scale training: give model.min_size a list of sizes
     with_masks: bool = False
     synth: SynthConfig = field(default_factory=SynthConfig)
+    check_images: bool = True  # before iteration 1, read every image's header (hmkd.data.check)
 
 
 @dataclass
@@ -106,6 +116,7 @@ class TrainConfig:
     ckpt_period: int = 200
     log_period: int = 20
     tensorboard: bool = False
+    keep_last_checkpoint: bool = False  # keep last_checkpoint.pth (the resume state) after a finished run
 
 
 @dataclass
@@ -170,45 +181,79 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
-def _coerce(value: Any, tp: Any, key: str, src: str) -> Any:
+COMMAND_LINE = "command line"
+"""How an error names a key that came from a ``key=value`` override."""
+
+
+def _where(key: str, src: str, origins: Mapping[str, str] | None) -> str:
+    """The source of ``key`` (``a.b[2].c``): the longest prefix ``origins`` knows, else ``src``."""
+    if not origins:
+        return src
+    parts = re.sub(r"\[\d+\]", "", key).split(".")
+    for n in range(len(parts), 0, -1):
+        hit = origins.get(".".join(parts[:n]))
+        if hit is not None:
+            return hit
+    return src
+
+
+def unknown_key_message(key: str, name: str, known: list[str]) -> str:
+    """``unknown key 'train.lrr' (did you mean 'train.lr'?)``: the nearest of ``known`` (same
+    section) when one is close, else the list of known keys. ``key`` is the full dotted key,
+    ``name`` its last part."""
+    prefix = key[: len(key) - len(name)]
+    near = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    if near:
+        return f"unknown key '{key}' (did you mean '{prefix}{near[0]}'?)"
+    return f"unknown key '{key}' (known: {', '.join(known)})"
+
+
+def _coerce(value: Any, tp: Any, key: str, src: str, origins: Mapping[str, str] | None = None) -> Any:
     """Check/convert ``value`` against annotation ``tp``; raise ConfigError naming ``key``."""
+    where = _where(key, src, origins)
     origin = typing.get_origin(tp)
     if origin in (Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
-        errors = []
+        # a mapping meant for a section, or a list meant for a list: its own errors (an unknown
+        # key inside it, a wrong item) say more than "must be X or Y"
+        for a in args:
+            if (isinstance(value, dict) and (dataclasses.is_dataclass(a) or typing.get_origin(a) is dict)) or (
+                isinstance(value, (list, tuple)) and typing.get_origin(a) is list
+            ):
+                return _coerce(value, a, key, src, origins)
         for a in args:
             if a is type(None):
                 continue
             try:
-                return _coerce(value, a, key, src)
-            except ConfigError as e:
-                errors.append(e)
-        raise ConfigError(f"{src}: {key} must be {' or '.join(_type_name(a) for a in args)}, got {value!r}")
+                return _coerce(value, a, key, src, origins)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{where}: {key} must be {' or '.join(_type_name(a) for a in args)}, got {value!r}")
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise ConfigError(f"{src}: {key} must be a mapping, got {value!r}")
-        return from_dict(tp, value, src=src, prefix=f"{key}.")
+            raise ConfigError(f"{where}: {key} must be a mapping, got {value!r}")
+        return from_dict(tp, value, src=src, prefix=f"{key}.", origins=origins)
     if origin is list:
         (item,) = typing.get_args(tp) or (Any,)
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{src}: {key} must be a list, got {value!r}")
-        return [_coerce(v, item, f"{key}[{i}]", src) for i, v in enumerate(value)]
+            raise ConfigError(f"{where}: {key} must be a list, got {value!r}")
+        return [_coerce(v, item, f"{key}[{i}]", src, origins) for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{src}: {key} must be a mapping, got {value!r}")
+            raise ConfigError(f"{where}: {key} must be a mapping, got {value!r}")
         return dict(value)
     if tp is Any:
         return value
     if tp is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{src}: {key} must be true or false, got {value!r}")
+        raise ConfigError(f"{where}: {key} must be true or false, got {value!r}")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        raise ConfigError(f"{src}: {key} must be an integer, got {value!r}")
+        raise ConfigError(f"{where}: {key} must be an integer, got {value!r}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
@@ -217,26 +262,41 @@ def _coerce(value: Any, tp: Any, key: str, src: str) -> Any:
                 return float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{src}: {key} must be a number, got {value!r}")
+        raise ConfigError(f"{where}: {key} must be a number, got {value!r}")
     if tp is str:
         if isinstance(value, str):
             return value
-        raise ConfigError(f"{src}: {key} must be a string, got {value!r}")
+        raise ConfigError(f"{where}: {key} must be a string, got {value!r}")
     return value
 
 
-def from_dict(cls: type, data: dict[str, Any] | None, *, src: str = "config", prefix: str = "") -> Any:
-    """Build dataclass ``cls`` from ``data``; unknown keys and wrong types are ConfigErrors."""
+def from_dict(
+    cls: type,
+    data: dict[str, Any] | None,
+    *,
+    src: str = "config",
+    prefix: str = "",
+    origins: Mapping[str, str] | None = None,
+) -> Any:
+    """Build dataclass ``cls`` from ``data``; unknown keys and wrong types are ConfigErrors.
+
+    ``src`` names the source in messages; ``origins`` (dotted key -> source, e.g. ``"command
+    line"`` for an override) names a key's own source where it differs. An unknown key is
+    reported with the nearest known key of its section (``difflib``). Unknown keys are reported
+    first, then the values are checked in the dataclass's field order (``model`` before
+    ``teacher``, which inherits from it).
+    """
     data = data or {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{src}: {prefix.rstrip('.') or 'top level'} must be a mapping, got {data!r}")
+        where = _where(prefix.rstrip("."), src, origins)
+        raise ConfigError(f"{where}: {prefix.rstrip('.') or 'top level'} must be a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for k, v in data.items():
+    for k in data:
         if k not in hints:
-            raise ConfigError(f"{src}: unknown key '{prefix}{k}' (known: {', '.join(names)})")
-        kwargs[k] = _coerce(v, hints[k], f"{prefix}{k}", src)
+            key = f"{prefix}{k}"
+            raise ConfigError(f"{_where(key, src, origins)}: {unknown_key_message(key, str(k), names)}")
+    kwargs = {k: _coerce(data[k], hints[k], f"{prefix}{k}", src, origins) for k in names if k in data}
     return cls(**kwargs)
 
 
@@ -277,19 +337,63 @@ def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def load_config(path: str | None, overrides: list[str] | None = None) -> Config:
-    """Read a YAML config (``_base_: other.yaml`` inherits, relative to the file) and apply overrides."""
-    raw = _read_yaml(path) if path else {}
+def _node_keys(d: dict[str, Any], prefix: str = "") -> list[str]:
+    """Every dotted key of a nested mapping, sections included (``model``, ``model.detector`` ...)."""
+    out = []
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        out.append(key)
+        if isinstance(v, dict):
+            out.extend(_node_keys(v, f"{key}."))
+    return out
+
+
+def load_config(
+    path: str | None, overrides: list[str] | None = None, *, overrides_source: str = COMMAND_LINE
+) -> Config:
+    """Read a YAML config (``_base_: other.yaml`` inherits, relative to the file) and apply overrides.
+
+    Errors name where the offending key came from: the file that set it (a ``_base_`` file for an
+    inherited key) or ``overrides_source`` (default ``"command line"``) for an override. The
+    method's ``distill.options`` are checked here too (unknown names, types, meaningless values),
+    so that a typo there is found before any data is read.
+    """
+    origins: dict[str, str] = {}
+    raw = _read_yaml(path, origins=origins) if path else {}
     if overrides:
-        raw = merge(raw, parse_overrides(overrides))
+        over = parse_overrides(overrides)
+        raw = merge(raw, over)
+        for key in _node_keys(over):  # sections too: a whole section may be given (teacher={...})
+            origins[key] = overrides_source
     if isinstance(raw.get("teacher"), dict) and isinstance(raw.get("model", {}), dict):
         # the teacher inherits every model key it does not set (but never the student's weights)
         inherited = {k: v for k, v in raw.get("model", {}).items() if k not in ("weights", "backbone_weights")}
+        for k in inherited:
+            if k not in raw["teacher"] and f"model.{k}" in origins:
+                origins[f"teacher.{k}"] = origins[f"model.{k}"]
         raw["teacher"] = merge(inherited, raw["teacher"])
-    return from_dict(Config, raw, src=path or "config")
+    src = path or "config"
+    cfg = from_dict(Config, raw, src=src, origins=origins)
+    check_method_options(cfg, src=src, origins=origins)
+    return cfg
 
 
-def _read_yaml(path: str, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
+def check_method_options(cfg: Config, *, src: str = "config", origins: Mapping[str, str] | None = None) -> None:
+    """Check ``distill.options`` against the options of ``distill.method`` (when it is registered;
+    an unknown method is reported when the run starts): unknown names with the nearest valid one,
+    wrong types and meaningless values, as one-line :class:`ConfigError`."""
+    from hmkd.distill.registry import METHODS
+
+    cls = METHODS.get(cfg.distill.method)
+    if cls is None:
+        return
+    opts = from_dict(cls.Options, dict(cfg.distill.options), src=src, prefix="distill.options.", origins=origins)
+    check = getattr(opts, "check", None)
+    if callable(check):
+        check()
+
+
+def _read_yaml(path: str, _seen: tuple[str, ...] = (), *, origins: dict[str, str] | None = None) -> dict[str, Any]:
     if not os.path.isfile(path):
         raise ConfigError(f"{path}: config file not found")
     if path in _seen:
@@ -306,7 +410,17 @@ def _read_yaml(path: str, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
     base = raw.pop("_base_", None)
     if base:
         base_path = os.path.join(os.path.dirname(path), base)
-        raw = merge(_read_yaml(base_path, _seen + (path,)), raw)
+        raw = merge(_read_yaml(base_path, _seen + (path,), origins=origins), _own(raw, path, origins))
+    else:
+        _own(raw, path, origins)
+    return raw
+
+
+def _own(raw: dict[str, Any], path: str, origins: dict[str, str] | None) -> dict[str, Any]:
+    """Record ``path`` as the source of every key ``raw`` sets; returns ``raw``."""
+    if origins is not None:
+        for key in _node_keys(raw):
+            origins[key] = path
     return raw
 
 

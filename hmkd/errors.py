@@ -19,3 +19,12 @@ class CheckpointError(HMKDError):
 
 class NonFiniteLossError(HMKDError):
     """A loss term became NaN or infinite (message names the term and the iteration)."""
+
+
+def did_you_mean(name: object, known: "list[str] | tuple[str, ...]") -> str:
+    """``"; did you mean 'hmkd'?"`` when one of ``known`` is close to ``name`` (difflib), else ``""``:
+    the tail of an "unknown X" message after its list of known names."""
+    import difflib
+
+    near = difflib.get_close_matches(str(name), [str(k) for k in known], n=1, cutoff=0.6)
+    return f"; did you mean '{near[0]}'?" if near else ""

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from hmkd.config import Config, is_mask_model, to_dict
-from hmkd.errors import ConfigError, DataError
+from hmkd.errors import ConfigError, DataError, did_you_mean
 
 from .coco import CocoDetection
 from .synthetic import generate_synthetic, synthetic_exists
@@ -41,9 +41,9 @@ __all__ = [
 ]
 
 DATASETS: dict[str, str] = {
-    "coco": "any COCO-format detection set: images_dir + ann_file (COCO 2017 and others); boxes and masks",
-    "visdrone": "VisDrone-DET folder (images/ + annotations/*.txt); ignored regions and class 0/11 become crowd boxes",
-    "synthetic": "built-in deterministic small-object shapes set, generated on first use (presets default/hard)",
+    "coco": "any COCO-format detection set: data.train_images + data.train_ann, data.val_images + data.val_ann (relative to data.root); boxes and masks",
+    "visdrone": "VisDrone-DET folder data.root (images/ + annotations/*.txt); ignored regions and class 0/11 become crowd boxes",
+    "synthetic": "built-in deterministic small-object shapes set, generated into data.root on first use (data.synth.*: presets default/hard)",
 }
 
 
@@ -88,7 +88,8 @@ def build_dataset(
     rootp = Path(root)
     if kind == "coco":
         if not ann_file:
-            raise ConfigError("data.ann_file is required for data set kind 'coco'")
+            key = "data.train_ann" if train else "data.val_ann"
+            raise ConfigError(f"{key} (the COCO JSON) is required for data.kind 'coco'")
         ann = Path(ann_file) if os.path.isabs(ann_file) else rootp / ann_file
         imgs = rootp if images_dir is None else (Path(images_dir) if os.path.isabs(images_dir) else rootp / images_dir)
         return CocoDetection(imgs, ann, train=train, transforms=transforms, with_masks=with_masks)
@@ -108,7 +109,7 @@ def build_dataset(
             rootp / split / "images", rootp / "annotations" / f"{split}.json", train=train,
             transforms=transforms, with_masks=with_masks,
         )
-    raise ConfigError(f"data.kind {kind!r} is unknown; choose one of {sorted(DATASETS)}")
+    raise ConfigError(f"data.kind {kind!r} is unknown; choose one of {sorted(DATASETS)}{did_you_mean(kind, list(DATASETS))}")
 
 
 def build_data(cfg: Config, *, train: bool) -> CocoDetection:

@@ -17,10 +17,14 @@ Choices made here (each is also what torchvision's detection references do unles
   as mask; such cases are counted in ``stats["mask_from_box"]``.
 * Annotations missing ``id``/``area``/``iscrowd`` are filled in (``area`` = box area) so COCOeval can
   use the data; ``gt_json_for`` then hands the filled dict, not the file, to evaluation.
+* An image entry without ``width``/``height`` gets them from the image file's header (read in
+  parallel when the set is built, nothing decoded); ``gt_json_for`` then hands the filled dict to
+  evaluation.
 * Bad input raises :class:`hmkd.errors.DataError` with one line naming the file and entry: a file
   that is not JSON, a missing top-level key, an annotation without ``bbox``/``category_id``/
   ``image_id`` or with a category or image that is not listed, an image file that is missing,
-  unreadable or truncated, or whose size disagrees with the JSON (checked when the item is read).
+  unreadable or truncated, or whose size disagrees with the JSON (checked when the item is read,
+  and for every image before training starts by :func:`hmkd.data.check.check_dataset`).
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from pycocotools.coco import COCO
 
 from hmkd.errors import DataError
 
+from .check import read_image_sizes
 from .transforms import ToTensor
 
 logger = logging.getLogger(__name__)
@@ -96,7 +101,7 @@ def _is_id(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and -(2**63) <= x < 2**63
 
 
-def validate_coco_dict(data: Any, source: str) -> bool:
+def validate_coco_dict(data: Any, source: str, *, sizes_optional: bool = False) -> bool:
     """Check the structure of a COCO detection dict in place and fill optional fields.
 
     Missing ``id`` (annotation), ``iscrowd`` (0) and ``area`` (box area) are filled in. Annotation
@@ -108,6 +113,8 @@ def validate_coco_dict(data: Any, source: str) -> bool:
     Args:
         data: the parsed JSON.
         source: file name (or description) used in error messages.
+        sizes_optional: an image entry may lack ``width``/``height`` (the caller reads them from
+            the image file, as :class:`CocoDetection` does); present ones are still checked.
 
     Returns:
         True when a field had to be filled in (the dict now differs from the file).
@@ -139,7 +146,7 @@ def validate_coco_dict(data: Any, source: str) -> bool:
     for i, im in enumerate(data["images"]):
         if not isinstance(im, dict):
             raise DataError(f"{source}: images[{i}] is not an object")
-        for key in ("id", "file_name", "width", "height"):
+        for key in ("id", "file_name") if sizes_optional else ("id", "file_name", "width", "height"):
             if key not in im:
                 raise DataError(f"{source}: images[{i}] has no '{key}'")
         if not _is_id(im["id"]):
@@ -147,6 +154,8 @@ def validate_coco_dict(data: Any, source: str) -> bool:
         if not isinstance(im["file_name"], str) or not im["file_name"]:
             raise DataError(f"{source}: images[{i}] (id {im['id']}) file_name {im['file_name']!r} is not a file name")
         for key in ("width", "height"):
+            if key not in im:
+                continue  # sizes_optional: read from the image by the caller
             if not isinstance(im[key], int) or isinstance(im[key], bool) or im[key] <= 0:
                 raise DataError(f"{source}: images[{i}] (id {im['id']}) has invalid {key} {im[key]!r}")
         if im["id"] in img_ids:
@@ -300,13 +309,15 @@ class CocoDetection(torch.utils.data.Dataset):
             self.ann_file: str | None = None
             self.source = source or "<in-memory COCO dict>"
             data = ann_file
-            validate_coco_dict(data, self.source)
+            validate_coco_dict(data, self.source, sizes_optional=True)
             self._gt_modified = True  # no file to point evaluation at
         else:
             self.ann_file = str(ann_file)
             self.source = source or self.ann_file
             data = _read_json(ann_file)
-            self._gt_modified = validate_coco_dict(data, self.source)
+            self._gt_modified = validate_coco_dict(data, self.source, sizes_optional=True)
+        if self._fill_sizes(data):
+            self._gt_modified = True
         self.train = bool(train)
         self.with_masks = bool(with_masks)
         self.transforms = transforms if transforms is not None else ToTensor()
@@ -323,6 +334,29 @@ class CocoDetection(torch.utils.data.Dataset):
         self._prepare_targets()
 
     # ------------------------------------------------------------------ loading
+    def _fill_sizes(self, data: dict) -> int:
+        """Read ``width``/``height`` from the image header of each image entry lacking them;
+        returns how many were filled. A missing or unreadable image is a DataError naming it."""
+        todo = [im for im in data["images"] if "width" not in im or "height" not in im]
+        if not todo:
+            return 0
+        sizes = read_image_sizes([self.images_dir / im["file_name"] for im in todo])
+        for im, got in zip(todo, sizes):
+            path = self.images_dir / im["file_name"]
+            if isinstance(got, str):
+                what = "image file not found" if got == "not found" else got
+                raise DataError(
+                    f"{path}: {what}, and {self.source} gives no width/height for it (image id {im['id']})"
+                )
+            for key, v in zip(("width", "height"), got):
+                if key in im and im[key] != v:
+                    raise DataError(
+                        f"{path}: image is {got[0]}x{got[1]} but {self.source} says {key} {im[key]} (image id {im['id']})"
+                    )
+                im[key] = int(v)
+        logger.info("%s: width/height of %d images read from the image files", self.source, len(todo))
+        return len(todo)
+
     def _prepare_targets(self) -> None:
         """Clip boxes, drop degenerate ones, count, and keep per-image arrays."""
         stats = {

@@ -13,7 +13,7 @@ from torch import nn
 from hmkd.config import from_dict
 from hmkd.distill.base import Distiller
 from hmkd.distill.options import MethodOptions
-from hmkd.errors import ConfigError
+from hmkd.errors import ConfigError, did_you_mean
 
 METHODS: dict[str, type[Distiller]] = {"none": Distiller}
 DESCRIPTIONS: dict[str, str] = {"none": "no distillation: the student's own detection losses"}
@@ -44,7 +44,7 @@ def register(name: str, description: str):
 def method_class(method: str) -> type[Distiller]:
     """The Distiller class of ``method``; :class:`ConfigError` naming the known ones if unknown."""
     if method not in METHODS:
-        raise ConfigError(f"unknown method {method!r} (known: {', '.join(METHODS)})")
+        raise ConfigError(f"unknown method {method!r} (known: {', '.join(METHODS)}{did_you_mean(method, list(METHODS))})")
     return METHODS[method]
 
 

@@ -34,6 +34,7 @@ from hmkd.distill.decoder import MatchingDecoder
 from hmkd.distill.decoder_method import FITTED_FORMAT, DecoderDistiller
 from hmkd.engine.checkpoint import load_checkpoint, save_checkpoint
 from hmkd.engine.loaders import close_loader_iter, next_batch, to_device
+from hmkd.engine.logging_utils import bar_wanted
 from hmkd.engine.sampler import InfiniteBatchSampler, SeededDataset, mix_seed
 from hmkd.errors import CheckpointError, ConfigError
 from hmkd.utils import json_safe
@@ -137,7 +138,7 @@ def fit_decoder(
     last: dict[str, float] = {}
     t0 = time.perf_counter()
     data = iter(loader)
-    bar = tqdm(total=iters, disable=not progress, desc="fit decoder", dynamic_ncols=True)
+    bar = tqdm(total=iters, disable=not bar_wanted(progress), desc="fit decoder", dynamic_ncols=True)
     try:
         for it in range(iters):
             images, targets = to_device(*next_batch(data), device)

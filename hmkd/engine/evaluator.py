@@ -72,6 +72,12 @@ SUMMARY_KEYS: tuple[str, ...] = (
 
 _IOU_TYPES = ("bbox", "segm")
 
+ENGINE_NAMES = {
+    "faster": "scored by faster-coco-eval's COCOeval, made bit-identical to pycocotools'",
+    "pycocotools": "scored by pycocotools' COCOeval",
+}
+"""How the evaluation log names each engine (the numbers are pycocotools' exactly either way)."""
+
 
 def _load_gt_dict(gt: str | os.PathLike | dict) -> dict:
     """A private, validated copy of the ground truth (COCOeval mutates the annotations it reads)."""
@@ -376,7 +382,8 @@ def _coco_metrics(
             out["aitod"] = _aitod_metrics(engine, data, _dets_for(iou_type, detections), iou_type, ids, int(aitod_max_dets))
         results[iou_type] = out
         logger.info(
-            "%s: mAP %.2f AP50 %.2f AP75 %.2f APs %.2f APm %.2f APl %.2f (%d detections, %s)",
-            iou_type, out["mAP"], out["AP50"], out["AP75"], out["APs"], out["APm"], out["APl"], len(dets), engine,
+            "%s: mAP %.2f AP50 %.2f AP75 %.2f APs %.2f APm %.2f APl %.2f (%d detections on %d images; %s)",
+            iou_type, out["mAP"], out["AP50"], out["AP75"], out["APs"], out["APm"], out["APl"], len(dets),
+            len(ids) if ids is not None else len(known_imgs), ENGINE_NAMES.get(engine, engine),
         )
     return results

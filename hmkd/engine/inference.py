@@ -13,6 +13,7 @@ from tqdm import tqdm
 from hmkd.engine.coco_results import detections_to_coco
 from hmkd.engine.distributed import gather_unique_detections
 from hmkd.engine.loaders import close_loader_iter, next_batch
+from hmkd.engine.logging_utils import bar_wanted
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ def inference_on_dataset(
     it = iter(loader)
     try:
         with torch.inference_mode():
-            bar = tqdm(total=_len_or_none(loader), desc="inference", disable=not progress, dynamic_ncols=True)
+            bar = tqdm(total=_len_or_none(loader), desc="inference", disable=not bar_wanted(progress), dynamic_ncols=True)
             while True:
                 try:
                     images, targets = next_batch(it)

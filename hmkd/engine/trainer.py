@@ -21,12 +21,19 @@ then replaces ``train.clip_grad``. Everything a run writes goes to ``output_dir`
 
     config.yaml          the resolved config, written at start
     log.jsonl            every log_period-th step: iteration, lr, each loss term, total, s/iter, memory
-    last_checkpoint.pth  every ckpt_period iterations, on SIGINT/SIGTERM and at the end (resumable)
-    model_best.pth       best bbox mAP so far (student weights + metrics)
+    last_checkpoint.pth  every ckpt_period iterations and on SIGINT/SIGTERM (resumable); removed at
+                         the end of a finished run unless train.keep_last_checkpoint
+    model_best.pth       best bbox mAP of the periodic evaluations (train.eval_period > 0 only)
     model_final.pth      the student at the end (a plain detector checkpoint)
     eval/                metrics.json + detections.json of the final evaluation
     metrics.json         final metrics, best, timing
-    loss_curve.png       the logged loss terms
+    loss_curve.png       the logged terms by group (detection, distillation, auxiliary), lr, eval mAP
+
+Console (rank 0, through :mod:`logging`): before iteration 1 a summary of the data (every image's
+header read: :func:`hmkd.data.check.check_dataset`) and, when distilling, the teacher's own
+recorded metrics; every ``log_period`` iterations one line (detectron2's shape: ETA, iteration,
+total and each loss group, lr, iteration and data time, peak memory); a tqdm bar only when stderr
+is a terminal. A resumed run says what changed in its config since the checkpoint.
 
 Fault tolerance:
 
@@ -55,6 +62,7 @@ gathered detections on rank 0.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -67,6 +75,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from hmkd.config import (
     Config,
@@ -83,7 +92,17 @@ from hmkd.engine import distributed as du
 from hmkd.engine.decoder_fit import prepare_decoder
 from hmkd.engine.evaluation import aitod_max_dets_of, evaluate_model, write_eval_outputs
 from hmkd.engine.loaders import close_loader_iter, next_batch, to_device
-from hmkd.engine.logging_utils import JsonlLogger, TensorBoardLogger, peak_memory_mb, plot_loss_curve, read_jsonl
+from hmkd.engine.logging_utils import (
+    JsonlLogger,
+    TensorBoardLogger,
+    bar_wanted,
+    config_changes,
+    format_duration,
+    peak_memory_mb,
+    plot_loss_curve,
+    read_jsonl,
+    step_line,
+)
 from hmkd.engine.optim import build_optimizer, build_scheduler
 from hmkd.engine.pretrain import resolve_pretrained
 from hmkd.engine.sampler import InfiniteBatchSampler, SeededDataset, mix_seed
@@ -132,9 +151,10 @@ def train(
         cfg: the run's config (teacher built from ``cfg.teacher``; its ``weights`` are required
             when the method needs a teacher or ``distill.init_student`` copies from it).
         output_dir: where everything is written (default ``cfg.output_dir`` or ``runs/<cfg.name>``).
-        resume: continue from ``output_dir/last_checkpoint.pth`` (a fresh start, with a warning,
-            when there is none).
-        progress: tqdm bar (rank 0).
+        resume: continue from ``output_dir/last_checkpoint.pth`` (a :class:`CheckpointError` naming
+            the path when there is none: a mistyped folder must not start from scratch unnoticed).
+        progress: report progress (rank 0): a tqdm bar when stderr is a terminal, and in any case
+            a log line every ``train.log_period`` iterations.
 
     Returns:
         The final metrics (also ``metrics.json``): ``{"bbox": {...}, ["segm": {...},] "best": {...},
@@ -161,6 +181,7 @@ class _Run:
         self.out = output_dir
         self.resume = resume
         self.progress = progress and ctx.is_main
+        self.bars = bar_wanted(self.progress)  # tqdm only on a terminal; log lines either way
         self.device = ctx.device
         self.raw_cfg = cfg
         self.amp = bool(cfg.train.amp)
@@ -210,6 +231,7 @@ class _Run:
             raise ConfigError(f"train split has {n} classes but val split has {self.val_set.num_classes}")
         self.num_classes = n
         self.cfg = resolve_config(cfg, self.out, n)
+        self._check_data(read_images=cfg.data.check_images)
 
         # backbone_weights: pretrain -> the stand-in's file (pretrained now if not cached; a resumed
         # student's weights come from its checkpoint)
@@ -220,6 +242,8 @@ class _Run:
             report = weights_io.init_from_teacher(student, teacher, init)
             if ctx.is_main:
                 logger.info("distill.init_student %s: %s", init, report.summary())
+        if with_teacher and ctx.is_main:
+            self._say_teacher(cfg.teacher.weights)
         if not with_teacher:
             teacher = None  # only needed for the copy
         self.distiller = build_distiller(method, student=student, teacher=teacher, options=cfg.distill.options)
@@ -234,7 +258,7 @@ class _Run:
             # a decoder fitted on the teacher alone (distill.options.decoder_fit): the main process fits
             # or finds it in the cache first, the others then load the cached file
             self.decoder_file = du.main_first(
-                ctx, lambda: prepare_decoder(self.distiller, cfg, self.train_set, self.device, progress=self.progress)
+                ctx, lambda: prepare_decoder(self.distiller, cfg, self.train_set, self.device, progress=self.bars)
             )
         self.distiller.train()
         self.student = student
@@ -267,6 +291,46 @@ class _Run:
         self.train_seconds = 0.0
         self.eval_seconds = 0.0
         self.samples_seen = 0  # global data-stream position (all ranks together)
+
+    def _check_data(self, read_images: bool = True) -> None:
+        """The pre-flight check of both splits (rank 0; every rank raises its error) and the
+        one-screen summary; ``read_images`` (``data.check_images``): every image's header too."""
+        from hmkd.data.check import check_dataset, format_reports
+        from hmkd.errors import DataError
+
+        error = None
+        if self.ctx.is_main:
+            try:
+                reports = [check_dataset(self.train_set, "train", read_images=read_images),
+                           check_dataset(self.val_set, "val", read_images=read_images)]
+                for line in format_reports(reports):
+                    logger.info("data: %s", line)
+            except DataError as e:
+                error = str(e)
+        error = du.broadcast_object(self.ctx, error)
+        if error:
+            raise DataError(error)
+
+    def _say_teacher(self, path: str) -> None:
+        """Log the teacher checkpoint's own recorded metrics (``model_final.pth`` holds them)."""
+        try:
+            obj = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+        except Exception:  # noqa: BLE001 - an older format, or not mmap-able: read it plainly
+            try:
+                obj = torch.load(path, map_location="cpu", weights_only=False)
+            except Exception:  # noqa: BLE001 - the weights loader has already reported what matters
+                return
+        metrics = obj.get("metrics") if isinstance(obj, dict) else None
+        bbox = (metrics or {}).get("bbox") if isinstance(metrics, dict) else None
+        if not isinstance(bbox, dict) or not bbox:
+            logger.info("teacher %s: its checkpoint records no metrics (hmkd eval scores it)", path)
+            return
+        keys = ("mAP", "AP50", "AP75", "APs", "APm", "APl")
+        nums = "  ".join(f"{k} {bbox[k]:.1f}" if isinstance(bbox.get(k), (int, float)) and math.isfinite(bbox[k])
+                         else f"{k} -" for k in keys)
+        run = (obj.get("config") or {}).get("name") if isinstance(obj.get("config"), dict) else None
+        where = f"iteration {obj.get('iteration')}" + (f" of run {run!r}" if run else "")
+        logger.info("teacher %s: bbox %s (its own evaluation, %s)", path, nums, where)
 
     def _paths(self) -> dict[str, str]:
         return {k: os.path.join(self.out, v) for k, v in (("last", ckpt_io.LAST), ("best", ckpt_io.BEST), ("final", ckpt_io.FINAL))}
@@ -359,6 +423,7 @@ class _Run:
             msg = " ".join(str(e).split())[:300]
             raise CheckpointError(f"{path}: does not fit this run's model/optimiser ({msg})") from None
         self.iteration = int(ckpt["iteration"])
+        self._say_changes(path, ckpt.get("config"))
         tr = ckpt.get("trainer") or {}
         self.best = dict(tr.get("best") or self.best)
         self.evals = list(tr.get("evals") or [])
@@ -378,6 +443,24 @@ class _Run:
             ckpt_io.seed_everything(mix_seed(self.cfg.seed, self.ctx.rank, self.iteration))
         logger.info("resumed from %s at iteration %d", path, self.iteration)
 
+    def _say_changes(self, path: str, saved: dict[str, Any] | None) -> None:
+        """Warn about what differs between the checkpoint's config and this run's (rank 0)."""
+        if not self.ctx.is_main or not isinstance(saved, dict):
+            return
+        changes = config_changes(saved, to_dict(self.cfg), ignore=("output_dir",))
+        if not changes:
+            return
+        iters = [c for c in changes if c[0] == "train.iters"]
+        if iters:
+            _, old, new = iters[0]
+            logger.warning("resuming %s at iteration %d with train.iters %s -> %s (the schedule is the new one's)",
+                           path, self.iteration, old, new)
+        others = [c for c in changes if c[0] != "train.iters"]
+        if others:
+            shown = ", ".join(f"{k} {o!r} -> {n!r}" for k, o, n in others[:8])
+            more = f" and {len(others) - 8} more" if len(others) > 8 else ""
+            logger.warning("resuming %s with a changed config: %s%s", path, shown, more)
+
     # -- evaluation -----------------------------------------------------------------------------
     def _evaluate(self, final: bool = False) -> dict[str, Any]:
         t0 = time.perf_counter()
@@ -388,7 +471,7 @@ class _Run:
             batch_size=self.cfg.data.eval_batch_size,
             workers=self.cfg.data.workers,
             with_masks=is_mask_model(self.cfg),
-            progress=self.progress,
+            progress=self.bars,
             ctx=self.ctx,
             aitod_max_dets=aitod_max_dets_of(self.cfg),
         )
@@ -406,21 +489,21 @@ class _Run:
         m = bbox.get("mAP")
         if m is not None and math.isfinite(m) and (self.best["mAP"] is None or m > self.best["mAP"]):
             self.best = {"iteration": self.iteration, "mAP": m}
-            self._save_weights("best", metrics)
+            if self.cfg.train.eval_period:  # with the final evaluation only, it would be model_final.pth again
+                self._save_weights("best", metrics)
         return metrics
 
     # -- the loop -------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
+        paths = self._paths()
+        if self.resume and not os.path.isfile(paths["last"]):
+            raise CheckpointError(self._no_resume_state(paths["last"]))
         self._setup()
         cfg, ctx, tcfg = self.cfg, self.ctx, self.cfg.train
-        paths = self._paths()
         resumed = False
         if self.resume:
-            if os.path.isfile(paths["last"]):
-                self._load(paths["last"])
-                resumed = True
-            else:
-                logger.warning("resume: no %s; starting from scratch", paths["last"])
+            self._load(paths["last"])
+            resumed = True
         elif ctx.is_main and os.path.isfile(paths["last"]):
             logger.warning("%s exists and resume is off: starting from scratch (it will be overwritten)", paths["last"])
         if not resumed:
@@ -438,12 +521,25 @@ class _Run:
             if tcfg.tensorboard:
                 self.tb = TensorBoardLogger(os.path.join(self.out, "tensorboard"))
         try:
-            with StopSignal() as stop:
+            # with a bar on the terminal, log lines are written above it (tqdm.write) instead of through it
+            with StopSignal() as stop, logging_redirect_tqdm() if self.bars else contextlib.nullcontext():
                 self._loop(stop)
             return self._finish()
         finally:
             if self.tb is not None:
                 self.tb.close()
+
+    def _no_resume_state(self, last: str) -> str:
+        """Why ``--resume`` cannot continue: the folder is missing, holds a finished run whose
+        resume state was removed, or holds no checkpoint."""
+        if not os.path.isdir(self.out):
+            why = f"the output folder {self.out} does not exist (mistyped --output-dir?)"
+        elif os.path.isfile(os.path.join(self.out, "metrics.json")):
+            why = (f"{self.out} holds a finished run whose resume state was removed at its end "
+                   "(train.keep_last_checkpoint: true keeps it)")
+        else:
+            why = f"{self.out} holds no checkpoint"
+        return f"--resume: no {last}: {why}; leave out --resume to start from scratch"
 
     def _remove_partial_writes(self) -> None:
         """Delete temporary checkpoint files a killed run left (``.last_checkpoint.pth.XXXX.tmp``):
@@ -484,9 +580,14 @@ class _Run:
         if self.iteration >= total_iters:
             return
         data = iter(self._loader())
-        bar = tqdm(total=total_iters, initial=self.iteration, disable=not self.progress, desc=cfg.name, dynamic_ncols=True)
+        bar = tqdm(total=total_iters, initial=self.iteration, disable=not self.bars, desc=cfg.name, dynamic_ncols=True)
         window: dict[str, list[float]] = {}
         win_time, win_data, win_n = 0.0, 0.0, 0
+        self._session = (self.iteration, self.train_seconds)  # for the ETA: this process's own speed
+        if self.progress:
+            logger.info("training %s: iterations %d -> %d, %s (log every %s iterations) -> %s", cfg.name,
+                        self.iteration, total_iters, self.cfg.distill.method if self.cfg.distill.method != "none"
+                        else "no distillation", tcfg.log_period or total_iters, self.out)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         last_ckpt = self._paths()["last"] if os.path.isfile(self._paths()["last"]) else None
@@ -518,8 +619,8 @@ class _Run:
                 for k, v in values.items():
                     window.setdefault(k, []).append(v)
                 win_time, win_data, win_n = win_time + dt, win_data + t_data, win_n + 1
-                bar.update(1)
-                if self.progress:
+                if self.bars:
+                    bar.update(1)
                     bar.set_postfix(loss=f"{values['total']:.3f}", lr=f"{lr:.2e}", refresh=False)
 
                 done = self.iteration >= total_iters
@@ -554,12 +655,25 @@ class _Run:
         self.log.write(rec)
         if self.tb is not None:
             self.tb.write(self.iteration, {k: v for k, v in rec.items() if k != "iteration"})
+        if self.progress:
+            it0, sec0 = self._session
+            done = self.iteration - it0
+            per_iter = (self.train_seconds - sec0) / done if done > 0 else sec
+            eta = per_iter * (self.cfg.train.iters - self.iteration)
+            logger.info("%s", step_line(rec, total_iters=self.cfg.train.iters, eta_sec=eta))
 
     def _finish(self) -> dict[str, Any]:
         metrics = self._evaluate(final=True)
         self._save_weights("final", metrics)
         ctx = self.ctx
         n = self.iteration
+        outputs = {"final": self._paths()["final"], "metrics": os.path.join(self.out, "metrics.json"),
+                   "log": self.log.path, "loss_curve": os.path.join(self.out, "loss_curve.png"),
+                   "eval": os.path.join(self.out, "eval")}
+        if self.cfg.train.eval_period and os.path.isfile(self._paths()["best"]):
+            outputs["best"] = self._paths()["best"]
+        if self.cfg.train.keep_last_checkpoint:
+            outputs["last"] = self._paths()["last"]
         result: dict[str, Any] = dict(metrics)
         result.update(
             {
@@ -580,13 +694,23 @@ class _Run:
                     "amp": self.amp,
                 },
                 "output_dir": self.out,
+                "outputs": outputs,
             }
         )
         if ctx.is_main:
             write_json(os.path.join(self.out, "metrics.json"), result)
             try:
-                plot_loss_curve(read_jsonl(self.log.path), os.path.join(self.out, "loss_curve.png"))
+                plot_loss_curve(read_jsonl(self.log.path), outputs["loss_curve"])
             except Exception as e:  # a figure is not worth failing a finished run
                 logger.warning("could not draw loss_curve.png: %s", e)
+            if not self.cfg.train.keep_last_checkpoint and os.path.isfile(self._paths()["last"]):
+                # the resume state (optimiser moments, schedules, random streams: ~3x the model) is
+                # of no use once model_final.pth and metrics.json are written
+                os.remove(self._paths()["last"])
+                logger.info("removed %s (the resume state of a finished run; train.keep_last_checkpoint: true keeps it)",
+                            self._paths()["last"])
+            logger.info("finished %s: %d iterations in %s (%.3f s/iter), evaluation %s", self.cfg.name, n,
+                        format_duration(self.train_seconds), self.train_seconds / n if n else float("nan"),
+                        format_duration(self.eval_seconds))
         du.barrier(ctx)
         return result

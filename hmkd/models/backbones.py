@@ -21,7 +21,7 @@ from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from hmkd.errors import ConfigError
+from hmkd.errors import ConfigError, did_you_mean
 
 LEVELS = ("P2", "P3", "P4", "P5", "P6", "P7")
 
@@ -43,7 +43,7 @@ NORMS = ("gn", "bn", "frozen_bn")
 def level_index(name: str) -> int:
     """``"P3"`` -> 3, with a clear error for anything else."""
     if name not in LEVELS:
-        raise ConfigError(f"unknown FPN level {name!r} (known: {', '.join(LEVELS)})")
+        raise ConfigError(f"unknown FPN level {name!r} (known: {', '.join(LEVELS)}{did_you_mean(name, list(LEVELS))})")
     return int(name[1:])
 
 
@@ -63,7 +63,7 @@ def norm_layer(norm: str) -> Callable[[int], nn.Module]:
         return nn.BatchNorm2d
     if norm == "frozen_bn":
         return FrozenBatchNorm2d
-    raise ConfigError(f"unknown norm {norm!r} (known: {', '.join(NORMS)})")
+    raise ConfigError(f"unknown norm {norm!r} (known: {', '.join(NORMS)}{did_you_mean(norm, list(NORMS))})")
 
 
 class _MobileNetV2Body(nn.Module):
@@ -127,7 +127,7 @@ def build_body(name: str, norm: str = "gn") -> tuple[nn.Module, list[int]]:
     if name in _TIMM_VOVNET:
         body = _TimmBody(_TIMM_VOVNET[name], norm)
         return body, list(body.channels)
-    raise ConfigError(f"unknown backbone {name!r} (known: {', '.join(BACKBONES)})")
+    raise ConfigError(f"unknown backbone {name!r} (known: {', '.join(BACKBONES)}{did_you_mean(name, list(BACKBONES))})")
 
 
 class FPNBackbone(nn.Module):
@@ -182,6 +182,6 @@ def build_backbone(
 ) -> FPNBackbone:
     """Backbone ``name`` with an FPN producing ``levels`` (no weights are downloaded)."""
     if norm not in NORMS:
-        raise ConfigError(f"unknown norm {norm!r} (known: {', '.join(NORMS)})")
+        raise ConfigError(f"unknown norm {norm!r} (known: {', '.join(NORMS)}{did_you_mean(norm, list(NORMS))})")
     body, chans = build_body(name, norm)
     return FPNBackbone(body, chans, levels, out_channels, norm)

@@ -19,7 +19,7 @@ from torchvision.models.detection.fcos import FCOSHead
 from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.ops import MultiScaleRoIAlign
 
-from hmkd.errors import ConfigError
+from hmkd.errors import ConfigError, did_you_mean
 from hmkd.models.backbones import LEVELS, build_backbone, group_norm, level_index
 
 DETECTORS: dict[str, str] = {
@@ -96,7 +96,7 @@ def build_detector(
         The remaining arguments are torchvision's own (proposal counts, thresholds).
     """
     if detector not in DETECTORS:
-        raise ConfigError(f"unknown detector {detector!r} (known: {', '.join(DETECTORS)})")
+        raise ConfigError(f"unknown detector {detector!r} (known: {', '.join(DETECTORS)}{did_you_mean(detector, list(DETECTORS))})")
     if num_classes < 1:
         raise ConfigError(f"model.num_classes must be >= 1, got {num_classes}")
     levels = list(levels) if levels else list(DEFAULT_LEVELS[detector])

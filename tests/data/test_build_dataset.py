@@ -60,5 +60,5 @@ def test_visdrone_kind_gives_dict_gt(tmp_path):
 def test_bad_kind_and_missing_ann_file(tmp_path):
     with pytest.raises(ConfigError, match="'nope'"):
         build_dataset("nope", train=True, root=str(tmp_path))
-    with pytest.raises(ConfigError, match="ann_file"):
+    with pytest.raises(ConfigError, match="data.train_ann"):
         build_dataset("coco", train=True, root=str(tmp_path))

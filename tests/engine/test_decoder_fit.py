@@ -165,7 +165,8 @@ def test_a_frozen_fitted_decoder_runs_no_aux_task_and_has_no_optimiser(synth_roo
 def test_distillation_fits_once_with_decoder_fit_auto(synth_root, teacher_weights, cache, tmp_path):
     from hmkd.engine.trainer import train
 
-    cfg = make_cfg(synth_root, teacher_weights, "distill.options.decoder_fit=auto", "distill.options.decoder_training=frozen")
+    cfg = make_cfg(synth_root, teacher_weights, "distill.options.decoder_fit=auto", "distill.options.decoder_training=frozen",
+                   "train.keep_last_checkpoint=true")
     train(cfg, output_dir=str(tmp_path / "run"), progress=False)
     files = [f for f in os.listdir(cache / "decoders") if f.endswith(".pt")]
     assert len(files) == 1

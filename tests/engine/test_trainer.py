@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
+import stat
 import signal
 from dataclasses import dataclass
 
@@ -25,7 +27,7 @@ from hmkd.engine.sampler import InfiniteBatchSampler
 from hmkd.engine.evaluation import evaluate
 from hmkd.engine.optim import WarmupSchedule
 from hmkd.engine.trainer import TrainingInterrupted, train
-from hmkd.errors import ConfigError, NonFiniteLossError
+from hmkd.errors import CheckpointError, ConfigError, NonFiniteLossError
 from hmkd.models import build_model, fpn_channels_of
 
 
@@ -104,7 +106,7 @@ def make_cfg(synth_root, *extra, teacher=None):
         "data.synth.size=128", "data.batch_size=2", "data.eval_batch_size=2", "data.workers=0",
         *TINY_MODEL,
         "train.iters=4", "train.warmup_iters=2", "train.lr=0.001", "train.log_period=1", "train.ckpt_period=0",
-        "train.eval_period=0",
+        "train.eval_period=0", "train.keep_last_checkpoint=true",  # the tests compare the resume states
     ]
     if teacher:
         items += [f"teacher.{o.split('=', 1)[0].split('.', 1)[1]}={o.split('=', 1)[1]}" for o in TINY_MODEL]
@@ -198,7 +200,7 @@ def _assert_same_run(a: str, b: str) -> None:
             assert ra["total"] == rb["total"] and ra["lr"] == rb["lr"]
 
 
-def test_sigint_then_resume_matches_uninterrupted_run(synth_root, teacher_weights, straight_run, tmp_path):
+def test_sigint_then_resume_matches_uninterrupted_run(synth_root, teacher_weights, straight_run, tmp_path, caplog):
     out = str(tmp_path / "interrupted")
     cfg = make_cfg(synth_root, "distill.options.interrupt_at=1", teacher=teacher_weights)
     with pytest.raises(TrainingInterrupted) as e:
@@ -208,8 +210,64 @@ def test_sigint_then_resume_matches_uninterrupted_run(synth_root, teacher_weight
     assert not os.path.exists(os.path.join(out, "model_final.pth"))
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
 
-    train(make_cfg(synth_root, teacher=teacher_weights), output_dir=out, resume=True, progress=False)
+    with caplog.at_level(logging.WARNING, logger="hmkd.engine.trainer"):
+        train(make_cfg(synth_root, teacher=teacher_weights), output_dir=out, resume=True, progress=False)
     _assert_same_run(straight_run, out)
+    said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("with a changed config: distill.options.interrupt_at 1 -> None" in m for m in said), said
+
+
+def test_console_lines_outputs_and_summary(synth_root, teacher_weights, tmp_path, caplog, capsys):
+    """What a finished run says and leaves: the data summary and the teacher's own metrics before
+    iteration 1, one detectron2-style line per log_period (no tqdm when stderr is not a terminal),
+    the checkpoints a user needs (no resume state, no model_best.pth copy of the final model) with
+    the mode every other output has, and a short summary table."""
+    teacher = str(tmp_path / "teacher_final.pth")
+    sd = torch.load(teacher_weights, weights_only=True)
+    nan = float("nan")
+    torch.save({"model": sd, "iteration": 90, "config": {"name": "tiny_teacher"},
+                "metrics": {"bbox": {"mAP": 31.25, "AP50": 50.0, "AP75": 30.0, "APs": 20.0, "APm": 40.0, "APl": nan}}},
+               teacher)
+    out = str(tmp_path / "run")
+    cfg = make_cfg(synth_root, "train.log_period=2", "train.keep_last_checkpoint=false", "train.ckpt_period=2",
+                   teacher=teacher)
+    with caplog.at_level(logging.INFO):
+        metrics = train(cfg, output_dir=out, progress=True)
+    said = [r.getMessage() for r in caplog.records if r.name == "hmkd.engine.trainer"]
+    first_step = next(i for i, m in enumerate(said) if m.startswith("eta: "))
+    before = said[:first_step]
+    assert any(m.startswith("data: train: 4 images, ") and "small" in m for m in before), before
+    assert any(m.startswith("data: val: 3 images, ") for m in before), before
+    assert any(m == f"teacher {teacher}: bbox mAP 31.2  AP50 50.0  AP75 30.0  APs 20.0  APm 40.0  APl - "
+               "(its own evaluation, iteration 90 of run 'tiny_teacher')" for m in before), before
+    steps = [m for m in said if m.startswith("eta: ")]
+    assert [m.split("iter: ")[1].split()[0] for m in steps] == ["2/4", "4/4"]
+    for m in steps:
+        for part in ("total: ", "detection: ", "distillation: ", "auxiliary: ", "lr: ", "time: ", "data_time: ", "max_mem: "):
+            assert part in m, (part, m)
+    assert "\r" not in capsys.readouterr().err  # no tqdm bar: stderr is not a terminal here
+
+    files = sorted(os.listdir(out))
+    assert "last_checkpoint.pth" not in files and "model_best.pth" not in files, files
+    assert {"model_final.pth", "metrics.json", "log.jsonl", "loss_curve.png", "config.yaml", "eval"} <= set(files)
+    mode = stat.S_IMODE(os.stat(os.path.join(out, "metrics.json")).st_mode)
+    assert stat.S_IMODE(os.stat(os.path.join(out, "model_final.pth")).st_mode) == mode
+    assert set(metrics["outputs"]) == {"final", "metrics", "log", "loss_curve", "eval"}
+
+    from hmkd.engine.logging_utils import format_summary
+
+    text = format_summary(metrics)
+    assert text.startswith("finished: 4 iterations (toy_test) in ")
+    assert "| bbox |" in text and "nan" not in text.lower() and len(text.splitlines()) < 20
+    assert "model_final.pth" in text and "last_checkpoint.pth" not in text
+
+    # --resume where there is nothing to resume is an error naming the path, never a fresh start
+    with pytest.raises(CheckpointError, match=r"holds a finished run whose resume state was removed"):
+        train(cfg, output_dir=out, resume=True, progress=False)
+    typo = str(tmp_path / "rnu")
+    with pytest.raises(CheckpointError, match=rf"^--resume: no {typo}/last_checkpoint.pth: the output folder {typo} does not exist"):
+        train(cfg, output_dir=typo, resume=True, progress=False)
+    assert not os.path.exists(typo)
 
 
 def test_extra_optimiser_without_gradients_is_skipped(synth_root, teacher_weights, tmp_path):
@@ -301,7 +359,7 @@ def test_init_student_with_method_none_is_teacher_initialised_no_kd(synth_root, 
     assert all(torch.equal(own[k], final[k]) for k in body)  # same seed, same body
 
 
-def test_init_student_copies_at_the_start_only_never_on_resume(synth_root, teacher_weights, tmp_path, monkeypatch):
+def test_init_student_copies_at_the_start_only_never_on_resume(synth_root, teacher_weights, tmp_path, monkeypatch, caplog):
     import hmkd.models.weights as weights_io
 
     calls = []
@@ -317,9 +375,12 @@ def test_init_student_copies_at_the_start_only_never_on_resume(synth_root, teach
     train(make_cfg(synth_root, "distill.method=none", "distill.init_student=neck", "train.iters=2",
                    teacher=teacher_weights), output_dir=out, progress=False)
     assert calls == ["neck"]
-    metrics = train(make_cfg(synth_root, "distill.method=none", "distill.init_student=neck", "train.iters=3",
-                             teacher=teacher_weights), output_dir=out, resume=True, progress=False)
+    with caplog.at_level(logging.WARNING, logger="hmkd.engine.trainer"):
+        metrics = train(make_cfg(synth_root, "distill.method=none", "distill.init_student=neck", "train.iters=3",
+                                 teacher=teacher_weights), output_dir=out, resume=True, progress=False)
     assert calls == ["neck"] and metrics["iteration"] == 3  # resumed: the checkpoint holds the student
+    said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("at iteration 2 with train.iters 2 -> 3" in m for m in said), said  # a changed length is said
     # the method's default: toy_test (like fitnet and hmkd) none, so nothing is copied
     train(make_cfg(synth_root, "train.iters=1", teacher=teacher_weights), output_dir=str(tmp_path / "toy"), progress=False)
     assert calls == ["neck"]

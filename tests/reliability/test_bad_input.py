@@ -128,7 +128,8 @@ def _without(path: tuple, data: dict | None = None) -> dict:
         (("annotations",), "missing top-level key 'annotations'"),
         (("categories",), "missing top-level key 'categories'"),
         (("images", 1, "file_name"), r"images\[1\] has no 'file_name'"),
-        (("images", 0, "height"), r"images\[0\] has no 'height'"),
+        # read from the image instead; with no image to read it from, the image is named
+        (("images", 0, "height"), r"a.png: image file not found, and .*ann.json gives no width/height for it \(image id 1\)"),
         (("annotations", 2, "bbox"), r"annotations\[2\] \(id 3\) has no 'bbox'"),
         (("annotations", 0, "category_id"), r"annotations\[0\] \(id 1\) has no 'category_id'"),
         (("annotations", 1, "image_id"), r"annotations\[1\] \(id 2\) has no 'image_id'"),
@@ -384,8 +385,27 @@ def test_unknown_names_list_the_known_ones(fn, match) -> None:
 @pytest.mark.parametrize(
     "yaml_text, overrides, match",
     [
-        ("train:\n  lrr: 0.1\n", [], r"cfg.yaml: unknown key 'train.lrr' \(known: iters, optimizer, lr, "),
-        ("modle:\n  detector: fcos\n", [], r"unknown key 'modle' \(known: name, seed, device, output_dir, model, "),
+        ("train:\n  lrr: 0.1\n", [], r"cfg.yaml: unknown key 'train.lrr' \(did you mean 'train.lr'\?\)$"),
+        ("modle:\n  detector: fcos\n", [], r"cfg.yaml: unknown key 'modle' \(did you mean 'model'\?\)$"),
+        ("train:\n  zzz: 1\n", [], r"cfg.yaml: unknown key 'train.zzz' \(known: iters, optimizer, lr, "),
+        # inside an optional section: the key, not "teacher must be ModelConfig or NoneType, got {...}"
+        ("teacher: {backbon: resnet50}\n", [], r"cfg.yaml: unknown key 'teacher.backbon' \(did you mean 'teacher.backbone'\?\)$"),
+        ("data:\n  synth: {n_trian: 3}\n", [], r"cfg.yaml: unknown key 'data.synth.n_trian' \(did you mean 'data.synth.n_train'\?\)$"),
+        ("distill:\n  method: hmkd\n  options: {alhpa: 2}\n", [],
+         r"cfg.yaml: unknown key 'distill.options.alhpa' \(did you mean 'distill.options.alpha'\?\)$"),
+        ("distill:\n  method: fgd\n  options: {temprature: 2}\n", [],
+         r"cfg.yaml: unknown key 'distill.options.temprature' \(did you mean 'distill.options.temperature'\?\)$"),
+        ("distill:\n  method: hmkd\n  options: {heads: many}\n", [], r"cfg.yaml: distill.options.heads must be an integer, got 'many'"),
+        ("distill:\n  method: hmkd\n  options: {heads: 0}\n", [], r"distill.options.heads must be >= 1, got 0"),
+        ("model:\n  min_size: [128, x]\n", [], r"cfg.yaml: model.min_size\[1\] must be an integer, got 'x'"),
+        # a typo on the command line is the command line's, not the file's
+        ("train:\n  lr: 0.1\n", ["train.lrr=0.1"], r"^command line: unknown key 'train.lrr' \(did you mean 'train.lr'\?\)$"),
+        ("train:\n  lr: 0.1\n", ["teacher.backbon=resnet50"], r"^command line: unknown key 'teacher.backbon'"),
+        ("train:\n  lr: 0.1\n", ["distill.method=hmkd", "distill.options.alhpa=1"],
+         r"^command line: unknown key 'distill.options.alhpa' \(did you mean 'distill.options.alpha'\?\)$"),
+        ("train:\n  iters: 5\n", ["train.iters=many"], r"^command line: train.iters must be an integer, got 'many'"),
+        # a model key the teacher inherits is reported as the model's, where it was written
+        ("model: {backbon: resnet50}\nteacher: {weights: t.pth}\n", [], r"cfg.yaml: unknown key 'model.backbon'"),
         ("train:\n  iters: many\n", [], r"cfg.yaml: train.iters must be an integer, got 'many'"),
         ("data:\n  hflip: 'yes'\n", [], r"data.hflip must be true or false, got 'yes'"),
         ("model:\n  levels: P3\n", [], r"model.levels must be list or NoneType, got 'P3'"),
@@ -394,7 +414,9 @@ def test_unknown_names_list_the_known_ones(fn, match) -> None:
         ("", ["train.iters=1.5"], r"train.iters must be an integer, got 1.5"),
         ("", ["train"], r"override 'train' must look like key=value"),
     ],
-    ids=["key", "section", "int", "bool", "list", "mapping", "yaml", "override-type", "override-form"],
+    ids=["key", "section", "key-far", "teacher-key", "synth-key", "options-key", "fgd-options-key", "options-type",
+         "options-value", "list-item", "cli-key", "cli-teacher-key", "cli-options-key", "cli-type",
+         "inherited-key", "int", "bool", "list", "mapping", "yaml", "override-type", "override-form"],
 )
 def test_bad_config(tmp_path: Path, yaml_text, overrides, match) -> None:
     path = tmp_path / "cfg.yaml"
@@ -402,6 +424,23 @@ def test_bad_config(tmp_path: Path, yaml_text, overrides, match) -> None:
     with pytest.raises(ConfigError, match=match) as e:
         load_config(str(path), overrides)
     one_line(e)
+
+
+def test_config_error_names_the_base_file_that_set_the_key(tmp_path: Path) -> None:
+    (tmp_path / "base.yaml").write_text("train:\n  lrr: 0.1\n")
+    (tmp_path / "run.yaml").write_text("_base_: base.yaml\ntrain:\n  iters: 3\n")
+    with pytest.raises(ConfigError, match=r"base.yaml: unknown key 'train.lrr' \(did you mean 'train.lr'\?\)") as e:
+        load_config(str(tmp_path / "run.yaml"))
+    assert "run.yaml" not in one_line(e)
+
+
+def test_unknown_names_suggest_the_nearest() -> None:
+    with pytest.raises(ConfigError, match=r"unknown method 'hmdk' \(known: none, .*; did you mean 'hmkd'\?\)"):
+        needs_teacher("hmdk")
+    with pytest.raises(ConfigError, match=r"unknown backbone 'resnet5' \(known: .*; did you mean 'resnet50'\?\)"):
+        build_detector("fcos", "resnet5", num_classes=2)
+    with pytest.raises(ConfigError, match=r"data.kind 'cocco' is unknown; .*did you mean 'coco'\?"):
+        build_dataset("cocco", train=True, root=".")
 
 
 @pytest.mark.parametrize("override", ["train.lr=.nan", "train.clip_grad=.inf", "train.weight_decay=nan"])
@@ -418,7 +457,7 @@ def test_non_finite_training_numbers(tmp_path: Path, override) -> None:
 def test_bad_distill_options() -> None:
     s = build_detector("fcos", "resnet18", num_classes=2, **TINY_MODEL_KW)
     t = build_detector("fcos", "resnet18", num_classes=2, **TINY_MODEL_KW)
-    with pytest.raises(ConfigError, match=r"unknown key 'distill.options.alhpa' \(known: .*alpha") as e:
+    with pytest.raises(ConfigError, match=r"unknown key 'distill.options.alhpa' \(did you mean 'distill.options.alpha'\?\)") as e:
         build_distiller("fgd", student=s, teacher=t, options={"alhpa": 1.0})
     one_line(e)
 

@@ -40,9 +40,9 @@ def case(name: str, args: list[str], match: list[str], *, only_line: bool = Fals
 
 # ``{d}`` is the test's folder. ``only_line``: the error is the whole of stderr (raised before any logging).
 case("config-unknown-key", ["train", "{d}/badkey.yaml", "--output-dir", "{d}/out-key"],
-     ["badkey.yaml: unknown key 'train.lrr' (known: iters, optimizer, lr,"], only_line=True, absent=["out-key"])
+     ["badkey.yaml: unknown key 'train.lrr' (did you mean 'train.lr'?)"], only_line=True, absent=["out-key"])
 case("config-wrong-type", ["train", "{d}/good.yaml", "train.iters=many", "--output-dir", "{d}/out-type"],
-     ["good.yaml: train.iters must be an integer, got 'many'"], only_line=True, absent=["out-type"])
+     ["command line: train.iters must be an integer, got 'many'"], only_line=True, absent=["out-type"])
 case("unknown-detector", ["train", "{d}/good.yaml", "model.detector=yolo", "--output-dir", "{d}/out-det"],
      ["unknown detector 'yolo' (known: faster_rcnn, mask_rcnn, retinanet, fcos)"],
      absent=["out-det/config.yaml", "out-det/last_checkpoint.pth", "out-det/metrics.json"])

@@ -145,7 +145,8 @@ def test_sigkill_during_checkpoint_write_keeps_previous_checkpoint(tmp_path: Pat
     # and the run resumes from it to the end
     metrics = train(load_config(str(cfg_path), []), output_dir=str(out), resume=True, progress=False)
     assert metrics["status"] == "finished" and metrics["iteration"] == 3
-    assert ck.load_training_checkpoint(str(out / "last_checkpoint.pth"))["iteration"] == 3
+    assert ck.load_checkpoint(str(out / "model_final.pth"))["iteration"] == 3
+    assert not (out / "last_checkpoint.pth").exists()  # a finished run's resume state is removed
     assert _log_iterations(out) == [1, 2, 3]
     assert not list(out.glob(".*.tmp")), "the killed run's partial write was not cleaned up"
 
@@ -224,7 +225,8 @@ def _signal_then_resume(d: Path, sig: signal.Signals, whole_group: bool, report:
         stdout, err = q.communicate(timeout=TIMEOUT)
         report["resume"] = (q.returncode, err, stdout)
         report["metrics"] = json.loads((out / "metrics.json").read_text())
-        report["final_checkpoint"] = ck.load_training_checkpoint(str(out / "last_checkpoint.pth"))["iteration"]
+        report["final_checkpoint"] = ck.load_checkpoint(str(out / "model_final.pth"))["iteration"]
+        report["last_left"] = (out / "last_checkpoint.pth").exists()
         report["log"] = _log_iterations(out)
     except Exception as e:  # reported by the test, not lost in the thread
         report["error"] = f"{type(e).__name__}: {e}"
@@ -282,7 +284,7 @@ def test_signal_saves_checkpoint_exits_cleanly_and_resume_finishes(signal_runs, 
     assert rep["complete_after_stop"] == [], "an interrupted run wrote final outputs"
     rc, err, stdout = rep["resume"]
     assert rc == 0, err
-    assert json.loads(stdout)["iteration"] == ITERS
+    assert f"finished: {ITERS} iterations" in stdout  # the summary table
     assert rep["metrics"]["status"] == "finished" and rep["metrics"]["iteration"] == ITERS
-    assert rep["final_checkpoint"] == ITERS
+    assert rep["final_checkpoint"] == ITERS and not rep["last_left"]
     assert rep["log"] == list(range(1, ITERS + 1))  # every iteration logged once, none lost or repeated

@@ -26,7 +26,8 @@ __all__ = ["VOLATILE", "run_config", "run_spec", "spec_diff", "teacher_config", 
 #: keys of a run's config that do not change its result (ignored when deciding to reuse a run)
 VOLATILE = (
     ("name",), ("output_dir",), ("device",), ("data", "workers"), ("data", "root"), ("data", "eval_batch_size"),
-    ("train", "log_period"), ("train", "ckpt_period"), ("train", "tensorboard"),
+    ("train", "log_period"), ("train", "ckpt_period"), ("train", "tensorboard"), ("train", "keep_last_checkpoint"),
+    ("data", "check_images"),
 )
 
 

@@ -1,0 +1,318 @@
+"""What every config key means: the one place it is written, for ``hmkd config show`` and ``docs/CONFIG.md``.
+
+:data:`KEY_DOCS` maps each dotted key of :class:`hmkd.config.Config` to ``(allowed values, meaning)``;
+:func:`render_markdown` writes ``docs/CONFIG.md`` from it and from the dataclasses' defaults (a test
+checks the file is up to date and that no key is undocumented); :func:`show` prints a resolved
+config with every key, its value, its default and its allowed values. The options of each
+``distill.method`` (``distill.options.*``) are listed from the method's own options dataclass with
+their defaults; their meaning is in the README's method tables.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from typing import Any
+
+import yaml
+
+from hmkd.config import Config, ModelConfig, from_dict, to_dict
+
+__all__ = ["KEY_DOCS", "config_keys", "method_option_fields", "render_markdown", "show"]
+
+# allowed values: "" = what the type allows (filled in from the annotation); {name} = a registry
+KEY_DOCS: dict[str, tuple[str, str]] = {
+    "name": ("", "run name; the default output folder is `runs/<name>`"),
+    "seed": ("", "seed of every random stream: initialisation, data order, each sample's augmentation"),
+    "device": ("auto | cpu | cuda | cuda:N", "where to run; `auto`: CUDA when available, else CPU"),
+    "output_dir": ("", "where the run writes (`--output-dir` wins); null: `runs/<name>`"),
+    # -- model ------------------------------------------------------------------------------------
+    "model": ("", "the detector being trained (the student when distilling)"),
+    "model.detector": ("{detectors}", "torchvision detector"),
+    "model.backbone": ("{backbones}", "backbone body under the FPN"),
+    "model.num_classes": ("", "object classes without background; null: taken from the data set"),
+    "model.fpn_channels": ("", "channels of every FPN level"),
+    "model.levels": ("list of P2..P7", "FPN levels (stride 2^l); null: Faster/Mask R-CNN P2-P6, RetinaNet/FCOS P3-P7"),
+    "model.norm": ("{norms}", "norm layers: `gn` trains from scratch at small batch, `frozen_bn` is torchvision's pretrained setting"),
+    "model.min_size": ("integer or list", "the detector's resize of the shorter side; a list is multi-scale training (one drawn per image), evaluation uses the last"),
+    "model.max_size": ("", "cap on the longer side after the resize"),
+    "model.anchor_scale": ("", "anchor size / stride; null: the detector's default (8 R-CNN, 4 RetinaNet, 1 FCOS)"),
+    "model.head_convs": ("", "conv layers of the FCOS head (RetinaNet's is fixed at 4)"),
+    "model.rpn_pre_nms_top_n_train": ("", "Faster/Mask R-CNN: proposals per level before NMS, training"),
+    "model.rpn_pre_nms_top_n_test": ("", "Faster/Mask R-CNN: proposals per level before NMS, evaluation"),
+    "model.rpn_post_nms_top_n_train": ("", "Faster/Mask R-CNN: proposals kept after NMS, training"),
+    "model.rpn_post_nms_top_n_test": ("", "Faster/Mask R-CNN: proposals kept after NMS, evaluation"),
+    "model.box_batch_size_per_image": ("", "Faster/Mask R-CNN: RoIs sampled per image for the box head"),
+    "model.score_thresh": ("", "detections below this score are dropped at inference"),
+    "model.nms_thresh": ("", "NMS IoU at inference; null: the detector's default (0.5; FCOS 0.6)"),
+    "model.detections_per_img": ("", "detections kept per image (COCO scores at most 100)"),
+    "model.topk_candidates": ("", "RetinaNet/FCOS: candidates per level before NMS"),
+    "model.weights": ("", "a checkpoint of the whole detector to start from (a file path; nothing is downloaded)"),
+    "model.backbone_weights": ("", "weights for the backbone body only (e.g. ImageNet-trained), loaded before `weights`"),
+    "teacher": (
+        "null or a model section",
+        "the frozen teacher (distillation, `distill.init_student`): the same keys as `model`, each one it "
+        "does not set inherited from `model` (never `weights`/`backbone_weights`); `teacher.weights` is required",
+    ),
+    # -- data -------------------------------------------------------------------------------------
+    "data": ("", "where the data is and how it is batched"),
+    "data.kind": ("{datasets}", "data set format (`hmkd list datasets`)"),
+    "data.root": ("", "coco: the folder the paths below are relative to; visdrone: the folder with images/ and annotations/; synthetic: where the set is generated"),
+    "data.train_images": ("", "coco: training image folder (null: `root`)"),
+    "data.train_ann": ("", "coco: training COCO JSON (required for coco)"),
+    "data.val_images": ("", "coco: validation image folder (null: `root`)"),
+    "data.val_ann": ("", "coco: validation COCO JSON (required for coco)"),
+    "data.batch_size": ("integer >= 1", "training images per iteration and process"),
+    "data.eval_batch_size": ("integer >= 1", "evaluation images per batch"),
+    "data.workers": ("integer >= 0", "DataLoader worker processes (0: load in the main process); does not change the data"),
+    "data.hflip": ("", "random horizontal flip in training (boxes and masks follow)"),
+    "data.with_masks": ("", "instance masks in the training targets (always on for Mask R-CNN)"),
+    "data.check_images": ("", "before iteration 1, read every image's header (size, format; in parallel, nothing decoded): a missing, unreadable or mis-sized image stops the run naming it; false: the annotations only (the data summary and the no-box check stay)"),
+    "data.synth": ("", "the synthetic generator's parameters (`data.kind: synthetic`)"),
+    "data.synth.n_train": ("", "training images"),
+    "data.synth.n_val": ("", "validation images"),
+    "data.synth.size": ("", "square image side in pixels"),
+    "data.synth.seed": ("", "generator seed (the same seed gives the same files)"),
+    "data.synth.preset": ("default | hard", "`default`: ~19 objects of 6 classes, ~81% small; `hard`: ~44 objects, 8 classes, ~97% small"),
+    # -- train ------------------------------------------------------------------------------------
+    "train": ("", "schedule, optimiser and bookkeeping"),
+    "train.iters": ("integer >= 0", "iterations of the run"),
+    "train.optimizer": ("adamw | sgd", "the main optimiser (the student and the method's own modules)"),
+    "train.lr": ("finite number", "base learning rate (reached after the warm-up)"),
+    "train.momentum": ("finite number", "SGD momentum"),
+    "train.weight_decay": ("finite number", "weight decay"),
+    "train.warmup_iters": ("integer >= 0", "linear warm-up iterations"),
+    "train.warmup_factor": ("finite number", "learning-rate factor at iteration 0 of the warm-up"),
+    "train.schedule": ("cosine | step | constant", "learning rate after the warm-up"),
+    "train.steps": ("list of integers", "step schedule: iterations where the learning rate is multiplied by `gamma`"),
+    "train.gamma": ("finite number", "step schedule's factor"),
+    "train.clip_grad": ("finite number or null", "clip the main parameters' global L2 gradient norm; null: no clip (a method may replace it: FGD 35)"),
+    "train.amp": ("", "mixed precision on CUDA (ignored, with a warning, on CPU)"),
+    "train.eval_period": ("integer >= 0", "evaluate every k iterations and keep the best as `model_best.pth`; 0: only at the end (no `model_best.pth`)"),
+    "train.ckpt_period": ("integer >= 0", "write `last_checkpoint.pth` every k iterations; 0: only on SIGINT/SIGTERM and at the end"),
+    "train.log_period": ("integer >= 0", "a console line and a `log.jsonl` record every k iterations (0: the last only)"),
+    "train.tensorboard": ("", "also write TensorBoard scalars (needs the `tensorboard` package)"),
+    "train.keep_last_checkpoint": ("", "keep `last_checkpoint.pth` (optimiser, schedules, random streams: ~3x the model) after a finished run, to extend it with `--resume`; false: removed once `model_final.pth` is written"),
+    # -- distill ----------------------------------------------------------------------------------
+    "distill": ("", "how the student is trained"),
+    "distill.method": ("{methods}", "`none`: plain training (teachers, baselines); the others distil from `teacher` (`hmkd list methods`)"),
+    "distill.options": ("the method's options", "the method's own options, checked when the config is read (listed below; meaning: README method tables)"),
+    "distill.teacher_dtype": ("float32 | bfloat16 | float16", "precision of the frozen teacher's forward (float32 exact; bf16 ~1.8x cheaper on CPUs with AVX512-BF16)"),
+    "distill.init_student": ("null | none | neck | neck_head", "copy the teacher's FPN (`neck`) and head (`neck_head`) into the student before the first step; null: the method's authors' default"),
+}
+
+
+def _allowed_names(builtin_only: bool = False) -> dict[str, str]:
+    """The registries' names; ``builtin_only``: methods of hmkd itself (not those a plug-in or a
+    test registered), for the docs."""
+    from hmkd.data import DATASETS
+    from hmkd.distill import METHODS
+    from hmkd.models import DETECTORS
+    from hmkd.models.backbones import BACKBONES, NORMS
+
+    return {
+        "detectors": " | ".join(DETECTORS),
+        "backbones": " | ".join(BACKBONES),
+        "norms": " | ".join(NORMS),
+        "datasets": " | ".join(DATASETS),
+        "methods": " | ".join(m for m, cls in METHODS.items() if not builtin_only or cls.__module__.startswith("hmkd.")),
+    }
+
+
+def _type_text(tp: Any) -> str:
+    """``int | None`` -> ``integer or null``: what the annotation accepts, in words."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType")):
+        return " or ".join(_type_text(a) for a in typing.get_args(tp))
+    if origin is list:
+        (item,) = typing.get_args(tp) or (Any,)
+        return f"list of {_type_text(item)}" if item is not Any else "list"
+    if origin is dict:
+        return "mapping"
+    return {bool: "true | false", int: "integer", float: "number", str: "string", type(None): "null"}.get(
+        tp, "section" if dataclasses.is_dataclass(tp) else "any"
+    )
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        v = f.default_factory()  # type: ignore[misc]
+        return to_dict(v) if dataclasses.is_dataclass(v) else v
+    return None
+
+
+def config_keys(cls: type = Config, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """``(dotted key, annotation, default)`` of every key of ``cls``, sections before their keys
+    (``teacher`` is one entry: it has the keys of ``model``)."""
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        key, tp = f"{prefix}{f.name}", hints[f.name]
+        out.append((key, tp, _default(f)))
+        if dataclasses.is_dataclass(tp):
+            out.extend(config_keys(tp, f"{key}."))
+    return out
+
+
+def method_option_fields(method: str) -> list[tuple[str, Any, Any]]:
+    """``(name, annotation, default)`` of every option of ``method`` (``distill.options.*``)."""
+    from hmkd.distill import method_class
+
+    opts = method_class(method).Options
+    hints = typing.get_type_hints(opts)
+    return [(f.name, hints[f.name], _default(f)) for f in dataclasses.fields(opts)]
+
+
+def method_option_choices(method: str) -> dict[str, str]:
+    """``{option: "a | b | c"}`` for the options of ``method`` whose ``check()`` takes one of a set
+    of names (or FPN levels): read by running ``check()`` on the defaults with its choice helpers
+    recording what they are asked, so the lists cannot drift from the checks."""
+    from hmkd.distill import method_class
+    from hmkd.models.backbones import LEVELS
+
+    seen: dict[str, str] = {}
+    opts = method_class(method).Options()
+    opts._choice = lambda key, allowed: seen.__setitem__(key, " | ".join(map(str, allowed)))  # type: ignore[method-assign]
+    opts._level = lambda key: seen.__setitem__(key, f"one of {', '.join(LEVELS)} or null")  # type: ignore[method-assign]
+    opts._levels = lambda key: seen.__setitem__(key, f"list of {', '.join(LEVELS)} or null")  # type: ignore[method-assign]
+    try:
+        opts.check()
+    except Exception:  # noqa: BLE001 - a check that needs more than defaults: its choices stay unlisted
+        pass
+    return seen
+
+
+def _allowed(key: str, tp: Any, names: dict[str, str]) -> str:
+    allowed = KEY_DOCS.get(key, ("", ""))[0]
+    return allowed.format(**names) if allowed else _type_text(tp)
+
+
+def _fmt(value: Any) -> str:
+    """A value as YAML writes it on one line (``[P3, P4]``, ``null``, ``0.001``)."""
+    text = yaml.safe_dump(value, default_flow_style=True, width=10_000).strip()
+    return text[: -len("...")].strip() if text.endswith("...") else text
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+# -- docs/CONFIG.md -------------------------------------------------------------------------------
+def render_markdown() -> str:
+    """The text of ``docs/CONFIG.md``: every key with its default, allowed values and meaning."""
+    from hmkd.distill import METHODS
+
+    names = _allowed_names(builtin_only=True)
+    lines = [
+        "# Config keys",
+        "",
+        "<!-- generated by hmkd.config_docs.render_markdown(); tests/cli/test_config_docs.py checks it is current -->",
+        "",
+        "One YAML file describes a run (`configs/`): `_base_: other.yaml` inherits (relative to the file),",
+        "`key=value` on the command line overrides (values are read as YAML: `model.levels=[P3,P4]`), and the",
+        "resolved config is saved as `config.yaml` beside the outputs and inside every checkpoint.",
+        "`hmkd config show CONFIG [key=value ...]` prints a resolved config with every key, its default and",
+        "its allowed values. An unknown key is an error naming where it came from and the nearest valid key",
+        "(`command line: unknown key 'train.lrr' (did you mean 'train.lr'?)`).",
+        "",
+    ]
+    section = None
+    for key, tp, default in config_keys():
+        top = key.split(".")[0]
+        if "." not in key and dataclasses.is_dataclass(tp) or key == "teacher":
+            section = top
+            lines += ["", f"## `{key}`", "", KEY_DOCS[key][1][0].upper() + KEY_DOCS[key][1][1:] + ".", "",
+                      "| key | default | allowed | meaning |", "|---|---|---|---|"]
+            if key == "teacher":
+                lines.append(f"| `teacher` | `null` | {_cell(_allowed(key, tp, names))} | see above |")
+            continue
+        if dataclasses.is_dataclass(tp):  # a sub-section (data.synth): one row, its keys follow
+            lines.append(f"| `{key}` | | section | {_cell(KEY_DOCS[key][1])} |")
+            continue
+        if section is None:
+            section = ""
+            lines += ["## Top level", "", "| key | default | allowed | meaning |", "|---|---|---|---|"]
+        default_text = "{}" if key == "distill.options" else _fmt(default)
+        lines.append(f"| `{key}` | `{default_text}` | {_cell(_allowed(key, tp, names))} | {_cell(KEY_DOCS[key][1])} |")
+    lines += [
+        "",
+        "## `distill.options` of each method",
+        "",
+        "Checked against `distill.method` when the config is read (unknown names with the nearest valid one,",
+        "types, meaningless values). What each option does: the README's tables (\"HMKD: the reading we",
+        "implement\", \"Baselines\", \"ICD: what its defaults come from\"). `null` defaults are resolved by the",
+        "method from the detector (e.g. FGD's weights per detector family).",
+    ]
+    for method, cls in METHODS.items():
+        if not cls.__module__.startswith("hmkd."):
+            continue  # registered by someone else's code (a plug-in, a test): not ours to document
+        fields = method_option_fields(method)
+        lines += ["", f"### `{method}`", ""]
+        if not fields:
+            lines.append("No options.")
+            continue
+        choices = method_option_choices(method)
+        lines += ["| option | default | allowed |", "|---|---|---|"]
+        lines += [f"| `{n}` | `{_fmt(d)}` | {_cell(choices.get(n) or _type_text(tp))} |" for n, tp, d in fields]
+    return "\n".join(lines) + "\n"
+
+
+# -- hmkd config show ---------------------------------------------------------------------------
+def show(cfg: Config, source: str | None = None) -> str:
+    """``cfg`` as YAML, every key followed by a comment with its default (or ``default`` when it
+    has the default value) and its allowed values; ``distill.options`` in full (the method's
+    defaults filled in). The text loads back as the same config."""
+    from hmkd.distill import METHODS
+
+    names = _allowed_names()
+    values = to_dict(cfg)
+    rows: list[tuple[str, str]] = []  # (yaml text, comment)
+
+    def emit(cls: type, data: dict[str, Any], prefix: str, indent: str, defaults: dict[str, Any] | None = None,
+             doc_prefix: str | None = None) -> None:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            key, tp, value = f"{prefix}{f.name}", hints[f.name], data.get(f.name)
+            doc_key = f"{doc_prefix}{f.name}" if doc_prefix is not None else key
+            default = defaults.get(f.name, _default(f)) if defaults is not None else _default(f)
+            if key == "teacher" and value is not None:
+                rows.append((f"{indent}teacher:", "inherits every model key it does not set (never the weights)"))
+                model_defaults = {k: v for k, v in values["model"].items() if k not in ("weights", "backbone_weights")}
+                emit(ModelConfig, value, "teacher.", indent + "  ", model_defaults, doc_prefix="model.")
+                continue
+            if dataclasses.is_dataclass(tp):
+                rows.append((f"{indent}{f.name}:", ""))
+                emit(tp, value or {}, f"{key}.", indent + "  ")
+                continue
+            if key == "distill.options":
+                emit_options(value or {}, indent)
+                continue
+            allowed = _allowed(doc_key, tp, names)
+            state = "default" if value == default else f"default {_fmt(default)}"
+            rows.append((f"{indent}{f.name}: {_fmt(value)}", f"{state}; {allowed}"))
+
+    def emit_options(options: dict[str, Any], indent: str) -> None:
+        method = values["distill"]["method"]
+        if method not in METHODS:
+            rows.append((f"{indent}options: {_fmt(options)}", f"method {method!r} is not registered"))
+            return
+        fields = method_option_fields(method)
+        if not fields:
+            rows.append((f"{indent}options: {{}}", f"method {method!r} has no options"))
+            return
+        rows.append((f"{indent}options:", f"the options of {method!r}"))
+        options = dataclasses.asdict(from_dict(METHODS[method].Options, dict(options), prefix="distill.options."))
+        choices = method_option_choices(method)
+        for n, tp, d in fields:
+            v = options.get(n, d)
+            state = "default" if v == d else f"default {_fmt(d)}"
+            rows.append((f"{indent}  {n}: {_fmt(v)}", f"{state}; {choices.get(n) or _type_text(tp)}"))
+
+    emit(Config, values, "", "")
+    width = min(max(len(t) for t, _ in rows), 48)
+    head = f"# {source}: " if source else "# "
+    out = [head + "the resolved config; after each key its default and allowed values (docs/CONFIG.md)"]
+    out += [f"{t:<{width}}  # {c}" if c else t for t, c in rows]
+    return "\n".join(out) + "\n"

@@ -303,3 +303,16 @@ def test_hmkd_faster_rcnn_r50_with_frozen_bn_loads_the_num_batches_tracked_of_a_
     ours = build_detector("faster_rcnn", "resnet50", num_classes=2, norm="frozen_bn", **SIZE)
     load_weights(ours, path)
     assert torch.equal(ours.state_dict()["backbone.body.layer1.0.bn1.running_var"], tv.state_dict()["backbone.body.layer1.0.bn1.running_var"])
+
+
+def test_norm_eps_and_trainable_layers_on_hmkds_own_detectors():
+    model = build_detector("faster_rcnn", "resnet18", num_classes=2, fpn_channels=32, norm="frozen_bn", norm_eps=0.0,
+                           trainable_backbone_layers=3)
+    assert {m.eps for m in model.backbone.body.modules() if isinstance(m, FrozenBatchNorm2d)} == {0.0}
+    trained = {k.split(".")[0] for k, p in model.backbone.body.named_parameters() if p.requires_grad}
+    assert trained == {"layer2", "layer3", "layer4"}
+    assert all(p.requires_grad for p in model.backbone.fpn.parameters())
+    with pytest.raises(ConfigError, match="model.norm_eps applies to batch norm"):
+        build_detector("fcos", "resnet18", num_classes=2, norm="gn", norm_eps=1e-3)
+    with pytest.raises(ConfigError, match="trainable_backbone_layers applies to ResNet backbones"):
+        build_detector("fcos", "mobilenet_v2", num_classes=2, trainable_backbone_layers=2)

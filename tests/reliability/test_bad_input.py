@@ -370,7 +370,7 @@ def test_resume_from_checkpoint_of_other_architecture(tmp_path: Path, fcos_and_r
 @pytest.mark.parametrize(
     "fn, match",
     [
-        (lambda: build_detector("yolo", "resnet18", num_classes=2), r"unknown detector 'yolo' \(known: faster_rcnn, mask_rcnn, retinanet, fcos\)"),
+        (lambda: build_detector("yolo", "resnet18", num_classes=2), r"unknown detector 'yolo' \(known: faster_rcnn, mask_rcnn, retinanet, fcos, torchvision:<builder> \(hmkd list detectors\)\)"),
         (lambda: build_detector("fcos", "resnet7", num_classes=2), r"unknown backbone 'resnet7' \(known: resnet18, .*mobilenet_v2"),
         (lambda: build_distiller("kd9000", student=None), r"unknown method 'kd9000' \(known: none, .*hmkd"),
         (lambda: needs_teacher("kd9000"), r"unknown method 'kd9000' \(known: none, .*fgd"),

@@ -43,7 +43,9 @@ def _load_cfg(args: argparse.Namespace, *, need_classes: bool = False):
 # -- list ---------------------------------------------------------------------------------------
 def cmd_list(args: argparse.Namespace) -> int:
     if args.what == "detectors":
-        from hmkd.models import DETECTORS as table
+        from hmkd.models import DETECTORS, TORCHVISION_DESCRIPTIONS
+
+        table = {**DETECTORS, **TORCHVISION_DESCRIPTIONS}
     elif args.what == "backbones":
         from hmkd.models import BACKBONES as table
     elif args.what == "methods":

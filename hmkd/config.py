@@ -62,6 +62,14 @@ class ModelConfig:
     # weights for the backbone body only: a file (ImageNet-style), or "pretrain": the stand-in
     # pretrained on another synthetic task by the config's pretrain section (hmkd.engine.pretrain)
     backbone_weights: str | None = None
+    # eps of the backbone body's batch norms (bn / frozen_bn); None: the layer's own (torchvision's
+    # v1 ResNet-50 COCO checkpoints need 0.0, as torchvision sets after loading them)
+    norm_eps: float | None = None
+    # None: every layer trains; k: all but the body's last k stages frozen, torchvision's rule
+    trainable_backbone_layers: int | None = None
+    # true: `weights` may come from another class set: every tensor but the class-dependent layers
+    # (classifier, box regressor, mask logits) is loaded, those are named in one warning
+    weights_skip_classes: bool = False
 
 
 @dataclass
@@ -92,6 +100,9 @@ class DataConfig:
     workers: int = 0
     hflip: bool = True  # multi-scale training: give model.min_size a list of sizes
     with_masks: bool = False
+    # labels the detector sees: contiguous (1..K in sorted category-id order) or category_id (the
+    # data set's own ids, as torchvision's COCO checkpoints expect: 91 outputs on COCO)
+    label_map: str = "contiguous"
     synth: SynthConfig = field(default_factory=SynthConfig)
     check_images: bool = True  # before iteration 1, read every image's header (hmkd.data.check)
 
@@ -371,6 +382,8 @@ def load_config(
         for k in inherited:
             if k not in raw["teacher"] and f"model.{k}" in origins:
                 origins[f"teacher.{k}"] = origins[f"model.{k}"]
+            k: v for k, v in raw.get("model", {}).items() if k not in ("weights", "backbone_weights", "weights_skip_classes")
+        }
         raw["teacher"] = merge(inherited, raw["teacher"])
     src = path or "config"
     cfg = from_dict(Config, raw, src=src, origins=origins)
@@ -462,31 +475,30 @@ def check_config(cfg: Config) -> None:
 
 def is_mask_model(cfg: Config) -> bool:
     """Whether the run's detector predicts masks (its data needs masks, its evaluation scores segm)."""
-    return cfg.model.detector == "mask_rcnn"
+    from hmkd.models.torchvision_zoo import detector_family
+
+    return detector_family(cfg.model.detector) == "mask_rcnn"
 
 
 def resolve_num_classes(cfg: Config, dataset: Any) -> int:
     """The number of classes of ``dataset`` (its ``num_classes``), checked against
-    ``model.num_classes`` and ``teacher.num_classes`` where the config sets them."""
+    ``model.num_classes`` where the config sets it. ``teacher.num_classes`` may differ (e.g. 90 for a
+    COCO teacher): distillation uses only the teacher's backbone + FPN."""
     n_data = int(dataset.num_classes)
     n = cfg.model.num_classes
     if n is not None and n != n_data:
         raise ConfigError(f"model.num_classes is {n} but the data set has {n_data} classes")
-    if cfg.teacher is not None and cfg.teacher.num_classes is not None and cfg.teacher.num_classes != n_data:
-        raise ConfigError(
-            f"teacher.num_classes is {cfg.teacher.num_classes} but the student (and data set) has {n_data}: "
-            "teacher and student must have the same classes"
-        )
     return n_data
 
 
 def resolve_config(cfg: Config, output_dir: str, num_classes: int) -> Config:
     """A copy of ``cfg`` as the run uses it: ``output_dir`` and the student's and teacher's
-    ``num_classes`` filled in (what ``config.yaml`` and the checkpoints record)."""
+    ``num_classes`` filled in (what ``config.yaml`` and the checkpoints record; a teacher that sets
+    its own keeps it)."""
     out = copy.deepcopy(cfg)
     out.output_dir = output_dir
     out.model = dataclasses.replace(out.model, num_classes=num_classes)
-    if out.teacher is not None:
+    if out.teacher is not None and out.teacher.num_classes is None:
         out.teacher = dataclasses.replace(out.teacher, num_classes=num_classes)
     return out
 
@@ -496,6 +508,7 @@ def model_kwargs(cfg: ModelConfig, num_classes: int | None = None) -> dict[str, 
     d = to_dict(cfg)
     d.pop("weights")
     d.pop("backbone_weights")
+    d.pop("weights_skip_classes")
     n = d.pop("num_classes")
     n = n if n is not None else num_classes
     if n is None:

@@ -114,6 +114,8 @@ def _arch(spec: ModelSpec, model: nn.Module) -> str:
     cfg = spec if isinstance(spec, ModelConfig) else spec[0] if isinstance(spec, tuple) else None
     levels = getattr(getattr(model, "backbone", None), "levels", None)
     span = f" {levels[0]}-{levels[-1]}" if levels else ""
+    if cfg is not None and cfg.detector.startswith("torchvision:"):
+        return f"{cfg.detector}{span}"
     if cfg is not None:
         return f"{cfg.detector} {cfg.backbone} FPN{cfg.fpn_channels}{span}"
     body = getattr(getattr(model, "backbone", None), "body", None)

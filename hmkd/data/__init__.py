@@ -59,6 +59,7 @@ def build_dataset(
     max_size: int = 1333,
     with_masks: bool = False,
     synth: dict | None = None,
+    label_map: str = "contiguous",
 ) -> CocoDetection:
     """Build a detection data set by kind with the standard transforms.
 
@@ -79,6 +80,8 @@ def build_dataset(
             and reused when ``root/meta.json`` records the same parameters (other parameters
             regenerate it). With ``synth`` empty or ``None``, an existing set in ``root`` is used
             as it is, and a missing one is generated with the defaults.
+        label_map: ``contiguous`` (labels 1..K) or ``category_id`` (labels are the category ids,
+            as torchvision's COCO checkpoints expect); see :class:`~hmkd.data.coco.CocoDetection`.
 
     Raises:
         ConfigError: unknown kind, or a missing/misplaced argument for that kind.
@@ -92,11 +95,11 @@ def build_dataset(
             raise ConfigError(f"{key} (the COCO JSON) is required for data.kind 'coco'")
         ann = Path(ann_file) if os.path.isabs(ann_file) else rootp / ann_file
         imgs = rootp if images_dir is None else (Path(images_dir) if os.path.isabs(images_dir) else rootp / images_dir)
-        return CocoDetection(imgs, ann, train=train, transforms=transforms, with_masks=with_masks)
+        return CocoDetection(imgs, ann, train=train, transforms=transforms, with_masks=with_masks, label_map=label_map)
     if kind == "visdrone":
         if with_masks:
             raise ConfigError("data.with_masks is not available for kind 'visdrone' (VisDrone-DET has boxes only)")
-        return VisDroneDetection(rootp, train=train, transforms=transforms)
+        return VisDroneDetection(rootp, train=train, transforms=transforms, label_map=label_map)
     if kind == "synthetic":
         params: dict[str, Any] = dict(synth or {})
         meta = rootp / "meta.json"
@@ -107,7 +110,7 @@ def build_dataset(
         split = "train" if train else "val"
         return CocoDetection(
             rootp / split / "images", rootp / "annotations" / f"{split}.json", train=train,
-            transforms=transforms, with_masks=with_masks,
+            transforms=transforms, with_masks=with_masks, label_map=label_map,
         )
     raise ConfigError(f"data.kind {kind!r} is unknown; choose one of {sorted(DATASETS)}{did_you_mean(kind, list(DATASETS))}")
 
@@ -130,6 +133,7 @@ def build_data(cfg: Config, *, train: bool) -> CocoDetection:
         max_size=cfg.model.max_size,
         with_masks=bool(train and (d.with_masks or is_mask_model(cfg))),
         synth=to_dict(d.synth),
+        label_map=d.label_map,
     )
 
 

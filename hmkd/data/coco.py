@@ -4,7 +4,10 @@ Choices made here (each is also what torchvision's detection references do unles
 
 * Category ids, whatever they are, map to contiguous labels ``1..K`` in sorted-id order; label 0 is
   the background. ``cat_to_label``/``label_to_cat`` hold the mapping; ``class_names[0]`` is
-  ``"__background__"``.
+  ``"__background__"``. With ``label_map="category_id"`` the labels are the category ids
+  themselves (ids must then be >= 1; ``num_classes`` is the largest id, so COCO gives the 91
+  outputs torchvision's COCO checkpoints have, its unused ids included); evaluation maps labels
+  back to category ids either way.
 * Crowd annotations (``iscrowd=1``) are not training targets: with ``train=True`` they are left out
   of the returned target. With ``train=False`` they are kept (with ``iscrowd=1``); evaluation reads
   the JSON through :func:`gt_json_for` anyway.
@@ -46,14 +49,17 @@ from PIL import Image, UnidentifiedImageError
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from hmkd.errors import DataError
+from hmkd.errors import ConfigError, DataError
 
 from .check import read_image_sizes
 from .transforms import ToTensor
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CocoDetection", "load_coco_json", "validate_coco_dict", "coco_from_dict", "MIN_BOX_SIZE"]
+__all__ = ["CocoDetection", "LABEL_MAPS", "load_coco_json", "validate_coco_dict", "coco_from_dict", "MIN_BOX_SIZE"]
+
+#: How category ids become the detector's labels (``data.label_map``).
+LABEL_MAPS = ("contiguous", "category_id")
 
 MIN_BOX_SIZE = 1e-3
 """Boxes whose clipped width or height is at most this many pixels are dropped."""
@@ -292,6 +298,8 @@ class CocoDetection(torch.utils.data.Dataset):
         transforms: callable ``(image, target) -> (image, target)``; ``None`` means ``ToTensor()``.
         with_masks: add ``masks`` (uint8 ``[N, H, W]``) to the target.
         source: name used in messages when ``ann_file`` is a dict.
+        label_map: ``contiguous`` (labels 1..K in sorted category-id order) or ``category_id``
+            (labels are the category ids; ``num_classes`` is the largest id).
     """
 
     def __init__(
@@ -303,7 +311,11 @@ class CocoDetection(torch.utils.data.Dataset):
         transforms: Callable | None = None,
         with_masks: bool = False,
         source: str | None = None,
+        label_map: str = "contiguous",
     ) -> None:
+        if label_map not in LABEL_MAPS:
+            raise ConfigError(f"data.label_map must be one of {', '.join(LABEL_MAPS)}, got {label_map!r}")
+        self.label_map = label_map
         self.images_dir = Path(images_dir)
         if isinstance(ann_file, dict):
             self.ann_file: str | None = None
@@ -324,12 +336,29 @@ class CocoDetection(torch.utils.data.Dataset):
         self.coco = coco_from_dict(data)
 
         self.cat_ids: list[int] = sorted(self.coco.cats.keys())
-        self.cat_to_label: dict[int, int] = {c: i + 1 for i, c in enumerate(self.cat_ids)}
-        self.label_to_cat: dict[int, int] = {i + 1: c for i, c in enumerate(self.cat_ids)}
+        if label_map == "category_id":
+            if self.cat_ids[0] < 1:
+                raise DataError(
+                    f"{self.source}: category id {self.cat_ids[0]} cannot be a label with data.label_map: category_id "
+                    "(label 0 is the background; use data.label_map: contiguous)"
+                )
+            self.cat_to_label: dict[int, int] = {c: c for c in self.cat_ids}
+            self.num_classes: int = self.cat_ids[-1]
+        else:
+            self.cat_to_label = {c: i + 1 for i, c in enumerate(self.cat_ids)}
+            self.num_classes = len(self.cat_ids)
+        self.label_to_cat: dict[int, int] = {label: c for c, label in self.cat_to_label.items()}
+        # one name per category in sorted-id order (what evaluation's per-class table expects)
         self.class_names: list[str] = ["__background__"] + [
             str(self.coco.cats[c].get("name", f"class_{c}")) for c in self.cat_ids
         ]
-        self.num_classes: int = len(self.cat_ids)
+        # the name of each label 0..num_classes ("N/A" for a label between two category ids, as
+        # torchvision names its unused COCO outputs)
+        self.label_names: list[str] = ["__background__"] + [
+            str(self.coco.cats[self.label_to_cat[i]].get("name", f"class_{self.label_to_cat[i]}"))
+            if i in self.label_to_cat else "N/A"
+            for i in range(1, self.num_classes + 1)
+        ]
         self.ids: list[int] = sorted(self.coco.imgs.keys())
         self._prepare_targets()
 

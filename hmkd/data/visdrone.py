@@ -232,12 +232,15 @@ class VisDroneDetection(CocoDetection):
         root: folder holding ``images/`` and ``annotations/``.
         train: training targets (crowd/ignored boxes left out) or evaluation targets.
         transforms: callable ``(image, target) -> (image, target)``; ``None`` means ``ToTensor()``.
+        label_map: as :class:`CocoDetection` (VisDrone's ids are 1..10, so both give the same labels).
     """
 
-    def __init__(self, root: str | os.PathLike, *, train: bool, transforms: Callable | None = None) -> None:
+    def __init__(
+        self, root: str | os.PathLike, *, train: bool, transforms: Callable | None = None, label_map: str = "contiguous"
+    ) -> None:
         self.root = Path(root)
         data, self.conversion_stats = visdrone_to_coco(self.root)
         super().__init__(
             self.root / "images", data, train=train, transforms=transforms, with_masks=False,
-            source=str(self.root / "annotations"),
+            source=str(self.root / "annotations"), label_map=label_map,
         )

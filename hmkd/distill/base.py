@@ -28,6 +28,7 @@ and returns its terms from :meth:`Distiller.distill_losses`.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
@@ -39,6 +40,8 @@ from hmkd.distill.options import NoOptions
 from hmkd.errors import ConfigError
 from hmkd.models.detectors import fpn_channels_of
 from hmkd.models.tap import DetectorTap, TapOutput, backbone_features, renormalise
+
+logger = logging.getLogger(__name__)
 
 #: COCO's "small": area < 32 x 32 pixels in the original image (a method may set its own).
 SMALL_AREA = 32 * 32
@@ -118,6 +121,10 @@ class Distiller(nn.Module):
     name: ClassVar[str] = "none"
     Options: ClassVar[type] = NoOptions
     needs_teacher: ClassVar[bool] = False
+    #: Whether the method runs the teacher's detection head (its class scores). None of hmkd's does:
+    #: they read the teacher's backbone + FPN only, so the teacher may have its own class set (e.g.
+    #: a COCO-91 teacher on a 3-class data set); a method that sets this needs the student's classes.
+    uses_teacher_head: ClassVar[bool] = False
     #: Objects with an original-image area below this are "small" (:attr:`DistillInputs.small`).
     small_area: float = SMALL_AREA
     #: What ``distill.init_student: null`` means for this method: ``none`` | ``neck`` | ``neck_head``
@@ -149,9 +156,16 @@ class Distiller(nn.Module):
         if teacher is not None:
             ns, nt = num_classes_of(student), num_classes_of(teacher)
             if ns is not None and nt is not None and ns != nt:
-                raise ConfigError(
-                    f"teacher has {nt} classes but the student has {ns}: both must be trained on the same label set"
-                )
+                if self.uses_teacher_head:
+                    raise ConfigError(
+                        f"teacher has {nt} classes but the student has {ns}: method {self.name!r} uses the teacher's "
+                        "detection head, so both must be trained on the same label set"
+                    )
+                if self.needs_teacher:
+                    logger.info(
+                        "teacher has %d classes, the student %d: method %r uses only the teacher's backbone + FPN, "
+                        "so the class sets need not match", nt, ns, self.name,
+                    )
             teacher.eval()
             for p in teacher.parameters():
                 p.requires_grad_(False)

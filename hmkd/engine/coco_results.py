@@ -28,8 +28,12 @@ def detections_to_coco(
     image_ids: Sequence[int],
     label_to_cat: Mapping[int, int],
     with_masks: bool = False,
+    drop_unknown: bool = False,
 ) -> list[dict]:
     """Convert torchvision detection outputs to the COCO results format.
+
+    Label 0 is the background, never a category: a detection with it (torchvision's own RetinaNet
+    and FCOS heads can emit one; hmkd's pin it away) is left out.
 
     Args:
         outputs: one dict per image with ``boxes`` (xyxy, original image pixels), ``scores``,
@@ -38,6 +42,9 @@ def detections_to_coco(
         image_ids: the COCO image id of each output.
         label_to_cat: contiguous label → the data set's own category id.
         with_masks: also emit ``segmentation`` (mask > 0.5, compressed RLE, counts as str).
+        drop_unknown: leave out detections whose label has no category (``data.label_map:
+            category_id``: a label between two category ids, e.g. one of torchvision's "N/A" COCO
+            outputs) instead of raising.
 
     Returns:
         ``[{"image_id", "category_id", "bbox": [x, y, w, h], "score"(, "segmentation")}, ...]``.
@@ -69,6 +76,8 @@ def detections_to_coco(
             rles = mask_utils.encode(arr)
         for k, (label, box, score) in enumerate(zip(labels, xywh, scores)):
             if label not in label_to_cat:
+                if label == 0 or drop_unknown:
+                    continue
                 raise DataError(
                     f"model label {label} has no category in the data set (labels "
                     f"{min(label_to_cat)}..{max(label_to_cat)}); check the model's num_classes"

@@ -69,7 +69,9 @@ def fit_key(distiller: DecoderDistiller, cfg: Any, teacher_sha: str) -> str:
     spec = {
         "spec": distiller.fit_spec(),
         "teacher_sha256": teacher_sha,
-        "data": {k: v for k, v in _plain(cfg.data).items() if k not in ("workers", "eval_batch_size")},
+        # label_map only when it is not the default, so that keys made before it existed still match
+        "data": {k: v for k, v in _plain(cfg.data).items()
+                 if k not in ("workers", "eval_batch_size") and not (k == "label_map" and v == "contiguous")},
         "input": {k: json_safe(getattr(m, k, None)) for k in ("min_size", "max_size", "image_mean", "image_std")},
         "fit_seed": FIT_SEED,
     }

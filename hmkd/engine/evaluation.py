@@ -69,7 +69,8 @@ def evaluate_model(
     fork_devices = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=fork_devices):
         detections = inference_on_dataset(
-            model, loader, device, dataset.label_to_cat, with_masks=with_masks, progress=progress and ctx.is_main
+            model, loader, device, dataset.label_to_cat, with_masks=with_masks, progress=progress and ctx.is_main,
+            drop_unknown=getattr(dataset, "label_map", "contiguous") == "category_id",
         )
     detections = sorted(detections, key=lambda d: d["image_id"])  # stable: per-image order kept
     metrics: dict[str, dict[str, Any]] = {}

@@ -34,6 +34,7 @@ def inference_on_dataset(
     label_to_cat: Mapping[int, int],
     with_masks: bool = False,
     progress: bool = True,
+    drop_unknown: bool = False,
 ) -> list[dict]:
     """Run a torchvision detection model over a loader of ``(images, targets)`` and collect COCO results.
 
@@ -42,7 +43,7 @@ def inference_on_dataset(
     (torchvision detectors do). In a distributed run the results of all ranks are gathered.
 
     Returns:
-        COCO results (see :func:`detections_to_coco`).
+        COCO results (see :func:`detections_to_coco`, which ``drop_unknown`` is passed to).
     """
     device = torch.device(device)
     was_training = model.training
@@ -72,7 +73,7 @@ def inference_on_dataset(
                 outputs = [{k: v.to("cpu") for k, v in o.items()} for o in outputs]
                 ids = [int(t["image_id"]) for t in targets]
                 image_ids.extend(ids)
-                results.extend(detections_to_coco(outputs, ids, label_to_cat, with_masks=with_masks))
+                results.extend(detections_to_coco(outputs, ids, label_to_cat, with_masks=with_masks, drop_unknown=drop_unknown))
                 n_images += len(images)
             bar.close()
     finally:

@@ -7,9 +7,24 @@ from torch import nn
 from hmkd.config import PRETRAIN_BACKBONE, ModelConfig, model_kwargs
 from hmkd.errors import ConfigError
 from hmkd.models.backbones import BACKBONES, LEVELS, build_backbone, level_index
-from hmkd.models.detectors import DEFAULT_LEVELS, DETECTORS, build_detector, count_parameters, fpn_channels_of
+from hmkd.models.detectors import (
+    DEFAULT_LEVELS,
+    DETECTORS,
+    TORCHVISION_DESCRIPTIONS,
+    build_detector,
+    count_parameters,
+    fpn_channels_of,
+)
 from hmkd.models.tap import DetectorTap, TapOutput, backbone_features, name_levels, renormalise
-from hmkd.models.weights import INIT_PARTS, InitReport, init_from_teacher, load_weights, read_state_dict
+from hmkd.models.torchvision_zoo import TORCHVISION_DETECTORS, detector_family, is_torchvision
+from hmkd.models.weights import (
+    CLASS_DEPENDENT,
+    INIT_PARTS,
+    InitReport,
+    init_from_teacher,
+    load_weights,
+    read_state_dict,
+)
 
 
 def build_model(cfg: ModelConfig, num_classes: int | None = None, *, load: bool = True) -> nn.Module:
@@ -21,12 +36,17 @@ def build_model(cfg: ModelConfig, num_classes: int | None = None, *, load: bool 
     if load and cfg.backbone_weights:
         load_weights(model, cfg.backbone_weights, prefix="backbone.body", strict=False)
     if load and cfg.weights:
-        load_weights(model, cfg.weights)
+        load_weights(model, cfg.weights, skip_classes=cfg.weights_skip_classes)
     return model
 
 
 __all__ = [
     "BACKBONES",
+    "CLASS_DEPENDENT",
+    "TORCHVISION_DESCRIPTIONS",
+    "TORCHVISION_DETECTORS",
+    "detector_family",
+    "is_torchvision",
     "DETECTORS",
     "DEFAULT_LEVELS",
     "INIT_PARTS",

@@ -21,12 +21,24 @@ from torchvision.ops import MultiScaleRoIAlign
 
 from hmkd.errors import ConfigError, did_you_mean
 from hmkd.models.backbones import LEVELS, build_backbone, group_norm, level_index
+from hmkd.models.torchvision_zoo import (
+    TORCHVISION_DETECTORS,
+    build_torchvision_detector,
+    freeze_body_layers,
+    is_torchvision,
+    set_body_norm,
+)
 
 DETECTORS: dict[str, str] = {
     "faster_rcnn": "Faster R-CNN + FPN (two-stage; P2-P6)",
     "mask_rcnn": "Mask R-CNN + FPN (boxes and instance masks; P2-P6)",
     "retinanet": "RetinaNet + FPN (one-stage, anchors; P3-P7, P2-P7 on request)",
     "fcos": "FCOS + FPN (one-stage, anchor-free; P3-P7, P2-P7 on request)",
+}
+#: ``torchvision:<builder>`` detectors (torchvision's own models; see :mod:`hmkd.models.torchvision_zoo`)
+TORCHVISION_DESCRIPTIONS: dict[str, str] = {
+    name: f"torchvision's own builder ({e.family}, {e.levels[0]}-{e.levels[-1]}; its COCO checkpoint: {e.coco})"
+    for name, e in TORCHVISION_DETECTORS.items()
 }
 
 DEFAULT_LEVELS = {
@@ -80,6 +92,8 @@ def build_detector(
     nms_thresh: float | None = None,
     detections_per_img: int = 100,
     topk_candidates: int = 1000,
+    norm_eps: float | None = None,
+    trainable_backbone_layers: int | None = None,
 ) -> nn.Module:
     """Build a torchvision detector with a P-named FPN backbone and random weights.
 
@@ -93,10 +107,27 @@ def build_detector(
         min_size, max_size: the detector's own resize (shorter side, longer side cap); a list of
             ``min_size`` values gives torchvision's multi-scale training.
         head_convs: conv layers in the FCOS head (RetinaNet's is fixed at 4 by torchvision).
+        norm_eps: eps of the backbone body's batch norms (``bn``/``frozen_bn``; None: the layer's).
+        trainable_backbone_layers: None trains every layer; k freezes all but the last k stages of a
+            ResNet body with torchvision's rule (5: all, 0: none).
         The remaining arguments are torchvision's own (proposal counts, thresholds).
+
+    ``detector="torchvision:<builder>"`` builds torchvision's own model instead
+    (:func:`hmkd.models.torchvision_zoo.build_torchvision_detector`); ``backbone``, ``fpn_channels``,
+    ``levels``, ``anchor_scale`` and ``head_convs`` are then the builder's and are not used.
     """
+    if is_torchvision(detector):
+        return build_torchvision_detector(
+            detector, num_classes=num_classes, norm=norm, norm_eps=norm_eps,
+            trainable_backbone_layers=trainable_backbone_layers, min_size=min_size, max_size=max_size,
+            rpn_pre_nms_top_n_train=rpn_pre_nms_top_n_train, rpn_pre_nms_top_n_test=rpn_pre_nms_top_n_test,
+            rpn_post_nms_top_n_train=rpn_post_nms_top_n_train, rpn_post_nms_top_n_test=rpn_post_nms_top_n_test,
+            box_batch_size_per_image=box_batch_size_per_image, score_thresh=score_thresh, nms_thresh=nms_thresh,
+            detections_per_img=detections_per_img, topk_candidates=topk_candidates,
+        )
     if detector not in DETECTORS:
-        raise ConfigError(f"unknown detector {detector!r} (known: {', '.join(DETECTORS)}{did_you_mean(detector, list(DETECTORS))})")
+        known = ", ".join(DETECTORS) + ", torchvision:<builder> (hmkd list detectors)"
+        raise ConfigError(f"unknown detector {detector!r} (known: {known}){did_you_mean(detector, list(DETECTORS))}")
     if num_classes < 1:
         raise ConfigError(f"model.num_classes must be >= 1, got {num_classes}")
     levels = list(levels) if levels else list(DEFAULT_LEVELS[detector])
@@ -105,6 +136,17 @@ def build_detector(
     if detector in ("faster_rcnn", "mask_rcnn") and max(level_index(l) for l in levels) > 6:
         raise ConfigError(f"model.levels: {detector} uses at most P6, got {levels}")
     body = build_backbone(backbone, levels, fpn_channels, norm)
+    if norm_eps is not None:
+        if norm == "gn":
+            raise ConfigError("model.norm_eps applies to batch norm (model.norm bn or frozen_bn), not gn")
+        set_body_norm(body.body, norm, norm_eps)
+    if trainable_backbone_layers is not None:
+        if not backbone.startswith("resnet"):
+            raise ConfigError(
+                f"model.trainable_backbone_layers applies to ResNet backbones and torchvision:<builder> detectors, "
+                f"not {backbone}"
+            )
+        freeze_body_layers(body.body, trainable_backbone_layers, 5, backbone)
     levels = body.levels
     scale = anchor_scale if anchor_scale is not None else _DEFAULT_ANCHOR_SCALE[detector]
     strides = [2 ** level_index(l) for l in levels]
@@ -183,5 +225,5 @@ def fpn_channels_of(model: nn.Module) -> int:
     return ch
 
 
-__all__ = ["DETECTORS", "DEFAULT_LEVELS", "LEVELS", "build_detector", "count_parameters", "fpn_channels_of"]
+__all__ = ["DETECTORS", "DEFAULT_LEVELS", "TORCHVISION_DESCRIPTIONS", "LEVELS", "build_detector", "count_parameters", "fpn_channels_of"]
 

@@ -21,9 +21,20 @@ from torch import nn
 from hmkd.errors import ConfigError
 
 
-def name_levels(features: "dict[str, torch.Tensor]", input_hw: tuple[int, int]) -> "OrderedDict[str, torch.Tensor]":
-    """Rename FPN maps to ``P{l}`` with ``l = log2(stride)``, the stride read off the input size."""
+def name_levels(
+    features: "dict[str, torch.Tensor]", input_hw: tuple[int, int], level_keys: "dict[str, str] | None" = None
+) -> "OrderedDict[str, torch.Tensor]":
+    """Rename FPN maps to ``P{l}`` with ``l = log2(stride)``, the stride read off the input size.
+
+    ``level_keys`` (a backbone's ``level_keys`` attribute, e.g. torchvision detectors built by
+    :mod:`hmkd.models.torchvision_zoo`) maps output keys to level names instead; keys it does not
+    name are left out (the MobileNetV3 FPN's second stride-32 map)."""
     out: "OrderedDict[str, torch.Tensor]" = OrderedDict()
+    if level_keys:
+        for key, f in features.items():
+            if key in level_keys:
+                out[level_keys[key]] = f
+        return out
     for key, f in features.items():
         if isinstance(key, str) and key.startswith("P") and key[1:].isdigit():
             out[key] = f
@@ -88,9 +99,10 @@ class DetectorTap:
         if isinstance(feats, torch.Tensor):
             feats = OrderedDict([("0", feats)])
         tensors = image_list.tensors
+        inner = getattr(self.model, "module", self.model)
         return TapOutput(
             output=output,
-            features=name_levels(feats, tuple(tensors.shape[-2:])),
+            features=name_levels(feats, tuple(tensors.shape[-2:]), getattr(inner.backbone, "level_keys", None)),
             tensors=tensors,
             image_sizes=[tuple(s) for s in image_list.image_sizes],
             targets=self._store.get("targets"),
@@ -119,4 +131,4 @@ def backbone_features(model: nn.Module, tensors: torch.Tensor) -> "OrderedDict[s
     feats = inner.backbone(tensors)
     if isinstance(feats, torch.Tensor):
         feats = OrderedDict([("0", feats)])
-    return name_levels(feats, tuple(tensors.shape[-2:]))
+    return name_levels(feats, tuple(tensors.shape[-2:]), getattr(inner.backbone, "level_keys", None))

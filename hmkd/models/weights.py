@@ -38,19 +38,80 @@ def _fmt(keys: list[str], n: int = 5) -> str:
     return ", ".join(keys[:n]) + more
 
 
-def load_weights(model: nn.Module, path: str, *, prefix: str = "", strict: bool = True) -> None:
+#: State-dict key endings of the layers whose shape depends on the class count (torchvision's
+#: detectors, ours and theirs): the R-CNN box predictor and mask logits, the one-stage classifiers.
+CLASS_DEPENDENT = (
+    "roi_heads.box_predictor.cls_score.weight",
+    "roi_heads.box_predictor.cls_score.bias",
+    "roi_heads.box_predictor.bbox_pred.weight",
+    "roi_heads.box_predictor.bbox_pred.bias",
+    "roi_heads.mask_predictor.mask_fcn_logits.weight",
+    "roi_heads.mask_predictor.mask_fcn_logits.bias",
+    "head.classification_head.cls_logits.weight",
+    "head.classification_head.cls_logits.bias",
+)
+
+
+def is_class_dependent(key: str) -> bool:
+    """Whether state-dict ``key`` belongs to a layer whose shape depends on the class count."""
+    return key.endswith(CLASS_DEPENDENT)
+
+
+def _file_classes(sd: dict[str, torch.Tensor], model: nn.Module) -> int | None:
+    """The class count (with background) of a state dict's classifier, read with the model's anchors."""
+    w = sd.get("roi_heads.box_predictor.cls_score.weight")
+    if w is not None:
+        return int(w.shape[0])
+    w = sd.get("head.classification_head.cls_logits.weight")
+    head = getattr(getattr(model, "head", None), "classification_head", None)
+    anchors = getattr(head, "num_anchors", None)
+    if w is not None and anchors:
+        return int(w.shape[0]) // int(anchors)
+    return None
+
+
+def upgrade_legacy_keys(model: nn.Module, sd: dict[str, torch.Tensor]) -> None:
+    """Rename old-format keys of ``sd`` in place the way torchvision does on load, by calling the
+    ``_load_from_state_dict`` of every module that overrides it and holds no tensors of its own
+    (torchvision's FPN, RPN head, Mask R-CNN and RetinaNet heads: e.g. ``rpn.head.conv.weight`` ->
+    ``rpn.head.conv.0.0.weight`` in the 2019 COCO checkpoints). Those calls only rename keys."""
+    for name, module in model.named_modules():
+        if type(module)._load_from_state_dict is nn.Module._load_from_state_dict:
+            continue
+        if next(module.parameters(recurse=False), None) is not None or next(module.buffers(recurse=False), None) is not None:
+            continue
+        module._load_from_state_dict(sd, f"{name}." if name else "", {}, True, [], [], [])
+
+
+def load_weights(
+    model: nn.Module, path: str, *, prefix: str = "", strict: bool = True, skip_classes: bool = False
+) -> list[str]:
     """Load ``path`` into ``model`` (or its sub-module at ``prefix``), naming the keys that differ.
 
     A mismatch (another architecture, another class count) raises :class:`CheckpointError` with the
     missing, unexpected and wrongly-shaped keys. ``strict=False`` ignores unexpected keys only
-    (e.g. the ``fc`` layer of an ImageNet classifier loaded into a backbone body).
+    (e.g. the ``fc`` layer of an ImageNet classifier loaded into a backbone body). Batch-norm
+    ``num_batches_tracked`` counters may be present or absent on either side (torchvision's
+    FrozenBatchNorm2d drops them), and torchvision's old key names are renamed as torchvision does
+    (:func:`upgrade_legacy_keys`).
+
+    ``skip_classes=True`` loads a file trained on another class set: the class-dependent layers
+    (:data:`CLASS_DEPENDENT`) whose shapes differ are left as they are and named in one warning;
+    any other difference is still an error.
+
+    Returns:
+        The keys that were skipped (empty unless ``skip_classes``).
     """
     target = model.get_submodule(prefix) if prefix else model
     sd = read_state_dict(path)
+    upgrade_legacy_keys(target, sd)
     own = target.state_dict()
-    missing = [k for k in own if k not in sd]
-    unexpected = [k for k in sd if k not in own]
-    shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in sd and sd[k].shape != own[k].shape]
+    counter = ".num_batches_tracked"
+    missing = [k for k in own if k not in sd and not k.endswith(counter)]
+    unexpected = [k for k in sd if k not in own and not k.endswith(counter)]
+    shaped = [k for k in own if k in sd and sd[k].shape != own[k].shape]
+    skipped = [k for k in shaped if skip_classes and is_class_dependent(k)]
+    shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in shaped if k not in skipped]
     problems = []
     if missing:
         problems.append(f"missing keys: {_fmt(missing)}")
@@ -60,8 +121,22 @@ def load_weights(model: nn.Module, path: str, *, prefix: str = "", strict: bool 
         problems.append(f"shape mismatch: {_fmt(shapes, 3)}")
     if problems:
         where = f" into {prefix}" if prefix else ""
-        raise CheckpointError(f"{path}: does not fit {type(target).__name__}{where}; " + "; ".join(problems))
-    target.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=True)
+        hint = ""
+        if shaped and not missing and not (unexpected and strict) and all(is_class_dependent(k) for k in shaped):
+            n_file = _file_classes(sd, target)
+            tell = f"the file has {n_file - 1} classes + background: set num_classes: {n_file - 1}, or " if n_file else ""
+            hint = f" ({tell}weights_skip_classes: true to load all but the class-dependent layers)"
+        raise CheckpointError(f"{path}: does not fit {type(target).__name__}{where}; " + "; ".join(problems) + hint)
+    load = {k: v for k, v in sd.items() if k in own and k not in skipped}
+    target.load_state_dict(load, strict=False)
+    if skipped:
+        n_file, n_own = _file_classes(sd, target), _file_classes(own, target)
+        counts = f" ({n_file} outputs in the file, {n_own} here)" if n_file and n_own else ""
+        logger.warning(
+            "%s: another class set%s: loaded all but %d class-dependent tensors, which start fresh: %s",
+            path, counts, len(skipped), ", ".join(skipped),
+        )
+    return skipped
 
 
 # -- the student initialised from the teacher (FGD's init_student, ICD's PRELOAD_FPN/HEAD) ------------

@@ -375,7 +375,7 @@ def viz_attention(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     file_names = [str(val_set.coco.imgs[val_set.ids[i]]["file_name"]) for i in indices]
-    class_names = getattr(val_set, "class_names", None)
+    class_names = getattr(val_set, "label_names", None) or getattr(val_set, "class_names", None)
     method = distiller.name.upper()
     paths: list[str] = []
     records: list[dict[str, Any]] = []

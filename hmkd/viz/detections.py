@@ -81,12 +81,15 @@ def load_image(path: str | os.PathLike, size: tuple[int, int] | None = None) -> 
 
 def infer_num_classes(cfg: ModelConfig, weights: str) -> int:
     """The class count (without background) of a detector checkpoint, read off its classifier shape."""
+    from hmkd.models.torchvision_zoo import detector_family
+
     sd = read_state_dict(weights)
-    if cfg.detector in ("faster_rcnn", "mask_rcnn"):
+    family = detector_family(cfg.detector)
+    if family in ("faster_rcnn", "mask_rcnn"):
         key, per_loc = "roi_heads.box_predictor.cls_score.weight", 1
-    elif cfg.detector == "fcos":
+    elif family == "fcos":
         key, per_loc = "head.classification_head.cls_logits.weight", 1
-    elif cfg.detector == "retinanet":
+    elif family == "retinanet":
         key, per_loc = "head.classification_head.cls_logits.weight", 9  # 3 octaves x 3 ratios
     else:
         raise ConfigError(f"unknown detector {cfg.detector!r}")

@@ -88,10 +88,14 @@ def gradcam(
     def on_backbone(mod: nn.Module, args: Any, out: Any) -> Any:
         if isinstance(out, torch.Tensor):
             raise ConfigError(f"{type(inner).__name__}'s backbone returns one map, not FPN levels")
-        named = list(name_levels(out, tuple(args[0].shape[-2:])).keys())
-        if level not in named:
-            raise ConfigError(f"FPN level {level!r} is not produced by this model (it has {', '.join(named)})")
-        key = list(out.keys())[named.index(level)]
+        level_keys = getattr(mod, "level_keys", None)
+        if level_keys:
+            keys = {v: k for k, v in level_keys.items() if k in out}
+        else:
+            keys = dict(zip(name_levels(out, tuple(args[0].shape[-2:])).keys(), out.keys()))
+        if level not in keys:
+            raise ConfigError(f"FPN level {level!r} is not produced by this model (it has {', '.join(keys)})")
+        key = keys[level]
         feat = out[key].detach().requires_grad_(True)
         out[key] = feat
         store["feat"] = feat

@@ -98,7 +98,8 @@ def test_the_cache_key_covers_teacher_task_and_input_but_not_the_distillation(sy
     sha = teacher_digest(teacher_weights)
     key = fit_key(d, base, sha)
     assert fit_key(d, base, "0" * 64) != key
-    for change in ("distill.options.fakes=random", "distill.options.jitter=0.5", "model.min_size=96"):
+    for change in ("distill.options.fakes=random", "distill.options.jitter=0.5", "model.min_size=96",
+                   "data.label_map=category_id"):
         cfg = make_cfg(synth_root, teacher_weights, change)
         assert fit_key(_method(cfg)[0], cfg, sha) != key, change
     for same in ("distill.options.alpha=3.0", "distill.options.decoder_training=joint", "data.workers=1", "seed=11"):

@@ -76,8 +76,10 @@ class Variant:
 
 
 def _levels_of(m: ModelConfig) -> list[str]:
-    from hmkd.models import DEFAULT_LEVELS
+    from hmkd.models import DEFAULT_LEVELS, TORCHVISION_DETECTORS
 
+    if m.detector in TORCHVISION_DETECTORS:
+        return TORCHVISION_DETECTORS[m.detector].levels
     return list(m.levels) if m.levels else list(DEFAULT_LEVELS.get(m.detector, []))
 
 

@@ -378,12 +378,12 @@ def load_config(
             origins[key] = overrides_source
     if isinstance(raw.get("teacher"), dict) and isinstance(raw.get("model", {}), dict):
         # the teacher inherits every model key it does not set (but never the student's weights)
-        inherited = {k: v for k, v in raw.get("model", {}).items() if k not in ("weights", "backbone_weights")}
+        inherited = {
+            k: v for k, v in raw.get("model", {}).items() if k not in ("weights", "backbone_weights", "weights_skip_classes")
+        }
         for k in inherited:
             if k not in raw["teacher"] and f"model.{k}" in origins:
                 origins[f"teacher.{k}"] = origins[f"model.{k}"]
-            k: v for k, v in raw.get("model", {}).items() if k not in ("weights", "backbone_weights", "weights_skip_classes")
-        }
         raw["teacher"] = merge(inherited, raw["teacher"])
     src = path or "config"
     cfg = from_dict(Config, raw, src=src, origins=origins)

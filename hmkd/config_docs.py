@@ -28,7 +28,7 @@ KEY_DOCS: dict[str, tuple[str, str]] = {
     "output_dir": ("", "where the run writes (`--output-dir` wins); null: `runs/<name>`"),
     # -- model ------------------------------------------------------------------------------------
     "model": ("", "the detector being trained (the student when distilling)"),
-    "model.detector": ("{detectors}", "torchvision detector"),
+    "model.detector": ("{detectors} | torchvision:<builder>", "torchvision detector on hmkd's P-named FPN backbones, or `torchvision:<builder>`: torchvision's own model (docs/TORCHVISION.md)"),
     "model.backbone": ("{backbones}", "backbone body under the FPN"),
     "model.num_classes": ("", "object classes without background; null: taken from the data set"),
     "model.fpn_channels": ("", "channels of every FPN level"),
@@ -48,7 +48,10 @@ KEY_DOCS: dict[str, tuple[str, str]] = {
     "model.detections_per_img": ("", "detections kept per image (COCO scores at most 100)"),
     "model.topk_candidates": ("", "RetinaNet/FCOS: candidates per level before NMS"),
     "model.weights": ("", "a checkpoint of the whole detector to start from (a file path; nothing is downloaded)"),
-    "model.backbone_weights": ("", "weights for the backbone body only (e.g. ImageNet-trained), loaded before `weights`"),
+    "model.backbone_weights": ("file | pretrain", "weights for the backbone body only (e.g. ImageNet-trained), loaded before `weights`; `pretrain`: the stand-in pretrained on another synthetic task by the `pretrain` section, made once and cached"),
+    "model.norm_eps": ("", "eps of the backbone body's batch norms (`bn` / `frozen_bn`); null: the layer's own (torchvision's v1 ResNet-50 COCO checkpoints need 0.0)"),
+    "model.trainable_backbone_layers": ("null | 0-5", "null: every layer trains; k: all but the body's last k stages frozen (torchvision's rule)"),
+    "model.weights_skip_classes": ("", "`weights` may come from another class set: every tensor but the class-dependent layers is loaded, those are named in one warning"),
     "teacher": (
         "null or a model section",
         "the frozen teacher (distillation, `distill.init_student`): the same keys as `model`, each one it "
@@ -67,13 +70,14 @@ KEY_DOCS: dict[str, tuple[str, str]] = {
     "data.workers": ("integer >= 0", "DataLoader worker processes (0: load in the main process); does not change the data"),
     "data.hflip": ("", "random horizontal flip in training (boxes and masks follow)"),
     "data.with_masks": ("", "instance masks in the training targets (always on for Mask R-CNN)"),
+    "data.label_map": ("contiguous | category_id", "labels the detector sees: 1..K in sorted category-id order, or the data set's category ids (torchvision's COCO checkpoints: 91 outputs)"),
     "data.check_images": ("", "before iteration 1, read every image's header (size, format; in parallel, nothing decoded): a missing, unreadable or mis-sized image stops the run naming it; false: the annotations only (the data summary and the no-box check stay)"),
     "data.synth": ("", "the synthetic generator's parameters (`data.kind: synthetic`)"),
     "data.synth.n_train": ("", "training images"),
     "data.synth.n_val": ("", "validation images"),
     "data.synth.size": ("", "square image side in pixels"),
     "data.synth.seed": ("", "generator seed (the same seed gives the same files)"),
-    "data.synth.preset": ("default | hard", "`default`: ~19 objects of 6 classes, ~81% small; `hard`: ~44 objects, 8 classes, ~97% small"),
+    "data.synth.preset": ("{synth_presets}", "`default`: ~19 objects of 6 classes, ~81% small; `aitod`: 10-40 objects whose sizes span AI-TOD's buckets (the paper-regime benchmark); `pretrain`: six other classes (the pretrained stand-in); `hard`: ~44 objects, 8 classes, ~97% small"),
     # -- train ------------------------------------------------------------------------------------
     "train": ("", "schedule, optimiser and bookkeeping"),
     "train.iters": ("integer >= 0", "iterations of the run"),
@@ -99,6 +103,22 @@ KEY_DOCS: dict[str, tuple[str, str]] = {
     "distill.options": ("the method's options", "the method's own options, checked when the config is read (listed below; meaning: README method tables)"),
     "distill.teacher_dtype": ("float32 | bfloat16 | float16", "precision of the frozen teacher's forward (float32 exact; bf16 ~1.8x cheaper on CPUs with AVX512-BF16)"),
     "distill.init_student": ("null | none | neck | neck_head", "copy the teacher's FPN (`neck`) and head (`neck_head`) into the student before the first step; null: the method's authors' default"),
+    # -- eval -------------------------------------------------------------------------------------
+    "eval": ("", "evaluation on the val split: COCO's metrics (maxDets 100) always"),
+    "eval.aitod": ("", "also report AI-TOD's size buckets: AP of very tiny (< 8² px²), tiny (8²-16²), small (16²-32²) and medium (>= 32²) objects, under `aitod` in metrics.json"),
+    "eval.max_dets": ("integer >= 100", "detections per image AI-TOD's numbers score (AI-TOD's toolkit: 1500, VisDrone's: 500); a detector emits at most `model.detections_per_img`"),
+    # -- pretrain ---------------------------------------------------------------------------------
+    "pretrain": ("", "the stand-in for ImageNet pretraining (`backbone_weights: pretrain`): the backbone trained once, in a detector of the run's shape, on a synthetic set of other classes; cached in `$HMKD_CACHE/backbones` by these settings"),
+    "pretrain.synth": ("", "the pretraining set (the `pretrain` preset: six classes the evaluation presets do not have; its own seed)"),
+    "pretrain.synth.n_train": ("", "pretraining images"),
+    "pretrain.synth.n_val": ("", "images its detector is evaluated on (reported in pretrain.json)"),
+    "pretrain.synth.size": ("", "square image side in pixels"),
+    "pretrain.synth.seed": ("", "the pretraining set's generator seed"),
+    "pretrain.synth.preset": ("{synth_presets}", "the pretraining set's preset"),
+    "pretrain.iters": ("integer >= 1", "pretraining iterations (AdamW, warm-up + cosine, flips)"),
+    "pretrain.batch_size": ("integer >= 1", "pretraining images per iteration"),
+    "pretrain.lr": ("", "pretraining learning rate"),
+    "pretrain.seed": ("", "the pretraining run's seed (initialisation, data order)"),
 }
 
 
@@ -106,6 +126,7 @@ def _allowed_names(builtin_only: bool = False) -> dict[str, str]:
     """The registries' names; ``builtin_only``: methods of hmkd itself (not those a plug-in or a
     test registered), for the docs."""
     from hmkd.data import DATASETS
+    from hmkd.data.synthetic import PRESETS
     from hmkd.distill import METHODS
     from hmkd.models import DETECTORS
     from hmkd.models.backbones import BACKBONES, NORMS
@@ -115,6 +136,7 @@ def _allowed_names(builtin_only: bool = False) -> dict[str, str]:
         "backbones": " | ".join(BACKBONES),
         "norms": " | ".join(NORMS),
         "datasets": " | ".join(DATASETS),
+        "synth_presets": " | ".join(PRESETS),
         "methods": " | ".join(m for m, cls in METHODS.items() if not builtin_only or cls.__module__.startswith("hmkd.")),
     }
 

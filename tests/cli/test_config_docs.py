@@ -74,7 +74,7 @@ def test_config_show_prints_every_key_its_default_and_allowed_values(tmp_path, c
         leaf = key.split(".")[-1]
         assert re.search(rf"^\s*{leaf}:", text, re.M), key
     assert re.search(r"^  lr: 0.01 +# default 0.001; finite number$", text, re.M)
-    assert re.search(r"^  detector: fcos +# default; faster_rcnn \| mask_rcnn \| retinanet \| fcos$", text, re.M)
+    assert re.search(r"^  detector: fcos +# default; faster_rcnn \| mask_rcnn \| retinanet \| fcos \| torchvision:<builder>$", text, re.M)
     assert re.search(r"^    alpha: 2.0 +# default 1.0; number$", text, re.M)
     assert re.search(r"^    fakes: random +# default; random \| displaced \| mixed$", text, re.M)
     assert re.search(r"^    heads: 8 +# default; integer$", text, re.M)  # an option left at its default is shown

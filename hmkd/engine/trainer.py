@@ -89,6 +89,7 @@ from hmkd.engine.sampler import InfiniteBatchSampler, SeededDataset, mix_seed
 from hmkd.engine.signals import StopSignal, worker_init
 from hmkd.engine.step import train_step
 from hmkd.errors import CheckpointError, ConfigError, NonFiniteLossError
+from hmkd.models.checkpoint_info import LabelMap
 from hmkd.utils import write_json
 
 logger = logging.getLogger(__name__)
@@ -209,6 +210,8 @@ class _Run:
             raise ConfigError(f"train split has {n} classes but val split has {self.val_set.num_classes}")
         self.num_classes = n
         self.cfg = resolve_config(cfg, self.out, n)
+        # category ids and names of labels 1..K, for eval / viz / export of the checkpoints
+        self.label_map = LabelMap.from_dataset(self.train_set).to_dict()
 
         student = build_model(cfg.model, n)
         teacher = build_model(cfg.teacher, n) if with_teacher or do_init else None
@@ -281,6 +284,7 @@ class _Run:
             "iteration": self.iteration,
             "rng": rng,
             "config": to_dict(self.cfg),
+            "label_map": self.label_map,
             "method": self.cfg.distill.method,
             "trainer": {
                 "best": dict(self.best),
@@ -309,6 +313,7 @@ class _Run:
                 "model": self.student.state_dict(),
                 "iteration": self.iteration,
                 "config": to_dict(self.cfg),
+                "label_map": self.label_map,
                 "method": self.cfg.distill.method,
                 "metrics": metrics,
             },

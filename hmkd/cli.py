@@ -212,6 +212,7 @@ def cmd_viz_heatmap(args: argparse.Namespace) -> int:
     paths = gradcam_heatmaps(
         inp.specs, resolve_image_args(args.images, inp.dataset), args.level, args.out,
         target=args.target, topk=args.topk, device=args.device, num_classes=inp.num_classes, normalize=args.scale,
+        method=args.method,
     )
     print("\n".join(paths))
     return 0
@@ -414,6 +415,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--level", default="P3")
     p.add_argument("--target", default="topk", choices=["topk", "small"], help="Grad-CAM target: top-k scores, or top-k small detections")
     p.add_argument("--topk", type=int, default=10)
+    p.add_argument("--method", default="gradcam", choices=["gradcam", "hirescam"],
+                   help="gradcam: channel weights = mean gradient (Grad-CAM); hirescam: gradient x activation "
+                        "per position (HiResCAM), which stays on the detected objects where Grad-CAM can be <= 0 everywhere")
     p.add_argument("--scale", default="panel", choices=["panel", "shared"],
                    help="colour scale: each panel from 0 to its own max, or one scale shared by the panels of an image")
     p.add_argument("--device", default="cpu")

@@ -80,6 +80,9 @@ def model_inputs(
 
     if not weights:
         raise ConfigError("no --weights given")
+    for label, path in weights:
+        if not path:
+            raise ConfigError(f"--weights {label}=: no checkpoint file after the '='")
     infos = {path: read_checkpoint_info(path) for _, path in weights if path}
     if config:
         cfg = load_config(config, list(overrides or []))

@@ -346,8 +346,10 @@ def place_tags(
     overlaps no tag placed before, or None when there is none or the tags placed so far already
     cover ``max_cover`` of ``bounds`` (so that tags never hide the picture).
 
-    Candidates, in order: above the box's top-left corner, inside it, below it, the same three at
-    the right edge, then 2 and 3 tag heights further up or down (``adjacent`` False: draw a leader).
+    Candidates, in order: above the box's top-left corner, inside it (only in a box at least twice
+    the tag's height and as wide: a tag inside a smaller box would hide the object), below it, the
+    same at the right edge, then 2 and 3 tag heights further up or down (``adjacent`` False: draw a
+    leader).
     """
     bx0, by0, bx1, by1 = bounds
     budget = max_cover * max(1.0, (bx1 - bx0) * (by1 - by0))
@@ -359,8 +361,9 @@ def place_tags(
             out.append(None)
             continue
         cands = []
+        roomy = (y2 - y1) >= 2 * th and (x2 - x1) >= tw  # a tag inside a smaller box would hide the object
         for x in (x1, x2 - tw):
-            cands += [(x, y1 - th, True), (x, y1, True), (x, y2, True)]
+            cands += [(x, y1 - th, True), *([(x, y1, True)] if roomy else []), (x, y2, True)]
         for k in (1, 2):
             cands += [(x1, y1 - th * (k + 1), False), (x1, y2 + th * k, False)]
         spot = None

@@ -12,7 +12,12 @@ What is computed (Selvaraju et al. 2017, applied to a detector):
   ``dy/dA`` exists; gradients reach ``A`` only through the head outputs at that level (and, for the
   R-CNNs, the RoIAlign that reads it), so a level none of the top detections come from gives an
   all-zero map (the picture says so).
-* ``cam = ReLU(sum_c w_c A_c)``, ``w_c`` = the spatial mean of ``dy/dA_c``. The map lives on the
+* ``cam = ReLU(sum_c w_c A_c)``, ``w_c`` = the spatial mean of ``dy/dA_c`` (Grad-CAM, the default);
+  ``method="hirescam"`` takes ``cam = ReLU(sum_c dy/dA_c * A_c)`` element-wise instead (HiResCAM,
+  Draelos & Carin 2020). On the small trained FCOS models of our checks, Grad-CAM's map at the
+  level the detections come from was negative everywhere (so all blue after the ReLU), while
+  HiResCAM's sat on the detected objects: its gradients stay where each detection is read, where
+  Grad-CAM's spatial mean mixes the whole map. The map lives on the
   padded, resized input grid: it is upsampled to that grid, cropped to the resized image and resized
   to the original image, then normalised to ``[0, 1]`` per panel (or over all panels of an image with
   ``normalize="shared"``, to compare magnitudes) and blended over the image with the ``jet`` colours.
@@ -62,8 +67,10 @@ from hmkd.viz.detections import (
 )
 
 TARGETS = ("topk", "small")
+METHODS = ("gradcam", "hirescam")
+_NAMES = {"gradcam": "Grad-CAM", "hirescam": "HiResCAM"}
 
-__all__ = ["TARGETS", "gradcam", "gradcam_heatmaps", "overlay"]
+__all__ = ["METHODS", "TARGETS", "gradcam", "gradcam_heatmaps", "overlay"]
 
 
 def gradcam(
@@ -74,8 +81,10 @@ def gradcam(
     target: str = "topk",
     topk: int = 10,
     small_area: float = 32 * 32,
+    method: str = "gradcam",
 ) -> tuple[np.ndarray, dict[str, Any]]:
-    """Grad-CAM of one image ``[3, H, W]`` on FPN ``level``; returns ``(cam, info)``.
+    """Grad-CAM (or, with ``method="hirescam"``, HiResCAM) of one image ``[3, H, W]`` on FPN
+    ``level``; returns ``(cam, info)``.
 
     ``cam`` is an unnormalised ``float32 [H, W]`` map (original image size, >= 0). ``info`` holds
     ``score`` (the target's value), ``boxes``/``scores`` of the detections that made it, ``grid``
@@ -83,6 +92,8 @@ def gradcam(
     """
     if target not in TARGETS:
         raise ConfigError(f"unknown Grad-CAM target {target!r} (known: {', '.join(TARGETS)})")
+    if method not in METHODS:
+        raise ConfigError(f"unknown class-activation method {method!r} (known: {', '.join(METHODS)})")
     if topk < 1:
         raise ConfigError(f"Grad-CAM topk must be >= 1, got {topk}")
     inner = getattr(model, "module", model)
@@ -161,8 +172,11 @@ def gradcam(
     if zero:
         cam = torch.zeros(h0, w0)
     else:
-        w = grad[0].mean(dim=(1, 2))
-        cam = F.relu((w[:, None, None] * a).sum(0))
+        if method == "hirescam":  # element-wise gradient x activation (Draelos & Carin 2020)
+            cam = F.relu((grad[0] * a).sum(0))
+        else:
+            w = grad[0].mean(dim=(1, 2))
+            cam = F.relu((w[:, None, None] * a).sum(0))
         cam = F.interpolate(cam[None, None], size=(hp, wp), mode="bilinear", align_corners=False)
         cam = cam[..., :hr, :wr]
         cam = F.interpolate(cam, size=(h0, w0), mode="bilinear", align_corners=False)[0, 0].clamp(min=0)
@@ -206,12 +220,15 @@ def _fmt(v: float) -> str:
 
 
 def _footer(canvas_w: int, w: int, normalize: str, shared: float, show_boxes: bool, small_area: float,
-            target: str) -> tuple[list[str], list[str], int]:
+            target: str, method: str = "gradcam") -> tuple[list[str], list[str], int]:
     """The footer's text lines above the colour bar, its legend lines and its height."""
     fs = _font_size(w)
     lh = fs + 5
-    scale = (f"colour: Grad-CAM, one scale for every panel, 0 to {_fmt(shared)}" if normalize == "shared"
-             else "colour: Grad-CAM, each panel from 0 to its own max (in its title)")
+    name = _NAMES[method]
+    scale = (f"colour: {name}, one scale for every panel, 0 to {_fmt(shared)}" if normalize == "shared"
+             else f"colour: {name}, each panel from 0 to its own max (in its title)")
+    if shared <= 0:
+        scale = f"colour: {name}; every map here is zero"
     above = legend_lines(w, scale, canvas_w)
     legend: list[str] = []
     if show_boxes:
@@ -232,6 +249,7 @@ def gradcam_heatmaps(
     topk: int = 10,
     small_area: float = 32 * 32,
     normalize: str = "panel",
+    method: str = "gradcam",
     alpha: float = 0.5,
     show_boxes: bool = True,
     device: str | torch.device = "cpu",
@@ -247,6 +265,7 @@ def gradcam_heatmaps(
             small detections only); see the module docstring.
         normalize: ``panel`` (each map scaled to its own maximum, printed in its title) or
             ``shared`` (one scale for every panel of an image, to compare magnitudes).
+        method: ``gradcam`` or ``hirescam`` (see :func:`gradcam`).
         show_boxes: outline the detections that make up the target (red when small).
     Returns the PNG paths. Each panel has the original image size, under a title bar; a footer
     under the panels holds the colour bar with its scale and the legend of the box colours. Also
@@ -257,11 +276,13 @@ def gradcam_heatmaps(
         raise ConfigError(f"normalize must be 'panel' or 'shared', got {normalize!r}")
     out, built = build_panel_models("gradcam_heatmaps", models, images, out_dir, num_classes=num_classes, device=device)
     paths = []
-    record: dict[str, Any] = {"level": level, "target": target, "topk": topk, "normalize": normalize, "images": {}}
+    record: dict[str, Any] = {"level": level, "target": target, "topk": topk, "normalize": normalize,
+                              "method": method, "images": {}}
     for img_path, stem in zip(images, unique_stems(images)):
         img = load_image(img_path)
         h, w = img.shape[-2:]
-        runs = [(label, *gradcam(m, img, level, target=target, topk=topk, small_area=small_area)) for label, m in built]
+        runs = [(label, *gradcam(m, img, level, target=target, topk=topk, small_area=small_area, method=method))
+                for label, m in built]
         shared = max((float(c.max()) for _, c, _ in runs), default=0.0)
         record["images"][str(img_path)] = {
             label: {"score": info["score"], "max": float(cam.max()), "zero_gradient": info["zero"],
@@ -273,15 +294,16 @@ def gradcam_heatmaps(
         headers = []
         for label, cam, info in runs:
             what = "small " if target == "small" else ""
-            line2 = f"Grad-CAM {level}, top-{topk} {what}scores sum {info['score']:.2f}"
+            line2 = f"{_NAMES[method]} {level}, top-{topk} {what}scores sum {info['score']:.2f}"
             if info["zero"]:
                 line2 += " (zero gradient at this level)"
             else:
-                line2 += f", max {_fmt(float(cam.max()))}" + (" (the map is <= 0 everywhere)" if cam.max() <= 0 else "")
+                line2 += f", max {_fmt(float(cam.max()))}" + (" (the map is <= 0 everywhere" + ("; try hirescam)" if method == "gradcam" else ")")
+                                                             if cam.max() <= 0 else "")
             headers.append(header_lines(w, str(label), line2))
         bar = title_height(w, max(len(hl) for hl in headers))
         canvas_w = len(runs) * w + (len(runs) - 1) * 4
-        above, legend, foot_h = _footer(canvas_w, w, normalize, shared, show_boxes, small_area, target)
+        above, legend, foot_h = _footer(canvas_w, w, normalize, shared, show_boxes, small_area, target, method)
         canvas = Image.new("RGB", (canvas_w, h + bar + foot_h), (255, 255, 255))
         draw = ImageDraw.Draw(canvas)
         for i, (label, cam, info) in enumerate(runs):

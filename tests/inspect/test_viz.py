@@ -215,3 +215,15 @@ def test_gradcam_colour_scale_shared_or_per_panel(images, tmp_path):
         # the colour bar: jet's dark blue and dark red ends
         assert (np.abs(foot - np.array([0, 0, 128])).max(-1) <= 8).any()
         assert (np.abs(foot - np.array([128, 0, 0])).max(-1) <= 8).any()
+
+
+def test_hirescam_method(images, tmp_path):
+    torch.manual_seed(0)
+    model = as_model(tiny())
+    img = load_image(images[0])
+    cam, info = gradcam(model, img, "P3", topk=5, method="hirescam")
+    assert cam.shape == (150, 200) and np.isfinite(cam).all() and cam.max() > 0 and not info["zero"]
+    with pytest.raises(ConfigError, match="unknown class-activation method 'cam' .*gradcam, hirescam"):
+        gradcam(model, img, "P3", method="cam")
+    gradcam_heatmaps([("m", model)], images[:1], "P3", tmp_path, topk=5, method="hirescam")
+    assert json.loads((tmp_path / "gradcam_P3.json").read_text())["method"] == "hirescam"

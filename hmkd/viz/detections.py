@@ -205,7 +205,7 @@ def specs_from_config(
         else:
             section, mc = "model", cfg.model
             hint = f"; the label {label!r} selects the config's model section (a label starting with 'teacher' selects its teacher section)"
-        if path:
+        if path and os.path.isfile(path):  # a missing file is named when the model is built
             check_fits(read_checkpoint_info(path), mc, section=section, num_classes=num_classes, hint=hint)
         out.append((label, (mc, path)))
     return out

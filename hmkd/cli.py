@@ -106,8 +106,10 @@ def cmd_config_show(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from hmkd.engine.evaluation import evaluate
+    from hmkd.models.checkpoint_info import config_from_checkpoint
 
-    cfg = _load_cfg(args)
+    _config_or_override(args)
+    cfg = _load_cfg(args) if args.config else config_from_checkpoint(args.weights, args.overrides)
     metrics = evaluate(cfg, weights=args.weights, out_dir=args.out, progress=not args.no_progress)
     print(json.dumps({k: {m: v for m, v in d.items() if m != "per_class"} for k, d in metrics.items()}, indent=2))
     return 0
@@ -211,26 +213,42 @@ def cmd_bench_cost(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_viz_detections(args: argparse.Namespace) -> int:
-    from hmkd.viz.detections import draw_detections, specs_from_config
+def _config_or_override(args: argparse.Namespace) -> None:
+    """eval / viz / export take the config file optionally: with none given, argparse hands the
+    first ``key=value`` override to ``config``; move it back."""
+    c = args.config
+    if c is not None and "=" in c and not os.path.isfile(c):
+        args.overrides = [c, *(args.overrides or [])]
+        args.config = None
 
-    cfg = _load_cfg(args, need_classes=True)
+
+def cmd_viz_detections(args: argparse.Namespace) -> int:
+    from hmkd.engine.inputs import model_inputs, resolve_image_args
+    from hmkd.viz.detections import draw_detections, ground_truth_of
+
+    _config_or_override(args)
+    inp = model_inputs(args.config, args.overrides, _named_weights(args.weights))
+    images = resolve_image_args(args.images, inp.dataset)
+    truth = ground_truth_of(inp.dataset, images) if inp.dataset is not None and not args.no_gt else None
     paths = draw_detections(
-        specs_from_config(cfg, _named_weights(args.weights)), args.images, args.out,
-        score_thresh=args.score_thresh, device=args.device, num_classes=cfg.model.num_classes,
+        inp.specs, images, args.out, score_thresh=args.score_thresh, device=args.device, num_classes=inp.num_classes,
+        class_names=inp.label_map.names if inp.label_map else None, ground_truth=truth,
     )
     print("\n".join(paths))
     return 0
 
 
 def cmd_viz_heatmap(args: argparse.Namespace) -> int:
-    from hmkd.viz.detections import specs_from_config
+    from hmkd.engine.inputs import model_inputs, resolve_image_args
     from hmkd.viz.heatmap import gradcam_heatmaps
 
-    cfg = _load_cfg(args, need_classes=True)
+    _config_or_override(args)
+    need_data = not all(os.path.isfile(v) for v in args.images)  # indices or names of validation images
+    inp = model_inputs(args.config, args.overrides, _named_weights(args.weights), need_data=need_data)
     paths = gradcam_heatmaps(
-        specs_from_config(cfg, _named_weights(args.weights)), args.images, args.level, args.out,
-        target=args.target, topk=args.topk, device=args.device, num_classes=cfg.model.num_classes,
+        inp.specs, resolve_image_args(args.images, inp.dataset), args.level, args.out,
+        target=args.target, topk=args.topk, device=args.device, num_classes=inp.num_classes, normalize=args.scale,
+        method=args.method,
     )
     print("\n".join(paths))
     return 0
@@ -248,24 +266,58 @@ def cmd_viz_attention(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_size(text: str | None, model_cfg) -> tuple[int, int]:
+    """``--size S`` or ``HxW``; default the square the detector evaluates at (``model.min_size``,
+    its last entry when a list, capped by ``model.max_size``)."""
+    if text is None:
+        ms = model_cfg.min_size[-1] if isinstance(model_cfg.min_size, list) else model_cfg.min_size
+        s = int(min(ms, model_cfg.max_size))
+        return s, s
+    parts = text.lower().split("x")
+    try:
+        hw = [int(p) for p in parts]
+    except ValueError:
+        hw = []
+    if len(hw) not in (1, 2):
+        raise ConfigError(f"--size {text!r}: give S or HxW in pixels, e.g. 640 or 480x640")
+    return (hw[0], hw[0]) if len(hw) == 1 else (hw[0], hw[1])
+
+
 def cmd_export_onnx(args: argparse.Namespace) -> int:
     import torch
 
-    from hmkd.export.onnx import check_onnx, export_onnx
+    from hmkd.engine.inputs import model_inputs
+    from hmkd.export.onnx import check_onnx, export_onnx, resized_size
     from hmkd.viz.detections import as_model, load_image
 
-    cfg = _load_cfg(args, need_classes=True)
-    model = as_model((cfg.model, args.weights), num_classes=cfg.model.num_classes)
-    size = (args.size, args.size)
-    path = export_onnx(model, args.out, input_size=size, opset=args.opset)
+    _config_or_override(args)
+    inp = model_inputs(args.config, args.overrides, [("model", args.weights)])
+    mcfg = inp.specs[0][1][0]
+    model = as_model(inp.specs[0][1], num_classes=inp.num_classes)
+    size = _export_size(args.size, mcfg)
+    path = export_onnx(model, args.out, input_size=size, opset=args.opset, label_map=inp.label_map,
+                       metadata={"architecture": f"{mcfg.detector}/{mcfg.backbone}", "weights": os.path.basename(args.weights)})
     if args.check_images:
         images = [load_image(p, size) for p in args.check_images]
     else:
         g = torch.Generator().manual_seed(0)
         images = [torch.rand(3, *size, generator=g) for _ in range(2)]
-    report = check_onnx(model, path, images, score_thresh=cfg.model.score_thresh)
-    print(json.dumps({"onnx": path, "ok": report["ok"], "max_abs_diff_boxes": report["max_abs_diff_boxes"],
-                      "max_abs_diff_scores": report["max_abs_diff_scores"]}, indent=2, default=str))
+    report = check_onnx(model, path, images, score_thresh=mcfg.score_thresh)
+    summary = {
+        "onnx": path,
+        "ok": report["ok"],
+        "input": f"image float32 [3, {size[0]}, {size[1]}], RGB in [0, 1], batch 1",
+        "resized_inside_to": "{}x{}".format(*resized_size(model, size)),
+        "max_abs_diff_boxes": report["max_abs_diff_boxes"],
+        "max_abs_diff_scores": report["max_abs_diff_scores"],
+        "label_map": {str(i + 1): f"{n} (category {c})" for i, (c, n) in
+                      enumerate(zip(inp.label_map.category_ids, inp.label_map.names))} if inp.label_map else None,
+        "label_map_from": inp.label_map_source,
+    }
+    print(json.dumps(summary, indent=2, default=str))
+    if inp.label_map is None:
+        print("hmkd: note: no label map (the checkpoint stores none and no data set is at hand): "
+              "the outputs are labels 1..K without category ids or names", file=sys.stderr)
     if not report["ok"]:
         print("hmkd: error: onnxruntime outputs differ from PyTorch beyond tolerance", file=sys.stderr)
         return 1
@@ -324,6 +376,11 @@ def _version() -> str:
     return f"hmkd {__version__} (torch {torch.__version__}, torchvision {torchvision.__version__}, python {sys.version.split()[0]})"
 
 
+def _add_optional_config(p: argparse.ArgumentParser, without: str) -> None:
+    p.add_argument("config", nargs="?", default=None, help=f"YAML config (optional: without one, {without})")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. model.score_thresh=0.1")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="hmkd", description="Hierarchical Matching Knowledge Distillation toolkit")
     ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -368,7 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
         "other than none distils (with a warning): use hmkd distill for that.")
 
     p = sub.add_parser("eval", help="COCO evaluation of a checkpoint on the config's val split")
-    _add_config(p)
+    _add_optional_config(p, "the architecture and the data set come from the config the checkpoint stores")
     p.add_argument("--weights", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--no-progress", action="store_true")
@@ -433,21 +490,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench_cost)
 
     viz = sub.add_parser("viz", help="pictures").add_subparsers(dest="viz_cmd", required=True)
+    weights_help = (
+        "[NAME=]CKPT, repeatable, one panel each in this order. With a config, a NAME starting with "
+        "'teacher' (teacher=CKPT, teacher_r50=CKPT) builds the config's teacher section, any other NAME "
+        "(student, hmkd, plain ...) its model section; a checkpoint that stores another architecture is "
+        "an error naming both. Without a config, each checkpoint's stored architecture is used"
+    )
     p = viz.add_parser("detections", help="detections of several models side by side (paper Fig. 4)")
-    _add_config(p)
-    p.add_argument("--weights", action="append", required=True, help="[NAME=]CKPT (repeatable)")
-    p.add_argument("--images", nargs="+", required=True)
+    _add_optional_config(p, "each checkpoint's stored architecture is used, and the data set it was trained on when on disk")
+    p.add_argument("--weights", action="append", required=True, help=weights_help)
+    p.add_argument("--images", nargs="+", required=True,
+                   help="image files, or validation-set indices / file names (needs the data set)")
     p.add_argument("--score-thresh", type=float, default=0.3)
+    p.add_argument("--no-gt", action="store_true", help="no ground-truth panel (drawn first for images of the data set)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_viz_detections)
     p = viz.add_parser("heatmap", help="Grad-CAM on an FPN level (paper Fig. 1)")
-    _add_config(p)
-    p.add_argument("--weights", action="append", required=True, help="[NAME=]CKPT (repeatable)")
-    p.add_argument("--images", nargs="+", required=True)
+    _add_optional_config(p, "each checkpoint's stored architecture is used")
+    p.add_argument("--weights", action="append", required=True, help=weights_help)
+    p.add_argument("--images", nargs="+", required=True,
+                   help="image files, or validation-set indices / file names (needs the data set)")
     p.add_argument("--level", default="P3")
     p.add_argument("--target", default="topk", choices=["topk", "small"], help="Grad-CAM target: top-k scores, or top-k small detections")
     p.add_argument("--topk", type=int, default=10)
+    p.add_argument("--method", default="gradcam", choices=["gradcam", "hirescam"],
+                   help="gradcam: channel weights = mean gradient (Grad-CAM); hirescam: gradient x activation "
+                        "per position (HiResCAM), which stays on the detected objects where Grad-CAM can be <= 0 everywhere")
+    p.add_argument("--scale", default="panel", choices=["panel", "shared"],
+                   help="colour scale: each panel from 0 to its own max, or one scale shared by the panels of an image")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_viz_heatmap)
@@ -466,10 +537,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     exp = sub.add_parser("export", help="export for deployment").add_subparsers(dest="export_cmd", required=True)
     p = exp.add_parser("onnx", help="ONNX export checked with onnxruntime")
-    _add_config(p)
+    _add_optional_config(p, "the architecture comes from the config the checkpoint stores")
     p.add_argument("--weights", required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--size", type=int, default=320)
+    p.add_argument("--size", default=None,
+                   help="input S or HxW pixels (default: the square the model evaluates at, model.min_size capped by max_size)")
     p.add_argument("--opset", type=int, default=17)
     p.add_argument("--check-images", nargs="*", default=None, help="images to compare onnxruntime with PyTorch on")
     p.set_defaults(func=cmd_export_onnx)

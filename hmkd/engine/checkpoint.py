@@ -6,7 +6,8 @@ A training checkpoint is a dict (see :func:`hmkd.engine.trainer.train`)::
      "distiller": the method's own modules,   # adapters, GcBlocks, decoder ... (no student keys)
      "optimizer": ..., "extra_optimizers": {name: state}, "scheduler": ..., "extra_schedulers": {name: state},
      "scaler": ... | None,
-     "iteration": int, "rng": [per-rank RNG states], "config": dict, "trainer": {...}}
+     "iteration": int, "rng": [per-rank RNG states], "config": dict, "trainer": {...},
+     "label_map": {"category_ids": [...], "names": [...]}}  # of labels 1..K; absent in older files
 
 Files are written atomically (:func:`hmkd.utils.atomic_open` with ``durable=True``): the object is
 saved to a temporary file ``.NAME.XXXX.tmp`` in the same directory, flushed and ``os.fsync``-ed,

@@ -8,6 +8,8 @@ metrics.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -24,7 +26,9 @@ from hmkd.engine.inference import inference_on_dataset
 from hmkd.engine.signals import worker_init
 from hmkd.utils import write_json
 
-__all__ = ["aitod_max_dets_of", "evaluate", "evaluate_model", "write_eval_outputs"]
+__all__ = ["aitod_max_dets_of", "check_label_map", "evaluate", "evaluate_model", "write_eval_outputs"]
+
+logger = logging.getLogger(__name__)
 
 
 def aitod_max_dets_of(cfg: Config) -> int | None:
@@ -86,17 +90,23 @@ def evaluate(cfg: Config, *, weights: str, out_dir: str, progress: bool = True) 
     """``hmkd eval``: build ``cfg.model``, load ``weights``, score the val split, write the outputs.
 
     Writes ``metrics.json`` and ``detections.json`` to ``out_dir`` (rank 0) and returns the metrics
-    ``{"bbox": {...}}`` (plus ``"segm"`` for Mask R-CNN). Runs sharded under torchrun.
+    ``{"bbox": {...}}`` (plus ``"segm"`` for Mask R-CNN). Runs sharded under torchrun. A checkpoint
+    that stores another architecture than ``cfg.model``, or was trained on other category ids than
+    the data set's, is a one-line :class:`~hmkd.errors.CheckpointError` naming both.
     """
     from hmkd.data import build_data
-    from hmkd.models import build_model, load_weights
+    from hmkd.models import build_model
+    from hmkd.models.checkpoint_info import check_fits, load_detector_weights, read_checkpoint_info
 
+    info = read_checkpoint_info(weights)
+    check_fits(info, cfg.model)  # before the data set is read: an architecture that differs is named at once
     ctx = du.init_distributed(cfg.device)
     try:
         val = du.main_first(ctx, lambda: build_data(cfg, train=False))
         n = resolve_num_classes(cfg, val)
         model = build_model(cfg.model, n, load=False)
-        load_weights(model, weights)
+        load_detector_weights(model, weights, dataclasses.replace(cfg.model, num_classes=n), info=info)
+        check_label_map(info, val)
         model.to(ctx.device).eval()
         metrics, dets = evaluate_model(
             model,
@@ -115,6 +125,26 @@ def evaluate(cfg: Config, *, weights: str, out_dir: str, progress: bool = True) 
         return metrics
     finally:
         du.cleanup(ctx)
+
+
+def check_label_map(info: Any, dataset: Any) -> None:
+    """Raise :class:`CheckpointError` when a checkpoint's stored label map (its training set's
+    category ids) differs from ``dataset``'s: its labels would be scored as other categories.
+    A checkpoint without one passes; names that differ under the same ids are only logged."""
+    from hmkd.errors import CheckpointError
+    from hmkd.models.checkpoint_info import LabelMap
+
+    if info.label_map is None:
+        return
+    theirs = LabelMap.from_dataset(dataset)
+    if info.label_map.category_ids != theirs.category_ids:
+        raise CheckpointError(
+            f"{info.path}: trained on category ids {list(info.label_map.category_ids)}, the data set has "
+            f"{list(theirs.category_ids)}; its labels would be scored as other categories"
+        )
+    if info.label_map.names != theirs.names:
+        logger.warning("%s: category names %s differ from the data set's %s (same ids)",
+                       info.path, list(info.label_map.names), list(theirs.names))
 
 
 def write_eval_outputs(out_dir: str | os.PathLike, metrics: Mapping[str, Any], detections: Sequence[dict]) -> dict[str, str]:

@@ -109,6 +109,7 @@ from hmkd.engine.sampler import InfiniteBatchSampler, SeededDataset, mix_seed
 from hmkd.engine.signals import StopSignal, worker_init
 from hmkd.engine.step import train_step
 from hmkd.errors import CheckpointError, ConfigError, NonFiniteLossError
+from hmkd.models.checkpoint_info import LabelMap
 from hmkd.utils import write_json
 
 logger = logging.getLogger(__name__)
@@ -232,6 +233,8 @@ class _Run:
         self.num_classes = n
         self.cfg = resolve_config(cfg, self.out, n)
         self._check_data(read_images=cfg.data.check_images)
+        # category ids and names of labels 1..K, for eval / viz / export of the checkpoints
+        self.label_map = LabelMap.from_dataset(self.train_set).to_dict()
 
         # backbone_weights: pretrain -> the stand-in's file (pretrained now if not cached; a resumed
         # student's weights come from its checkpoint)
@@ -349,6 +352,7 @@ class _Run:
             "iteration": self.iteration,
             "rng": rng,
             "config": to_dict(self.cfg),
+            "label_map": self.label_map,
             "method": self.cfg.distill.method,
             "trainer": {
                 "best": dict(self.best),
@@ -377,6 +381,7 @@ class _Run:
                 "model": self.student.state_dict(),
                 "iteration": self.iteration,
                 "config": to_dict(self.cfg),
+                "label_map": self.label_map,
                 "method": self.cfg.distill.method,
                 "metrics": metrics,
             },

@@ -18,12 +18,20 @@ it anyway, for newer torch versions.
 
 The file is written atomically (temp file, ``onnx.checker``, replace). :func:`check_onnx` runs
 onnxruntime and PyTorch on the same images and compares the detections above a score threshold.
+
+Metadata (the model's ``metadata_props``, read with ``onnx.load(f).metadata_props`` or
+onnxruntime's ``session.get_modelmeta().custom_metadata_map``): ``producer``, ``model``, ``input``
+and ``input_size`` (``H,W``), ``resized_to`` (the size the graph's own transform resizes that input
+to), ``outputs``, ``labels`` and, when the data set's categories are known, ``label_map``: a JSON
+object from each output label to its data set category,
+``{"1": {"category_id": 3, "name": "disc"}, ...}`` (:func:`read_label_map` reads it back).
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import json
 import tempfile
 import os
 import warnings
@@ -40,7 +48,17 @@ from hmkd.utils import atomic_open
 
 EXPORTERS = ("legacy", "dynamo")
 
-__all__ = ["EXPORTERS", "ExportError", "check_onnx", "export_onnx", "onnx_session", "output_names"]
+__all__ = [
+    "EXPORTERS",
+    "ExportError",
+    "check_onnx",
+    "export_onnx",
+    "onnx_metadata",
+    "onnx_session",
+    "output_names",
+    "read_label_map",
+    "resized_size",
+]
 
 
 class ExportError(HMKDError):
@@ -52,6 +70,37 @@ def output_names(model: nn.Module, sample: torch.Tensor) -> list[str]:
     with torch.inference_mode():
         out = model([sample])[0]
     return list(out.keys())
+
+
+def resized_size(model: nn.Module, input_size: tuple[int, int]) -> tuple[int, int]:
+    """``(H, W)`` the detector's own transform resizes an ``input_size`` image to (eval mode)."""
+    inner = getattr(model, "module", model)
+    was_training = inner.transform.training
+    inner.transform.eval()
+    try:
+        with torch.inference_mode():
+            device = next(inner.parameters()).device
+            images, _ = inner.transform([torch.zeros(3, *input_size, device=device)])
+    finally:
+        inner.transform.train(was_training)
+    h, w = images.image_sizes[0]
+    return int(h), int(w)
+
+
+def onnx_metadata(onnx_path: str | os.PathLike) -> dict[str, str]:
+    """The ``metadata_props`` of an ONNX file as a dict (weights not loaded)."""
+    import onnx
+
+    proto = onnx.load(str(onnx_path), load_external_data=False)
+    return {p.key: p.value for p in proto.metadata_props}
+
+
+def read_label_map(onnx_path: str | os.PathLike) -> dict[int, dict[str, Any]] | None:
+    """``{label: {"category_id", "name"}}`` from an exported file's ``label_map``; None without one."""
+    raw = onnx_metadata(onnx_path).get("label_map")
+    if raw is None:
+        return None
+    return {int(k): v for k, v in json.loads(raw).items()}
 
 
 def _one_line(e: BaseException, limit: int = 300) -> str:
@@ -78,6 +127,7 @@ def export_onnx(
     exporter: str = "legacy",
     sample: torch.Tensor | None = None,
     metadata: dict[str, Any] | None = None,
+    label_map: Any | None = None,
 ) -> str:
     """Export ``model`` (eval mode, batch 1, input ``[3, H, W]`` with ``(H, W) = input_size``) to ONNX.
 
@@ -89,6 +139,8 @@ def export_onnx(
             detection post-processing in torch 2.14, see the module docstring).
         sample: the image traced (default a fixed random one); its detections do not matter.
         metadata: extra ``key: value`` strings stored in the file's ``metadata_props``.
+        label_map: a :class:`~hmkd.models.checkpoint_info.LabelMap` of the output labels, stored
+            as ``label_map`` (see the module docstring); None stores none.
     Returns the path written. Raises :class:`ExportError` with the exporter's reason on failure.
     """
     import onnx
@@ -126,14 +178,20 @@ def export_onnx(
             torch.onnx.export(inner, ([sample],), str(tmp), **kwargs)
         proto = onnx.load(str(tmp))
         onnx.checker.check_model(proto)
+        rh, rw = resized_size(inner, (h, w))
         meta = {
             "producer": "hmkd",
             "model": type(inner).__name__,
             "input": f"image float32 [3,{h},{w}] RGB in [0,1]",
+            "input_size": f"{h},{w}",
+            "resized_to": f"{rh},{rw}",
             "outputs": ",".join(names),
-            "labels": "1..K (0 is background, never output)",
+            "labels": "1..K (0 is background, never output)"
+            + ("; label_map gives each one's category_id and name" if label_map is not None else "; no label map known"),
             **{str(k): str(v) for k, v in (metadata or {}).items()},
         }
+        if label_map is not None:
+            meta["label_map"] = json.dumps(label_map.by_label())
         for k, v in meta.items():
             entry = proto.metadata_props.add()
             entry.key, entry.value = k, v

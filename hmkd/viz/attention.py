@@ -335,6 +335,9 @@ def viz_attention(
         cfg.teacher.weights = str(weights)
     if not cfg.teacher.weights:
         raise ConfigError("viz attention: the teacher's checkpoint is needed: give --weights (or set teacher.weights)")
+    from hmkd.models.checkpoint_info import check_fits, read_checkpoint_info
+
+    check_fits(read_checkpoint_info(cfg.teacher.weights), cfg.teacher, section="teacher")  # names both architectures
     # the student provides only its input transform: never read its weights
     cfg.model.weights = None
     cfg.model.backbone_weights = None

@@ -1,14 +1,23 @@
 """Detection pictures: the detections of several models on one image, side by side (paper Fig. 4).
 
-For each image, :func:`draw_detections` writes one PNG with one panel per model. Every panel has the
-image's original resolution (plus a title bar on top), boxes coloured by class with ``label score``
-tags, and *small* detections (box area below ``small_area``, 32 x 32 px by default, measured in the
-original image, as COCO's APs does) marked distinctly: a red outer outline around the class-coloured
-box, as the paper highlights small objects in red, and a count in the panel title.
+For each image, :func:`draw_detections` writes one PNG with one panel per model, and, when the
+image's annotations are known, a ground-truth panel first. Every panel has the image's original
+resolution under a title bar; boxes are coloured by class with ``name score`` tags (names from the
+label map, ``c1``, ``c2`` ... without one), and *small* boxes (area below ``small_area``, 32 x 32 px
+by default, measured in the original image, as COCO's APs does) get a red outer outline, as the
+paper highlights small objects in red, and a count in the panel title.
+
+Sizes follow the image: the font is about 1/45 of the image width (at least 10 px), line widths
+grow past 640 px, and a title that does not fit is wrapped onto more lines (the bar grows; every
+panel of a picture gets the same bar). Tags are placed so that they do not cover each other: each
+tag (most confident first) takes the first free spot above, inside or below its box, then further
+up or down with a leader line; a tag that finds no free spot is left out (the box stays, the title
+counts the hidden tags, and ``detections.json`` has every detection).
 
 This module also holds the small helpers the inspection tools share: :func:`load_image` (a file to a
 ``[3, H, W]`` float tensor in ``[0, 1]``), :func:`as_model` (a model, a :class:`ModelConfig` or a
-``(ModelConfig, weights_path)`` pair to an eval-mode detector) and :func:`specs_from_config`
+``(ModelConfig, weights_path)`` pair to an eval-mode detector; a checkpoint that stores another
+architecture than the config is a one-line error naming both) and :func:`specs_from_config`
 (``--weights LABEL=CKPT`` pairs to model specs: ``teacher*`` labels take the config's teacher
 architecture, every other label the student's, since a distilled student is a student).
 """
@@ -30,7 +39,14 @@ from torch import nn
 from hmkd.config import Config, ModelConfig
 from hmkd.errors import CheckpointError, ConfigError
 from hmkd.utils import atomic_open, write_json
-from hmkd.models import build_model, read_state_dict
+from hmkd.models import build_model
+from hmkd.models.checkpoint_info import (
+    CheckpointInfo,
+    check_fits,
+    check_keys_fit,
+    load_detector_weights,
+    read_checkpoint_info,
+)
 
 ModelSpec = Union[nn.Module, ModelConfig, tuple[ModelConfig, Union[str, None]]]
 """A detector given as a module, as a config (its own ``weights``), or as ``(config, weights path)``."""
@@ -53,6 +69,8 @@ __all__ = [
     "class_colour",
     "draw_detections",
     "draw_panels",
+    "ground_truth_of",
+    "place_tags",
     "infer_num_classes",
     "load_image",
     "run_detector",
@@ -79,11 +97,11 @@ def load_image(path: str | os.PathLike, size: tuple[int, int] | None = None) -> 
     return torch.from_numpy(arr).permute(2, 0, 1).float().div_(255.0)
 
 
-def infer_num_classes(cfg: ModelConfig, weights: str) -> int:
-    """The class count (without background) of a detector checkpoint, read off its classifier shape."""
+def _classes_from_keys(cfg: ModelConfig, info: CheckpointInfo) -> int:
+    """The class count (without background) a state dict's classifier shape tells."""
     from hmkd.models.torchvision_zoo import detector_family
 
-    sd = read_state_dict(weights)
+    sd, weights = info.state_dict, info.path
     family = detector_family(cfg.detector)
     if family in ("faster_rcnn", "mask_rcnn"):
         key, per_loc = "roi_heads.box_predictor.cls_score.weight", 1
@@ -94,11 +112,21 @@ def infer_num_classes(cfg: ModelConfig, weights: str) -> int:
     else:
         raise ConfigError(f"unknown detector {cfg.detector!r}")
     if key not in sd:
+        check_keys_fit(info, cfg)
         raise CheckpointError(f"{weights}: no '{key}'; is it a {cfg.detector} checkpoint?")
     n = sd[key].shape[0]
     if n % per_loc:
         raise CheckpointError(f"{weights}: '{key}' has {n} outputs, not a multiple of {per_loc} anchors")
     return n // per_loc - 1
+
+
+def infer_num_classes(cfg: ModelConfig, weights: str) -> int:
+    """The class count (without background) of a detector checkpoint: the one its stored config
+    gives, else read off its classifier shape."""
+    info = read_checkpoint_info(weights)
+    if info.model is not None and info.model.num_classes is not None:
+        return int(info.model.num_classes)
+    return _classes_from_keys(cfg, info)
 
 
 def build_panel_models(
@@ -123,8 +151,11 @@ def build_panel_models(
 def as_model(spec: ModelSpec, *, num_classes: int | None = None, device: str | torch.device = "cpu") -> nn.Module:
     """An eval-mode detector on ``device`` from a :data:`ModelSpec`.
 
-    For a config, the class count is ``cfg.num_classes``, else ``num_classes``, else read off the
-    weights file; weights given in the pair replace ``cfg.weights`` (``None`` keeps ``cfg.weights``).
+    For a config, the class count is ``cfg.num_classes``, else ``num_classes``, else what the
+    weights file stores or its classifier's shape tells; weights given in the pair replace
+    ``cfg.weights`` (``None`` keeps ``cfg.weights``). A weights file whose stored architecture
+    differs from ``cfg`` raises :class:`CheckpointError` naming both
+    (:func:`hmkd.models.checkpoint_info.check_fits`).
     """
     if isinstance(spec, nn.Module):
         return spec.eval().to(device)
@@ -135,21 +166,36 @@ def as_model(spec: ModelSpec, *, num_classes: int | None = None, device: str | t
     else:
         raise ConfigError(f"a model must be an nn.Module, a ModelConfig or (ModelConfig, weights), got {type(spec).__name__}")
     n = cfg.num_classes if cfg.num_classes is not None else num_classes
-    if n is None and path:
-        n = infer_num_classes(cfg, str(path))
+    info = read_checkpoint_info(str(path)) if path else None
+    if info is not None:
+        check_fits(info, cfg, num_classes=n)
+        if n is None:
+            stored = info.model.num_classes if info.model is not None else None
+            n = int(stored) if stored is not None else _classes_from_keys(cfg, info)
     if n is None:
         raise ConfigError("model.num_classes is not set, and no weights file or data set gives it")
-    cfg = dataclasses.replace(cfg, weights=str(path) if path else None)
-    if cfg.weights:
+    cfg = dataclasses.replace(cfg, weights=None, num_classes=n)
+    if path:
         cfg = dataclasses.replace(cfg, backbone_weights=None)  # the full weights replace them anyway
-    return build_model(cfg, n).eval().to(device)
+    model = build_model(cfg, n)
+    if info is not None:
+        load_detector_weights(model, str(path), cfg, info=info)
+    return model.eval().to(device)
 
 
-def specs_from_config(cfg: Config, weights: Sequence[tuple[str, str | None]] | Mapping[str, str | None]) -> list[tuple[str, ModelSpec]]:
+def specs_from_config(
+    cfg: Config,
+    weights: Sequence[tuple[str, str | None]] | Mapping[str, str | None],
+    *,
+    num_classes: int | None = None,
+) -> list[tuple[str, ModelSpec]]:
     """``[(label, ckpt), ...]`` -> ``[(label, (ModelConfig, ckpt)), ...]``.
 
     A label starting with ``teacher`` (any case) uses ``cfg.teacher``; any other label (``student``,
     ``hmkd``, ``fgd`` ...) uses ``cfg.model``: distilled students share the student's architecture.
+    A checkpoint that stores another architecture than the section its label selects raises
+    :class:`CheckpointError` naming both and the label rule (``num_classes``: the data set's count,
+    when the config leaves it unset).
     """
     pairs = list(weights.items()) if isinstance(weights, Mapping) else list(weights)
     out: list[tuple[str, ModelSpec]] = []
@@ -157,9 +203,14 @@ def specs_from_config(cfg: Config, weights: Sequence[tuple[str, str | None]] | M
         if label.lower().startswith("teacher"):
             if cfg.teacher is None:
                 raise ConfigError(f"--weights {label}=...: the config has no 'teacher' model")
-            out.append((label, (cfg.teacher, path)))
+            section, mc = "teacher", cfg.teacher
+            hint = f"; the label {label!r} selects the config's teacher section"
         else:
-            out.append((label, (cfg.model, path)))
+            section, mc = "model", cfg.model
+            hint = f"; the label {label!r} selects the config's model section (a label starting with 'teacher' selects its teacher section)"
+        if path and os.path.isfile(path):  # a missing file is named when the model is built
+            check_fits(read_checkpoint_info(path), mc, section=section, num_classes=num_classes, hint=hint)
+        out.append((label, (mc, path)))
     return out
 
 
@@ -215,6 +266,22 @@ def _fit(draw: ImageDraw.ImageDraw, text: str, font: Any, width: int) -> str:
     return text + ".."
 
 
+def wrap_text(draw: ImageDraw.ImageDraw, text: str, font: Any, width: int) -> list[str]:
+    """``text`` broken at spaces into lines of at most ``width`` pixels (a word longer than a line
+    is cut with ``..``)."""
+    lines: list[str] = []
+    cur = ""
+    for word in str(text).split(" "):
+        trial = f"{cur} {word}" if cur else word
+        if _text_wh(draw, trial, font)[0] <= width or not cur:
+            cur = trial
+        else:
+            lines.append(cur)
+            cur = word
+    lines.append(cur)
+    return [_fit(draw, line, font, width) for line in lines]
+
+
 def _class_name(label: int, class_names: Sequence[str] | None) -> str:
     if class_names and 1 <= label <= len(class_names):
         return str(class_names[label - 1])
@@ -222,7 +289,160 @@ def _class_name(label: int, class_names: Sequence[str] | None) -> str:
 
 
 def _font_size(width: int) -> int:
-    return int(max(10, min(18, width // 28)))
+    """Title font size for panels ``width`` pixels wide: about 1/45 of it, 10 to 40 px."""
+    return int(max(10, min(40, round(width / 45))))
+
+
+def _line_h(fs: int) -> int:
+    return fs + 5
+
+
+def _stroke(width: int) -> int:
+    """Box line width unit for an image ``width`` pixels wide (1 up to 960 px, then 2, 3 ...)."""
+    return max(1, round(width / 640))
+
+
+def title_height(width: int, lines: int = 2) -> int:
+    """Height in pixels of the title bar above panels ``width`` pixels wide holding ``lines`` lines
+    (a title and one line of counts, unless a panel is too narrow for them: then more)."""
+    return lines * _line_h(_font_size(width)) + 4
+
+
+def _scratch_draw() -> ImageDraw.ImageDraw:
+    return ImageDraw.Draw(Image.new("RGB", (1, 1)))
+
+
+def header_lines(width: int, title: str, info: str) -> list[tuple[str, bool]]:
+    """The lines of one panel's title bar: ``[(text, is_title)]`` (the title cut to one line, the
+    information line wrapped)."""
+    fs = _font_size(width)
+    draw = _scratch_draw()
+    out = [(_fit(draw, str(title), _font(fs), width - 6), True)]
+    out += [(line, False) for line in wrap_text(draw, info, _font(max(9, fs - 2)), width - 6)]
+    return out
+
+
+def draw_header(draw: ImageDraw.ImageDraw, x0: int, width: int, lines: Sequence[tuple[str, bool]],
+                colour: tuple[int, int, int] = (60, 60, 60)) -> None:
+    """Draw :func:`header_lines` at panel offset ``x0`` (title black, the rest in ``colour``)."""
+    fs = _font_size(width)
+    for k, (text, is_title) in enumerate(lines):
+        font = _font(fs if is_title else max(9, fs - 2))
+        draw.text((x0 + 3, 2 + k * _line_h(fs)), text, fill=(0, 0, 0) if is_title else colour, font=font)
+
+
+def _overlap(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> float:
+    w = min(a[2], b[2]) - max(a[0], b[0])
+    h = min(a[3], b[3]) - max(a[1], b[1])
+    return max(0.0, w) * max(0.0, h)
+
+
+def place_tags(
+    boxes: Sequence[Sequence[float]],
+    sizes: Sequence[tuple[int, int]],
+    bounds: tuple[float, float, float, float],
+    *,
+    max_cover: float = 0.25,
+) -> list[tuple[float, float, bool] | None]:
+    """Greedy tag placement: for each box (in the given order, most important first) and its tag
+    size ``(w, h)``, the top-left corner ``(x, y, adjacent)`` of a spot inside ``bounds`` that
+    overlaps no tag placed before, or None when there is none or the tags placed so far already
+    cover ``max_cover`` of ``bounds`` (so that tags never hide the picture).
+
+    Candidates, in order: above the box's top-left corner, inside it (only in a box at least twice
+    the tag's height and as wide: a tag inside a smaller box would hide the object), below it, the
+    same at the right edge, then 2 and 3 tag heights further up or down (``adjacent`` False: draw a
+    leader).
+    """
+    bx0, by0, bx1, by1 = bounds
+    budget = max_cover * max(1.0, (bx1 - bx0) * (by1 - by0))
+    used = 0.0
+    placed: list[tuple[float, float, float, float]] = []
+    out: list[tuple[float, float, bool] | None] = []
+    for (x1, y1, x2, y2), (tw, th) in zip(boxes, sizes):
+        if used + tw * th > budget:
+            out.append(None)
+            continue
+        cands = []
+        roomy = (y2 - y1) >= 2 * th and (x2 - x1) >= tw  # a tag inside a smaller box would hide the object
+        for x in (x1, x2 - tw):
+            cands += [(x, y1 - th, True), *([(x, y1, True)] if roomy else []), (x, y2, True)]
+        for k in (1, 2):
+            cands += [(x1, y1 - th * (k + 1), False), (x1, y2 + th * k, False)]
+        spot = None
+        for x, y, adj in cands:
+            x = min(max(x, bx0), bx1 - tw)
+            y = min(max(y, by0), by1 - th)
+            rect = (x, y, x + tw, y + th)
+            if not any(_overlap(rect, r) > 0 for r in placed):
+                spot = (x, y, adj)
+                placed.append(rect)
+                used += tw * th
+                break
+        out.append(spot)
+    return out
+
+
+def _text_colour(bg: tuple[int, int, int]) -> tuple[int, int, int]:
+    """Black on light backgrounds, white on dark ones."""
+    return (0, 0, 0) if 0.299 * bg[0] + 0.587 * bg[1] + 0.114 * bg[2] > 150 else (255, 255, 255)
+
+
+def _as_image(image: Image.Image | torch.Tensor) -> Image.Image:
+    if isinstance(image, torch.Tensor):
+        arr = (image.detach().cpu().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+        image = Image.fromarray(arr, "RGB")
+    return image.convert("RGB")
+
+
+def _panel_info(det: Mapping[str, Any], score_thresh: float, small_area: float, w: int, h: int) -> dict[str, Any]:
+    """Boxes of one panel above the threshold, clipped to the image, with their flags."""
+    boxes = torch.as_tensor(det["boxes"], dtype=torch.float32).reshape(-1, 4)
+    labels = torch.as_tensor(det["labels"]).reshape(-1)
+    truth = "scores" not in det
+    scores = torch.ones(len(boxes)) if truth else torch.as_tensor(det["scores"], dtype=torch.float32).reshape(-1)
+    crowd = torch.as_tensor(det.get("iscrowd", torch.zeros(len(boxes))), dtype=torch.bool).reshape(-1)
+    keep = scores >= (0.0 if truth else score_thresh)
+    boxes, scores, labels, crowd = boxes[keep], scores[keep], labels[keep], crowd[keep]
+    areas = (boxes[:, 2] - boxes[:, 0]).clamp(min=0) * (boxes[:, 3] - boxes[:, 1]).clamp(min=0)
+    small = (areas < small_area) & ~crowd
+    clipped = boxes.clone()
+    clipped[:, 0::2] = clipped[:, 0::2].clamp(0, w - 1)
+    clipped[:, 1::2] = clipped[:, 1::2].clamp(0, h - 1)
+    return {"boxes": clipped, "scores": scores, "labels": labels, "small": small, "crowd": crowd, "truth": truth}
+
+
+def _info_line(p: Mapping[str, Any], score_thresh: float, hidden: int) -> str:
+    n_crowd = int(p["crowd"].sum())
+    n = len(p["scores"]) - n_crowd
+    if p["truth"]:
+        text = f"{n} objects, {int(p['small'].sum())} small"
+        if n_crowd:
+            text += f", {n_crowd} crowd"
+    else:
+        text = f"{n} dets >= {score_thresh:.2f}, {int(p['small'].sum())} small"
+    if hidden:
+        text += f", {hidden} tags hidden"
+    return text
+
+
+def legend_lines(panel_width: int, text: str, width: int | None = None) -> list[str]:
+    """``text`` wrapped to a picture ``width`` pixels wide (default ``panel_width``) in the font of
+    panels ``panel_width`` pixels wide."""
+    fs = _font_size(panel_width)
+    return wrap_text(_scratch_draw(), text, _font(max(9, fs - 2)), (width or panel_width) - 6)
+
+
+def legend_height(width: int, lines: int) -> int:
+    """Height in pixels of a legend of ``lines`` lines under panels ``width`` pixels wide."""
+    return lines * _line_h(_font_size(width)) + 4 if lines else 0
+
+
+def draw_legend(draw: ImageDraw.ImageDraw, y0: int, width: int, lines: Sequence[str]) -> None:
+    """Draw :func:`legend_lines` from ``y0`` down."""
+    fs = _font_size(width)
+    for k, line in enumerate(lines):
+        draw.text((3, y0 + 2 + k * _line_h(fs)), line, fill=(60, 60, 60), font=_font(max(9, fs - 2)))
 
 
 def draw_panels(
@@ -235,61 +455,84 @@ def draw_panels(
 ) -> Image.Image:
     """Compose one picture: per ``(title, detections)`` a panel of the image at its own resolution.
 
-    ``detections`` has ``boxes`` (xyxy, pixels of ``image``), ``scores`` and ``labels``. Output size:
-    ``(n * W + (n - 1) * 4, H + title bar)``; the title bar is :func:`title_height` pixels high.
+    ``detections`` has ``boxes`` (xyxy, pixels of ``image``), ``scores`` and ``labels``; an entry
+    without ``scores`` is ground truth (every box drawn, tags without scores; an optional
+    ``iscrowd`` flags crowd regions, drawn grey without tags). ``class_names`` names labels
+    ``1..K``. Output: ``n * W + (n - 1) * 4`` wide; the panels sit under a title bar
+    (:func:`title_height` ``(W, lines)``, ``lines`` the most any panel's title needs: 2 unless the
+    panel is too narrow for its counts) and over a legend (what red and the tags mean,
+    :func:`legend_height`). ``picture.info`` holds ``title_height`` and ``legend_height``.
     """
-    if isinstance(image, torch.Tensor):
-        arr = (image.detach().cpu().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
-        image = Image.fromarray(arr, "RGB")
-    image = image.convert("RGB")
+    image = _as_image(image)
     w, h = image.size
     n = max(1, len(results))
     fs = _font_size(w)
-    font = _font(fs)
-    bar = title_height(w)
-    canvas = Image.new("RGB", (n * w + (n - 1) * _SEP, h + bar), (255, 255, 255))
+    unit = _stroke(w)
+    tag_font = _font(max(9, round(fs * 0.8)))
+    scratch = _scratch_draw()
+    panels = [_panel_info(det, score_thresh, small_area, w, h) for _, det in results]
+    # tags and their spots first (the counts in the title need the number of hidden tags)
+    layouts = []
+    for p in panels:
+        order = torch.argsort(p["scores"], descending=True, stable=True).tolist()
+        order = [j for j in order if not p["crowd"][j]]
+        texts = {
+            j: _class_name(int(p["labels"][j]), class_names) + ("" if p["truth"] else f" {float(p['scores'][j]):.2f}")
+            for j in order
+        }
+        sizes = [tuple(v + 2 for v in _text_wh(scratch, texts[j], tag_font)) for j in order]
+        spots = place_tags([p["boxes"][j].tolist() for j in order], sizes, (0, 0, w, h))
+        layouts.append((order, texts, sizes, spots))
+    hidden = [sum(s is None for s in lay[3]) for lay in layouts]
+    headers = [
+        header_lines(w, str(title), _info_line(p, score_thresh, k))
+        for (title, _), p, k in zip(results, panels, hidden)
+    ]
+    side = int(round(small_area ** 0.5))
+    legend = f"red outline: small (area < {side}x{side} px); tags: class" + (
+        " and score" if any(not p["truth"] for p in panels) else "")
+    if any(hidden):
+        legend += ", most confident first, left out where they would cover another tag"
+    if any(bool(p["crowd"].any()) for p in panels):
+        legend += "; grey: crowd regions"
+    width = n * w + (n - 1) * _SEP
+    foot = legend_lines(w, legend, width)
+    bar = title_height(w, max((len(hl) for hl in headers), default=2))
+    canvas = Image.new("RGB", (width, h + bar + legend_height(w, len(foot))), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
-    tag_font = _font(max(9, fs - 3))
-    for i, (title, det) in enumerate(results):
+    for i, (p, (order, texts, sizes, spots)) in enumerate(zip(panels, layouts)):
         x0 = i * (w + _SEP)
         canvas.paste(image, (x0, bar))
-        boxes = torch.as_tensor(det["boxes"], dtype=torch.float32).reshape(-1, 4)
-        scores = torch.as_tensor(det["scores"], dtype=torch.float32).reshape(-1)
-        labels = torch.as_tensor(det["labels"]).reshape(-1)
-        keep = scores >= score_thresh
-        boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
-        order = torch.argsort(scores)  # draw the most confident last, on top
-        areas = (boxes[:, 2] - boxes[:, 0]).clamp(min=0) * (boxes[:, 3] - boxes[:, 1]).clamp(min=0)
-        small = areas < small_area
-        for j in order.tolist():
-            x1, y1, x2, y2 = boxes[j].tolist()
-            x1, x2 = [min(max(v, 0.0), w - 1.0) + x0 for v in (x1, x2)]
-            y1, y2 = [min(max(v, 0.0), h - 1.0) + bar for v in (y1, y2)]
-            x2, y2 = max(x1, x2), max(y1, y2)
-            colour = class_colour(int(labels[j]))
-            if small[j]:
-                draw.rectangle([x1 - 2, y1 - 2, x2 + 2, y2 + 2], outline=SMALL_COLOUR, width=2)
-                draw.rectangle([x1, y1, x2, y2], outline=colour, width=1)
+        # boxes, least confident first (the best on top), then every tag over every box
+        for j in reversed(order):
+            x1, y1, x2, y2 = p["boxes"][j].tolist()
+            x1, x2, y1, y2 = x1 + x0, max(x1, x2) + x0, y1 + bar, max(y1, y2) + bar
+            colour = class_colour(int(p["labels"][j]))
+            if p["small"][j]:
+                o = 2 * unit
+                draw.rectangle([x1 - o, y1 - o, x2 + o, y2 + o], outline=SMALL_COLOUR, width=2 * unit)
+                draw.rectangle([x1, y1, x2, y2], outline=colour, width=unit)
             else:
-                draw.rectangle([x1, y1, x2, y2], outline=colour, width=2)
-            tag = f"{_class_name(int(labels[j]), class_names)} {float(scores[j]):.2f}"
-            tw, th = _text_wh(draw, tag, tag_font)
-            ty = y1 - th - 3 if y1 - th - 3 >= bar else y1
-            tx = min(x1, x0 + w - tw - 2)
-            draw.rectangle([tx, ty, tx + tw + 2, ty + th + 2], fill=colour)
-            draw.text((tx + 1, ty - 1), tag, fill=(255, 255, 255), font=tag_font)
-        n_small = int(small.sum())
-        draw.text((x0 + 3, 2), _fit(draw, str(title), font, w - 6), fill=(0, 0, 0), font=font)
-        line2 = f"{len(scores)} dets, {n_small} small (<{int(small_area ** 0.5)}px^2), score>={score_thresh:.2f}"
-        f2 = _font(max(9, fs - 2))
-        draw.text((x0 + 3, 4 + fs), _fit(draw, line2, f2, w - 6), fill=SMALL_COLOUR if n_small else (60, 60, 60), font=f2)
+                draw.rectangle([x1, y1, x2, y2], outline=colour, width=2 * unit)
+        for j in torch.nonzero(p["crowd"]).flatten().tolist():
+            x1, y1, x2, y2 = p["boxes"][j].tolist()
+            draw.rectangle([x1 + x0, y1 + bar, max(x1, x2) + x0, max(y1, y2) + bar], outline=(150, 150, 150), width=unit)
+        for j, (tw, th), spot in zip(order, sizes, spots):
+            if spot is None:
+                continue
+            tx, ty, adjacent = spot
+            tx, ty = tx + x0, ty + bar
+            colour = class_colour(int(p["labels"][j]))
+            if not adjacent:  # a leader from the tag to the box's nearer top/bottom corner
+                x1, y1, _, y2 = p["boxes"][j].tolist()
+                corner = (x1 + x0, (y1 if ty < y1 + bar else y2) + bar)
+                draw.line([(tx + 1, ty + th / 2), corner], fill=colour, width=unit)
+            draw.rectangle([tx, ty, tx + tw - 1, ty + th - 1], fill=colour)
+            draw.text((tx + 1, ty + 1), texts[j], fill=_text_colour(colour), font=tag_font, anchor="lt")
+        draw_header(draw, x0, w, headers[i], SMALL_COLOUR if int(p["small"].sum()) else (60, 60, 60))
+    draw_legend(draw, h + bar, w, foot)
+    canvas.info.update(title_height=bar, legend_height=canvas.height - h - bar)  # for callers that crop
     return canvas
-
-
-def title_height(width: int) -> int:
-    """Height in pixels of the title bar above panels of an image ``width`` pixels wide."""
-    fs = _font_size(width)
-    return 2 * fs + 10
 
 
 def save_png(image: Image.Image, path: str | os.PathLike) -> str:
@@ -310,6 +553,37 @@ def unique_stems(images: Sequence[str | os.PathLike]) -> list[str]:
     return out
 
 
+def ground_truth_of(dataset: Any, images: Sequence[str | os.PathLike]) -> dict[str, dict[str, torch.Tensor]]:
+    """The annotations of those ``images`` that are in ``dataset`` (an hmkd COCO-format data set),
+    matched by file: the same resolved path, else the same trailing path (the image's
+    ``file_name``); ``{image as given: {"boxes" (xyxy), "labels" (1..K), "iscrowd"}}``."""
+    coco = dataset.coco
+    root = Path(dataset.images_dir)
+    by_path: dict[str, int] = {}
+    by_name: dict[str, list[int]] = {}
+    for img_id, rec in coco.imgs.items():
+        fn = str(rec.get("file_name", ""))
+        by_path[str((root / fn).resolve())] = img_id
+        by_name.setdefault(Path(fn).name, []).append(img_id)
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for img in images:
+        p = Path(img)
+        img_id = by_path.get(str(p.resolve()))
+        if img_id is None:
+            hits = [i for i in by_name.get(p.name, []) if p.as_posix().endswith(str(coco.imgs[i]["file_name"]))]
+            img_id = hits[0] if len(hits) == 1 else None
+        if img_id is None:
+            continue
+        anns = coco.imgToAnns.get(img_id, [])
+        boxes = [[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]] for a in anns]
+        out[str(img)] = {
+            "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+            "labels": torch.tensor([dataset.cat_to_label[a["category_id"]] for a in anns], dtype=torch.int64),
+            "iscrowd": torch.tensor([bool(a.get("iscrowd", 0)) for a in anns], dtype=torch.bool),
+        }
+    return out
+
+
 def draw_detections(
     models: Sequence[tuple[str, ModelSpec]],
     images: Sequence[str | os.PathLike],
@@ -320,6 +594,7 @@ def draw_detections(
     device: str | torch.device = "cpu",
     class_names: Sequence[str] | None = None,
     num_classes: int | None = None,
+    ground_truth: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
 ) -> list[str]:
     """Run each model on each image and write ``<out_dir>/<image stem>.png`` with one panel per model.
 
@@ -332,15 +607,22 @@ def draw_detections(
             it for the run when they are higher).
         small_area: a detection is *small* when its box area in original pixels is below this.
         class_names: names of labels ``1..K`` (default ``c1``, ``c2`` ...).
+        ground_truth: ``{image (as given in images): {"boxes" xyxy, "labels" 1..K[, "iscrowd"]}}``
+            (:func:`ground_truth_of`); an image found there gets a ground-truth panel first.
 
     Also writes ``detections.json`` (every drawn detection per image and model). Returns the PNG paths.
     """
     out, built = build_panel_models("draw_detections", models, images, out_dir, num_classes=num_classes, device=device)
     paths: list[str] = []
     record: dict[str, Any] = {"score_thresh": score_thresh, "small_area": small_area, "images": {}}
+    if class_names:
+        record["class_names"] = list(class_names)
     for img_path, stem in zip(images, unique_stems(images)):
         img = load_image(img_path)
-        results = []
+        results: list[tuple[str, Mapping[str, torch.Tensor]]] = []
+        truth = (ground_truth or {}).get(str(img_path))
+        if truth is not None:
+            results.append(("ground truth", {k: v for k, v in truth.items() if k != "scores"}))
         per_model = {}
         for label, model in built:
             det = run_detector(model, img, score_thresh=score_thresh)

@@ -12,10 +12,18 @@ What is computed (Selvaraju et al. 2017, applied to a detector):
   ``dy/dA`` exists; gradients reach ``A`` only through the head outputs at that level (and, for the
   R-CNNs, the RoIAlign that reads it), so a level none of the top detections come from gives an
   all-zero map (the picture says so).
-* ``cam = ReLU(sum_c w_c A_c)``, ``w_c`` = the spatial mean of ``dy/dA_c``. The map lives on the
+* ``cam = ReLU(sum_c w_c A_c)``, ``w_c`` = the spatial mean of ``dy/dA_c`` (Grad-CAM, the default);
+  ``method="hirescam"`` takes ``cam = ReLU(sum_c dy/dA_c * A_c)`` element-wise instead (HiResCAM,
+  Draelos & Carin 2020). On the small trained FCOS models of our checks, Grad-CAM's map at the
+  level the detections come from was negative everywhere (so all blue after the ReLU), while
+  HiResCAM's sat on the detected objects: its gradients stay where each detection is read, where
+  Grad-CAM's spatial mean mixes the whole map. The map lives on the
   padded, resized input grid: it is upsampled to that grid, cropped to the resized image and resized
   to the original image, then normalised to ``[0, 1]`` per panel (or over all panels of an image with
   ``normalize="shared"``, to compare magnitudes) and blended over the image with the ``jet`` colours.
+  A footer under the panels has the colour bar (0 to each panel's maximum, printed in its title, or
+  to the shared maximum) and the legend of the boxes (white: the detections the target sums, red:
+  the small ones).
 
 Torch hooks are used rather than the ``pytorch_grad_cam`` package: its target-layer hooks need a
 module whose output is a tensor, while the FPN returns a dict (P6 from max-pooling has no module at
@@ -37,15 +45,21 @@ from PIL import Image, ImageDraw
 from torch import nn
 
 from hmkd.errors import ConfigError
+from hmkd.utils import write_json
 from hmkd.models import name_levels
 from hmkd.viz.detections import (
     SMALL_COLOUR,
     ModelSpec,
-    _fit,
     _font,
     _font_size,
     _score_threshold,
+    _stroke,
+    _text_wh,
     build_panel_models,
+    draw_header,
+    draw_legend,
+    header_lines,
+    legend_lines,
     load_image,
     save_png,
     title_height,
@@ -53,8 +67,10 @@ from hmkd.viz.detections import (
 )
 
 TARGETS = ("topk", "small")
+METHODS = ("gradcam", "hirescam")
+_NAMES = {"gradcam": "Grad-CAM", "hirescam": "HiResCAM"}
 
-__all__ = ["TARGETS", "gradcam", "gradcam_heatmaps", "overlay"]
+__all__ = ["METHODS", "TARGETS", "gradcam", "gradcam_heatmaps", "overlay"]
 
 
 def gradcam(
@@ -65,8 +81,10 @@ def gradcam(
     target: str = "topk",
     topk: int = 10,
     small_area: float = 32 * 32,
+    method: str = "gradcam",
 ) -> tuple[np.ndarray, dict[str, Any]]:
-    """Grad-CAM of one image ``[3, H, W]`` on FPN ``level``; returns ``(cam, info)``.
+    """Grad-CAM (or, with ``method="hirescam"``, HiResCAM) of one image ``[3, H, W]`` on FPN
+    ``level``; returns ``(cam, info)``.
 
     ``cam`` is an unnormalised ``float32 [H, W]`` map (original image size, >= 0). ``info`` holds
     ``score`` (the target's value), ``boxes``/``scores`` of the detections that made it, ``grid``
@@ -74,6 +92,8 @@ def gradcam(
     """
     if target not in TARGETS:
         raise ConfigError(f"unknown Grad-CAM target {target!r} (known: {', '.join(TARGETS)})")
+    if method not in METHODS:
+        raise ConfigError(f"unknown class-activation method {method!r} (known: {', '.join(METHODS)})")
     if topk < 1:
         raise ConfigError(f"Grad-CAM topk must be >= 1, got {topk}")
     inner = getattr(model, "module", model)
@@ -156,8 +176,11 @@ def gradcam(
     if zero:
         cam = torch.zeros(h0, w0)
     else:
-        w = grad[0].mean(dim=(1, 2))
-        cam = F.relu((w[:, None, None] * a).sum(0))
+        if method == "hirescam":  # element-wise gradient x activation (Draelos & Carin 2020)
+            cam = F.relu((grad[0] * a).sum(0))
+        else:
+            w = grad[0].mean(dim=(1, 2))
+            cam = F.relu((w[:, None, None] * a).sum(0))
         cam = F.interpolate(cam[None, None], size=(hp, wp), mode="bilinear", align_corners=False)
         cam = cam[..., :hr, :wr]
         cam = F.interpolate(cam, size=(h0, w0), mode="bilinear", align_corners=False)[0, 0].clamp(min=0)
@@ -184,6 +207,42 @@ def overlay(image: torch.Tensor, cam: np.ndarray, alpha: float = 0.5) -> Image.I
     return Image.fromarray((mix * 255).round().astype(np.uint8), "RGB")
 
 
+def _colour_bar(width: int, height: int) -> Image.Image:
+    """A horizontal ``jet`` gradient ``width`` x ``height`` pixels (0 on the left)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib import colormaps
+
+    ramp = colormaps["jet"](np.linspace(0.0, 1.0, max(2, width)))[:, :3]
+    arr = np.repeat((ramp * 255).round().astype(np.uint8)[None], max(1, height), axis=0)
+    return Image.fromarray(arr, "RGB")
+
+
+def _fmt(v: float) -> str:
+    return f"{v:.3g}" if 1e-2 <= abs(v) < 1e4 or v == 0 else f"{v:.2e}"
+
+
+def _footer(canvas_w: int, w: int, normalize: str, shared: float, show_boxes: bool, small_area: float,
+            target: str, method: str = "gradcam") -> tuple[list[str], list[str], int]:
+    """The footer's text lines above the colour bar, its legend lines and its height."""
+    fs = _font_size(w)
+    lh = fs + 5
+    name = _NAMES[method]
+    scale = (f"colour: {name}, one scale for every panel, 0 to {_fmt(shared)}" if normalize == "shared"
+             else f"colour: {name}, each panel from 0 to its own max (in its title)")
+    if shared <= 0:
+        scale = f"colour: {name}; every map here is zero"
+    above = legend_lines(w, scale, canvas_w)
+    legend: list[str] = []
+    if show_boxes:
+        side = int(round(small_area ** 0.5))
+        what = "small detections" if target == "small" else "detections"
+        legend = legend_lines(w, f"white: the top-k {what} the map explains; red: small ones (< {side}x{side} px)", canvas_w)
+    height = (len(above) + 1 + len(legend)) * lh + 6
+    return above, legend, height
+
+
 def gradcam_heatmaps(
     models: Sequence[tuple[str, ModelSpec]],
     images: Sequence[str | os.PathLike],
@@ -194,6 +253,7 @@ def gradcam_heatmaps(
     topk: int = 10,
     small_area: float = 32 * 32,
     normalize: str = "panel",
+    method: str = "gradcam",
     alpha: float = 0.5,
     show_boxes: bool = True,
     device: str | torch.device = "cpu",
@@ -207,22 +267,48 @@ def gradcam_heatmaps(
         level: FPN level whose activations the map explains (``P2`` .. ``P7``).
         target: ``topk`` (sum of the best ``topk`` detection scores) or ``small`` (the same over
             small detections only); see the module docstring.
-        normalize: ``panel`` (each map scaled to its own maximum) or ``shared`` (one scale per image).
+        normalize: ``panel`` (each map scaled to its own maximum, printed in its title) or
+            ``shared`` (one scale for every panel of an image, to compare magnitudes).
+        method: ``gradcam`` or ``hirescam`` (see :func:`gradcam`).
         show_boxes: outline the detections that make up the target (red when small).
-    Returns the PNG paths. Each panel has the original image size, under a title bar.
+    Returns the PNG paths. Each panel has the original image size, under a title bar; a footer
+    under the panels holds the colour bar with its scale and the legend of the box colours. Also
+    writes ``gradcam_<level>.json``: per image and model the target's ``score``, the map's ``max``
+    and the ``scale`` its colours were divided by.
     """
     if normalize not in ("panel", "shared"):
         raise ConfigError(f"normalize must be 'panel' or 'shared', got {normalize!r}")
     out, built = build_panel_models("gradcam_heatmaps", models, images, out_dir, num_classes=num_classes, device=device)
     paths = []
+    record: dict[str, Any] = {"level": level, "target": target, "topk": topk, "normalize": normalize,
+                              "method": method, "images": {}}
     for img_path, stem in zip(images, unique_stems(images)):
         img = load_image(img_path)
         h, w = img.shape[-2:]
-        runs = [(label, *gradcam(m, img, level, target=target, topk=topk, small_area=small_area)) for label, m in built]
+        runs = [(label, *gradcam(m, img, level, target=target, topk=topk, small_area=small_area, method=method))
+                for label, m in built]
         shared = max((float(c.max()) for _, c, _ in runs), default=0.0)
-        bar = title_height(w)
+        record["images"][str(img_path)] = {
+            label: {"score": info["score"], "max": float(cam.max()), "zero_gradient": info["zero"],
+                    "scale": shared if normalize == "shared" else float(cam.max())}
+            for label, cam, info in runs
+        }
         fs = _font_size(w)
-        canvas = Image.new("RGB", (len(runs) * w + (len(runs) - 1) * 4, h + bar), (255, 255, 255))
+        unit = _stroke(w)
+        headers = []
+        for label, cam, info in runs:
+            what = "small " if target == "small" else ""
+            line2 = f"{_NAMES[method]} {level}, top-{topk} {what}scores sum {info['score']:.2f}"
+            if info["zero"]:
+                line2 += " (zero gradient at this level)"
+            else:
+                line2 += f", max {_fmt(float(cam.max()))}" + (" (the map is <= 0 everywhere" + ("; try hirescam)" if method == "gradcam" else ")")
+                                                             if cam.max() <= 0 else "")
+            headers.append(header_lines(w, str(label), line2))
+        bar = title_height(w, max(len(hl) for hl in headers))
+        canvas_w = len(runs) * w + (len(runs) - 1) * 4
+        above, legend, foot_h = _footer(canvas_w, w, normalize, shared, show_boxes, small_area, target, method)
+        canvas = Image.new("RGB", (canvas_w, h + bar + foot_h), (255, 255, 255))
         draw = ImageDraw.Draw(canvas)
         for i, (label, cam, info) in enumerate(runs):
             scale = shared if normalize == "shared" else float(cam.max())
@@ -237,14 +323,24 @@ def gradcam_heatmaps(
                     draw.rectangle(
                         [x0 + x1, bar + y1, x0 + max(x1, x2), bar + max(y1, y2)],
                         outline=SMALL_COLOUR if small else (255, 255, 255),
-                        width=1,
+                        width=unit,
                     )
-            draw.text((x0 + 3, 2), _fit(draw, str(label), _font(fs), w - 6), fill=(0, 0, 0), font=_font(fs))
-            what = "small " if target == "small" else ""
-            line2 = f"Grad-CAM {level}, top-{topk} {what}scores sum {info['score']:.2f}"
-            if info["zero"]:
-                line2 += " (zero gradient at this level)"
-            f2 = _font(max(9, fs - 2))
-            draw.text((x0 + 3, 4 + fs), _fit(draw, line2, f2, w - 6), fill=(60, 60, 60), font=f2)
+            draw_header(draw, x0, w, headers[i])
+        # footer: what the colours mean, the colour bar (0 .. max), the legend of the boxes
+        lh = fs + 5
+        y = h + bar + 2
+        draw_legend(draw, y, w, above)
+        y += len(above) * lh + 2
+        f2 = _font(max(9, fs - 2))
+        lo, hi = "0", ("max" if normalize == "panel" else _fmt(shared))
+        lo_w = _text_wh(draw, lo, f2)[0]
+        hi_w = _text_wh(draw, hi, f2)[0]
+        bar_w = max(20, min(canvas_w - lo_w - hi_w - 18, 12 * fs))
+        draw.text((3, y + 2), lo, fill=(60, 60, 60), font=f2)
+        canvas.paste(_colour_bar(bar_w, fs - 1), (lo_w + 8, y + 3))
+        draw.text((lo_w + 8 + bar_w + 5, y + 2), hi, fill=(60, 60, 60), font=f2)
+        y += lh
+        draw_legend(draw, y, w, legend)
         paths.append(save_png(canvas, out / f"{stem}_gradcam_{level}.png"))
+    write_json(out / f"gradcam_{level}.json", record, indent=1)
     return paths

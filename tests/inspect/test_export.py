@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import onnx
 import pytest
 import torch
@@ -9,10 +11,12 @@ from torch import nn
 
 from hmkd.config import ModelConfig
 from hmkd.errors import ConfigError
-from hmkd.export.onnx import ExportError, check_onnx, export_onnx, onnx_session
+from hmkd.export.onnx import ExportError, check_onnx, export_onnx, onnx_session, read_label_map, resized_size
+from hmkd.models.checkpoint_info import LabelMap
 from hmkd.viz.detections import as_model
 
 H, W = 160, 192  # not square, so an H/W swap would show
+LABELS = LabelMap((3, 7, 12), ("car", "person", "bike"))  # category ids that are not 1..K
 
 
 def tiny(detector: str, **kw) -> ModelConfig:
@@ -39,7 +43,7 @@ def exported(tmp_path_factory):
             torch.manual_seed(0)
             model = as_model(tiny(detector))
             d = tmp_path_factory.mktemp(detector)
-            path = export_onnx(model, d / "m.onnx", input_size=(H, W), metadata={"classes": "a,b,c"})
+            path = export_onnx(model, d / "m.onnx", input_size=(H, W), metadata={"classes": "a,b,c"}, label_map=LABELS)
             assert sorted(p.name for p in d.iterdir()) == ["m.onnx"]  # no temp file left
             cache[detector] = (model, path)
         return cache[detector]
@@ -53,6 +57,13 @@ def test_export_matches_pytorch(detector, exported):
     proto = onnx.load(path, load_external_data=False)
     meta = {p.key: p.value for p in proto.metadata_props}
     assert meta["classes"] == "a,b,c" and meta["producer"] == "hmkd"
+    assert meta["input_size"] == f"{H},{W}" and meta["resized_to"] == "{},{}".format(*resized_size(model, (H, W)))
+    # the label map: output label -> the data set's category id and name, in the file and through onnxruntime
+    expected = {1: {"category_id": 3, "name": "car"}, 2: {"category_id": 7, "name": "person"},
+                3: {"category_id": 12, "name": "bike"}}
+    assert read_label_map(path) == expected
+    runtime = json.loads(onnx_session(path).get_modelmeta().custom_metadata_map["label_map"])
+    assert {int(k): v for k, v in runtime.items()} == expected
     sess = onnx_session(path)
     assert sess.get_inputs()[0].shape == [3, H, W]
     assert {"boxes", "scores", "labels"} <= {o.name for o in sess.get_outputs()}
@@ -81,3 +92,12 @@ def test_failed_export_keeps_existing_file(tmp_path):
     with pytest.raises(ConfigError, match="exporter"):
         export_onnx(as_model(tiny("fcos")), out, input_size=(H, W), exporter="tflite")
     assert out.read_bytes() == b"old"
+
+
+def test_resized_size_and_no_label_map(tmp_path):
+    model = as_model(tiny("fcos"))  # min_size 160, max_size 192
+    assert resized_size(model, (H, W)) == (160, 192)
+    assert resized_size(model, (320, 320)) == (160, 160)
+    assert resized_size(model, (100, 400)) == (48, 192)  # the longer side capped at max_size
+    path = export_onnx(model, tmp_path / "m.onnx", input_size=(64, 64))
+    assert read_label_map(path) is None

@@ -1,4 +1,6 @@
-"""Detection pictures and Grad-CAM heat maps on tiny random detectors: real PNGs of the expected size."""
+"""Detection pictures and Grad-CAM heat maps on tiny random detectors: real PNGs of the expected size,
+class names, the ground-truth panel, sizes that follow the image, tags that do not cover each other,
+the heat map's colour scale."""
 
 from __future__ import annotations
 
@@ -13,11 +15,17 @@ from hmkd.config import Config, ModelConfig
 from hmkd.errors import ConfigError
 from hmkd.viz.detections import (
     SMALL_COLOUR,
+    _font,
+    _font_size,
+    _scratch_draw,
+    _text_wh,
     as_model,
     class_colour,
     draw_detections,
     draw_panels,
+    header_lines,
     load_image,
+    place_tags,
     specs_from_config,
     title_height,
 )
@@ -64,7 +72,7 @@ def test_draw_panels_injected_detections():
     small = {"boxes": torch.tensor([[150.0, 40.0, 160.0, 50.0]]), "scores": torch.tensor([0.8]), "labels": torch.tensor([2])}
     pic = draw_panels(img, [("teacher", big), ("student", small)], score_thresh=0.3, small_area=32 * 32)
     bar = title_height(w)
-    assert pic.size == (2 * w + 4, h + bar)
+    assert pic.size[0] == 2 * w + 4 and pic.size[1] > h + bar  # a legend under the panels
     px = pic.load()
     assert px[20, bar + 65] == class_colour(1)  # left edge of the large box, class colour
     assert px[5, bar + 50] == (0, 0, 0)  # score 0.1 < 0.3: not drawn
@@ -81,10 +89,10 @@ def test_draw_detections_end_to_end(images, ckpt, tmp_path):
         w, h = Image.open(src).size
         with Image.open(path) as im:
             im.load()
-            assert im.format == "PNG" and im.size == (2 * w + 4, h + title_height(w))
-            # the panels differ from the source: boxes were drawn
-            panel = np.asarray(im.convert("RGB"))[title_height(w):, :w]
-            assert (panel != np.asarray(Image.open(src).convert("RGB"))).any()
+            assert im.format == "PNG" and im.size[0] == 2 * w + 4 and im.size[1] > h + title_height(w)
+            # under the title bar, the panels differ from the source: boxes were drawn
+            arr = np.asarray(im.convert("RGB"))
+            assert (arr[title_height(w):, :w] != 255).any()
     rec = json.loads((tmp_path / "detections.json").read_text())
     dets = rec["images"][images[0]]
     assert set(dets) == {"student", "distilled"} and len(dets["student"]["boxes"]) > 0
@@ -126,6 +134,96 @@ def test_gradcam_heatmaps_pictures(images, tmp_path, detector, level):
     out = gradcam_heatmaps(models, images[:1], level, tmp_path, topk=5, target="topk")
     assert out == [str(tmp_path / f"a_gradcam_{level}.png")]
     with Image.open(out[0]) as im:
-        assert im.size == (3 * 200 + 2 * 4, 150 + title_height(200))
+        assert im.size[0] == 3 * 200 + 2 * 4 and im.size[1] > 150 + title_height(200)  # + the footer
         arr = np.asarray(im.convert("RGB"))[title_height(200):, :200].astype(int)
     assert arr.std() > 0
+
+
+def test_names_ground_truth_panel_and_crowd():
+    w, h = 200, 150
+    img = Image.new("RGB", (w, h), (0, 0, 0))
+    det = {"boxes": torch.tensor([[20.0, 30.0, 120.0, 100.0]]), "scores": torch.tensor([0.9]), "labels": torch.tensor([1])}
+    truth = {"boxes": torch.tensor([[20.0, 30.0, 120.0, 100.0], [130.0, 10.0, 190.0, 60.0]]),
+             "labels": torch.tensor([1, 2]), "iscrowd": torch.tensor([False, True])}
+    short = draw_panels(img, [("ground truth", truth), ("m", det)], score_thresh=0.3)
+    named = draw_panels(img, [("ground truth", truth), ("m", det)], score_thresh=0.3,
+                        class_names=["a_rather_long_name", "other"])
+    bar = short.info["title_height"]
+    assert bar == title_height(w) and short.size[1] == h + bar + short.info["legend_height"]
+    assert short.size[0] == 2 * w + 4  # the ground truth is a panel of its own
+    px = short.load()
+    assert px[20, bar + 65] == class_colour(1)  # the ground-truth box, class-coloured
+    assert px[130, bar + 40] == (150, 150, 150)  # the crowd region, grey
+
+    def tag_pixels(pic):  # the tags are filled with the class colour: longer names, larger tags
+        arr = np.asarray(pic)[bar:bar + h]
+        return int((arr == np.array(class_colour(1))).all(-1).sum())
+
+    assert tag_pixels(named) > tag_pixels(short) + 200
+
+
+def test_sizes_follow_the_image():
+    assert _font_size(160) == 10 and _font_size(1280) > 2.5 * _font_size(160)
+    assert title_height(1280) > 1.8 * title_height(160)
+    info = "100 dets >= 0.05, 93 small, 72 tags hidden"
+    lines = header_lines(160, "a long model name, cut to one line", info)
+    draw = _scratch_draw()
+    for text, is_title in lines:  # every line fits the panel: wrapped, not cut off
+        assert _text_wh(draw, text, _font(_font_size(160) if is_title else 9))[0] <= 160 - 6
+    assert " ".join(t for t, is_title in lines if not is_title) == info and len(lines) >= 3
+    big = draw_panels(Image.new("RGB", (1280, 1280)), [("m", {"boxes": torch.zeros(0, 4), "scores": torch.zeros(0),
+                                                              "labels": torch.zeros(0, dtype=torch.int64)})])
+    small = draw_panels(Image.new("RGB", (160, 160)), [("m", {"boxes": torch.zeros(0, 4), "scores": torch.zeros(0),
+                                                             "labels": torch.zeros(0, dtype=torch.int64)})])
+    assert big.info["title_height"] > 1.8 * small.info["title_height"]
+
+
+def test_stacked_boxes_get_tags_that_do_not_overlap():
+    boxes = [[50.0 + k, 60.0 + k, 80.0 + k, 90.0 + k] for k in range(12)]  # 12 boxes on top of each other
+    spots = place_tags(boxes, [(40, 10)] * 12, (0, 0, 200, 150))
+    rects = [(x, y, x + 40, y + 10) for x, y, _ in (s for s in spots if s is not None)]
+    assert len(rects) >= 6
+    for i, a in enumerate(rects):
+        assert 0 <= a[0] and a[2] <= 200 and 0 <= a[1] and a[3] <= 150
+        for b in rects[i + 1:]:
+            assert min(a[2], b[2]) <= max(a[0], b[0]) or min(a[3], b[3]) <= max(a[1], b[1]), (a, b)
+    # the budget: tags never cover more than max_cover of the panel
+    assert sum(s is not None for s in place_tags(boxes, [(40, 10)] * 12, (0, 0, 200, 150), max_cover=0.05)) == 3
+    # in a picture, the tags that found no spot are counted in the title
+    det = {"boxes": torch.tensor(boxes), "scores": torch.linspace(0.9, 0.5, 12), "labels": torch.ones(12, dtype=torch.int64)}
+    hidden = sum(s is None for s in place_tags(boxes, [(38, 11)] * 12, (0, 0, 200, 150)))
+    assert hidden > 0
+    pic = draw_panels(Image.new("RGB", (200, 150)), [("m", det)], score_thresh=0.3)
+    assert pic.size[0] == 200
+
+
+def test_gradcam_colour_scale_shared_or_per_panel(images, tmp_path):
+    cfg = tiny()
+    torch.manual_seed(0)
+    models = [("a", as_model(cfg)), ("b", as_model(cfg))]
+    for scale in ("panel", "shared"):
+        out = gradcam_heatmaps(models, images[:1], "P3", tmp_path / scale, topk=5, normalize=scale)
+        rec = json.loads((tmp_path / scale / "gradcam_P3.json").read_text())["images"][images[0]]
+        maxima = {k: v["max"] for k, v in rec.items()}
+        assert maxima["a"] != maxima["b"] and min(maxima.values()) > 0
+        for k, v in rec.items():
+            assert v["scale"] == (max(maxima.values()) if scale == "shared" else maxima[k])
+        with Image.open(out[0]) as im:
+            arr = np.asarray(im.convert("RGB")).astype(int)
+        assert arr.shape[0] > 150 + title_height(200)  # a footer under the panels
+        foot = arr[150 + title_height(200):]
+        # the colour bar: jet's dark blue and dark red ends
+        assert (np.abs(foot - np.array([0, 0, 128])).max(-1) <= 8).any()
+        assert (np.abs(foot - np.array([128, 0, 0])).max(-1) <= 8).any()
+
+
+def test_hirescam_method(images, tmp_path):
+    torch.manual_seed(0)
+    model = as_model(tiny())
+    img = load_image(images[0])
+    cam, info = gradcam(model, img, "P3", topk=5, method="hirescam")
+    assert cam.shape == (150, 200) and np.isfinite(cam).all() and cam.max() > 0 and not info["zero"]
+    with pytest.raises(ConfigError, match="unknown class-activation method 'cam' .*gradcam, hirescam"):
+        gradcam(model, img, "P3", method="cam")
+    gradcam_heatmaps([("m", model)], images[:1], "P3", tmp_path, topk=5, method="hirescam")
+    assert json.loads((tmp_path / "gradcam_P3.json").read_text())["method"] == "hirescam"

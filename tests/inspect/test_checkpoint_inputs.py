@@ -34,7 +34,7 @@ def run(tmp_path_factory):
         "name=tiny", "device=cpu", "seed=0", "data.kind=synthetic", f"data.root={root / 'data'}",
         "data.synth.n_train=4", "data.synth.n_val=3", "data.synth.size=128", "data.batch_size=2",
         "data.eval_batch_size=2", "train.iters=2", "train.warmup_iters=1", "train.log_period=1",
-        "train.ckpt_period=0", *[f"model.{k}={json.dumps(v)}" for k, v in TINY.items()],
+        "train.ckpt_period=0", "train.keep_last_checkpoint=true", *[f"model.{k}={json.dumps(v)}" for k, v in TINY.items()],
     ]
     cfg = load_config(None, items)
     train(cfg, output_dir=str(root / "run"), progress=False)

@@ -72,8 +72,23 @@ def pretrain_config(cfg: Config, model: ModelConfig) -> Config:
     )
 
 
+def _non_default(d: dict[str, Any], default: dict[str, Any]) -> dict[str, Any]:
+    """The entries of ``d`` that differ from ``default`` (nested sections compared key by key)."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and isinstance(default.get(k), dict):
+            sub = _non_default(v, default[k])
+            if sub:
+                out[k] = sub
+        elif k not in default or v != default[k]:
+            out[k] = v
+    return out
+
+
 def pretrain_key(pcfg: Config) -> str:
-    """The cache key of a pretraining run: its config without what does not change the result."""
+    """The cache key of a pretraining run: its config without what does not change the result, and
+    only where it differs from the config's defaults (so that a key added to the config later, at
+    its default, keeps the key of a stand-in made before)."""
     d = to_dict(pcfg)
     for k in ("name", "output_dir", "device"):
         d.pop(k, None)
@@ -81,7 +96,7 @@ def pretrain_key(pcfg: Config) -> str:
         d["data"].pop(k, None)
     for k in ("log_period", "ckpt_period", "tensorboard"):
         d["train"].pop(k, None)
-    return _digest(d)
+    return _digest(_non_default(d, to_dict(Config(teacher=ModelConfig()))))
 
 
 def ensure_pretrained(cfg: Config, model: ModelConfig, *, progress: bool = True) -> str:

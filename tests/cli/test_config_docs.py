@@ -14,7 +14,7 @@ import yaml
 
 from hmkd.cli import build_parser, main
 from hmkd.config import load_config, to_dict
-from hmkd.config_docs import KEY_DOCS, config_keys, method_option_fields, render_markdown, show
+from hmkd.config_docs import KEY_DOCS, config_keys, method_option_fields, render_markdown
 from hmkd.distill import METHODS
 
 REPO = Path(__file__).resolve().parents[2]

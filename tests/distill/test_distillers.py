@@ -10,7 +10,6 @@ from hmkd.distill.base import small_flags
 from hmkd.distill.hmkd import REFERENCE_AREA
 from hmkd.distill.losses import background_loss
 from hmkd.errors import ConfigError
-from hmkd.models import build_detector
 
 
 def _opts(method: str) -> dict:

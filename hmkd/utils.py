@@ -18,10 +18,15 @@ import tempfile
 from collections.abc import Iterator, Mapping
 from typing import IO, Any
 
-__all__ = ["atomic_open", "write_text", "write_json", "save_figure", "json_safe", "machine_info"]
+__all__ = ["atomic_open", "cache_root", "write_text", "write_json", "save_figure", "json_safe", "machine_info"]
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+
+
+def cache_root() -> str:
+    """hmkd's cache folder (fitted decoders, pretrained stand-ins): ``$HMKD_CACHE``, default ``~/.cache/hmkd``."""
+    return os.environ.get("HMKD_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "hmkd")
 
 
 def _fsync_dir(directory: str) -> None:

@@ -37,7 +37,7 @@ from hmkd.engine.loaders import close_loader_iter, next_batch, to_device
 from hmkd.engine.logging_utils import bar_wanted
 from hmkd.engine.sampler import InfiniteBatchSampler, SeededDataset, mix_seed
 from hmkd.errors import CheckpointError, ConfigError
-from hmkd.utils import json_safe
+from hmkd.utils import cache_root, json_safe
 
 __all__ = ["cache_dir", "fit_decoder", "fit_key", "load_fitted", "prepare_decoder", "teacher_digest", "transformed_batch"]
 
@@ -50,8 +50,7 @@ FIT_SEED = 0
 
 def cache_dir() -> str:
     """Where fitted decoders are cached: ``$HMKD_CACHE/decoders`` (default ``~/.cache/hmkd/decoders``)."""
-    root = os.environ.get("HMKD_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "hmkd")
-    return os.path.join(root, "decoders")
+    return os.path.join(cache_root(), "decoders")
 
 
 def teacher_digest(path: str) -> str:

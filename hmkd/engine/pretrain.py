@@ -33,16 +33,16 @@ import torch
 from hmkd.config import PRETRAIN_BACKBONE as PRETRAIN
 from hmkd.config import Config, DataConfig, DistillConfig, EvalConfig, ModelConfig, TrainConfig, to_dict
 from hmkd.errors import ConfigError
-from hmkd.utils import atomic_open, write_json
+from hmkd.models.weights import read_state_dict
+from hmkd.utils import atomic_open, cache_root, write_json
 
-__all__ = ["PRETRAIN", "cache_root", "ensure_pretrained", "pretrain_config", "pretrain_key", "resolve_pretrained"]
+__all__ = ["PRETRAIN", "cache_dir", "ensure_pretrained", "pretrain_config", "pretrain_key", "resolve_pretrained"]
 
 logger = logging.getLogger(__name__)
 
-def cache_root() -> str:
+def cache_dir() -> str:
     """``$HMKD_CACHE/backbones`` (default ``~/.cache/hmkd/backbones``)."""
-    root = os.environ.get("HMKD_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "hmkd")
-    return os.path.join(root, "backbones")
+    return os.path.join(cache_root(), "backbones")
 
 
 def _digest(obj: Any, n: int = 16) -> str:
@@ -54,7 +54,7 @@ def pretrain_config(cfg: Config, model: ModelConfig) -> Config:
     and schedule (AdamW with warm-up and cosine decay, flips), no distillation, no AI-TOD scoring."""
     p = cfg.pretrain
     synth = dataclasses.replace(p.synth)
-    data_root = os.path.join(os.path.dirname(cache_root()), "pretrain_data", _digest(to_dict(synth)))
+    data_root = os.path.join(cache_root(), "pretrain_data", _digest(to_dict(synth)))
     return Config(
         name=f"pretrain-{model.backbone}",
         seed=p.seed,
@@ -106,13 +106,13 @@ def ensure_pretrained(cfg: Config, model: ModelConfig, *, progress: bool = True)
     from hmkd.engine.trainer import train
 
     pcfg = pretrain_config(cfg, model)
-    folder = os.path.join(cache_root(), f"{model.backbone}-{pretrain_key(pcfg)}")
+    folder = os.path.join(cache_dir(), f"{model.backbone}-{pretrain_key(pcfg)}")
     weights = os.path.join(folder, "backbone.pth")
     if os.path.isfile(weights):
         return weights
     if du.env_world_size() > 1:
         raise ConfigError(
-            f"{model.backbone}: the pretrained stand-in (backbone_weights: {PRETRAIN}) is not in {cache_root()}; "
+            f"{model.backbone}: the pretrained stand-in (backbone_weights: {PRETRAIN}) is not in {cache_dir()}; "
             "make it once without torchrun first: hmkd pretrain CONFIG"
         )
     run_dir = os.path.join(folder, "run")
@@ -121,8 +121,7 @@ def ensure_pretrained(cfg: Config, model: ModelConfig, *, progress: bool = True)
     t0 = time.time()
     metrics = train(pcfg, output_dir=run_dir, resume=os.path.isfile(os.path.join(run_dir, "last_checkpoint.pth")),
                     progress=progress)
-    sd = torch.load(os.path.join(run_dir, "model_final.pth"), map_location="cpu", weights_only=False)
-    sd = sd.get("model", sd) if isinstance(sd, dict) else sd
+    sd = read_state_dict(os.path.join(run_dir, "model_final.pth"))
     body = {k[len("backbone.body."):]: v for k, v in sd.items() if k.startswith("backbone.body.")}
     if not body:
         raise RuntimeError(f"{run_dir}/model_final.pth holds no backbone.body weights")

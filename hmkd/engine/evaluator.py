@@ -182,6 +182,23 @@ def make_eval(engine: str, gt_data: dict, dets: list[dict], iou_type: str) -> An
     raise ValueError(f"unknown COCO evaluation engine {engine!r}; use 'pycocotools' or 'faster'")
 
 
+def _accumulated(engine: str, data: dict, dets: list[dict], iou_type: str, ids: list[int] | None,
+                 **params: Any) -> Any:
+    """An evaluation of ``engine`` over ``ids`` (None: every image) with ``params`` set on its
+    parameters, evaluated and accumulated, its precision made pycocotools' (faster engine)."""
+    ev = make_eval(engine, data, dets, iou_type)
+    if ids is not None:
+        ev.params.imgIds = ids
+    for name, value in params.items():
+        setattr(ev.params, name, value)
+    with quiet():
+        ev.evaluate()
+        ev.accumulate()
+        if engine == "faster":
+            match_pycocotools_precision(ev, data)
+    return ev
+
+
 def _dets_for(iou_type: str, detections: Sequence[dict]) -> list[dict]:
     """Fresh copies of ``detections`` for one evaluation (loadRes adds keys to them): for ``segm``
     without their ``bbox`` (a detection's area is then its mask's), for ``bbox`` without masks."""
@@ -204,17 +221,8 @@ def _aitod_metrics(
     engine: str, data: dict, dets: list[dict], iou_type: str, ids: list[int] | None, max_dets: int
 ) -> dict[str, Any]:
     """AI-TOD's numbers: the same evaluation with its area ranges and maxDets ``[1, 100, max_dets]``."""
-    ev = make_eval(engine, data, dets, iou_type)
-    if ids is not None:
-        ev.params.imgIds = ids
-    ev.params.areaRng = [list(r) for r in AITOD_AREAS.values()]
-    ev.params.areaRngLbl = list(AITOD_AREAS)
-    ev.params.maxDets = [1, 100, max_dets]
-    with quiet():
-        ev.evaluate()
-        ev.accumulate()
-        if engine == "faster":
-            match_pycocotools_precision(ev, data)
+    ev = _accumulated(engine, data, dets, iou_type, ids, areaRng=[list(r) for r in AITOD_AREAS.values()],
+                      areaRngLbl=list(AITOD_AREAS), maxDets=[1, 100, max_dets])
     out: dict[str, Any] = {"max_dets": max_dets}
     out.update(aitod_from_precision(np.asarray(ev.eval["precision"]), ev.params.iouThrs))
     return out
@@ -358,14 +366,8 @@ def _coco_metrics(
                 if problem is not None:  # pycocotools would crash or read out of bounds on it
                     raise DataError(f"ground truth annotation id {a.get('id')} has an unusable segmentation ({problem})")
         dets = _dets_for(iou_type, detections)
-        ev = make_eval(engine, data, dets, iou_type)
-        if ids is not None:
-            ev.params.imgIds = ids
+        ev = _accumulated(engine, data, dets, iou_type, ids)
         with quiet():
-            ev.evaluate()
-            ev.accumulate()
-            if engine == "faster":
-                match_pycocotools_precision(ev, data)
             ev.summarize()
         stats = [float(s) for s in ev.stats[: len(SUMMARY_KEYS)]]
         out: dict[str, Any] = {k: _pct(v) for k, v in zip(SUMMARY_KEYS, stats)}

@@ -549,9 +549,23 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line, with ``key=value`` overrides allowed after options too
+    (``hmkd train CONFIG --out DIR lr=0.01``): argparse stops filling the overrides at the first
+    option, so the ``key=value`` words it leaves are appended to them in the order given."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        stray = [a for a in extra if a.startswith("-") or "=" not in a]
+        if stray or not hasattr(args, "overrides"):
+            parser.error("unrecognized arguments: " + " ".join(stray or extra))
+        args.overrides = [*(args.overrides or []), *extra]
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``hmkd`` command."""
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(LevelFormatter(colour=_isatty(sys.stderr)))
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, handlers=[handler])

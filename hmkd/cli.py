@@ -146,6 +146,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     results = run_demo(out_dir=args.out, quick=args.quick, progress=not args.no_progress)
     print(results["table"])
+    print(results["verdict"])
+    print("side by side (ground truth, no-KD student, HMKD student):", *results["pictures"], sep="\n  ")
     return 0
 
 
@@ -444,7 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_pretrain)
 
-    p = sub.add_parser("demo", help="the whole story on the synthetic data set, on CPU")
+    p = sub.add_parser("demo", help="the paper-regime story at demo size on the synthetic data set, on CPU")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--quick", action="store_true", help="tiny settings (< 3 minutes)")
     p.add_argument("--no-progress", action="store_true")

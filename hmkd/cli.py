@@ -234,7 +234,7 @@ def cmd_viz_detections(args: argparse.Namespace) -> int:
     truth = ground_truth_of(inp.dataset, images) if inp.dataset is not None and not args.no_gt else None
     paths = draw_detections(
         inp.specs, images, args.out, score_thresh=args.score_thresh, device=args.device, num_classes=inp.num_classes,
-        class_names=inp.label_map.names if inp.label_map else None, ground_truth=truth,
+        class_names=inp.label_map.names if inp.label_map else None, ground_truth=truth, upscale=args.upscale,
     )
     print("\n".join(paths))
     return 0
@@ -505,6 +505,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="image files, or validation-set indices / file names (needs the data set)")
     p.add_argument("--score-thresh", type=float, default=0.3)
     p.add_argument("--no-gt", action="store_true", help="no ground-truth panel (drawn first for images of the data set)")
+    p.add_argument("--upscale", type=int, default=1,
+                   help="draw at this many times the image's resolution (nearest neighbour), for small images")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_viz_detections)

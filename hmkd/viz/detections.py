@@ -2,7 +2,7 @@
 
 For each image, :func:`draw_detections` writes one PNG with one panel per model, and, when the
 image's annotations are known, a ground-truth panel first. Every panel has the image's original
-resolution under a title bar; boxes are coloured by class with ``name score`` tags (names from the
+resolution (or an integer multiple of it, ``upscale``, for small images) under a title bar; boxes are coloured by class with ``name score`` tags (names from the
 label map, ``c1``, ``c2`` ... without one), and *small* boxes (area below ``small_area``, 32 x 32 px
 by default, measured in the original image, as COCO's APs does) get a red outer outline, as the
 paper highlights small objects in red, and a count in the panel title.
@@ -452,8 +452,11 @@ def draw_panels(
     score_thresh: float = 0.3,
     small_area: float = 32 * 32,
     class_names: Sequence[str] | None = None,
+    upscale: int = 1,
 ) -> Image.Image:
-    """Compose one picture: per ``(title, detections)`` a panel of the image at its own resolution.
+    """Compose one picture: per ``(title, detections)`` a panel of the image at its own resolution
+    (``upscale`` times it, nearest neighbour, for small images; boxes and ``small_area`` stay in
+    the image's own pixels).
 
     ``detections`` has ``boxes`` (xyxy, pixels of ``image``), ``scores`` and ``labels``; an entry
     without ``scores`` is ground truth (every box drawn, tags without scores; an optional
@@ -463,14 +466,21 @@ def draw_panels(
     panel is too narrow for its counts) and over a legend (what red and the tags mean,
     :func:`legend_height`). ``picture.info`` holds ``title_height`` and ``legend_height``.
     """
+    if not isinstance(upscale, int) or upscale < 1:
+        raise ConfigError(f"upscale must be an integer >= 1, got {upscale!r}")
     image = _as_image(image)
     w, h = image.size
+    panels = [_panel_info(det, score_thresh, small_area, w, h) for _, det in results]
+    if upscale > 1:
+        image = image.resize((w * upscale, h * upscale), Image.NEAREST)
+        w, h = image.size
+        for p in panels:
+            p["boxes"] = p["boxes"] * upscale
     n = max(1, len(results))
     fs = _font_size(w)
     unit = _stroke(w)
     tag_font = _font(max(9, round(fs * 0.8)))
     scratch = _scratch_draw()
-    panels = [_panel_info(det, score_thresh, small_area, w, h) for _, det in results]
     # tags and their spots first (the counts in the title need the number of hidden tags)
     layouts = []
     for p in panels:
@@ -595,6 +605,7 @@ def draw_detections(
     class_names: Sequence[str] | None = None,
     num_classes: int | None = None,
     ground_truth: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+    upscale: int = 1,
 ) -> list[str]:
     """Run each model on each image and write ``<out_dir>/<image stem>.png`` with one panel per model.
 
@@ -609,9 +620,14 @@ def draw_detections(
         class_names: names of labels ``1..K`` (default ``c1``, ``c2`` ...).
         ground_truth: ``{image (as given in images): {"boxes" xyxy, "labels" 1..K[, "iscrowd"]}}``
             (:func:`ground_truth_of`); an image found there gets a ground-truth panel first.
+        upscale: draw the panels at this many times the image's resolution (nearest neighbour;
+            boxes scale with it, ``small_area`` still counts original pixels), so that a small
+            image's tags are readable.
 
     Also writes ``detections.json`` (every drawn detection per image and model). Returns the PNG paths.
     """
+    if not isinstance(upscale, int) or upscale < 1:
+        raise ConfigError(f"upscale must be an integer >= 1, got {upscale!r}")  # before any work
     out, built = build_panel_models("draw_detections", models, images, out_dir, num_classes=num_classes, device=device)
     paths: list[str] = []
     record: dict[str, Any] = {"score_thresh": score_thresh, "small_area": small_area, "images": {}}
@@ -633,7 +649,8 @@ def draw_detections(
                 "scores": [round(v, 4) for v in det["scores"][keep].tolist()],
                 "labels": det["labels"][keep].tolist(),
             }
-        picture = draw_panels(img, results, score_thresh=score_thresh, small_area=small_area, class_names=class_names)
+        picture = draw_panels(img, results, score_thresh=score_thresh, small_area=small_area, class_names=class_names,
+                              upscale=upscale)
         paths.append(save_png(picture, out / f"{stem}.png"))
         record["images"][str(img_path)] = per_model
     write_json(out / "detections.json", record, indent=1)

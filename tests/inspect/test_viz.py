@@ -81,6 +81,20 @@ def test_draw_panels_injected_detections():
     assert px[x0 + 150, bar + 45] == class_colour(2)  # class-coloured box inside it
 
 
+def test_draw_panels_upscale_keeps_small_in_image_pixels():
+    img = Image.new("RGB", (64, 48), (0, 0, 0))
+    det = {"boxes": torch.tensor([[10.0, 10.0, 30.0, 30.0]]), "scores": torch.tensor([0.8]), "labels": torch.tensor([1])}
+    pic = draw_panels(img, [("student", det)], score_thresh=0.3, small_area=32 * 32, upscale=4)
+    w = 64 * 4
+    assert pic.size[0] == w
+    bar = title_height(w)
+    px = pic.load()
+    # the 20 px box (small in the image's pixels, 80 px on the picture) keeps its red outline, at 4x
+    assert px[38, bar + 80] == SMALL_COLOUR and px[40, bar + 80] == class_colour(1)
+    with pytest.raises(ConfigError, match="upscale"):
+        draw_panels(img, [("student", det)], upscale=2.5)
+
+
 def test_draw_detections_end_to_end(images, ckpt, tmp_path):
     cfg = tiny()
     out = draw_detections([("student", cfg), ("distilled", (cfg, ckpt))], images, tmp_path, score_thresh=0.0)
@@ -97,6 +111,20 @@ def test_draw_detections_end_to_end(images, ckpt, tmp_path):
     dets = rec["images"][images[0]]
     assert set(dets) == {"student", "distilled"} and len(dets["student"]["boxes"]) > 0
     assert min(dets["student"]["labels"]) >= 1
+
+
+def test_draw_detections_upscale(images, ckpt, tmp_path):
+    cfg = tiny()
+    plain = draw_detections([("s", (cfg, ckpt))], images[:1], tmp_path / "x1", score_thresh=0.0)
+    big = draw_detections([("s", (cfg, ckpt))], images[:1], tmp_path / "x3", score_thresh=0.0, upscale=3)
+    w, h = Image.open(images[0]).size
+    with Image.open(plain[0]) as p1, Image.open(big[0]) as p3:
+        assert p1.size[0] == w and p3.size[0] == 3 * w and p3.size[1] > 3 * h
+    # detections.json keeps the boxes in the image's own pixels
+    rec1, rec3 = (json.loads((tmp_path / d / "detections.json").read_text()) for d in ("x1", "x3"))
+    assert rec1["images"] == rec3["images"]
+    with pytest.raises(ConfigError, match="upscale"):
+        draw_detections([("s", (cfg, ckpt))], images[:1], tmp_path / "x0", upscale=0)
 
 
 def test_specs_from_config_and_num_classes(ckpt):

@@ -9,7 +9,7 @@ import os
 import pytest
 from PIL import Image
 
-from hmkd.demo import METRICS, benchmark_spread, format_table, run_demo, small_object_images, verdict
+from hmkd.demo import METRICS, PICTURE_UPSCALE, benchmark_spread, format_table, run_demo, small_object_images, verdict
 
 
 def _bench_file(tmp_path, none_std: float, hmkd_std: float, n: int = 2) -> str:
@@ -61,8 +61,8 @@ def test_quick_demo_runs_every_stage(tmp_path, monkeypatch):
         assert len(found) == 1 and os.path.isfile(tmp_path / "cache" / "backbones" / found[0] / "backbone.pth")
     assert len(res["pictures"]) == 3
     for p in res["pictures"]:
-        with Image.open(p) as im:  # ground truth + two students side by side
-            assert im.width == 3 * 96 + 2 * 4
+        with Image.open(p) as im:  # ground truth + two students side by side, each panel upscaled
+            assert im.width == 3 * 96 * PICTURE_UPSCALE + 2 * 4
     assert json.loads((tmp_path / "demo" / "results.json").read_text())["verdict"] == res["verdict"]
     assert res["table"] in (tmp_path / "demo" / "results.md").read_text()
 

@@ -148,6 +148,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(results["table"])
     print(results["verdict"])
     print("side by side (ground truth, no-KD student, HMKD student):", *results["pictures"], sep="\n  ")
+    stages = ", ".join(f"{k} {v:.0f} s" for k, v in results["seconds"].items() if k != "total")
+    print(f"wall time {results['seconds']['total'] / 60:.1f} min ({stages}); everything in {args.out}")
     return 0
 
 

@@ -44,9 +44,9 @@ def demo_settings(out_dir: str, quick: bool) -> dict[str, dict[str, Any]]:
         batch, hmkd_opts = 2, {"hidden": 32, "heads": 4, "fit_iters": 4}
     else:
         size, n_train, n_val, iters, fpn, convs = 128, 200, 60, 200, 128, 2
-        # budget: stand-ins 200 iterations each (pretrained inside the run's 128 px detector), decoder fit 300 steps
-        pretrain = {"synth": {"n_train": 400, "n_val": 40, "size": 128, "seed": 1000, "preset": "pretrain"},
-                    "iters": 200, "batch_size": 4, "lr": 1e-3, "seed": 1000}
+        # budget: stand-ins 150 iterations each (pretrained inside the run's 128 px detector), decoder fit 300 steps
+        pretrain = {"synth": {"n_train": 300, "n_val": 40, "size": 128, "seed": 1000, "preset": "pretrain"},
+                    "iters": 150, "batch_size": 4, "lr": 1e-3, "seed": 1000}
         batch, hmkd_opts = 4, {"fit_iters": 300}
     data = {"kind": "synthetic", "root": os.path.join(out_dir, "data"), "batch_size": batch, "eval_batch_size": 8,
             "synth": {"n_train": n_train, "n_val": n_val, "size": size, "seed": 0, "preset": "aitod"}}

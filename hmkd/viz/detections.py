@@ -2,10 +2,11 @@
 
 For each image, :func:`draw_detections` writes one PNG with one panel per model, and, when the
 image's annotations are known, a ground-truth panel first. Every panel has the image's original
-resolution (or an integer multiple of it, ``upscale``, for small images) under a title bar; boxes are coloured by class with ``name score`` tags (names from the
-label map, ``c1``, ``c2`` ... without one), and *small* boxes (area below ``small_area``, 32 x 32 px
-by default, measured in the original image, as COCO's APs does) get a red outer outline, as the
-paper highlights small objects in red, and a count in the panel title.
+resolution (or an integer multiple of it, ``upscale``, for small images) under a title bar; boxes
+are coloured by class with ``name score`` tags (names from the label map, ``c1``, ``c2`` ...
+without one), and *small* boxes (area below ``small_area``, 32 x 32 px by default, measured in the
+original image, as COCO's APs does) get a red outer outline, as the paper highlights small objects
+in red, and a count in the panel title.
 
 Sizes follow the image: the font is about 1/45 of the image width (at least 10 px), line widths
 grow past 640 px, and a title that does not fit is wrapped onto more lines (the bar grows; every
@@ -445,6 +446,12 @@ def draw_legend(draw: ImageDraw.ImageDraw, y0: int, width: int, lines: Sequence[
         draw.text((3, y0 + 2 + k * _line_h(fs)), line, fill=(60, 60, 60), font=_font(max(9, fs - 2)))
 
 
+def check_upscale(upscale: Any) -> None:
+    """``upscale`` (how many times a panel's image is enlarged) must be an integer >= 1."""
+    if not isinstance(upscale, int) or upscale < 1:
+        raise ConfigError(f"upscale must be an integer >= 1, got {upscale!r}")
+
+
 def draw_panels(
     image: Image.Image | torch.Tensor,
     results: Sequence[tuple[str, Mapping[str, torch.Tensor]]],
@@ -466,8 +473,7 @@ def draw_panels(
     panel is too narrow for its counts) and over a legend (what red and the tags mean,
     :func:`legend_height`). ``picture.info`` holds ``title_height`` and ``legend_height``.
     """
-    if not isinstance(upscale, int) or upscale < 1:
-        raise ConfigError(f"upscale must be an integer >= 1, got {upscale!r}")
+    check_upscale(upscale)
     image = _as_image(image)
     w, h = image.size
     panels = [_panel_info(det, score_thresh, small_area, w, h) for _, det in results]
@@ -626,8 +632,7 @@ def draw_detections(
 
     Also writes ``detections.json`` (every drawn detection per image and model). Returns the PNG paths.
     """
-    if not isinstance(upscale, int) or upscale < 1:
-        raise ConfigError(f"upscale must be an integer >= 1, got {upscale!r}")  # before any work
+    check_upscale(upscale)  # before any work
     out, built = build_panel_models("draw_detections", models, images, out_dir, num_classes=num_classes, device=device)
     paths: list[str] = []
     record: dict[str, Any] = {"score_thresh": score_thresh, "small_area": small_area, "images": {}}

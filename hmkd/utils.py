@@ -18,7 +18,9 @@ import tempfile
 from collections.abc import Iterator, Mapping
 from typing import IO, Any
 
-__all__ = ["atomic_open", "cache_root", "write_text", "write_json", "save_figure", "json_safe", "machine_info"]
+__all__ = [
+    "atomic_open", "cache_root", "write_text", "write_json", "save_figure", "json_safe", "machine_info", "proc_status_kb",
+]
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -127,6 +129,18 @@ def _cpu_name() -> str:
     if "cpu family" in fields and "model" in fields:
         name += f" (family {fields['cpu family']}, model {fields['model']})"
     return name
+
+
+def proc_status_kb(key: str) -> int | None:
+    """A ``kB`` field of ``/proc/self/status`` (``VmRSS``, ``VmHWM``, ...); None where there is no /proc."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
 
 
 def machine_info(device: Any = None) -> dict[str, Any]:

@@ -18,18 +18,9 @@ from typing import Any
 
 import torch
 
+from hmkd.utils import proc_status_kb
+
 __all__ = ["PeakMemory"]
-
-
-def _proc_status_kb(key: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
 
 
 def _malloc_trim() -> None:
@@ -62,7 +53,7 @@ class PeakMemory:
             self.base_bytes = torch.cuda.memory_allocated(self.device)
             self.method = "torch.cuda.max_memory_allocated - memory_allocated before"
             return self
-        rss = _proc_status_kb("VmRSS")
+        rss = proc_status_kb("VmRSS")
         self.base_bytes = (rss or 0) * 1024
         try:
             with open("/proc/self/clear_refs", "w") as f:
@@ -76,7 +67,7 @@ class PeakMemory:
 
     def _sample(self) -> None:
         while not self._stop.is_set():
-            self._sampled = max(self._sampled, (_proc_status_kb("VmRSS") or 0) * 1024)
+            self._sampled = max(self._sampled, (proc_status_kb("VmRSS") or 0) * 1024)
             time.sleep(0.002)
 
     def __exit__(self, *exc: Any) -> None:
@@ -88,5 +79,5 @@ class PeakMemory:
             self._thread.join()
             peak = self._sampled
         else:
-            peak = (_proc_status_kb("VmHWM") or 0) * 1024
+            peak = (proc_status_kb("VmHWM") or 0) * 1024
         self.peak_bytes = max(0, peak - self.base_bytes)

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from hmkd.errors import ConfigError
-from hmkd.utils import json_safe, save_figure, write_text
+from hmkd.utils import json_safe, proc_status_kb, save_figure, write_text
 
 
 LOSS_GROUPS: tuple[tuple[str, str], ...] = (
@@ -131,9 +131,16 @@ def format_summary(result: dict[str, Any]) -> str:
 
 
 def peak_memory_mb(device: torch.device) -> float:
-    """Peak memory so far: CUDA allocator peak on GPU, the process's max RSS on CPU (MiB)."""
+    """Peak memory so far (MiB): CUDA allocator peak on GPU; on CPU the process's resident-set
+    high-water mark (``VmHWM``), or ``ru_maxrss`` where there is no /proc.
+
+    Not ``ru_maxrss`` on Linux: a process started by another (a benchmark's child run) inherits
+    its parent's peak RSS there, so every run of a 1.4 GB benchmark read at least 1.4 GB."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
+    hwm = proc_status_kb("VmHWM")
+    if hwm is not None:
+        return hwm / 1024
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2**20 if sys.platform == "darwin" else rss / 1024  # bytes on macOS, KiB on Linux
 

@@ -27,8 +27,9 @@ with its own defaults, unless ``method_options={"icd": {...}}`` says otherwise. 
 change one HMKD option on top of those.
 
 Isolation: on one process (no torchrun) each training run is a child process
-(``python -c ...``), so that ``peak_mem_mb`` (the max RSS on CPU, which never decreases within a
-process) is each run's own and no run inherits another's memory. Ctrl-C or SIGTERM is passed on as
+(``python -c ...``), so that ``peak_mem_mb`` (the peak RSS on CPU, which never decreases within a
+process) is each run's own and no run inherits another's memory (the child reads ``VmHWM``, the
+peak of its own address space: its ``ru_maxrss`` would start at the benchmark's RSS). Ctrl-C or SIGTERM is passed on as
 one SIGTERM: the child finishes its iteration, saves a checkpoint and stops; rerunning the same
 command continues. Under torchrun every rank runs the whole plan in-process (training is
 collective) and rank 0 writes the files.

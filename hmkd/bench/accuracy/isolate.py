@@ -1,7 +1,8 @@
 """Training one benchmark run in a child process (``python -c ...``).
 
-Why: ``peak_mem_mb`` on CPU is the process's max RSS, which never decreases within a process, so
-each run gets its own process to make the number its own (and no run inherits another's memory).
+Why: ``peak_mem_mb`` on CPU is the process's peak RSS, which never decreases within a process, so
+each run gets its own process to make the number its own (and no run inherits another's memory;
+the child reads ``VmHWM``, not ``ru_maxrss``, which on Linux starts at the parent's peak).
 The child reads the run's config from ``run_dir/bench_run.json`` and trains it with
 :func:`hmkd.engine.trainer.train`. It runs in its own session, so that a terminal's Ctrl-C reaches
 only the benchmark, which passes it on as one SIGTERM: the child finishes its iteration, saves a

@@ -52,7 +52,7 @@ def format_table(rows: dict[str, dict[str, Any]], teacher: dict[str, Any] | None
     lines.append("")
     lines.append(f"COCO box AP (%) on the val split; mean ± sample std over seeds {seeds} (teacher: one run); "
                  "(+x): gain over the student (no-KD); s/iter: the run's training seconds / iterations; peak MB: "
-                 "its peak memory during training (CPU: max RSS of its own process; CUDA: peak allocated); "
+                 "its peak memory during training (CPU: peak RSS of its own process, VmHWM; CUDA: peak allocated); "
                  "each with its ratio to no-KD.")
     s_iters = next((r.get("iterations") for r in rows.values() if r.get("iterations")), None)
     if teacher is not None and teacher.get("source") == "trained" and s_iters and teacher.get("iterations"):

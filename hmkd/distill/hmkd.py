@@ -92,6 +92,9 @@ class HMKDOptions(DecoderOptions):
         attention_term: the attention-weighted imitation ``distill.small_attn`` (False: dropped, the
             hierarchical matching's own contribution removed; the decoder is then not needed for
             the loss and neither built nor run).
+        small_foreground: the small-object foreground imitation ``distill.small_fg`` (False:
+            dropped; the Inquiry Head, if on, still trains the student but its candidates then
+            widen nothing). An ablation switch: which of HMKD's terms carries its gain.
         attention_cells: compute the attention-weighted term on each image's k cells with the most
             attention of its real inquiries only (the term is linear in the attention, so this drops
             the rest of the sum; the share of the attention kept is logged as
@@ -153,6 +156,7 @@ class HMKDOptions(DecoderOptions):
     aux_every: int = 1
     small_area: float = 32.0 * 32.0
     attention_term: bool = True
+    small_foreground: bool = True
     attention_cells: int | None = None
 
     def check(self) -> None:
@@ -377,7 +381,7 @@ class HMKDDistiller(DecoderDistiller):
                 others[l] = o.beta * ch_factor * per_obj(n_obj) * val
         small_fg: dict[str, torch.Tensor] = {}
         with record_function("hmkd.small_fg"):
-            for start, fine in pairs:
+            for start, fine in pairs if o.small_foreground else ():
                 _, ms, k_small, n_regions = regions[start]
                 val = masked_feature_mse(adapted[fine], t_feats[fine], ms.to(k_small.dtype), k_small)
                 small_fg[start] = o.beta * ch_factor * per_obj(n_regions) * val
@@ -415,7 +419,8 @@ class HMKDDistiller(DecoderDistiller):
         for start, fine in pairs:
             if regions[start][0] is not None:
                 out[f"distill.inquiry_{start.lower()}"] = regions[start][0]
-            out[f"distill.small_fg_{fine.lower()}"] = small_fg[start]
+            if start in small_fg:
+                out[f"distill.small_fg_{fine.lower()}"] = small_fg[start]
             for k, v in aux.get(start, {}).items():
                 out[f"aux.{k}_{start.lower()}"] = v
             if start in attn:

@@ -154,6 +154,8 @@ def test_plans_and_ablation_variants(tmp_path):
     ax = ablation_variants(cfg, "aux_every")
     assert [v.key for v in ax] == ["hmkd", "hmkd-auxevery4"] and ax[1].options["aux_every"] == 4
     assert ax[0].label == "HMKD, decoder task every step (= HMKD)"
+    sf = ablation_variants(cfg, "small_foreground")
+    assert [v.key for v in sf] == ["hmkd", "hmkd-nosmallfg"] and sf[1].options["small_foreground"] is False
     with pytest.raises(ConfigError, match="ablation"):
         ablation_variants(cfg, "nonsense")
     with pytest.raises(ConfigError, match="unknown method"):

@@ -155,6 +155,22 @@ def test_attention_term_false_drops_the_matching_and_its_decoder(make_pair, make
     assert {"distill.inquiry_p3", "distill.small_fg_p2", "distill.others_p2", "distill.bg_p2"} <= set(losses)
 
 
+def test_small_foreground_false_drops_that_term_only(make_pair, make_batch) -> None:
+    student, teacher = make_pair()
+    images, targets = make_batch()
+    out = {}
+    for on in (True, False):
+        torch.manual_seed(0)  # the same distiller modules (adapters, decoder, heads) both times
+        d = build_distiller("hmkd", student=student, teacher=teacher, options={**SMALL, "small_foreground": on})
+        torch.manual_seed(1)  # the same fakes and jitter
+        with torch.no_grad():
+            out[on], _ = _run(d, images, targets)
+    assert set(out[True]) - set(out[False]) == {"distill.small_fg_p2"}
+    assert out[True]["distill.small_fg_p2"] > 0
+    for k, v in out[False].items():  # every other term as it was
+        assert torch.allclose(v, out[True][k], rtol=1e-5, atol=1e-6), k
+
+
 def test_student_value_projection_of_some_cells_is_those_of_the_whole_map() -> None:
     from hmkd.distill.decoder import StudentValueProjection
 

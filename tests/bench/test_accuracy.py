@@ -154,8 +154,10 @@ def test_plans_and_ablation_variants(tmp_path):
     ax = ablation_variants(cfg, "aux_every")
     assert [v.key for v in ax] == ["hmkd", "hmkd-auxevery4"] and ax[1].options["aux_every"] == 4
     assert ax[0].label == "HMKD, decoder task every step (= HMKD)"
-    sf = ablation_variants(cfg, "small_foreground")
-    assert [v.key for v in sf] == ["hmkd", "hmkd-nosmallfg"] and sf[1].options["small_foreground"] is False
+    st = ablation_variants(cfg, "small_terms")  # attention term off: the attention_term ablation's runs
+    assert [v.key for v in st] == ["hmkd", "hmkd-nosmallfg", "hmkd-noattn", "hmkd-nosmallterms"]
+    assert st[2].key == ablation_variants(cfg, "attention_term")[1].key
+    assert st[3].options["small_foreground"] is False and st[3].options["attention_term"] is False
     with pytest.raises(ConfigError, match="ablation"):
         ablation_variants(cfg, "nonsense")
     with pytest.raises(ConfigError, match="unknown method"):

@@ -55,7 +55,8 @@ ABLATIONS = {
     "weight": "HMKD with its loss weights alpha = beta = 1 (default) or 5 (the loss scale)",
     "aux_every": "HMKD with the decoder's auxiliary task on every step (default) or every 4th (aux_every, a speed knob)",
     "attention_term": "HMKD with and without the attention-weighted term (the hierarchical matching's own contribution)",
-    "small_foreground": "HMKD with and without the small-object foreground imitation on the keys' level",
+    "small_terms": "HMKD with each of its two small-object terms on the keys' level (the small-object foreground "
+                   "imitation and the attention-weighted term) on/off",
     "decoder": "HMKD with its decoder learnt during distillation from scratch, fitted on the teacher then trained "
                "jointly, or fitted and frozen",
 }
@@ -137,9 +138,11 @@ def ablation_variants(cfg: Config, ablation: str, method_options: dict[str, dict
     elif ablation == "attention_term":
         changes = [("attn", "HMKD, attention term on", {"attention_term": True}),
                    ("noattn", "HMKD, attention term off", {"attention_term": False})]
-    elif ablation == "small_foreground":
-        changes = [("smallfg", "HMKD, small-object foreground on", {"small_foreground": True}),
-                   ("nosmallfg", "HMKD, small-object foreground off", {"small_foreground": False})]
+    elif ablation == "small_terms":  # slug noattn: the same runs as the attention_term ablation's
+        changes = [("smallterms", "HMKD, both small-object terms on", {"small_foreground": True, "attention_term": True}),
+                   ("nosmallfg", "HMKD, small-object foreground off", {"small_foreground": False}),
+                   ("noattn", "HMKD, attention term off", {"attention_term": False}),
+                   ("nosmallterms", "HMKD, both small-object terms off", {"small_foreground": False, "attention_term": False})]
     elif ablation == "decoder":
         changes = [("scratch", "HMKD, decoder learnt from scratch", {"decoder_fit": "none", "decoder_training": "joint"}),
                    ("fitjoint", "HMKD, fitted decoder, trained on", {"decoder_fit": "auto", "decoder_training": "joint"}),

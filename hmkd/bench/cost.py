@@ -43,7 +43,9 @@ steps **in one process on the same fixed batches** and reports, per method:
 Teacher: cost does not depend on the teacher's weights, so ``random_teacher=True`` builds the
 config's teacher architecture with random weights (no checkpoint needed). ``None`` (the default)
 loads ``teacher.weights`` when that file exists and falls back to random weights otherwise; the
-choice is recorded in the output. ``False`` requires the weights.
+choice is recorded in the output. ``False`` requires the weights. For the same reason a
+``backbone_weights: pretrain`` (the pretrained stand-in, student's or teacher's) is replaced by
+random initial weights rather than made (``stand_ins_replaced`` in the output).
 
 Data: the configured training set (:func:`hmkd.data.build_data`, with its training transforms,
 seeded), its first ``n_batches * batch_size`` images. A synthetic set that is not on disk yet is
@@ -78,7 +80,7 @@ from torch import nn
 from hmkd.bench.cost_report import TARGETS, cost_markdown, cost_targets
 from hmkd.bench.parts import part_ranges, profile_parts, timed_range
 from hmkd.bench.peak_memory import PeakMemory
-from hmkd.config import Config, parse_overrides, to_dict
+from hmkd.config import PRETRAIN_BACKBONE, Config, parse_overrides, to_dict
 from hmkd.errors import ConfigError
 from hmkd.utils import machine_info, write_json, write_text
 
@@ -218,6 +220,20 @@ def _needs_teacher(spec: str) -> bool:
     from hmkd.distill import needs_teacher
 
     return needs_teacher(parse_method_spec(spec)[0])
+
+
+def _without_stand_ins(cfg: Config) -> tuple[Config, list[str]]:
+    """``cfg`` with every ``backbone_weights: pretrain`` (the pretrained stand-in, which may take
+    minutes to make) replaced by random initial weights: a step's cost does not depend on them.
+    Also returns the sections changed."""
+    out, changed = copy.deepcopy(cfg), []
+    if out.model.backbone_weights == PRETRAIN_BACKBONE:
+        out.model = dataclasses.replace(out.model, backbone_weights=None)
+        changed.append("model")
+    if out.teacher is not None and out.teacher.backbone_weights == PRETRAIN_BACKBONE:
+        out.teacher = dataclasses.replace(out.teacher, backbone_weights=None)
+        changed.append("teacher")
+    return out, changed
 
 
 def _teacher_mode(cfg: Config, random_teacher: bool | None) -> tuple[bool, str]:
@@ -403,6 +419,10 @@ def run_cost_bench(
         _needs_teacher(m)  # unknown method: ConfigError
     names = ["none"] + [m for m in dict.fromkeys(names) if m != "none"]
     dev = _device(cfg, device)
+    cfg, stand_ins = _without_stand_ins(cfg)
+    if stand_ins:
+        logger.info("cost bench: %s backbone_weights: %s -> random initial weights (cost does not depend on them)",
+                    " and ".join(stand_ins), PRETRAIN_BACKBONE)
     load_teacher, teacher_desc = False, "none needed"
     if any(_needs_teacher(m) for m in names):
         load_teacher, teacher_desc = _teacher_mode(cfg, random_teacher)
@@ -448,6 +468,7 @@ def run_cost_bench(
         "data": data_info,
         "model": dataclasses.asdict(cfg.model),
         "teacher_model": dataclasses.asdict(cfg.teacher) if cfg.teacher is not None else None,
+        "stand_ins_replaced": stand_ins,
         "train": {"optimizer": cfg.train.optimizer, "lr": cfg.train.lr, "clip_grad": cfg.train.clip_grad,
                   "amp": cfg.train.amp},
         "methods": rows,

@@ -166,3 +166,17 @@ def test_cost_bench_clips_as_the_trainer_does(tiny_cfg, tmp_path, one_thread, mo
     tiny_cfg.train.clip_grad = 10.0
     run_cost_bench(tiny_cfg, methods=["fgd", "fitnet"], out_dir=str(tmp_path / "c"), iters=1, warmup=1, profile_steps=0)
     assert clips == {"none": {10.0}, "fgd": {35.0}, "fitnet": {10.0}}
+
+
+def test_cost_bench_times_a_pretrained_stand_in_config_without_making_the_stand_in(tiny_cfg, tmp_path, one_thread,
+                                                                                   monkeypatch):
+    import dataclasses
+
+    monkeypatch.setenv("HMKD_CACHE", str(tmp_path / "cache"))
+    cfg = dataclasses.replace(tiny_cfg, model=dataclasses.replace(tiny_cfg.model, backbone_weights="pretrain"),
+                              teacher=dataclasses.replace(tiny_cfg.teacher, backbone_weights="pretrain"))
+    res = run_cost_bench(cfg, ["fitnet"], out_dir=tmp_path / "out", iters=1, warmup=0, profile_steps=0,
+                         random_teacher=True)
+    assert res["stand_ins_replaced"] == ["model", "teacher"]
+    assert [r["method"] for r in res["methods"]] == ["none", "fitnet"]
+    assert not (tmp_path / "cache").exists()  # cost does not depend on weights: no stand-in was made

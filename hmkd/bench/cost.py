@@ -226,14 +226,11 @@ def _without_stand_ins(cfg: Config) -> tuple[Config, list[str]]:
     """``cfg`` with every ``backbone_weights: pretrain`` (the pretrained stand-in, which may take
     minutes to make) replaced by random initial weights: a step's cost does not depend on them.
     Also returns the sections changed."""
-    out, changed = copy.deepcopy(cfg), []
-    if out.model.backbone_weights == PRETRAIN_BACKBONE:
-        out.model = dataclasses.replace(out.model, backbone_weights=None)
-        changed.append("model")
-    if out.teacher is not None and out.teacher.backbone_weights == PRETRAIN_BACKBONE:
-        out.teacher = dataclasses.replace(out.teacher, backbone_weights=None)
-        changed.append("teacher")
-    return out, changed
+    from hmkd.engine.pretrain import resolve_pretrained
+
+    changed = [name for name, m in (("model", cfg.model), ("teacher", cfg.teacher))
+               if m is not None and m.backbone_weights == PRETRAIN_BACKBONE]
+    return resolve_pretrained(cfg, student=False, teacher=False, progress=False), changed
 
 
 def _teacher_mode(cfg: Config, random_teacher: bool | None) -> tuple[bool, str]:

@@ -97,13 +97,11 @@ _EVAL_CHILD = textwrap.dedent(
     r"""
     import json, resource, sys, time
     from hmkd.engine.evaluator import coco_metrics
+    from hmkd.utils import proc_status_kb
 
     gt_path, dets_path = sys.argv[1:3]
-    def hwm_kb():
-        for line in open("/proc/self/status"):
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    def hwm_kb():  # the child's own peak; ru_maxrss where there is no /proc
+        return proc_status_kb("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
     base = hwm_kb()
     t0 = time.perf_counter()

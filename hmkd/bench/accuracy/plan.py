@@ -121,6 +121,7 @@ def ablation_variants(cfg: Config, ablation: str, method_options: dict[str, dict
     base_eff = effective_options("hmkd", base)
     hidden = base_eff["hidden"]
     changes: list[tuple[str, str, dict[str, Any]]] = []  # (slug, label, change)
+    attention_off = ("noattn", "HMKD, attention term off", {"attention_term": False})
     if ablation == "supplement":
         changes = [("supplement", "HMKD, supplement on", {"supplement": True}),
                    ("nosupplement", "HMKD, supplement off", {"supplement": False})]
@@ -136,12 +137,11 @@ def ablation_variants(cfg: Config, ablation: str, method_options: dict[str, dict
         changes = [(f"auxevery{k}", f"HMKD, decoder task every {'step' if k == 1 else f'{k}th step'}", {"aux_every": k})
                    for k in (1, 4)]
     elif ablation == "attention_term":
-        changes = [("attn", "HMKD, attention term on", {"attention_term": True}),
-                   ("noattn", "HMKD, attention term off", {"attention_term": False})]
-    elif ablation == "small_terms":  # slug noattn: the same runs as the attention_term ablation's
+        changes = [("attn", "HMKD, attention term on", {"attention_term": True}), attention_off]
+    elif ablation == "small_terms":  # attention_off: the same runs as the attention_term ablation's
         changes = [("smallterms", "HMKD, both small-object terms on", {"small_foreground": True, "attention_term": True}),
                    ("nosmallfg", "HMKD, small-object foreground off", {"small_foreground": False}),
-                   ("noattn", "HMKD, attention term off", {"attention_term": False}),
+                   attention_off,
                    ("nosmallterms", "HMKD, both small-object terms off", {"small_foreground": False, "attention_term": False})]
     elif ablation == "decoder":
         changes = [("scratch", "HMKD, decoder learnt from scratch", {"decoder_fit": "none", "decoder_training": "joint"}),

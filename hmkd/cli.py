@@ -292,7 +292,7 @@ def cmd_export_onnx(args: argparse.Namespace) -> int:
 
     from hmkd.engine.inputs import model_inputs
     from hmkd.export.onnx import check_onnx, export_onnx, resized_size
-    from hmkd.viz.detections import as_model, load_image
+    from hmkd.engine.inputs import as_model, load_image
 
     _config_or_override(args)
     inp = model_inputs(args.config, args.overrides, [("model", args.weights)])

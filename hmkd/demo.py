@@ -144,8 +144,9 @@ def draw_students(cfg: Config, weights: dict[str, str], out_dir: str) -> list[st
     """The plain and HMKD students' detections side by side (ground truth first, small objects in
     red) on the validation images with the most small objects."""
     from hmkd.data import build_data
+    from hmkd.engine.inputs import specs_from_config
     from hmkd.models.checkpoint_info import LabelMap
-    from hmkd.viz.detections import draw_detections, ground_truth_of, specs_from_config
+    from hmkd.viz.detections import draw_detections, ground_truth_of
 
     dataset = build_data(cfg, train=False)
     images = small_object_images(dataset, PICTURE_IMAGES)

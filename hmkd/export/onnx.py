@@ -259,7 +259,7 @@ def check_onnx(
     to ``1e-3 * max(H, W)`` pixels. Returns ``{"ok", "images", "atol", "max_abs_diff_boxes",
     "max_abs_diff_scores", "per_image": [...]}``.
     """
-    from hmkd.viz.detections import load_image
+    from hmkd.engine.inputs import load_image
 
     session = onnx_session(onnx_path)
     h, w = _input_hw(session)

@@ -44,15 +44,14 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torch import nn
 
+from hmkd.engine.inputs import ModelSpec, load_image, score_threshold
 from hmkd.errors import ConfigError
 from hmkd.utils import write_json
 from hmkd.models import name_levels
 from hmkd.viz.detections import (
     SMALL_COLOUR,
-    ModelSpec,
     _font,
     _font_size,
-    _score_threshold,
     _stroke,
     _text_wh,
     build_panel_models,
@@ -60,7 +59,6 @@ from hmkd.viz.detections import (
     draw_legend,
     header_lines,
     legend_lines,
-    load_image,
     save_png,
     title_height,
     unique_stems,
@@ -142,7 +140,7 @@ def gradcam(
         inner.eval()
         for p in inner.parameters():
             p.requires_grad_(False)
-        with torch.enable_grad(), _score_threshold(inner, 1e-6):
+        with torch.enable_grad(), score_threshold(inner, 1e-6):
             det = inner([image.to(device)])[0]
         feat = store["feat"]
         boxes, scores, labels = det["boxes"].detach(), det["scores"], det["labels"]

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from hmkd.config import Config, ModelConfig
+from hmkd.engine.inputs import as_model, load_image, specs_from_config
 from hmkd.errors import ConfigError
 from hmkd.viz.detections import (
     SMALL_COLOUR,
@@ -19,14 +20,11 @@ from hmkd.viz.detections import (
     _font_size,
     _scratch_draw,
     _text_wh,
-    as_model,
     class_colour,
     draw_detections,
     draw_panels,
     header_lines,
-    load_image,
     place_tags,
-    specs_from_config,
     title_height,
 )
 from hmkd.viz.heatmap import gradcam, gradcam_heatmaps

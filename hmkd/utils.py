@@ -1,4 +1,5 @@
-"""Small helpers every part of hmkd uses: atomic file writes, JSON-safe values, machine facts.
+"""Small helpers every part of hmkd uses: atomic file writes, JSON-safe values, machine facts, the
+cache folder, and a block that leaves the global random streams as it found them.
 
 Atomic writes: everything hmkd writes (checkpoints, configs, metrics, tables, figures) goes to a
 temporary file in the destination's folder (``.NAME.XXXX.tmp``) that is moved over the destination
@@ -19,7 +20,8 @@ from collections.abc import Iterator, Mapping
 from typing import IO, Any
 
 __all__ = [
-    "atomic_open", "cache_root", "write_text", "write_json", "save_figure", "json_safe", "machine_info", "proc_status_kb",
+    "atomic_open", "cache_root", "preserved_random_state", "write_text", "write_json", "save_figure", "json_safe",
+    "machine_info", "proc_status_kb",
 ]
 
 _UMASK = os.umask(0)
@@ -29,6 +31,30 @@ os.umask(_UMASK)
 def cache_root() -> str:
     """hmkd's cache folder (fitted decoders, pretrained stand-ins): ``$HMKD_CACHE``, default ``~/.cache/hmkd``."""
     return os.environ.get("HMKD_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "hmkd")
+
+
+@contextlib.contextmanager
+def preserved_random_state() -> Iterator[None]:
+    """Run the block and put Python's, NumPy's and torch's global random states back as they were.
+
+    For work a run does only when a cache is cold (the pretrained stand-in, a fitted decoder): the
+    random streams the run goes on with are then the same whether the cache held the result or the
+    work was done now. torch's CUDA generators are restored when CUDA was initialised on entry (a
+    generator not initialised then is seeded later, by the run's own seeding, before it is used).
+    """
+    import random
+
+    import numpy as np
+    import torch
+
+    py_state, np_state = random.getstate(), np.random.get_state()
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    try:
+        with torch.random.fork_rng(devices=cuda):
+            yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
 
 
 def _fsync_dir(directory: str) -> None:

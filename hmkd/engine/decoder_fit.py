@@ -7,8 +7,9 @@ distillation whose ``distill.options.decoder_fit`` is ``auto``. The file is cach
 depends on: the teacher checkpoint's bytes (SHA-256), the decoder's options and the method's choice
 of inquiries (:meth:`~hmkd.distill.decoder_method.DecoderDistiller.fit_spec`), the data section, the
 student's input size and normalisation (the teacher sees the student's transformed batch); the fit
-has its own seed (:data:`FIT_SEED`), so runs of any seed share it. Any later run with the same key
-(ICD or HMKD, any student) loads it instead of fitting again.
+has its own seed (:data:`FIT_SEED`), so runs of any seed share it, and it leaves the run's random
+streams as they were (a run that fits and one that loads the cached fit end with the same weights).
+Any later run with the same key (ICD or HMKD, any student) loads it instead of fitting again.
 
 A fitted file is a dict: ``format`` (:data:`~hmkd.distill.decoder_method.FITTED_FORMAT`), ``key``,
 ``spec``, ``teacher`` (path and SHA-256), ``state_dict`` (the decoder modules'), ``fit`` (iterations,
@@ -32,12 +33,12 @@ from tqdm import tqdm
 from hmkd.distill.base import small_flags
 from hmkd.distill.decoder import MatchingDecoder
 from hmkd.distill.decoder_method import FITTED_FORMAT, DecoderDistiller
-from hmkd.engine.checkpoint import load_checkpoint, save_checkpoint
+from hmkd.engine.checkpoint import load_checkpoint, save_checkpoint, seed_everything
 from hmkd.engine.loaders import close_loader_iter, next_batch, to_device
 from hmkd.engine.logging_utils import bar_wanted
 from hmkd.engine.sampler import InfiniteBatchSampler, SeededDataset, mix_seed
 from hmkd.errors import CheckpointError, ConfigError
-from hmkd.utils import cache_root, json_safe
+from hmkd.utils import cache_root, json_safe, preserved_random_state
 
 __all__ = ["cache_dir", "fit_decoder", "fit_key", "load_fitted", "prepare_decoder", "teacher_digest", "transformed_batch"]
 
@@ -113,9 +114,20 @@ def fit_decoder(
     The decoders start from weights drawn afresh from ``seed`` (whatever the distiller was built
     with), then AdamW at the options' ``fit_lr`` (constant), weight decay ``decoder_weight_decay``, gradients
     clipped at ``decoder_clip``; ``iters`` (default ``fit_iters``) batches of ``batch_size`` drawn
-    as training draws them (seeded). Returns ``{"iters", "seconds", "losses"}`` (the last
-    ``log_period`` steps' mean of each term).
+    as training draws them (seeded). Every random draw comes from ``seed`` and the global random
+    streams are left as they were (:func:`hmkd.utils.preserved_random_state`): the fit is the same
+    alone (``hmkd fit-decoder``) or inside a run, and a run that fits goes on as one that loads the
+    cached fit. Returns ``{"iters", "seconds", "losses"}`` (the last ``log_period`` steps' mean of
+    each term).
     """
+    with preserved_random_state():
+        seed_everything(mix_seed(seed, 43))  # anything drawing from the global streams draws from the fit's seed
+        return _fit(distiller, train_set, batch_size=batch_size, device=device, seed=seed, iters=iters,
+                    log_period=log_period, progress=progress)
+
+
+def _fit(distiller: DecoderDistiller, train_set: Any, *, batch_size: int, device: torch.device, seed: int,
+         iters: int | None, log_period: int, progress: bool) -> dict[str, Any]:
     from hmkd.data.transforms import collate_fn
 
     o = distiller.options

@@ -8,7 +8,9 @@ asks for the stand-in instead: the backbone is trained, as part of a detector of
 use disc, square, triangle, ring, cross, diamond), for ``pretrain.iters`` iterations. Only the
 backbone body is kept, as ImageNet weights would be; the FPN and heads start fresh.
 
-Deterministic (the run's seed is ``pretrain.seed``) and cached once per setting:
+Deterministic (the run's seed is ``pretrain.seed``; the caller's random streams are left as they
+were, so a run that makes the stand-in and one that finds it cached end with the same weights) and
+cached once per setting:
 ``$HMKD_CACHE/backbones/<backbone>-<key>/`` holds ``backbone.pth`` (the body's state dict),
 ``pretrain.json`` (the settings, the pretraining detector's metrics on its own val split, the wall
 time) and ``run/`` (the training run: a stopped pretraining resumes there). ``key`` hashes the
@@ -34,7 +36,7 @@ from hmkd.config import PRETRAIN_BACKBONE as PRETRAIN
 from hmkd.config import Config, DataConfig, DistillConfig, EvalConfig, ModelConfig, TrainConfig, to_dict
 from hmkd.errors import ConfigError
 from hmkd.models.weights import read_state_dict
-from hmkd.utils import atomic_open, cache_root, write_json
+from hmkd.utils import atomic_open, cache_root, preserved_random_state, write_json
 
 __all__ = ["PRETRAIN", "cache_dir", "ensure_pretrained", "pretrain_config", "pretrain_key", "resolve_pretrained"]
 
@@ -119,8 +121,12 @@ def ensure_pretrained(cfg: Config, model: ModelConfig, *, progress: bool = True)
     logger.info("pretraining the %s stand-in (%d iterations on the %r synthetic set, seed %d) -> %s",
                 model.backbone, pcfg.train.iters, pcfg.data.synth.preset, pcfg.seed, folder)
     t0 = time.time()
-    metrics = train(pcfg, output_dir=run_dir, resume=os.path.isfile(os.path.join(run_dir, "last_checkpoint.pth")),
-                    progress=progress)
+    # the pretraining seeds itself (pcfg.seed): it is the same whoever asks for it, and it leaves the
+    # caller's random streams as they were, so a run that makes the stand-in goes on exactly as one
+    # that found it in the cache
+    with preserved_random_state():
+        metrics = train(pcfg, output_dir=run_dir, resume=os.path.isfile(os.path.join(run_dir, "last_checkpoint.pth")),
+                        progress=progress)
     sd = read_state_dict(os.path.join(run_dir, "model_final.pth"))
     body = {k[len("backbone.body."):]: v for k, v in sd.items() if k.startswith("backbone.body.")}
     if not body:

@@ -237,7 +237,9 @@ class _Run:
         self.label_map = LabelMap.from_dataset(self.train_set).to_dict()
 
         # backbone_weights: pretrain -> the stand-in's file (pretrained now if not cached; a resumed
-        # student's weights come from its checkpoint)
+        # student's weights come from its checkpoint). Pretraining it leaves the random streams as
+        # they were (as the decoder fit below does): the student's initial weights, and so the run,
+        # do not depend on what the cache held
         built = resolve_pretrained(cfg, student=not resuming, teacher=with_teacher or do_init, progress=self.progress)
         student = build_model(built.model, n)
         teacher = build_model(built.teacher, n) if with_teacher or do_init else None

@@ -5,8 +5,11 @@ One YAML file fully describes a run; the resolved config is saved beside its out
 :class:`~hmkd.errors.ConfigError` naming where the key came from (the file, its ``_base_``, or the
 command line) and the key, with the nearest valid key when there is one, e.g.
 ``config.yaml: unknown key 'teacher.backbon' (did you mean 'teacher.backbone'?)`` or
-``command line: unknown key 'train.lrr' (did you mean 'train.lr'?)``. ``distill.options`` are
-checked against the method's own options here too (when the method is registered).
+``command line: unknown key 'train.lrr' (did you mean 'train.lr'?)``. Every number and name is
+range-checked when the config is read: each field declares what it accepts
+(:func:`hmkd.allowed.allowed`), and a value outside it is one line naming the source, the key and the
+range (``command line: model.fpn_channels must be >= 1, got 0``). ``distill.method`` must be a
+registered method and ``distill.options`` are checked against its own options here too.
 Every key is documented in ``docs/CONFIG.md`` (``hmkd config show`` prints a resolved config with
 each key's default and allowed values).
 """
@@ -16,7 +19,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
-import math
 import os
 import re
 import types
@@ -27,6 +29,7 @@ from typing import Any, Union
 
 import yaml
 
+from hmkd.allowed import allowed, check_fields
 from hmkd.errors import ConfigError
 from hmkd.utils import atomic_open
 
@@ -34,39 +37,68 @@ from hmkd.utils import atomic_open
 #: ``model.backbone_weights: pretrain``: the backbone stand-in for ImageNet weights (hmkd.engine.pretrain)
 PRETRAIN_BACKBONE = "pretrain"
 
+# -- the names the config's enumerated keys accept ------------------------------------------------
+# What each name does lives above this layer (hmkd.models, hmkd.data, hmkd.engine, hmkd.distill),
+# which imports this module; tests/config/test_config_ranges.py checks these equal those registries.
+DETECTORS = ("faster_rcnn", "mask_rcnn", "retinanet", "fcos")
+#: the builders of ``torchvision:<builder>`` (hmkd.models.torchvision_zoo.TORCHVISION_DETECTORS)
+TORCHVISION_BUILDERS = (
+    "fasterrcnn_resnet50_fpn", "fasterrcnn_resnet50_fpn_v2", "fasterrcnn_mobilenet_v3_large_fpn",
+    "fasterrcnn_mobilenet_v3_large_320_fpn", "retinanet_resnet50_fpn", "retinanet_resnet50_fpn_v2",
+    "fcos_resnet50_fpn", "maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2",
+)
+BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v2", "vovnet19", "vovnet39", "vovnet57")
+NORMS = ("gn", "bn", "frozen_bn")
+LEVELS = ("P2", "P3", "P4", "P5", "P6", "P7")
+DATASETS = ("coco", "visdrone", "synthetic")
+LABEL_MAPS = ("contiguous", "category_id")
+SYNTH_PRESETS = ("default", "aitod", "pretrain", "hard")
+OPTIMIZERS = ("adamw", "sgd")
+SCHEDULES = ("cosine", "step", "constant")
+TEACHER_DTYPES = ("float32", "bfloat16", "float16")
+INIT_PARTS = ("none", "neck", "neck_head")
+#: torch.manual_seed takes seeds up to 2^64 - 1
+_SEED = dict(ge=0, le=2**64 - 1, words="an integer in 0..2^64-1", doc="integer in 0..2^64-1")
+#: FCOS's head (torchvision's FCOSHead) normalises with GroupNorm(32, fpn_channels)
+FCOS_GROUPS = 32
+
 
 @dataclass
 class ModelConfig:
-    """A detector (see :func:`hmkd.models.build_detector`); ``weights`` is a local file or None."""
+    """A detector (see :func:`hmkd.models.build_detector`); ``weights`` is a local file or None.
+    Each key's range is declared with :func:`~hmkd.allowed.allowed` and checked when the config is read."""
 
-    detector: str = "fcos"
-    backbone: str = "resnet18"
-    num_classes: int | None = None  # None: taken from the data set
-    fpn_channels: int = 256
-    levels: list[str] | None = None  # None: the detector's default
-    norm: str = "gn"
-    min_size: int | list[int] = 800  # a list: multi-scale training (random per image), eval at the last
-    max_size: int = 1333
-    anchor_scale: float | None = None
-    head_convs: int = 4
-    rpn_pre_nms_top_n_train: int = 2000
-    rpn_pre_nms_top_n_test: int = 1000
-    rpn_post_nms_top_n_train: int = 2000
-    rpn_post_nms_top_n_test: int = 1000
-    box_batch_size_per_image: int = 512
-    score_thresh: float = 0.05
-    nms_thresh: float | None = None
-    detections_per_img: int = 100
-    topk_candidates: int = 1000
+    detector: str = allowed("fcos", one_of=DETECTORS + tuple(f"torchvision:{b}" for b in TORCHVISION_BUILDERS),
+                            doc=" | ".join(DETECTORS) + " | torchvision:<builder>")
+    backbone: str = allowed("resnet18", one_of=BACKBONES)
+    num_classes: int | None = allowed(None, ge=1)  # None: taken from the data set
+    fpn_channels: int = allowed(256, ge=1, note=f"fcos: a multiple of {FCOS_GROUPS}")  # check_config
+    levels: list[str] | None = allowed(None, one_of=LEVELS, nonempty=True, unique=True, noun="FPN levels")  # None: the detector's default
+    norm: str = allowed("gn", one_of=NORMS)
+    # a list: multi-scale training (random per image), eval at the last
+    min_size: int | list[int] = allowed(800, ge=1, nonempty=True, noun="sizes")
+    max_size: int = allowed(1333, ge=1)
+    anchor_scale: float | None = allowed(None, gt=0)
+    head_convs: int = allowed(4, ge=0)
+    rpn_pre_nms_top_n_train: int = allowed(2000, ge=1)
+    rpn_pre_nms_top_n_test: int = allowed(1000, ge=1)
+    rpn_post_nms_top_n_train: int = allowed(2000, ge=1)
+    rpn_post_nms_top_n_test: int = allowed(1000, ge=1)
+    box_batch_size_per_image: int = allowed(512, ge=1)
+    score_thresh: float = allowed(0.05, ge=0, lt=1)
+    nms_thresh: float | None = allowed(None, ge=0, le=1)
+    detections_per_img: int = allowed(100, ge=1)
+    topk_candidates: int = allowed(1000, ge=1)
     weights: str | None = None
     # weights for the backbone body only: a file (ImageNet-style), or "pretrain": the stand-in
     # pretrained on another synthetic task by the config's pretrain section (hmkd.engine.pretrain)
     backbone_weights: str | None = None
     # eps of the backbone body's batch norms (bn / frozen_bn); None: the layer's own (torchvision's
     # v1 ResNet-50 COCO checkpoints need 0.0, as torchvision sets after loading them)
-    norm_eps: float | None = None
+    norm_eps: float | None = allowed(None, ge=0)
     # None: every layer trains; k: all but the body's last k stages frozen, torchvision's rule
-    trainable_backbone_layers: int | None = None
+    # (ResNets have 5 stages, torchvision's MobileNet builders 6: the builder checks its own)
+    trainable_backbone_layers: int | None = allowed(None, ge=0, le=6, note="ResNets: <= 5")
     # true: `weights` may come from another class set: every tensor but the class-dependent layers
     # (classifier, box regressor, mask logits) is loaded, those are named in one warning
     weights_skip_classes: bool = False
@@ -78,31 +110,31 @@ class SynthConfig:
     their defaults live (:func:`hmkd.data.synthetic.generate_synthetic` and ``hmkd data synth`` use it);
     any other key of a preset can be overridden in ``generate_synthetic``'s keyword arguments."""
 
-    n_train: int = 1000
-    n_val: int = 200
-    size: int = 320
-    seed: int = 0
-    preset: str = "default"
+    n_train: int = allowed(1000, ge=0)
+    n_val: int = allowed(200, ge=0)
+    size: int = allowed(320, ge=16)  # the generator's smallest image
+    seed: int = allowed(0, ge=0)
+    preset: str = allowed("default", one_of=SYNTH_PRESETS)
 
 
 @dataclass
 class DataConfig:
     """Where the data is. ``kind``: coco | visdrone | synthetic."""
 
-    kind: str = "synthetic"
+    kind: str = allowed("synthetic", one_of=DATASETS)
     root: str = "data/synth"
     train_images: str | None = None
     train_ann: str | None = None
     val_images: str | None = None
     val_ann: str | None = None
-    batch_size: int = 4
-    eval_batch_size: int = 4
-    workers: int = 0
+    batch_size: int = allowed(4, ge=1)
+    eval_batch_size: int = allowed(4, ge=1)
+    workers: int = allowed(0, ge=0)
     hflip: bool = True  # multi-scale training: give model.min_size a list of sizes
     with_masks: bool = False
     # labels the detector sees: contiguous (1..K in sorted category-id order) or category_id (the
     # data set's own ids, as torchvision's COCO checkpoints expect: 91 outputs on COCO)
-    label_map: str = "contiguous"
+    label_map: str = allowed("contiguous", one_of=LABEL_MAPS)
     synth: SynthConfig = field(default_factory=SynthConfig)
     check_images: bool = True  # before iteration 1, read every image's header (hmkd.data.check)
 
@@ -111,21 +143,22 @@ class DataConfig:
 class TrainConfig:
     """Iteration-based schedule, optimiser and bookkeeping."""
 
-    iters: int = 1000
-    optimizer: str = "adamw"  # adamw | sgd
-    lr: float = 1e-3
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    warmup_iters: int = 100
-    warmup_factor: float = 0.001
-    schedule: str = "cosine"  # cosine | step | constant
-    steps: list[int] = field(default_factory=list)  # for step: iterations where lr *= gamma
-    gamma: float = 0.1
-    clip_grad: float | None = 10.0
+    iters: int = allowed(1000, ge=0)
+    optimizer: str = allowed("adamw", one_of=OPTIMIZERS)
+    lr: float = allowed(1e-3, gt=0)
+    momentum: float = allowed(0.9, ge=0, lt=1)
+    weight_decay: float = allowed(1e-4, ge=0)
+    warmup_iters: int = allowed(100, ge=0)
+    warmup_factor: float = allowed(0.001, ge=0, le=1)
+    schedule: str = allowed("cosine", one_of=SCHEDULES)
+    # for step: iterations where lr *= gamma
+    steps: list[int] = allowed(factory=list, ge=1, noun="iterations", note="non-empty for schedule step")
+    gamma: float = allowed(0.1, gt=0)
+    clip_grad: float | None = allowed(10.0, gt=0)
     amp: bool = False
-    eval_period: int = 0  # 0: only at the end
-    ckpt_period: int = 200
-    log_period: int = 20
+    eval_period: int = allowed(0, ge=0)  # 0: only at the end
+    ckpt_period: int = allowed(200, ge=0)
+    log_period: int = allowed(20, ge=0)
     tensorboard: bool = False
     keep_last_checkpoint: bool = False  # keep last_checkpoint.pth (the resume state) after a finished run
 
@@ -134,16 +167,17 @@ class TrainConfig:
 class DistillConfig:
     """Which distiller trains the student; ``options`` are validated by the method's own options type."""
 
-    method: str = "none"
+    # a registered method (hmkd.distill.registry), checked by check_method_options
+    method: str = allowed("none", registry="methods")
     options: dict[str, Any] = field(default_factory=dict)
     # precision of the frozen teacher's forward: float32 (exact) | bfloat16 | float16. Lower
     # precision makes the teacher pass cheaper (bf16 on a CPU with AVX512-BF16: ~1.8x) at the price
     # of rounded targets (bf16: features within a few % relative of float32); see the README.
-    teacher_dtype: str = "float32"
+    teacher_dtype: str = allowed("float32", one_of=TEACHER_DTYPES)
     # the student's FPN (neck) and detection head (neck_head) copied from the teacher before the
     # first step (not on resume): none | neck | neck_head; null = the method's authors' default
     # (fgd, icd: neck_head; none, fitnet, hmkd: none). See hmkd.models.weights.init_from_teacher.
-    init_student: str | None = None
+    init_student: str | None = allowed(None, one_of=INIT_PARTS)
 
 
 @dataclass
@@ -154,7 +188,7 @@ class EvalConfig:
     aitod: bool = True
     # detections per image AI-TOD's numbers score (AI-TOD's toolkit: 1500, VisDrone's: 500); a
     # detector emits at most model.detections_per_img of them
-    max_dets: int = 1500
+    max_dets: int = allowed(1500, ge=100)
 
 
 @dataclass
@@ -165,10 +199,10 @@ class PretrainConfig:
 
     synth: SynthConfig = field(default_factory=lambda: SynthConfig(n_train=1000, n_val=50, size=256, seed=1000,
                                                                    preset="pretrain"))
-    iters: int = 1000
-    batch_size: int = 4
-    lr: float = 1e-3
-    seed: int = 1000
+    iters: int = allowed(1000, ge=1)
+    batch_size: int = allowed(4, ge=1)
+    lr: float = allowed(1e-3, gt=0)
+    seed: int = allowed(1000, **_SEED)
 
 
 @dataclass
@@ -176,8 +210,9 @@ class Config:
     """A whole run."""
 
     name: str = "run"
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    seed: int = allowed(0, **_SEED)
+    device: str = allowed("auto", pattern=r"auto|cpu|cuda(:\d+)?", words="auto, cpu, cuda or cuda:N",
+                          doc="auto | cpu | cuda | cuda:N")  # as hmkd.engine.distributed.resolve_device reads it
     output_dir: str | None = None  # default runs/<name>
     model: ModelConfig = field(default_factory=ModelConfig)
     teacher: ModelConfig | None = None
@@ -387,23 +422,43 @@ def load_config(
         raw["teacher"] = merge(inherited, raw["teacher"])
     src = path or "config"
     cfg = from_dict(Config, raw, src=src, origins=origins)
+    check_config(cfg, src=src, origins=origins)
     check_method_options(cfg, src=src, origins=origins)
     return cfg
 
 
 def check_method_options(cfg: Config, *, src: str = "config", origins: Mapping[str, str] | None = None) -> None:
-    """Check ``distill.options`` against the options of ``distill.method`` (when it is registered;
-    an unknown method is reported when the run starts): unknown names with the nearest valid one,
-    wrong types and meaningless values, as one-line :class:`ConfigError`."""
+    """Check ``distill.method`` (a registered method) and ``distill.options`` against its options:
+    unknown names with the nearest valid one, wrong types, out-of-range values (the ranges its
+    ``Options`` dataclass declares) and meaningless combinations (its ``check()``), as one-line
+    :class:`ConfigError` naming where the key came from."""
     from hmkd.distill.registry import METHODS
 
-    cls = METHODS.get(cfg.distill.method)
+    method = cfg.distill.method
+    cls = METHODS.get(method)
     if cls is None:
-        return
+        near = difflib.get_close_matches(method, list(METHODS), n=1, cutoff=0.6)
+        hint = f" (did you mean '{near[0]}'?)" if near else ""
+        raise ConfigError(f"{_where('distill.method', src, origins)}: distill.method must be one of "
+                          f"{', '.join(METHODS)}, got {method!r}{hint}")
     opts = from_dict(cls.Options, dict(cfg.distill.options), src=src, prefix="distill.options.", origins=origins)
+    where = _source_of(src, origins)
+    check_fields(opts, "distill.options.", where=where)
     check = getattr(opts, "check", None)
     if callable(check):
-        check()
+        try:
+            check()
+        except ConfigError as e:  # a relation between options: named by the key it names
+            text = str(e)
+            key = re.match(r"distill\.options\.\w+", text)
+            raise ConfigError(f"{where(key.group(0) if key else 'distill.options')}: {text}") from None
+
+
+def _source_of(src: str | None, origins: Mapping[str, str] | None):
+    """``key -> where it came from`` for :func:`hmkd.allowed.check_fields` (None: name no source)."""
+    if src is None:
+        return None
+    return lambda key: _where(key, src, origins)
 
 
 def _read_yaml(path: str, _seen: tuple[str, ...] = (), *, origins: dict[str, str] | None = None) -> dict[str, Any]:
@@ -444,33 +499,25 @@ def save_config(cfg: Config, path: str) -> None:
 
 
 # -- checks and resolution before a run --------------------------------------------------------
-def check_config(cfg: Config) -> None:
-    """Range checks a run needs before anything is built: counts and periods not negative, batch
-    sizes at least 1, the optimiser's numbers finite (one-line :class:`ConfigError` naming the key)."""
-    t, d = cfg.train, cfg.data
-    for key, value, low in (
-        ("train.iters", t.iters, 0),
-        ("train.eval_period", t.eval_period, 0),
-        ("train.ckpt_period", t.ckpt_period, 0),
-        ("train.log_period", t.log_period, 0),
-        ("train.warmup_iters", t.warmup_iters, 0),
-        ("data.batch_size", d.batch_size, 1),
-        ("data.eval_batch_size", d.eval_batch_size, 1),
-        ("data.workers", d.workers, 0),
-        ("eval.max_dets", cfg.eval.max_dets, 100),
-        ("pretrain.iters", cfg.pretrain.iters, 1),
-        ("pretrain.batch_size", cfg.pretrain.batch_size, 1),
-    ):
-        if value < low:
-            raise ConfigError(f"{key} must be >= {low}, got {value}")
-    if cfg.distill.init_student not in (None, "none", "neck", "neck_head"):
-        raise ConfigError(f"distill.init_student must be none, neck or neck_head, got {cfg.distill.init_student!r}")
-    for key, value in (
-        ("train.lr", t.lr), ("train.momentum", t.momentum), ("train.weight_decay", t.weight_decay),
-        ("train.warmup_factor", t.warmup_factor), ("train.gamma", t.gamma), ("train.clip_grad", t.clip_grad),
-    ):
-        if value is not None and not math.isfinite(value):
-            raise ConfigError(f"{key} must be a finite number, got {value}")
+def check_config(cfg: Config, *, src: str | None = None, origins: Mapping[str, str] | None = None) -> None:
+    """Every key's declared range (:func:`hmkd.allowed.allowed` on the fields above: counts, sizes,
+    thresholds, rates, names), then the ranges one key sets for another; the first refusal is a
+    one-line :class:`ConfigError` ``KEY must be WHAT, got VALUE``, prefixed with where the key came
+    from (``src``, ``origins`` as in :func:`from_dict`) when given. :func:`load_config` runs it; the
+    trainer runs it again for a config built in code."""
+    where = _source_of(src, origins)
+
+    def refuse(key: str, message: str) -> None:
+        at = where(key) if where is not None else None
+        raise ConfigError(f"{at}: {message}" if at else message)
+
+    check_fields(cfg, where=where)
+    for name, m in (("model", cfg.model), ("teacher", cfg.teacher)):
+        if m is not None and m.detector == "fcos" and m.fpn_channels % FCOS_GROUPS:
+            refuse(f"{name}.fpn_channels", f"{name}.fpn_channels must be a multiple of {FCOS_GROUPS} for detector fcos "
+                   f"(its head's GroupNorm has {FCOS_GROUPS} groups), got {m.fpn_channels}")
+    if cfg.train.schedule == "step" and not cfg.train.steps:
+        refuse("train.steps", f"train.steps must be a non-empty list when train.schedule is step, got {cfg.train.steps}")
 
 
 def is_mask_model(cfg: Config) -> bool:

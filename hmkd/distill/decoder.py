@@ -49,13 +49,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from hmkd.allowed import allowed
 from hmkd.distill.decoder_task import FAKE_KINDS, attention_in_box_loss, cells_in_boxes, sample_inquiries
 from hmkd.distill.masks import pad_by_image
 from hmkd.distill.options import MethodOptions, refuse
@@ -647,58 +648,36 @@ class DecoderOptions(MethodOptions):
             ``decoder_lr``); batches are the config's training batches.
     """
 
-    heads: int = 8
-    hidden: int = 256
-    encoding: str = "icd"
-    fakes_per_real: int = 5
-    max_inquiries: int | None = None
-    jitter: float = 0.3
+    heads: int = allowed(8, ge=1)
+    hidden: int = allowed(256, ge=16, multiple_of=16, words="a positive multiple of 16")
+    encoding: str = allowed("icd", one_of=ENCODINGS)
+    fakes_per_real: int = allowed(5, ge=0)
+    max_inquiries: int | None = allowed(None, ge=1)
+    jitter: float = allowed(0.3, ge=0)
     padding_mask: bool = True
-    decoder_lr: float = 1e-4
-    decoder_weight_decay: float = 1e-4
-    decoder_clip: float | None = 1.0
-    decoder_schedule: str = "constant"
-    fakes: str = "random"
-    displacement: list[float] = field(default_factory=lambda: [1.5, 3.0])
-    position_code: str = "normalised"
-    attention_supervision: float = 0.0
-    decoder_fit: str = "none"
-    decoder_training: str = "joint"
-    fit_iters: int = 600
-    fit_lr: float | None = None
+    decoder_lr: float = allowed(1e-4, gt=0)
+    decoder_weight_decay: float = allowed(1e-4, ge=0)
+    decoder_clip: float | None = allowed(1.0, gt=0)
+    decoder_schedule: str = allowed("constant", one_of=DECODER_SCHEDULES)
+    fakes: str = allowed("random", one_of=FAKE_KINDS)
+    displacement: list[float] = allowed(factory=lambda: [1.5, 3.0], ge=0, length=2, ordered=True,
+                                        words="[low, high] with 0 <= low <= high")
+    position_code: str = allowed("normalised", one_of=POSITION_CODES)
+    attention_supervision: float = allowed(0.0, ge=0)
+    decoder_fit: str = "none"  # none | auto | a file: checked in check()
+    decoder_training: str = allowed("joint", one_of=DECODER_TRAINING)
+    fit_iters: int = allowed(600, ge=1)
+    fit_lr: float | None = allowed(None, gt=0)
 
     def check(self) -> None:
         super().check()
-        if self.heads < 1:
-            refuse("heads", ">= 1", self.heads)
-        if self.hidden < 16 or self.hidden % 16:
-            refuse("hidden", "a positive multiple of 16", self.hidden)
         if self.hidden % self.heads:
             refuse("heads", f"a divisor of hidden ({self.hidden})", self.heads)
-        self._choice("encoding", ENCODINGS)
-        if self.fakes_per_real < 0:
-            refuse("fakes_per_real", ">= 0", self.fakes_per_real)
-        if self.max_inquiries is not None and self.max_inquiries < 1:
-            refuse("max_inquiries", ">= 1", self.max_inquiries)
-        self._nonnegative("jitter")
-        self._positive("decoder_lr", "decoder_clip")
-        self._nonnegative("decoder_weight_decay")
-        self._choice("decoder_schedule", DECODER_SCHEDULES)
-        self._choice("fakes", FAKE_KINDS)
-        d = self.displacement
-        if not (isinstance(d, (list, tuple)) and len(d) == 2 and 0 <= d[0] <= d[1]):
-            refuse("displacement", "[low, high] with 0 <= low <= high", d)
-        self._choice("position_code", POSITION_CODES)
-        self._nonnegative("attention_supervision")
-        self._choice("decoder_training", DECODER_TRAINING)
         if not isinstance(self.decoder_fit, str) or not self.decoder_fit:
             refuse("decoder_fit", "none, auto or the path of a fitted decoder", self.decoder_fit)
         if self.decoder_training == "frozen" and self.decoder_fit == "none":
             refuse("decoder_training", "joint when decoder_fit is none (a frozen untrained decoder attends at random)",
                    self.decoder_training)
-        if self.fit_iters < 1:
-            refuse("fit_iters", ">= 1", self.fit_iters)
-        self._positive("fit_lr")
 
     @property
     def frozen(self) -> bool:

@@ -67,12 +67,13 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from hmkd.allowed import allowed
 from hmkd.distill.adapter import make_adapter
 from hmkd.distill.base import DistillInputs, Distiller
 from hmkd.distill.common import detector_kind, stride_of
 from hmkd.distill.gcblock import GcBlock
 from hmkd.distill.masks import BOX_RULES, fg_bg_masks
-from hmkd.distill.options import MethodOptions
+from hmkd.distill.options import MethodOptions, levels_option
 from hmkd.distill.registry import register
 from hmkd.errors import ConfigError
 
@@ -131,24 +132,16 @@ class FGDOptions(MethodOptions):
     ``train.clip_grad`` (FGD's configs: 35); None = ``train.clip_grad``.
     """
 
-    levels: list[str] | None = None
-    temperature: float | None = None
-    alpha: float | None = None
-    beta: float | None = None
-    gamma: float | None = None
-    lambda_: float | None = None
-    scale: float = 1.0
-    overlap: str = "max"
-    box_rule: str = "fgd"
-    clip_grad: float | None = FGD_CLIP_GRAD
-
-    def check(self) -> None:
-        super().check()
-        self._levels("levels")
-        self._positive("temperature", "clip_grad")
-        self._nonnegative("alpha", "beta", "gamma", "lambda_", "scale")
-        self._choice("overlap", ("max", "min"))
-        self._choice("box_rule", BOX_RULES)
+    levels: list[str] | None = levels_option()
+    temperature: float | None = allowed(None, gt=0)
+    alpha: float | None = allowed(None, ge=0)
+    beta: float | None = allowed(None, ge=0)
+    gamma: float | None = allowed(None, ge=0)
+    lambda_: float | None = allowed(None, ge=0)
+    scale: float = allowed(1.0, ge=0)
+    overlap: str = allowed("max", one_of=("max", "min"))
+    box_rule: str = allowed("fgd", one_of=BOX_RULES)
+    clip_grad: float | None = allowed(FGD_CLIP_GRAD, gt=0)
 
 
 class FGDLoss(nn.Module):

@@ -16,7 +16,8 @@ from torch import Tensor, nn
 
 from hmkd.distill.adapter import make_adapter
 from hmkd.distill.base import DistillInputs, Distiller
-from hmkd.distill.options import MethodOptions
+from hmkd.allowed import allowed
+from hmkd.distill.options import MethodOptions, levels_option
 from hmkd.distill.registry import register
 
 __all__ = ["FitNetDistiller", "FitNetLoss", "FitNetOptions"]
@@ -26,13 +27,8 @@ __all__ = ["FitNetDistiller", "FitNetLoss", "FitNetOptions"]
 class FitNetOptions(MethodOptions):
     """``levels``: FPN levels to imitate (default: every level both have); ``weight`` on the mean MSE."""
 
-    levels: list[str] | None = None
-    weight: float = 1.0
-
-    def check(self) -> None:
-        super().check()
-        self._levels("levels")
-        self._nonnegative("weight")
+    levels: list[str] | None = levels_option()
+    weight: float = allowed(1.0, ge=0)
 
 
 class FitNetLoss(nn.Module):

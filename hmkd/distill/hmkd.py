@@ -41,6 +41,7 @@ import torch
 from torch import nn
 from torch.profiler import record_function
 
+from hmkd.allowed import allowed
 from hmkd.distill.adapter import make_adapter
 from hmkd.distill.base import METRIC_PREFIX, DistillInputs
 from hmkd.distill.common import detector_kind, finer_level, stride_of
@@ -51,7 +52,7 @@ from hmkd.distill.gcblock import GcBlock
 from hmkd.distill.inquiry import InquiryHead, candidate_cells, inquiry_loss, inquiry_targets, widen_to_finer_level
 from hmkd.distill.losses import attention_weighted_mse, background_loss, masked_feature_mse
 from hmkd.distill.masks import box_mask, fg_bg_masks
-from hmkd.distill.options import refuse
+from hmkd.distill.options import level_option, levels_option
 from hmkd.distill.registry import register
 from hmkd.errors import ConfigError
 from hmkd.models.backbones import level_index
@@ -133,49 +134,32 @@ class HMKDOptions(DecoderOptions):
             foreground. 0: no object is small.
     """
 
+    # the ranges of DecoderOptions' fields hold for the defaults changed here (hmkd.allowed.declared)
     encoding: str = "hmkd"
     position_code: str = "absolute"
     attention_supervision: float = 1.0
     decoder_fit: str = "auto"
-    warmup_iters: int = 0
-    levels: list[str] | None = None
-    start_level: str | None = None
-    pairs: list[str] | None = None
+    warmup_iters: int = allowed(0, ge=0)
+    levels: list[str] | None = levels_option()
+    start_level: str | None = level_option()
+    pairs: list[str] | None = levels_option()
     query_feature: bool = True
-    inquiries: str = "small"
+    inquiries: str = allowed("small", one_of=("small", "all"))
     inquiry_head: bool = True
-    inquiry_radius: float = 2.0
-    inquiry_threshold: float = 0.5
-    inquiry_weight: float = 1.0
+    inquiry_radius: float = allowed(2.0, gt=0)
+    inquiry_threshold: float = allowed(0.5, gt=0, lt=1)
+    inquiry_weight: float = allowed(1.0, ge=0)
     supplement: bool = True
-    bg_form: str = "paper"
-    alpha: float = 1.0
-    beta: float = 1.0
-    reduction: str = "mean"
-    others_bg_weight: float = 0.0
-    aux_every: int = 1
-    small_area: float = 32.0 * 32.0
+    bg_form: str = allowed("paper", one_of=("paper", "fgd"))
+    alpha: float = allowed(1.0, ge=0)
+    beta: float = allowed(1.0, ge=0)
+    reduction: str = allowed("mean", one_of=("sum", "size_normalised", "mean"))
+    others_bg_weight: float = allowed(0.0, ge=0)
+    aux_every: int = allowed(1, ge=1)
+    small_area: float = allowed(32.0 * 32.0, ge=0)
     attention_term: bool = True
     small_foreground: bool = True
-    attention_cells: int | None = None
-
-    def check(self) -> None:
-        super().check()
-        self._levels("levels")
-        self._level("start_level")
-        self._levels("pairs")
-        self._choice("inquiries", ("small", "all"))
-        self._choice("bg_form", ("paper", "fgd"))
-        self._choice("reduction", ("sum", "size_normalised", "mean"))
-        self._positive("inquiry_radius")
-        self._number("inquiry_threshold", low=0.0, strict=True, high=1.0)
-        self._nonnegative("inquiry_weight", "alpha", "beta", "others_bg_weight", "small_area")
-        if self.aux_every < 1:
-            refuse("aux_every", ">= 1", self.aux_every)
-        if self.warmup_iters < 0:
-            refuse("warmup_iters", ">= 0", self.warmup_iters)
-        if self.attention_cells is not None and self.attention_cells < 1:
-            refuse("attention_cells", ">= 1 (or null: every cell)", self.attention_cells)
+    attention_cells: int | None = allowed(None, ge=1)
 
 
 @register("hmkd", "HMKD: hierarchical matching (small-object inquiries over finer teacher maps) + supplemental GcBlock")

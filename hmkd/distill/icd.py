@@ -34,12 +34,13 @@ import torch
 from torch import nn
 from torch.profiler import record_function
 
+from hmkd.allowed import allowed
 from hmkd.distill.base import DistillInputs
 from hmkd.distill.common import detector_kind, stride_of
 from hmkd.distill.decoder import AuxOutput, DecoderOptions, MatchingDecoder, StudentValueProjection
 from hmkd.distill.decoder_method import DecoderDistiller
 from hmkd.distill.losses import attention_weighted_mse
-from hmkd.distill.options import refuse
+from hmkd.distill.options import levels_option
 from hmkd.distill.registry import register
 
 __all__ = ["AUTHORS_ITERS", "BYPASS_AUTHORS", "ICDDistiller", "ICDOptions", "PROFILE_PARTS", "WEIGHTS"]
@@ -74,20 +75,12 @@ class ICDOptions(DecoderOptions):
             authors' 90k when it was never called).
     """
 
-    levels: list[str] | None = None
-    weight: float | None = None
-    reduction: str = "image"
-    bypass_iters: int | None = None
-    decoder_clip: float | None = 0.01
+    levels: list[str] | None = levels_option()
+    weight: float | None = allowed(None, ge=0)
+    reduction: str = allowed("image", one_of=("image", "batch"))
+    bypass_iters: int | None = allowed(None, ge=0)
+    decoder_clip: float | None = 0.01  # the ranges of DecoderOptions' fields hold (hmkd.allowed.declared)
     decoder_schedule: str = "cosine"
-
-    def check(self) -> None:
-        super().check()
-        self._levels("levels")
-        self._nonnegative("weight")
-        self._choice("reduction", ("image", "batch"))
-        if self.bypass_iters is not None and self.bypass_iters < 0:
-            refuse("bypass_iters", ">= 0", self.bypass_iters)
 
 
 @register("icd", "ICD: instance-conditional decoder over all levels, all objects, with its auxiliary task")

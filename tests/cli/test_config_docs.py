@@ -14,7 +14,7 @@ import yaml
 
 from hmkd.cli import build_parser, main
 from hmkd.config import load_config, to_dict
-from hmkd.config_docs import KEY_DOCS, config_keys, method_option_fields, render_markdown
+from hmkd.config_docs import KEY_DOCS, config_keys, declaration, method_option_fields, render_markdown
 from hmkd.distill import METHODS
 
 REPO = Path(__file__).resolve().parents[2]
@@ -32,6 +32,21 @@ def test_every_key_is_documented_and_no_doc_is_stale() -> None:
     assert sorted(set(keys) - set(KEY_DOCS)) == [], "config keys without a line in hmkd.config_docs.KEY_DOCS"
     assert sorted(set(KEY_DOCS) - set(keys)) == [], "KEY_DOCS lines for keys that do not exist"
     assert all(help_ for _, help_ in KEY_DOCS.values())
+
+
+def test_allowed_values_come_from_the_declarations_the_checks_use() -> None:
+    """A key that declares its range (hmkd.allowed) has no hand-written allowed text: the docs print
+    the declaration the config's checks use (tests/config/test_config_ranges.py walks those)."""
+    stale = [k for k, (allowed, _) in KEY_DOCS.items() if allowed and declaration(k) is not None]
+    assert stale == []
+    text = (REPO / "docs" / "CONFIG.md").read_text()
+    for row in ("| `model.fpn_channels` | `256` | integer >= 1 (fcos: a multiple of 32) |",
+                "| `model.score_thresh` | `0.05` | number >= 0 and < 1 |",
+                "| `train.momentum` | `0.9` | number >= 0 and < 1 |",
+                "| `pretrain.synth.n_val` | `50` | integer >= 0 |",  # the pretrain section's own default
+                "| `inquiry_threshold` | `0.5` | number > 0 and < 1 |",
+                "| `displacement` | `[1.5, 3.0]` | [low, high] with 0 <= low <= high |"):
+        assert row in text, row
 
 
 def test_every_method_option_is_explained_in_the_readme() -> None:
@@ -73,11 +88,14 @@ def test_config_show_prints_every_key_its_default_and_allowed_values(tmp_path, c
     for key, _, _ in config_keys():
         leaf = key.split(".")[-1]
         assert re.search(rf"^\s*{leaf}:", text, re.M), key
-    assert re.search(r"^  lr: 0.01 +# default 0.001; finite number$", text, re.M)
+    assert re.search(r"^  lr: 0.01 +# default 0.001; number > 0$", text, re.M)
     assert re.search(r"^  detector: fcos +# default; faster_rcnn \| mask_rcnn \| retinanet \| fcos \| torchvision:<builder>$", text, re.M)
-    assert re.search(r"^    alpha: 2.0 +# default 1.0; number$", text, re.M)
+    assert re.search(r"^    alpha: 2.0 +# default 1.0; number >= 0$", text, re.M)
     assert re.search(r"^    fakes: random +# default; random \| displaced \| mixed$", text, re.M)
-    assert re.search(r"^    heads: 8 +# default; integer$", text, re.M)  # an option left at its default is shown
+    assert re.search(r"^    heads: 8 +# default; integer >= 1$", text, re.M)  # an option left at its default is shown
+    assert re.search(r"^    hidden: 256 +# default; a positive multiple of 16$", text, re.M)
+    assert re.search(r"^  synth:\n    n_train: 1000 +# default; integer >= 0$", text[text.index("\npretrain:"):], re.M)
+    assert re.search(r"^    n_val: 50 +# default; integer >= 0$", text[text.index("\npretrain:"):], re.M)
     # what it prints is the config itself: it loads back to the same resolved config
     (tmp_path / "shown.yaml").write_text(text)
     again, orig = load_config(str(tmp_path / "shown.yaml")), load_config(str(cfg_path), ["train.lr=0.01", "distill.options.alpha=2"])
@@ -125,6 +143,10 @@ def test_hmkd_train_with_a_distillation_method_says_so(tmp_path, caplog) -> None
         assert main(["train", str(cfg), "train.lrr=2"]) == 2  # the typo stops it before any work
     cfg.write_text(yaml.safe_dump({"distill": {"method": "fitnet"}, "train": {"iters": -1}}))
     with caplog.at_level(logging.WARNING, logger="hmkd"):
-        assert main(["train", str(cfg)]) == 2  # train.iters must be >= 0: stops before any data is read
+        assert main(["train", str(cfg)]) == 2  # train.iters must be >= 0: refused when the config is read
+    assert not any("sets distill.method" in r.getMessage() for r in caplog.records)
+    cfg.write_text(yaml.safe_dump({"distill": {"method": "fitnet"}}))
+    with caplog.at_level(logging.WARNING, logger="hmkd"):
+        assert main(["train", str(cfg)]) == 2  # fitnet needs a teacher: stops before any data is read
     said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("sets distill.method 'fitnet': this run distils from teacher.weights" in m for m in said), said

@@ -44,7 +44,7 @@ case("config-unknown-key", ["train", "{d}/badkey.yaml", "--output-dir", "{d}/out
 case("config-wrong-type", ["train", "{d}/good.yaml", "train.iters=many", "--output-dir", "{d}/out-type"],
      ["command line: train.iters must be an integer, got 'many'"], only_line=True, absent=["out-type"])
 case("unknown-detector", ["train", "{d}/good.yaml", "model.detector=yolo", "--output-dir", "{d}/out-det"],
-     ["unknown detector 'yolo' (known: faster_rcnn, mask_rcnn, retinanet, fcos, torchvision:<builder> (hmkd list detectors))"],
+     ["command line: model.detector must be one of faster_rcnn, mask_rcnn, retinanet, fcos, torchvision:", "got 'yolo'"],
      absent=["out-det/config.yaml", "out-det/last_checkpoint.pth", "out-det/metrics.json"])
 case("teacher-classes", ["distill", "{d}/good.yaml", "distill.method=fitnet", "teacher.num_classes=5",
                          "teacher.weights={d}/fcos.pth", "--output-dir", "{d}/out-tc"],

@@ -13,12 +13,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from hmkd.config import Config, is_mask_model, to_dict
-from hmkd.errors import ConfigError, DataError, did_you_mean
+from hmkd.errors import ConfigError, did_you_mean
 
-from .coco import CocoDetection
+from .coco import CocoDetection, base_dataset
 from .synthetic import generate_synthetic, synthetic_exists
 from .transforms import build_transforms, collate_fn
 from .visdrone import VisDroneDetection, convert_visdrone
@@ -135,20 +133,6 @@ def build_data(cfg: Config, *, train: bool) -> CocoDetection:
         synth=to_dict(d.synth),
         label_map=d.label_map,
     )
-
-
-def base_dataset(dataset: Any) -> tuple[CocoDetection, list[int] | None]:
-    """Unwrap ``torch.utils.data.Subset`` layers: ``(coco_dataset, image_ids_or_None)``."""
-    indices: list[int] | None = None
-    ds = dataset
-    while isinstance(ds, torch.utils.data.Subset):
-        idx = [int(i) for i in ds.indices]
-        indices = idx if indices is None else [idx[i] for i in indices]
-        ds = ds.dataset
-    if not isinstance(ds, CocoDetection):
-        raise DataError(f"data set {type(ds).__name__} is not COCO-backed; cannot derive its ground truth")
-    ids = None if indices is None else [ds.ids[i] for i in indices]
-    return ds, ids
 
 
 def gt_json_for(dataset: Any) -> str | dict:

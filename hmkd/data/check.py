@@ -3,9 +3,9 @@
 A missing image, an image whose size disagrees with its annotation file, or a file that is not an
 image would otherwise be found only when a loader first reads it (hours into a run). The check
 reads each image's header only (``PIL.Image.open(path).size`` and its format: no pixel is
-decoded), in a thread pool, and counts what the training targets hold: images, boxes, crowd
-regions, boxes per class, the small/medium/large share (COCO's areas, below 32^2 / 96^2 pixels),
-images without boxes, boxes clipped to the image or dropped as degenerate.
+decoded; :mod:`hmkd.data.images`), in a thread pool, and counts what the training targets hold:
+images, boxes, crowd regions, boxes per class, the small/medium/large share (COCO's areas, below
+32^2 / 96^2 pixels), images without boxes, boxes clipped to the image or dropped as degenerate.
 
 :func:`check_dataset` returns a :class:`DataReport`, or raises :class:`~hmkd.errors.DataError`
 naming the first problem's file (every problem, up to :data:`MAX_LISTED`, is logged first). A
@@ -17,17 +17,16 @@ file) is only found when the image is decoded; the loader reports it naming the 
 from __future__ import annotations
 
 import logging
-import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
 from hmkd.errors import DataError
+
+from .coco import base_dataset
+from .images import read_image_size, read_image_sizes
 
 logger = logging.getLogger(__name__)
 
@@ -37,28 +36,6 @@ MAX_LISTED = 10
 """Problems logged one per line before the error (the rest are counted)."""
 
 SMALL, MEDIUM = 32**2, 96**2  # COCO's area thresholds
-
-
-def read_image_size(path: str | os.PathLike) -> tuple[int, int] | str:
-    """``(width, height)`` from the image's header (nothing decoded), or why it cannot be read:
-    ``"not found"`` or ``"unreadable (...)"``."""
-    try:
-        with Image.open(path) as im:
-            return im.size
-    except FileNotFoundError:
-        return "not found"
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
-        return f"unreadable ({' '.join(str(e).split())})"
-
-
-def read_image_sizes(paths: list[Path], workers: int | None = None) -> list[tuple[int, int] | str]:
-    """:func:`read_image_size` of every path, in order; a thread pool for more than a few images
-    (opening files is I/O bound, and a network file system rewards many requests in flight)."""
-    if len(paths) <= 16:
-        return [read_image_size(p) for p in paths]
-    n = workers or min(16, 4 * (os.cpu_count() or 1))
-    with ThreadPoolExecutor(max_workers=n, thread_name_prefix="hmkd-check") as pool:
-        return list(pool.map(read_image_size, paths, chunksize=64))
 
 
 @dataclass
@@ -84,8 +61,6 @@ class DataReport:
 
 
 def _coco_base(dataset: Any) -> Any:
-    from hmkd.data import base_dataset
-
     ds, _ = base_dataset(dataset)
     return ds
 

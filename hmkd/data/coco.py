@@ -51,12 +51,12 @@ from pycocotools.coco import COCO
 
 from hmkd.errors import ConfigError, DataError
 
-from .check import read_image_sizes
+from .images import read_image_sizes
 from .transforms import ToTensor
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CocoDetection", "LABEL_MAPS", "load_coco_json", "validate_coco_dict", "coco_from_dict", "MIN_BOX_SIZE"]
+__all__ = ["CocoDetection", "LABEL_MAPS", "base_dataset", "load_coco_json", "validate_coco_dict", "coco_from_dict", "MIN_BOX_SIZE"]
 
 #: How category ids become the detector's labels (``data.label_map``).
 LABEL_MAPS = ("contiguous", "category_id")
@@ -544,3 +544,17 @@ class CocoDetection(torch.utils.data.Dataset):
             f"{type(self).__name__}(source={self.source!r}, images={len(self)}, "
             f"classes={self.num_classes}, train={self.train}, with_masks={self.with_masks})"
         )
+
+
+def base_dataset(dataset: Any) -> tuple[CocoDetection, list[int] | None]:
+    """Unwrap ``torch.utils.data.Subset`` layers: ``(coco_dataset, image_ids_or_None)``."""
+    indices: list[int] | None = None
+    ds = dataset
+    while isinstance(ds, torch.utils.data.Subset):
+        idx = [int(i) for i in ds.indices]
+        indices = idx if indices is None else [idx[i] for i in indices]
+        ds = ds.dataset
+    if not isinstance(ds, CocoDetection):
+        raise DataError(f"data set {type(ds).__name__} is not COCO-backed; cannot derive its ground truth")
+    ids = None if indices is None else [ds.ids[i] for i in indices]
+    return ds, ids

@@ -1,74 +1,16 @@
-"""Deterministic synthetic small-object detection data set, written as COCO (PNG images + JSON).
-
-Layout written by :func:`generate_synthetic`::
-
-    out_dir/train/images/000001.png ...   out_dir/val/images/000001.png ...
-    out_dir/annotations/train.json        out_dir/annotations/val.json
-    out_dir/meta.json                     (parameters + statistics; written last)
-
-How an image is made (all randomness from a numpy ``Generator`` seeded by
-``(seed, split, index, crc32(preset))``, so the same arguments give byte-identical JSON and
-identical pixels, and image ``i`` does not depend on how many images are generated):
-
-1. Background: a two-colour linear gradient in muted palette colours, low-frequency colour noise
-   (bilinearly upsampled coarse grid) and, in some images, a stripe texture.
-2. Distractors in the same palette as the objects: elongated ellipses, thin strokes, lobed blobs
-   and soft (Gaussian) blobs, so colour never gives the class or the objectness away; none of them
-   is one of the class shapes.
-3. Objects: classes are shapes (``disc, square, triangle, ring, cross, diamond`` by default;
-   ``hexagon`` and ``star`` join in the hard preset), colour drawn independently of the class
-   (redrawn, up to 4 times, while within ``min_colour_distance`` of the local background, then
-   blended toward the background by the ``contrast`` factor). Sizes (side of the shape's box)
-   follow a mixture: mostly small (< 32 px), some medium, a few large. Shapes are rasterised with
-   supersampled coverage (anti-aliased edges); the object's mask is coverage >= 0.5. Objects are
-   painted largest first, later ones on top, optionally clustered next to earlier ones. An object
-   is only placed if every object (itself included, also against the image border) keeps at least
-   ``min_visible`` of its pixels and ``min_pixels`` pixels; otherwise it is re-placed
-   (``place_tries`` times) or skipped. So every painted object is labelled, and no labelled object
-   is mostly hidden.
-4. Sensor noise over everything, then rounding to uint8.
-
-Annotations are of what is *visible*: ``segmentation`` is the compressed RLE of the visible mask
-(exact for tiny objects, unlike polygons), ``area`` its pixel count, ``bbox`` its tight box
-``[x, y, w, h]`` in pixels, ``iscrowd`` 0.
-
-Presets: ``"default"`` (the set of docs/CALIBRATION.md: 6-32 objects of 6-160 px, about 80% small, high contrast),
-``"aitod"`` (the paper-regime benchmark's set: 10-40 objects whose sizes span AI-TOD's buckets, very
-tiny to medium), ``"pretrain"`` (the ImageNet stand-in's set: the same kind of images with six other
-classes, see :mod:`hmkd.engine.pretrain`) and ``"hard"`` (30-60 objects, mostly 4-16 px, clustered and
-overlapping, 8 classes with confusable pairs disc/hexagon, square/diamond, cross/star, lower contrast
-and more noise), any of whose keys can be overridden (see ``PRESETS``). A folder already holding a set made with the same
-parameters (recorded in ``meta.json``) is not regenerated.
-"""
+"""Drawing one synthetic image (:func:`render_image`): background, distractors, the objects with
+their visible masks, sensor noise (steps 1-4 of :mod:`hmkd.data.synthetic`)."""
 
 from __future__ import annotations
 
-import dataclasses
-import fcntl
-import json
-import logging
 import math
-import os
-import time
-import zlib
-from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
-from pycocotools import mask as mask_utils
 
-from hmkd.config import SynthConfig
-from hmkd.errors import ConfigError
-from hmkd.utils import write_json
+from .shapes import SHAPES, rasterise
 
-logger = logging.getLogger(__name__)
-
-__all__ = ["PRESETS", "SHAPES", "GENERATOR_VERSION", "generate_synthetic", "synthetic_exists", "render_image"]
-
-GENERATOR_VERSION = 1
-"""Bumped whenever the drawing changes, so stale folders are regenerated."""
+__all__ = ["render_image"]
 
 # Palette shared by objects, distractors and (muted) backgrounds: colour never tells the class.
 _PALETTE = np.array(
@@ -80,192 +22,8 @@ _PALETTE = np.array(
     dtype=np.float32,
 )
 
-PRESETS: dict[str, dict[str, Any]] = {
-    "default": {
-        "classes": ["disc", "square", "triangle", "ring", "cross", "diamond"],
-        "objects_per_image": [6, 32],
-        # [probability, min side, max side] in pixels; sides are clamped to 0.6 * image size.
-        "size_mix": [[0.75, 6, 31], [0.20, 32, 96], [0.05, 96, 160]],
-        "aspect": [0.8, 1.25],
-        "rotation_jitter": 10.0,  # degrees, for shapes whose rotation defines the class
-        "contrast": [0.75, 1.0],  # 1 = pure palette colour, 0 = local background colour
-        "noise_sigma": [2.0, 6.0],  # sensor noise, 0-255 units
-        "distractors": [8, 24],
-        "texture_prob": 0.4,
-        "cluster_prob": 0.1,
-        "min_visible": 0.6,
-        "min_pixels": 8,
-        "min_colour_distance": 60.0,  # palette colour vs local background, max over RGB (0-255)
-        "place_tries": 6,
-    },
-    # the paper-regime evaluation set: object sides spanning AI-TOD's buckets (very tiny < 8 px,
-    # tiny 8-16, small 16-32, medium >= 32; areas in px^2 are those sides squared)
-    "aitod": {
-        "classes": ["disc", "square", "triangle", "ring", "cross", "diamond"],
-        "objects_per_image": [10, 40],
-        "size_mix": [[0.22, 5, 9], [0.33, 9, 17], [0.30, 17, 34], [0.15, 34, 96]],
-        "aspect": [0.8, 1.25],
-        "rotation_jitter": 10.0,
-        "contrast": [0.6, 1.0],
-        "noise_sigma": [2.0, 7.0],
-        "distractors": [10, 28],
-        "texture_prob": 0.4,
-        "cluster_prob": 0.2,
-        "min_visible": 0.6,
-        "min_pixels": 8,
-        "min_colour_distance": 60.0,
-        "place_tries": 6,
-    },
-    # the stand-in for ImageNet pretraining (hmkd.engine.pretrain): the same kind of images, other classes
-    "pretrain": {
-        "classes": ["hexagon", "star", "pentagon", "crescent", "hourglass", "chevron"],
-        "objects_per_image": [8, 32],
-        "size_mix": [[0.5, 6, 20], [0.35, 20, 48], [0.15, 48, 128]],
-        "aspect": [0.8, 1.25],
-        "rotation_jitter": 10.0,
-        "contrast": [0.6, 1.0],
-        "noise_sigma": [2.0, 7.0],
-        "distractors": [8, 24],
-        "texture_prob": 0.4,
-        "cluster_prob": 0.15,
-        "min_visible": 0.6,
-        "min_pixels": 8,
-        "min_colour_distance": 60.0,
-        "place_tries": 6,
-    },
-    "hard": {
-        "classes": ["disc", "hexagon", "square", "diamond", "triangle", "ring", "cross", "star"],
-        "objects_per_image": [30, 60],
-        "size_mix": [[0.85, 4, 16], [0.12, 16, 40], [0.03, 40, 96]],
-        "aspect": [0.8, 1.25],
-        "rotation_jitter": 20.0,
-        "contrast": [0.35, 0.7],
-        "noise_sigma": [4.0, 10.0],
-        "distractors": [20, 45],
-        "texture_prob": 0.6,
-        "cluster_prob": 0.45,
-        "min_visible": 0.5,
-        "min_pixels": 6,
-        "min_colour_distance": 60.0,
-        "place_tries": 6,
-    },
-}
-
-
-# ---------------------------------------------------------------------------------------- shapes
-# Each shape test takes local coordinates (u, v) scaled so the shape fills [-1, 1]^2 and returns
-# a boolean array; `p` carries per-object parameters (ring hole, cross thickness, star depth).
-def _disc(u: np.ndarray, v: np.ndarray, p: dict) -> np.ndarray:
-    return u * u + v * v <= 1.0
-
-
-def _ring(u: np.ndarray, v: np.ndarray, p: dict) -> np.ndarray:
-    r2 = u * u + v * v
-    return (r2 <= 1.0) & (r2 >= p["hole"] ** 2)
-
-
-def _square(u: np.ndarray, v: np.ndarray, p: dict) -> np.ndarray:
-    return np.maximum(np.abs(u), np.abs(v)) <= 1.0
-
-
-def _diamond(u: np.ndarray, v: np.ndarray, p: dict) -> np.ndarray:
-    return np.abs(u) + np.abs(v) <= 1.0
-
-
-def _triangle(u: np.ndarray, v: np.ndarray, p: dict) -> np.ndarray:
-    return (v <= 1.0) & (2.0 * np.abs(u) <= v + 1.0)
-
-
-def _cross(u: np.ndarray, v: np.ndarray, p: dict) -> np.ndarray:
-    au, av = np.abs(u), np.abs(v)
-    t = p["arm"]
-    return ((au <= t) & (av <= 1.0)) | ((av <= t) & (au <= 1.0))
-
-
-def _hexagon(u: np.ndarray, v: np.ndarray, p: dict) -> np.ndarray:
-    s3 = math.sqrt(3.0) / 2.0
-    av = np.abs(v) * s3
-    return (av <= s3) & (s3 * np.abs(u) + 0.5 * av <= s3)
-
-
-def _star(u: np.ndarray, v: np.ndarray, p: dict) -> np.ndarray:
-    r = np.sqrt(u * u + v * v)
-    phi = np.arctan2(v, u) + math.pi / 2.0
-    frac = np.mod(phi * (5.0 / (2.0 * math.pi)), 1.0)
-    tri = np.abs(frac - 0.5) * 2.0  # 1 at the tips, 0 between them
-    return r <= p["inner"] + (1.0 - p["inner"]) * tri
-
-
-def _pentagon(u: np.ndarray, v: np.ndarray, p: dict) -> np.ndarray:
-    inside = np.ones(u.shape, dtype=bool)
-    for k in range(5):  # the half-planes of a regular pentagon's edges (apothem cos 36 degrees)
-        a = math.pi / 2 + (2 * k + 1) * math.pi / 5
-        inside &= u * math.cos(a) + v * math.sin(a) <= math.cos(math.pi / 5)
-    return inside
-
-
-def _crescent(u: np.ndarray, v: np.ndarray, p: dict) -> np.ndarray:
-    return (u * u + v * v <= 1.0) & ((u - p["bite"]) ** 2 + v * v > 0.8**2)
-
-
-def _hourglass(u: np.ndarray, v: np.ndarray, p: dict) -> np.ndarray:
-    return (np.abs(v) <= 1.0) & (np.abs(u) <= np.abs(v) + 0.15)
-
-
-def _chevron(u: np.ndarray, v: np.ndarray, p: dict) -> np.ndarray:
-    outer = (v <= 1.0) & (2.0 * np.abs(u) <= v + 1.0)
-    return outer & ~(2.0 * np.abs(u) <= v - 0.1)
-
-
-# name -> (inside test, rotation: "free" or "jitter"). pentagon, crescent, hourglass and chevron are the
-# classes of the "pretrain" preset only (the stand-in for ImageNet pretraining: other classes than the
-# evaluation sets')
-SHAPES: dict[str, tuple[Callable[[np.ndarray, np.ndarray, dict], np.ndarray], str]] = {
-    "disc": (_disc, "free"),
-    "ring": (_ring, "free"),
-    "square": (_square, "jitter"),
-    "diamond": (_diamond, "jitter"),
-    "triangle": (_triangle, "free"),
-    "cross": (_cross, "jitter"),
-    "hexagon": (_hexagon, "free"),
-    "star": (_star, "free"),
-    "pentagon": (_pentagon, "free"),
-    "crescent": (_crescent, "free"),
-    "hourglass": (_hourglass, "free"),
-    "chevron": (_chevron, "free"),
-}
-
-
-def _rasterise(
-    test: Callable[[np.ndarray, np.ndarray, dict], np.ndarray],
-    params: dict,
-    cx: float,
-    cy: float,
-    half_w: float,
-    half_h: float,
-    angle: float,
-) -> tuple[int, int, np.ndarray]:
-    """Coverage of a shape on the pixel grid around (cx, cy).
-
-    Returns ``(x0, y0, coverage)`` with coverage a float32 ``[h, w]`` patch whose top-left pixel is
-    ``(x0, y0)`` in image coordinates (may lie outside the image).
-    """
-    radius = math.hypot(half_w, half_h)
-    x0, y0 = int(math.floor(cx - radius)), int(math.floor(cy - radius))
-    x1, y1 = int(math.ceil(cx + radius)), int(math.ceil(cy + radius))
-    side = 2.0 * max(half_w, half_h)
-    ss = 4 if side < 12 else (3 if side < 40 else 2)
-    offs = (np.arange(ss, dtype=np.float32) + 0.5) / ss
-    xs = (np.arange(x0, x1, dtype=np.float32)[:, None] + offs[None, :]).reshape(-1) - cx
-    ys = (np.arange(y0, y1, dtype=np.float32)[:, None] + offs[None, :]).reshape(-1) - cy
-    c, s = math.cos(angle), math.sin(angle)
-    # rotate image offsets into the shape frame, then scale to [-1, 1]
-    u = (xs[None, :] * c + ys[:, None] * s) / half_w
-    v = (-xs[None, :] * s + ys[:, None] * c) / half_h
-    inside = test(u, v, params)
-    h, w = y1 - y0, x1 - x0
-    cov = inside.reshape(h, ss, w, ss).mean(axis=(1, 3), dtype=np.float32)
-    return x0, y0, cov
+# the shape tests the distractors' elongated ellipses and thin strokes are drawn with
+_DISC, _SQUARE = SHAPES["disc"][0], SHAPES["square"][0]
 
 
 def _upsample(grid: np.ndarray, h: int, w: int) -> np.ndarray:
@@ -340,10 +98,10 @@ def _distractors(rng: np.random.Generator, img: np.ndarray, cfg: dict) -> None:
         length = float(np.exp(rng.uniform(math.log(4), math.log(max(5.0, 0.25 * size)))))
         angle = rng.uniform(0, math.pi)
         if kind == 0:  # elongated ellipse
-            x0, y0, cov = _rasterise(_disc, {}, cx, cy, length / 2, length * rng.uniform(0.08, 0.3), angle)
+            x0, y0, cov = rasterise(_DISC, {}, cx, cy, length / 2, length * rng.uniform(0.08, 0.3), angle)
         elif kind == 1:  # stroke
             width = min(rng.uniform(0.6, 2.0), length / 10)  # thin: never a small square
-            x0, y0, cov = _rasterise(_square, {}, cx, cy, length / 2, width, angle)
+            x0, y0, cov = rasterise(_SQUARE, {}, cx, cy, length / 2, width, angle)
         elif kind == 2:  # lumpy blob: several overlapping discs
             n = int(rng.integers(3, 6))
             # lobes spread around a ring so the blob never reads as a disc
@@ -358,7 +116,7 @@ def _distractors(rng: np.random.Generator, img: np.ndarray, cfg: dict) -> None:
                     out |= (u - ox) ** 2 + (v - oy) ** 2 <= r * r
                 return out
 
-            x0, y0, cov = _rasterise(lumpy, {}, cx, cy, length / 2, length / 2 * rng.uniform(0.6, 1.0), angle)
+            x0, y0, cov = rasterise(lumpy, {}, cx, cy, length / 2, length / 2 * rng.uniform(0.6, 1.0), angle)
         else:  # soft blob
             r = length / 2
             x0, y0 = int(math.floor(cx - 2 * r)), int(math.floor(cy - 2 * r))
@@ -426,7 +184,7 @@ def render_image(
             else:
                 margin = 0.25 * side
                 cx, cy = rng.uniform(-margin, size + margin, 2)
-            x0, y0, cov = _rasterise(test, params, cx, cy, half_w, half_h, angle)
+            x0, y0, cov = rasterise(test, params, cx, cy, half_w, half_h, angle)
             mask = cov >= 0.5
             full = int(mask.sum())
             if full < min_px:
@@ -492,196 +250,3 @@ def render_image(
             {"class_index": p["cls"], "mask": mask, "bbox": [bx0, by0, bx1 - bx0, by1 - by0], "area": int(ys.size)}
         )
     return image, objects
-
-
-# ---------------------------------------------------------------------------------------- writing
-def _resolve_config(preset: str, overrides: dict[str, Any]) -> dict[str, Any]:
-    if preset not in PRESETS:
-        raise ConfigError(f"synthetic preset {preset!r} is unknown; choose one of {sorted(PRESETS)}")
-    cfg = json.loads(json.dumps(PRESETS[preset]))
-    for key, value in overrides.items():
-        if key not in cfg:
-            raise ConfigError(f"synthetic option {key!r} is unknown; valid options: {sorted(cfg)}")
-        cfg[key] = json.loads(json.dumps(value))
-    bad = [c for c in cfg["classes"] if c not in SHAPES]
-    if bad or not cfg["classes"]:
-        raise ConfigError(f"synthetic option 'classes' has unknown shapes {bad}; known: {sorted(SHAPES)}")
-    if len(set(cfg["classes"])) != len(cfg["classes"]):
-        raise ConfigError(f"synthetic option 'classes' repeats a shape: {cfg['classes']}")
-    lo, hi = cfg["objects_per_image"]
-    if not 0 <= lo <= hi:
-        raise ConfigError(f"synthetic option 'objects_per_image' must be [min, max] with 0 <= min <= max, got {[lo, hi]}")
-    for entry in cfg["size_mix"]:
-        if len(entry) != 3 or entry[0] < 0 or not 0 < entry[1] <= entry[2]:
-            raise ConfigError(f"synthetic option 'size_mix' entry {entry} must be [probability, min_side, max_side]")
-    if not 0.0 < float(cfg["min_visible"]) <= 1.0:
-        raise ConfigError(f"synthetic option 'min_visible' must be in (0, 1], got {cfg['min_visible']}")
-    return cfg
-
-
-def _split_options(options: dict[str, Any]) -> tuple[SynthConfig, dict[str, Any], dict[str, Any]]:
-    """``options`` -> (the set's size/seed/preset, the preset overrides, the resolved preset), checked.
-    The defaults of the first are :class:`hmkd.config.SynthConfig`'s, the run config's ``data.synth``."""
-    names = {f.name for f in dataclasses.fields(SynthConfig)}
-    spec = SynthConfig(**{k: v for k, v in options.items() if k in names})
-    overrides = {k: v for k, v in options.items() if k not in names}
-    if int(spec.size) < 16:
-        raise ConfigError(f"synthetic option 'size' must be at least 16 pixels, got {spec.size}")
-    if int(spec.n_train) < 0 or int(spec.n_val) < 0:
-        raise ConfigError(f"synthetic n_train/n_val must be >= 0, got {spec.n_train}/{spec.n_val}")
-    return spec, overrides, _resolve_config(spec.preset, overrides)
-
-
-def _params(spec: SynthConfig, overrides: dict) -> dict:
-    return json.loads(
-        json.dumps(
-            {
-                "generator_version": GENERATOR_VERSION,
-                "n_train": int(spec.n_train),
-                "n_val": int(spec.n_val),
-                "size": int(spec.size),
-                "seed": int(spec.seed),
-                "preset": spec.preset,
-                "overrides": {k: overrides[k] for k in sorted(overrides)},
-            }
-        )
-    )
-
-
-def _read_meta(out_dir: Path) -> dict | None:
-    try:
-        with open(out_dir / "meta.json", encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
-def _exists(out_dir: Path, params: dict) -> bool:
-    meta = _read_meta(out_dir)
-    if meta is None or meta.get("params") != params:
-        return False
-    for split, n in (("train", params["n_train"]), ("val", params["n_val"])):
-        if not (out_dir / "annotations" / f"{split}.json").is_file():
-            return False
-        img_dir = out_dir / split / "images"
-        if n and not (img_dir / f"{n:06d}.png").is_file():
-            return False
-    return True
-
-
-def synthetic_exists(out_dir: str | os.PathLike, **options: Any) -> bool:
-    """True when ``out_dir`` holds a complete set generated with exactly these options (those of
-    :func:`generate_synthetic`)."""
-    spec, overrides, _ = _split_options(options)
-    return _exists(Path(out_dir), _params(spec, overrides))
-
-
-def _split_stats(objs_per_image: list[int], areas: list[int]) -> dict[str, Any]:
-    a = np.asarray(areas, dtype=np.float64)
-    n = len(objs_per_image)
-    return {
-        "images": n,
-        "objects": int(a.size),
-        "objects_per_image": float(np.mean(objs_per_image)) if n else 0.0,
-        "small": int((a < 32**2).sum()),
-        "medium": int(((a >= 32**2) & (a < 96**2)).sum()),
-        "large": int((a >= 96**2).sum()),
-        # AI-TOD's buckets
-        "very_tiny": int((a < 8**2).sum()),
-        "tiny": int(((a >= 8**2) & (a < 16**2)).sum()),
-        "small_16_32": int(((a >= 16**2) & (a < 32**2)).sum()),
-        "empty_images": int(sum(1 for k in objs_per_image if k == 0)),
-    }
-
-
-def _generate_split(
-    out_dir: Path, split: str, split_code: int, n: int, size: int, seed: int, cfg: dict, preset_code: int
-) -> dict[str, Any]:
-    img_dir = out_dir / split / "images"
-    img_dir.mkdir(parents=True, exist_ok=True)
-    for old in img_dir.glob("*.png"):
-        old.unlink()
-    images, anns, per_image, areas = [], [], [], []
-    ann_id = 1
-    for i in range(1, n + 1):
-        rng = np.random.default_rng(np.random.SeedSequence([int(seed), split_code, i, preset_code]))
-        pixels, objects = render_image(rng, size, cfg)
-        name = f"{i:06d}.png"
-        Image.fromarray(pixels).save(img_dir / name, compress_level=1)
-        images.append({"id": i, "file_name": name, "width": size, "height": size})
-        for o in objects:
-            rle = mask_utils.encode(np.asfortranarray(o["mask"].astype(np.uint8)))
-            anns.append(
-                {
-                    "id": ann_id,
-                    "image_id": i,
-                    "category_id": o["class_index"] + 1,
-                    "bbox": o["bbox"],
-                    "area": float(o["area"]),
-                    "iscrowd": 0,
-                    "segmentation": {"size": [size, size], "counts": rle["counts"].decode("ascii")},
-                }
-            )
-            ann_id += 1
-            areas.append(o["area"])
-        per_image.append(len(objects))
-    categories = [{"id": k + 1, "name": c, "supercategory": "shape"} for k, c in enumerate(cfg["classes"])]
-    data = {
-        "info": {"description": f"hmkd synthetic small-object set ({split})", "version": GENERATOR_VERSION},
-        "images": images,
-        "annotations": anns,
-        "categories": categories,
-    }
-    write_json(out_dir / "annotations" / f"{split}.json", data, indent=None, separators=(",", ":"))
-    return _split_stats(per_image, areas)
-
-
-def generate_synthetic(out_dir: str | os.PathLike, **options: Any) -> dict[str, Any]:
-    """Generate (or reuse) the synthetic COCO-format data set in ``out_dir``.
-
-    Args:
-        out_dir: output folder (created).
-        **options: the fields of :class:`SynthConfig` (defaults there): ``n_train``, ``n_val``
-            (images per split), ``size`` (square image side in pixels), ``seed`` (image ``i`` of a
-            split uses ``SeedSequence([seed, split, i, crc32(preset)])``), ``preset``
-            (a name of ``PRESETS``); any other name replaces that key of the preset (see
-            ``PRESETS``), e.g. ``objects_per_image=[3, 8]``.
-
-    Returns:
-        ``{"out_dir", "generated" (False if reused), "seconds", "params", "config",
-        "train": stats, "val": stats}``; stats count images, objects and small/medium/large objects.
-
-    Raises:
-        ConfigError: unknown preset or option, or an invalid option value.
-    """
-    spec, overrides, cfg = _split_options(options)
-    params = _params(spec, overrides)
-    n_train, n_val, size, seed, preset = spec.n_train, spec.n_val, spec.size, spec.seed, spec.preset
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / ".generate.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # several processes (DDP ranks) may call this at once
-        try:
-            if _exists(out, params):
-                meta = _read_meta(out) or {}
-                logger.info("synthetic set in %s already exists with these parameters; reusing it", out)
-                return {"out_dir": str(out), "generated": False, "seconds": 0.0, "params": params,
-                        "config": meta.get("config", cfg), "train": meta.get("train", {}),
-                        "val": meta.get("val", {})}
-            (out / "meta.json").unlink(missing_ok=True)
-            t0 = time.perf_counter()
-            preset_code = zlib.crc32(preset.encode("utf-8"))
-            train = _generate_split(out, "train", 0, int(n_train), int(size), int(seed), cfg, preset_code)
-            val = _generate_split(out, "val", 1, int(n_val), int(size), int(seed), cfg, preset_code)
-            seconds = time.perf_counter() - t0
-            meta = {"params": params, "config": cfg, "train": train, "val": val}
-            write_json(out / "meta.json", meta, indent=2, sort_keys=True)
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-    logger.info(
-        "synthetic set (%s) written to %s in %.1f s: train %d images / %d objects (%.0f%% small), val %d / %d",
-        preset, out, seconds, train["images"], train["objects"],
-        100.0 * train["small"] / max(train["objects"], 1), val["images"], val["objects"],
-    )
-    return {"out_dir": str(out), "generated": True, "seconds": seconds, "params": params, "config": cfg,
-            "train": train, "val": val}

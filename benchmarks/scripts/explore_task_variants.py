@@ -6,7 +6,7 @@ teacher's maps of the first N_TRAIN training images (computed once, no flip), wi
 settings (AdamW at ``fit_lr``, clip ``decoder_clip``), then measure it with
 ``hmkd.engine.decoder_quality.measure_decoder`` on the first 64 validation images.
 
-    python benchmarks/results/matching/explore_task_variants.py CONFIG TEACHER DATA_ROOT VARIANTS_JSON \\
+    python benchmarks/scripts/explore_task_variants.py CONFIG TEACHER DATA_ROOT VARIANTS_JSON \\
         [--iters 400] [--n-train 200] [--threads 1] [--out FILE.json]
 """
 

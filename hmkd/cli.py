@@ -142,24 +142,70 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 # -- demo ---------------------------------------------------------------------------------------
 def cmd_demo(args: argparse.Namespace) -> int:
-    from hmkd.demo import run_demo
+    from hmkd.demo import machine_line, run_demo
 
     results = run_demo(out_dir=args.out, quick=args.quick, progress=not args.no_progress)
     print(results["table"])
     print(results["verdict"])
-    print("side by side (ground truth, no-KD student, HMKD student):", *results["pictures"], sep="\n  ")
+    print(machine_line(results["machine"]))
+    print("what each student finds (ground truth; no-KD; HMKD: green found, red missed, yellow found by HMKD only):",
+          *results["pictures"], sep="\n  ")
     stages = ", ".join(f"{k} {v:.0f} s" for k, v in results["seconds"].items() if k != "total")
     print(f"wall time {results['seconds']['total'] / 60:.1f} min ({stages}); everything in {args.out}")
     return 0
 
 
 # -- bench / viz / export -----------------------------------------------------------------------
+OVERRIDE_PLACE = ("the words after --weights or --images up to the next option are its values: "
+                  "give key=value overrides before --weights, or after a one-value option such as --out DIR")
+
+
 def _named_weights(items: Sequence[str] | None) -> list[tuple[str, str]]:
-    out = []
-    for i, item in enumerate(items or []):
+    """``--weights`` values as ``[(name, checkpoint file)]``, in the order given.
+
+    ``NAME=CKPT`` keeps its name; a bare ``CKPT`` (also one whose path holds a ``=``) is named
+    after its file (``t.pth`` -> ``t``), or after its folder where two files share a name
+    (``runs/student/model_final.pth`` -> ``student``), then numbered. Every checkpoint must be an
+    existing file: a missing one is a one-line :class:`ConfigError` naming it, which says where
+    ``key=value`` overrides go when the word has a ``=`` (one typed among the checkpoints).
+    """
+    pairs: list[tuple[str | None, str, str]] = []  # (given name or None, path, word)
+    for item in items or []:
         name, sep, path = item.partition("=")
-        out.append((name, path) if sep else (os.path.splitext(os.path.basename(item))[0] or f"model{i}", item))
+        if not sep or os.path.isfile(item):
+            name, path = "", item
+        if not path:
+            raise ConfigError(f"--weights {item}: no checkpoint file after the '='")
+        if not os.path.isfile(path):
+            hint = f" ({OVERRIDE_PLACE})" if sep and not os.path.isfile(item) else ""
+            raise ConfigError(f"--weights {item}: checkpoint file not found: {path}{hint}")
+        pairs.append((name or None, path, item))
+    given = [n for n, _, _ in pairs if n is not None]
+    twice = sorted({n for n in given if given.count(n) > 1})
+    if twice:
+        raise ConfigError(f"--weights: the name {twice[0]!r} is given to two checkpoints; name each one differently")
+    stems = [os.path.splitext(os.path.basename(p))[0] for n, p, _ in pairs if n is None]
+    taken = set(given)
+    out = []
+    for name, path, _ in pairs:
+        if name is None:
+            stem = os.path.splitext(os.path.basename(path))[0] or "model"
+            folder = os.path.basename(os.path.dirname(os.path.abspath(path)))
+            name = stem if stems.count(stem) == 1 and stem not in taken else folder or stem
+            base, k = name, 2
+            while name in taken:
+                name, k = f"{base}_{k}", k + 1
+        taken.add(name)
+        out.append((name, path))
     return out
+
+
+def _check_image_words(values: Sequence[str]) -> None:
+    """``--images`` takes the words up to the next option: a ``key=value`` word among them that is
+    no file is an override typed in the wrong place (one line saying where overrides go)."""
+    for v in values:
+        if "=" in v and not os.path.isfile(v):
+            raise ConfigError(f"--images {v}: image file not found ({OVERRIDE_PLACE})")
 
 
 def cmd_bench_speed(args: argparse.Namespace) -> int:
@@ -231,12 +277,20 @@ def cmd_viz_detections(args: argparse.Namespace) -> int:
     from hmkd.viz.detections import draw_detections, ground_truth_of
 
     _config_or_override(args)
-    inp = model_inputs(args.config, args.overrides, _named_weights(args.weights))
+    _check_image_words(args.images)
+    if args.show == "found" and args.no_gt:
+        raise ConfigError("--show found marks the ground-truth objects as found or missed: leave out --no-gt")
+    weights = _named_weights(args.weights)
+    inp = model_inputs(args.config, args.overrides, weights)
+    if args.show == "found" and inp.dataset is None:
+        raise ConfigError("--show found: no data set at hand to take the images' ground truth from "
+                          "(give a config, or checkpoints whose data set is on disk)")
     images = resolve_image_args(args.images, inp.dataset)
     truth = ground_truth_of(inp.dataset, images) if inp.dataset is not None and not args.no_gt else None
     paths = draw_detections(
         inp.specs, images, args.out, score_thresh=args.score_thresh, device=args.device, num_classes=inp.num_classes,
         class_names=inp.label_map.names if inp.label_map else None, ground_truth=truth, upscale=args.upscale,
+        show=args.show, text_px=args.font_size,
     )
     print("\n".join(paths))
     return 0
@@ -247,6 +301,7 @@ def cmd_viz_heatmap(args: argparse.Namespace) -> int:
     from hmkd.viz.heatmap import gradcam_heatmaps
 
     _config_or_override(args)
+    _check_image_words(args.images)
     need_data = not all(os.path.isfile(v) for v in args.images)  # indices or names of validation images
     inp = model_inputs(args.config, args.overrides, _named_weights(args.weights), need_data=need_data)
     paths = gradcam_heatmaps(
@@ -457,7 +512,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_cmd", required=True)
     p = bench.add_parser("speed", help="params, GFLOPs and latency of each model")
     _add_config(p)
-    p.add_argument("--weights", action="append", help="NAME=CKPT (repeatable)")
+    p.add_argument("--weights", nargs="+", action="extend", metavar="NAME=CKPT",
+                   help="more models to time: NAME=CKPT ... after one --weights, or several --weights; a NAME "
+                        "starting with 'teacher' takes the config's teacher architecture, any other its model's. "
+                        "The words up to the next option are checkpoints: give key=value overrides before --weights")
     p.add_argument("--out", required=True)
     p.add_argument("--size", type=int, default=320)
     p.add_argument("--device", default="cpu")
@@ -495,18 +553,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     viz = sub.add_parser("viz", help="pictures").add_subparsers(dest="viz_cmd", required=True)
     weights_help = (
-        "[NAME=]CKPT, repeatable, one panel each in this order. With a config, a NAME starting with "
+        "one or more [NAME=]CKPT after one --weights (--weights a.pth b=b.pth), or several --weights, "
+        "one panel each in this order. The words after --weights up to the next option are "
+        "checkpoints: give key=value overrides before --weights, or after a one-value option such as --out. "
+        "A bare CKPT is named after its file (after its folder where two files share a name). "
+        "With a config, a NAME starting with "
         "'teacher' (teacher=CKPT, teacher_r50=CKPT) builds the config's teacher section, any other NAME "
         "(student, hmkd, plain ...) its model section; a checkpoint that stores another architecture is "
         "an error naming both. Without a config, each checkpoint's stored architecture is used"
     )
     p = viz.add_parser("detections", help="detections of several models side by side (paper Fig. 4)")
     _add_optional_config(p, "each checkpoint's stored architecture is used, and the data set it was trained on when on disk")
-    p.add_argument("--weights", action="append", required=True, help=weights_help)
-    p.add_argument("--images", nargs="+", required=True,
-                   help="image files, or validation-set indices / file names (needs the data set)")
+    p.add_argument("--weights", nargs="+", action="extend", required=True, metavar="[NAME=]CKPT", help=weights_help)
+    p.add_argument("--images", nargs="+", action="extend", required=True, metavar="FILE|IDX",
+                   help="image files, or validation-set indices / file names (needs the data set): the words "
+                        "after --images up to the next option, or several --images, one picture each")
     p.add_argument("--score-thresh", type=float, default=0.3)
     p.add_argument("--no-gt", action="store_true", help="no ground-truth panel (drawn first for images of the data set)")
+    p.add_argument("--show", default="all", choices=["all", "found"],
+                   help="all: every detection >= --score-thresh with its class and score; found: each ground-truth "
+                        "object green where the panel's model finds it (a detection of its class, IoU >= 0.5, score "
+                        ">= --score-thresh), red where it misses it, yellow where it finds one the first model misses; "
+                        "other detections only counted in the title (needs the data set's images)")
+    p.add_argument("--font-size", type=int, default=None, metavar="PX",
+                   help="title and legend font size in pixels (default: 1/45 of a panel's width); larger for a "
+                        "picture shown smaller than its pixels, e.g. in a README")
     p.add_argument("--upscale", type=int, default=1,
                    help="draw at this many times the image's resolution (nearest neighbour), for small images")
     p.add_argument("--device", default="cpu")
@@ -514,9 +585,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_viz_detections)
     p = viz.add_parser("heatmap", help="Grad-CAM on an FPN level (paper Fig. 1)")
     _add_optional_config(p, "each checkpoint's stored architecture is used")
-    p.add_argument("--weights", action="append", required=True, help=weights_help)
-    p.add_argument("--images", nargs="+", required=True,
-                   help="image files, or validation-set indices / file names (needs the data set)")
+    p.add_argument("--weights", nargs="+", action="extend", required=True, metavar="[NAME=]CKPT", help=weights_help)
+    p.add_argument("--images", nargs="+", action="extend", required=True, metavar="FILE|IDX",
+                   help="image files, or validation-set indices / file names (needs the data set): the words "
+                        "after --images up to the next option, or several --images, one picture each")
     p.add_argument("--level", default="P3")
     p.add_argument("--target", default="topk", choices=["topk", "small"], help="Grad-CAM target: top-k scores, or top-k small detections")
     p.add_argument("--topk", type=int, default=10)

@@ -4,8 +4,15 @@ synthetic set (the ``aitod`` preset: objects from very tiny to medium) -> pretra
 both backbones (the ImageNet stand-in, :mod:`hmkd.engine.pretrain`) -> ResNet-34 teacher (3x) ->
 plain ResNet-18 student (1x) -> HMKD ResNet-18 student (1x, its matching decoder first fitted on
 the teacher) -> COCO and AI-TOD evaluation of all three -> a table with the gain, set against the
-seed spread the committed paper-regime benchmark measured -> a side-by-side picture of the two
-students' detections on the validation images with the most small objects.
+seed spread the committed paper-regime benchmark measured -> a side-by-side picture of what the
+two students find on the validation images with the most small objects: each ground-truth object
+green where a student finds it, red where it misses it, yellow where HMKD finds what the plain
+student misses (``show="found"`` of :func:`hmkd.viz.detections.draw_detections`).
+
+The numbers move between machines: the floating-point order of oneDNN's and ATen's CPU kernels
+depends on the instruction set they pick and on the thread count, and a difference in the last
+bits of the first step grows over training. ``results.json`` records what explains it
+(:func:`machine_facts`).
 
 ``--quick`` does the same with tiny settings (a smoke run of every stage, not a measurement).
 Everything goes under ``out_dir`` except the stand-ins, which go to hmkd's cache (``$HMKD_CACHE``,
@@ -16,12 +23,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from hmkd.config import Config, from_dict, merge
-from hmkd.utils import write_json, write_text
+from hmkd.utils import machine_info, write_json, write_text
 
 METRICS = ("mAP", "AP50", "APvt", "APt", "APs", "APm")
 """The table's columns: COCO's mAP and AP50, then AI-TOD's size buckets (very tiny < 8^2 px^2,
@@ -32,7 +42,17 @@ BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "sy
 
 PICTURE_IMAGES = 3
 PICTURE_UPSCALE = 4
-"""The pictures are drawn at 4x the demo's 128 px images, so that their tags are readable."""
+"""The pictures are drawn at 4x the demo's 128 px images, so that their objects are visible."""
+PICTURE_TEXT_PX = 22
+"""Title and legend font size: readable where a README shows the 3-panel picture about 880 px wide."""
+PICTURE_SCORE_THRESH = 0.3
+"""A detection counts as finding an object at this score or above (the students score most near 0.4)."""
+
+NUMERIC_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "OMP_NUM_THREADS",
+               "MKL_NUM_THREADS", "MKL_ENABLE_INSTRUCTIONS", "MKL_CBWR")
+"""Environment variables that change which CPU kernels torch runs, and so the demo's numbers."""
+CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16")
+"""The instruction sets that decide oneDNN's and ATen's kernels on x86."""
 
 
 def demo_settings(out_dir: str, quick: bool) -> dict[str, dict[str, Any]]:
@@ -140,9 +160,65 @@ def small_object_images(dataset: Any, k: int, small_area: float = 32 * 32) -> li
     return [p for _, _, p in sorted(counts)[:k]]
 
 
+def onednn_isa() -> str | None:
+    """The instruction set oneDNN dispatches its kernels to on this machine (its verbose header,
+    e.g. "Intel AVX-512 with Intel DL Boost and bfloat16 support"), read from a child process
+    that runs one convolution; None where it cannot tell."""
+    code = ("import torch; x = torch.rand(2, 64, 32, 32); w = torch.rand(64, 64, 3, 3, requires_grad=True); "
+            "torch.nn.functional.conv2d(x, w).sum().backward()")
+    try:
+        out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "ONEDNN_VERBOSE": "1"},
+                             capture_output=True, text=True, timeout=120).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    m = re.search(r"onednn_verbose,.*?,cpu,isa:(.*)", out)
+    return m.group(1).strip() if m else None
+
+
+def machine_facts() -> dict[str, Any]:
+    """What decides the demo's numbers on this machine besides the code: CPU, threads, versions
+    (:func:`hmkd.utils.machine_info`), the CPU's instruction sets of :data:`CPU_FLAGS`, the
+    kernels torch dispatches to (ATen's capability, oneDNN's ISA) and the variables of
+    :data:`NUMERIC_ENV` that are set."""
+    import torch
+
+    flags: set[str] = set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.partition(":")[2].split())
+                    break
+    except OSError:
+        pass
+    info = machine_info()
+    return {
+        "cpu": info["cpu"],
+        "cpus_usable": info["cpus_usable"],
+        "torch_threads": info["torch_threads"],
+        "torch": info["torch"],
+        "torchvision": info["torchvision"],
+        "python": info["python"],
+        "cpu_flags": [f for f in CPU_FLAGS if f in flags],
+        "aten_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "onednn_isa": onednn_isa(),
+        "env": {k: os.environ[k] for k in NUMERIC_ENV if k in os.environ},
+    }
+
+
+def machine_line(facts: dict[str, Any]) -> str:
+    """One line of :func:`machine_facts` for the printed results."""
+    env = " ".join(f"{k}={v}" for k, v in facts["env"].items())
+    return (f"machine: {facts['cpu']}, {facts['torch_threads']} threads, torch {facts['torch']}, "
+            f"ATen {facts['aten_cpu_capability']}, oneDNN {facts['onednn_isa'] or 'unknown'}"
+            + (f", {env}" if env else ""))
+
+
 def draw_students(cfg: Config, weights: dict[str, str], out_dir: str) -> list[str]:
-    """The plain and HMKD students' detections side by side (ground truth first, small objects in
-    red) on the validation images with the most small objects."""
+    """What the plain and HMKD students find, side by side after the ground truth, on the
+    validation images with the most small objects: each object green where the panel's student
+    finds it, red where it misses it, yellow where the HMKD student finds what the plain one
+    misses (the first entry of ``weights`` is the plain student); counts in the titles."""
     from hmkd.data import build_data
     from hmkd.engine.inputs import specs_from_config
     from hmkd.models.checkpoint_info import LabelMap
@@ -154,7 +230,7 @@ def draw_students(cfg: Config, weights: dict[str, str], out_dir: str) -> list[st
     return draw_detections(
         specs_from_config(cfg, weights, num_classes=n), images, out_dir, num_classes=n,
         class_names=LabelMap.from_dataset(dataset).names, ground_truth=ground_truth_of(dataset, images),
-        upscale=PICTURE_UPSCALE,
+        upscale=PICTURE_UPSCALE, score_thresh=PICTURE_SCORE_THRESH, show="found", text_px=PICTURE_TEXT_PX,
     )
 
 
@@ -191,8 +267,9 @@ def run_demo(out_dir: str = "runs/demo", quick: bool = False, progress: bool = T
     bench = None if quick else benchmark_spread()
     summary = "--quick: a smoke run of every stage at tiny settings, not a measurement." if quick else verdict(
         gain["mAP"], bench)
+    machine = machine_facts()
     out = {"quick": quick, "models": results, "hmkd_gain_over_student": gain, "benchmark": bench,
-           "verdict": summary, "seconds": timings, "pictures": pictures, "table": table}
+           "verdict": summary, "seconds": timings, "pictures": pictures, "table": table, "machine": machine}
     write_json(os.path.join(out_dir, "results.json"), out)
-    write_text(os.path.join(out_dir, "results.md"), f"{table}\n\n{summary}\n")
+    write_text(os.path.join(out_dir, "results.md"), f"{table}\n\n{summary}\n\n{machine_line(machine)}\n")
     return out

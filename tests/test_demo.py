@@ -1,5 +1,6 @@
-"""``hmkd demo``: the quick run goes through every stage (stand-ins, teacher, students, picture), and
-the sentence that sets the HMKD gain against the benchmark's seed spread reads the numbers right."""
+"""``hmkd demo``: the quick run goes through every stage (stand-ins, teacher, students, picture of
+what each student finds), records the machine facts that explain numbers moving between machines,
+and the sentence that sets the HMKD gain against the benchmark's seed spread reads the numbers right."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 import os
 
 import pytest
+import torch
 from PIL import Image
 
 from hmkd.demo import METRICS, PICTURE_UPSCALE, benchmark_spread, format_table, small_object_images, verdict
@@ -58,6 +60,14 @@ def test_quick_demo_runs_every_stage(tmp_path, monkeypatch, capsys):
     printed = capsys.readouterr().out
     res = json.loads((tmp_path / "demo" / "results.json").read_text())
     assert res["table"] in printed and res["verdict"] in printed and "wall time" in printed
+    machine = res["machine"]  # what explains numbers that move between machines
+    assert machine["aten_cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert machine["torch"] == torch.__version__ and machine["torch_threads"] == torch.get_num_threads()
+    assert machine["cpu"] and set(machine["cpu_flags"]) <= {"avx2", "avx512f", "avx512_vnni", "avx512_bf16",
+                                                           "amx_tile", "amx_bf16"}
+    assert f"ATen {machine['aten_cpu_capability']}" in printed and machine["cpu"] in printed
+    if torch.backends.mkldnn.is_available():
+        assert machine["onednn_isa"] and f"oneDNN {machine['onednn_isa']}" in printed
     assert set(res["models"]) == {"teacher", "student", "hmkd"}
     assert set(res["seconds"]) == {"stand-in resnet18", "stand-in resnet34", "teacher", "student", "hmkd",
                                    "picture", "total"}
@@ -68,6 +78,11 @@ def test_quick_demo_runs_every_stage(tmp_path, monkeypatch, capsys):
     for p in res["pictures"]:
         with Image.open(p) as im:  # ground truth + two students side by side, each panel upscaled
             assert im.width == 3 * 96 * PICTURE_UPSCALE + 2 * 4
+    drawn = json.loads((tmp_path / "demo" / "detections" / "detections.json").read_text())
+    assert drawn["show"] == "found"  # what each student finds, not every detection
+    for per_model in drawn["images"].values():
+        assert list(per_model) == ["student (no-KD)", "student (HMKD)"]
+        assert "versus" in per_model["student (HMKD)"]["counts"] and "versus" not in per_model["student (no-KD)"]["counts"]
     assert res["table"] in (tmp_path / "demo" / "results.md").read_text()
 
 
@@ -86,3 +101,15 @@ def test_small_object_images_picks_the_most_small_objects(tmp_path, monkeypatch)
         counts[os.path.join(ds.images_dir, rec["file_name"])] = sum(a["bbox"][2] * a["bbox"][3] < 1024 for a in anns)
     best = sorted(counts.values(), reverse=True)[:2]
     assert [counts[p] for p in picked] == best
+
+
+def test_machine_facts_follow_the_kernel_settings(monkeypatch):
+    """The facts read what torch runs, not what the CPU could: capping oneDNN's ISA shows."""
+    from hmkd.demo import machine_facts, machine_line
+
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    facts = machine_facts()
+    assert facts["env"]["ONEDNN_MAX_CPU_ISA"] == "AVX2"
+    assert "ONEDNN_MAX_CPU_ISA=AVX2" in machine_line(facts)
+    if torch.backends.mkldnn.is_available() and "avx2" in facts["cpu_flags"]:
+        assert facts["onednn_isa"] == "Intel AVX2"

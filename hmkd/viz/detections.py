@@ -15,6 +15,8 @@ tag (most confident first) takes the first free spot above, inside or below its 
 up or down with a leader line; a tag that finds no free spot is left out (the box stays, the title
 counts the hidden tags, and ``detections.json`` has every detection).
 
+``show="found"`` draws what each model finds instead of its detections (:mod:`hmkd.viz.found`).
+
 The models come as :data:`hmkd.engine.inputs.ModelSpec` (built by :func:`hmkd.engine.inputs.as_model`);
 :func:`build_panel_models` is the checks and model building every side-by-side picture shares.
 """
@@ -33,8 +35,12 @@ from torch import nn
 from hmkd.engine.inputs import ModelSpec, as_model, load_image, run_detector
 from hmkd.errors import ConfigError
 from hmkd.utils import atomic_open, write_json
+from hmkd.viz.found import MATCH_IOU, draw_found, found_line, found_status, match_to_truth
 
 SMALL_COLOUR = (255, 0, 0)
+SHOW_MODES = ("all", "found")
+"""What a picture draws: every detection, or what each model finds (:mod:`hmkd.viz.found`)."""
+
 # tab10-like class colours without pure red, which marks small detections
 PALETTE = [
     (31, 119, 180), (255, 127, 14), (44, 160, 44), (148, 103, 189), (140, 86, 75),
@@ -47,6 +53,7 @@ _SEP = 4  # pixels between panels
 __all__ = [
     "PALETTE",
     "SMALL_COLOUR",
+    "SHOW_MODES",
     "build_panel_models",
     "class_colour",
     "draw_detections",
@@ -129,8 +136,11 @@ def _class_name(label: int, class_names: Sequence[str] | None) -> str:
     return f"c{label}"
 
 
-def _font_size(width: int) -> int:
-    """Title font size for panels ``width`` pixels wide: about 1/45 of it, 10 to 40 px."""
+def _font_size(width: int, text_px: int | None = None) -> int:
+    """Title font size for panels ``width`` pixels wide: about 1/45 of it, 10 to 40 px, or
+    ``text_px`` when given (a picture shown smaller than its pixels, e.g. in a README, needs more)."""
+    if text_px is not None:
+        return int(text_px)
     return int(max(10, min(40, round(width / 45))))
 
 
@@ -143,20 +153,20 @@ def _stroke(width: int) -> int:
     return max(1, round(width / 640))
 
 
-def title_height(width: int, lines: int = 2) -> int:
+def title_height(width: int, lines: int = 2, *, text_px: int | None = None) -> int:
     """Height in pixels of the title bar above panels ``width`` pixels wide holding ``lines`` lines
     (a title and one line of counts, unless a panel is too narrow for them: then more)."""
-    return lines * _line_h(_font_size(width)) + 4
+    return lines * _line_h(_font_size(width, text_px)) + 4
 
 
 def _scratch_draw() -> ImageDraw.ImageDraw:
     return ImageDraw.Draw(Image.new("RGB", (1, 1)))
 
 
-def header_lines(width: int, title: str, info: str) -> list[tuple[str, bool]]:
+def header_lines(width: int, title: str, info: str, *, text_px: int | None = None) -> list[tuple[str, bool]]:
     """The lines of one panel's title bar: ``[(text, is_title)]`` (the title cut to one line, the
     information line wrapped)."""
-    fs = _font_size(width)
+    fs = _font_size(width, text_px)
     draw = _scratch_draw()
     out = [(_fit(draw, str(title), _font(fs), width - 6), True)]
     out += [(line, False) for line in wrap_text(draw, info, _font(max(9, fs - 2)), width - 6)]
@@ -164,9 +174,9 @@ def header_lines(width: int, title: str, info: str) -> list[tuple[str, bool]]:
 
 
 def draw_header(draw: ImageDraw.ImageDraw, x0: int, width: int, lines: Sequence[tuple[str, bool]],
-                colour: tuple[int, int, int] = (60, 60, 60)) -> None:
+                colour: tuple[int, int, int] = (60, 60, 60), *, text_px: int | None = None) -> None:
     """Draw :func:`header_lines` at panel offset ``x0`` (title black, the rest in ``colour``)."""
-    fs = _font_size(width)
+    fs = _font_size(width, text_px)
     for k, (text, is_title) in enumerate(lines):
         font = _font(fs if is_title else max(9, fs - 2))
         draw.text((x0 + 3, 2 + k * _line_h(fs)), text, fill=(0, 0, 0) if is_title else colour, font=font)
@@ -267,23 +277,32 @@ def _info_line(p: Mapping[str, Any], score_thresh: float, hidden: int) -> str:
     return text
 
 
-def legend_lines(panel_width: int, text: str, width: int | None = None) -> list[str]:
+def legend_lines(panel_width: int, text: str, width: int | None = None, *, text_px: int | None = None) -> list[str]:
     """``text`` wrapped to a picture ``width`` pixels wide (default ``panel_width``) in the font of
     panels ``panel_width`` pixels wide."""
-    fs = _font_size(panel_width)
+    fs = _font_size(panel_width, text_px)
     return wrap_text(_scratch_draw(), text, _font(max(9, fs - 2)), (width or panel_width) - 6)
 
 
-def legend_height(width: int, lines: int) -> int:
+def legend_height(width: int, lines: int, *, text_px: int | None = None) -> int:
     """Height in pixels of a legend of ``lines`` lines under panels ``width`` pixels wide."""
-    return lines * _line_h(_font_size(width)) + 4 if lines else 0
+    return lines * _line_h(_font_size(width, text_px)) + 4 if lines else 0
 
 
-def draw_legend(draw: ImageDraw.ImageDraw, y0: int, width: int, lines: Sequence[str]) -> None:
+def draw_legend(draw: ImageDraw.ImageDraw, y0: int, width: int, lines: Sequence[str], *,
+                text_px: int | None = None) -> None:
     """Draw :func:`legend_lines` from ``y0`` down."""
-    fs = _font_size(width)
+    fs = _font_size(width, text_px)
     for k, line in enumerate(lines):
         draw.text((3, y0 + 2 + k * _line_h(fs)), line, fill=(60, 60, 60), font=_font(max(9, fs - 2)))
+
+
+def check_show(show: Any, text_px: Any = None) -> None:
+    """``show`` must be one of :data:`SHOW_MODES`, ``text_px`` None or an integer >= 6."""
+    if show not in SHOW_MODES:
+        raise ConfigError(f"show must be one of {', '.join(SHOW_MODES)}, got {show!r}")
+    if text_px is not None and (not isinstance(text_px, int) or text_px < 6):
+        raise ConfigError(f"font size must be an integer >= 6 pixels, got {text_px!r}")
 
 
 def check_upscale(upscale: Any) -> None:
@@ -300,6 +319,8 @@ def draw_panels(
     small_area: float = 32 * 32,
     class_names: Sequence[str] | None = None,
     upscale: int = 1,
+    show: str = "all",
+    text_px: int | None = None,
 ) -> Image.Image:
     """Compose one picture: per ``(title, detections)`` a panel of the image at its own resolution
     (``upscale`` times it, nearest neighbour, for small images; boxes and ``small_area`` stay in
@@ -312,24 +333,36 @@ def draw_panels(
     (:func:`title_height` ``(W, lines)``, ``lines`` the most any panel's title needs: 2 unless the
     panel is too narrow for its counts) and over a legend (what red and the tags mean,
     :func:`legend_height`). ``picture.info`` holds ``title_height`` and ``legend_height``.
+
+    ``show="found"`` (:mod:`hmkd.viz.found`) needs a ground-truth entry; every panel then
+    draws the ground-truth objects, the model panels coloured by what their model finds, and no
+    tags; ``picture.info["found"]`` holds each panel's counts (None for the ground truth).
+    ``text_px`` sets the title font's size in pixels (default: about 1/45 of a panel's width);
+    tags and legend follow it.
     """
     check_upscale(upscale)
+    check_show(show, text_px)
     image = _as_image(image)
     w, h = image.size
     panels = [_panel_info(det, score_thresh, small_area, w, h) for _, det in results]
+    found = found_status(results, panels, score_thresh) if show == "found" else None
+    truth_panel = next((p for p in panels if p["truth"]), None)
     if upscale > 1:
         image = image.resize((w * upscale, h * upscale), Image.NEAREST)
         w, h = image.size
         for p in panels:
             p["boxes"] = p["boxes"] * upscale
     n = max(1, len(results))
-    fs = _font_size(w)
+    fs = _font_size(w, text_px)
     unit = _stroke(w)
     tag_font = _font(max(9, round(fs * 0.8)))
     scratch = _scratch_draw()
     # tags and their spots first (the counts in the title need the number of hidden tags)
     layouts = []
     for p in panels:
+        if found is not None:  # found mode: no tags
+            layouts.append(([], {}, [], []))
+            continue
         order = torch.argsort(p["scores"], descending=True, stable=True).tolist()
         order = [j for j in order if not p["crowd"][j]]
         texts = {
@@ -341,24 +374,35 @@ def draw_panels(
         layouts.append((order, texts, sizes, spots))
     hidden = [sum(s is None for s in lay[3]) for lay in layouts]
     headers = [
-        header_lines(w, str(title), _info_line(p, score_thresh, k))
-        for (title, _), p, k in zip(results, panels, hidden)
+        header_lines(w, str(title), _info_line(p, score_thresh, k) if found is None or found[i] is None
+                     else found_line(found[i], score_thresh), text_px=text_px)
+        for i, ((title, _), p, k) in enumerate(zip(results, panels, hidden))
     ]
     side = int(round(small_area ** 0.5))
     legend = f"red outline: small (area < {side}x{side} px); tags: class" + (
         " and score" if any(not p["truth"] for p in panels) else "")
+    if found is not None:
+        versus = next((f["versus"] for f in found if f is not None and "versus" in f), None)
+        legend = (f"boxes: the ground-truth objects; green: found (a detection of its class with IoU >= {MATCH_IOU} "
+                  f"and score >= {score_thresh:.2f}), red: missed"
+                  + (f", yellow: found, but missed by {versus}" if versus else "")
+                  + f"; other dets (finding no object) not drawn; small: area < {side}x{side} px")
     if any(hidden):
         legend += ", most confident first, left out where they would cover another tag"
     if any(bool(p["crowd"].any()) for p in panels):
         legend += "; grey: crowd regions"
     width = n * w + (n - 1) * _SEP
-    foot = legend_lines(w, legend, width)
-    bar = title_height(w, max((len(hl) for hl in headers), default=2))
-    canvas = Image.new("RGB", (width, h + bar + legend_height(w, len(foot))), (255, 255, 255))
+    foot = legend_lines(w, legend, width, text_px=text_px)
+    bar = title_height(w, max((len(hl) for hl in headers), default=2), text_px=text_px)
+    canvas = Image.new("RGB", (width, h + bar + legend_height(w, len(foot), text_px=text_px)), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
     for i, (p, (order, texts, sizes, spots)) in enumerate(zip(panels, layouts)):
         x0 = i * (w + _SEP)
         canvas.paste(image, (x0, bar))
+        if found is not None:
+            draw_found(draw, truth_panel, found[i], x0, bar, unit)
+            draw_header(draw, x0, w, headers[i], text_px=text_px)
+            continue
         # boxes, least confident first (the best on top), then every tag over every box
         for j in reversed(order):
             x1, y1, x2, y2 = p["boxes"][j].tolist()
@@ -385,9 +429,11 @@ def draw_panels(
                 draw.line([(tx + 1, ty + th / 2), corner], fill=colour, width=unit)
             draw.rectangle([tx, ty, tx + tw - 1, ty + th - 1], fill=colour)
             draw.text((tx + 1, ty + 1), texts[j], fill=_text_colour(colour), font=tag_font, anchor="lt")
-        draw_header(draw, x0, w, headers[i], SMALL_COLOUR if int(p["small"].sum()) else (60, 60, 60))
-    draw_legend(draw, h + bar, w, foot)
+        draw_header(draw, x0, w, headers[i], SMALL_COLOUR if int(p["small"].sum()) else (60, 60, 60), text_px=text_px)
+    draw_legend(draw, h + bar, w, foot, text_px=text_px)
     canvas.info.update(title_height=bar, legend_height=canvas.height - h - bar)  # for callers that crop
+    if found is not None:
+        canvas.info["found"] = [None if f is None else {k: v for k, v in f.items() if k != "status"} for f in found]
     return canvas
 
 
@@ -452,6 +498,8 @@ def draw_detections(
     num_classes: int | None = None,
     ground_truth: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
     upscale: int = 1,
+    show: str = "all",
+    text_px: int | None = None,
 ) -> list[str]:
     """Run each model on each image and write ``<out_dir>/<image stem>.png`` with one panel per model.
 
@@ -469,13 +517,25 @@ def draw_detections(
         upscale: draw the panels at this many times the image's resolution (nearest neighbour;
             boxes scale with it, ``small_area`` still counts original pixels), so that a small
             image's tags are readable.
+        show: ``"all"`` draws every detection at or above ``score_thresh`` with its tag;
+            ``"found"`` marks each ground-truth object as found or missed by each model
+            (:mod:`hmkd.viz.found`): every image needs its ground truth.
+        text_px: title font size in pixels (default: about 1/45 of the image's drawn width).
 
-    Also writes ``detections.json`` (every drawn detection per image and model). Returns the PNG paths.
+    Also writes ``detections.json`` (every detection at or above ``score_thresh`` per image and
+    model; with ``show="found"`` also ``found``: for each ground-truth object the index of the
+    detection that finds it, -1 where none, and the panel's counts). Returns the PNG paths.
     """
     check_upscale(upscale)  # before any work
+    check_show(show, text_px)
+    if show == "found":
+        lacking = [str(p) for p in images if str(p) not in (ground_truth or {})]
+        if lacking:
+            raise ConfigError(f"show='found': {lacking[0]} has no ground truth to match detections with "
+                              "(only images of the data set have)")
     out, built = build_panel_models("draw_detections", models, images, out_dir, num_classes=num_classes, device=device)
     paths: list[str] = []
-    record: dict[str, Any] = {"score_thresh": score_thresh, "small_area": small_area, "images": {}}
+    record: dict[str, Any] = {"score_thresh": score_thresh, "small_area": small_area, "show": show, "images": {}}
     if class_names:
         record["class_names"] = list(class_names)
     for img_path, stem in zip(images, unique_stems(images)):
@@ -489,13 +549,19 @@ def draw_detections(
             det = run_detector(model, img, score_thresh=score_thresh)
             results.append((label, det))
             keep = det["scores"] >= score_thresh
+            kept = {k: det[k][keep] for k in ("boxes", "scores", "labels")}
             per_model[label] = {
-                "boxes": [[round(v, 2) for v in b] for b in det["boxes"][keep].tolist()],
-                "scores": [round(v, 4) for v in det["scores"][keep].tolist()],
-                "labels": det["labels"][keep].tolist(),
+                "boxes": [[round(v, 2) for v in b] for b in kept["boxes"].tolist()],
+                "scores": [round(v, 4) for v in kept["scores"].tolist()],
+                "labels": kept["labels"].tolist(),
             }
+            if show == "found":
+                per_model[label]["found"] = match_to_truth(kept, truth).tolist()
         picture = draw_panels(img, results, score_thresh=score_thresh, small_area=small_area, class_names=class_names,
-                              upscale=upscale)
+                              upscale=upscale, show=show, text_px=text_px)
+        for (label, _), counts in zip(results[1:], (picture.info.get("found") or [None])[1:]):
+            if counts is not None:
+                per_model[label]["counts"] = counts
         paths.append(save_png(picture, out / f"{stem}.png"))
         record["images"][str(img_path)] = per_model
     write_json(out / "detections.json", record, indent=1)

@@ -116,7 +116,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_fit_decoder(args: argparse.Namespace) -> int:
-    from hmkd.engine.decoder_report import fit_decoder_report
+    from hmkd.distill.matching.report import fit_decoder_report
 
     cfg = _load_cfg(args)
     report = fit_decoder_report(cfg, out=args.out, quality_images=args.quality_images, progress=not args.no_progress)

@@ -4,7 +4,7 @@ docs/MATCHING.md; not a test, not a product command).
 For each variant of ``distill.options`` (JSON), fit the decoder for ITERS steps on the frozen
 teacher's maps of the first N_TRAIN training images (computed once, no flip), with the fit's own
 settings (AdamW at ``fit_lr``, clip ``decoder_clip``), then measure it with
-``hmkd.engine.decoder_quality.measure_decoder`` on the first 64 validation images.
+``hmkd.distill.matching.quality.measure_decoder`` on the first 64 validation images.
 
     python benchmarks/scripts/explore_task_variants.py CONFIG TEACHER DATA_ROOT VARIANTS_JSON \\
         [--iters 400] [--n-train 200] [--threads 1] [--out FILE.json]
@@ -22,9 +22,9 @@ from hmkd.config import load_config
 from hmkd.data import build_data
 from hmkd.data.transforms import collate_fn
 from hmkd.distill.base import small_flags
-from hmkd.engine.decoder_fit import transformed_batch
-from hmkd.engine.decoder_quality import measure_decoder, quality_markdown
-from hmkd.engine.decoder_report import build_decoder_method
+from hmkd.distill.matching.fit import transformed_batch
+from hmkd.distill.matching.quality import measure_decoder, quality_markdown
+from hmkd.distill.matching.report import build_decoder_method
 
 
 def main() -> None:

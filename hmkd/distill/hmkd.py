@@ -20,7 +20,7 @@ Per step, with ``S'_l = adapter(S_l)`` and ``T_l`` the teacher's map at level ``
   - ``aux.identification_pL`` / ``aux.localisation_pL`` / ``aux.attention_pL``: the decoder's own
     task (ICD's, plus the supervision of its attention towards the objects; teacher side only, its
     own AdamW), fitted on the teacher before distilling and then trained on jointly or frozen
-    (``decoder_fit``, ``decoder_training``; see :mod:`hmkd.distill.decoder_method` and
+    (``decoder_fit``, ``decoder_training``; see :mod:`hmkd.distill.matching.method` and
     docs/MATCHING.md). ``metric.in_box_pL-1`` logs the attention mass inside the objects (not a loss).
 * ``distill.bg_pN`` (Sec. 3.2.3): ``sum f'(|T - S'|)^2`` with a trainable GcBlock (``bg_form: fgd``:
   ``sum (f'_s(S') - f'_t(T))^2``).
@@ -45,9 +45,9 @@ from hmkd.allowed import allowed
 from hmkd.distill.adapter import make_adapter
 from hmkd.distill.base import METRIC_PREFIX, DistillInputs
 from hmkd.distill.common import detector_kind, finer_level, stride_of
-from hmkd.distill.decoder import AuxOutput, DecoderOptions, MatchingDecoder, StudentValueProjection
-from hmkd.distill.decoder_method import DecoderDistiller
-from hmkd.distill.decoder_task import attention_in_box_share
+from hmkd.distill.matching.decoder import AuxOutput, DecoderOptions, MatchingDecoder, StudentValueProjection
+from hmkd.distill.matching.method import DecoderDistiller
+from hmkd.distill.matching.task import attention_in_box_share
 from hmkd.distill.gcblock import GcBlock
 from hmkd.distill.inquiry import InquiryHead, candidate_cells, inquiry_loss, inquiry_targets, widen_to_finer_level
 from hmkd.distill.losses import attention_weighted_mse, background_loss, masked_feature_mse
@@ -85,7 +85,7 @@ class HMKDOptions(DecoderOptions):
         heads, hidden, encoding, fakes_per_real, max_inquiries, jitter, padding_mask, decoder_lr,
             decoder_weight_decay, decoder_clip, decoder_schedule, fakes, displacement, position_code,
             attention_supervision, decoder_fit, decoder_training, fit_iters, fit_lr: the matching
-            decoder's (:class:`~hmkd.distill.decoder.DecoderOptions`; heads N_m: Table 6). HMKD's
+            decoder's (:class:`~hmkd.distill.matching.decoder.DecoderOptions`; heads N_m: Table 6). HMKD's
             defaults: ``encoding: hmkd`` (class embedding + sine of the box, the paper's reading), a
             constant decoder learning rate, clip 1.0; the rest is ICD's (the paper trains the decoder
             with ICD's task and says no more). A ``position_code: absolute`` decoder's shortest

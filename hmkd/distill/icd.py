@@ -3,7 +3,7 @@
 
 Per step:
 
-* the matching decoder (:class:`~hmkd.distill.decoder.MatchingDecoder`, ``encoding: icd``: one
+* the matching decoder (:class:`~hmkd.distill.matching.decoder.MatchingDecoder`, ``encoding: icd``: one
   post-norm decoder layer; keys/values span ALL distilled teacher levels concatenated along
   positions, padded cells masked, DETR's valid-extent sine embedding, no level embedding) runs its
   auxiliary task on every object's jittered inquiry plus 5 fakes per object (``aux.identification``,
@@ -37,8 +37,8 @@ from torch.profiler import record_function
 from hmkd.allowed import allowed
 from hmkd.distill.base import DistillInputs
 from hmkd.distill.common import detector_kind, stride_of
-from hmkd.distill.decoder import AuxOutput, DecoderOptions, MatchingDecoder, StudentValueProjection
-from hmkd.distill.decoder_method import DecoderDistiller
+from hmkd.distill.matching.decoder import AuxOutput, DecoderOptions, MatchingDecoder, StudentValueProjection
+from hmkd.distill.matching.method import DecoderDistiller
 from hmkd.distill.losses import attention_weighted_mse
 from hmkd.distill.options import levels_option
 from hmkd.distill.registry import register
@@ -62,7 +62,7 @@ AUTHORS_ITERS = 90_000
 
 @dataclass
 class ICDOptions(DecoderOptions):
-    """ICD's options; the decoder's (:class:`~hmkd.distill.decoder.DecoderOptions`) with ICD's defaults.
+    """ICD's options; the decoder's (:class:`~hmkd.distill.matching.decoder.DecoderOptions`) with ICD's defaults.
 
     Attributes:
         levels: distilled levels (default: every common level, P2-P6 for R-CNNs, P3-P7 otherwise).

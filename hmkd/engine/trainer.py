@@ -86,10 +86,10 @@ from hmkd.config import (
     save_config,
     to_dict,
 )
-from hmkd.distill.decoder_method import DecoderDistiller
+from hmkd.distill.matching.method import DecoderDistiller
 from hmkd.engine import checkpoint as ckpt_io
 from hmkd.engine import distributed as du
-from hmkd.engine.decoder_fit import prepare_decoder
+from hmkd.distill.matching.fit import prepare_decoder
 from hmkd.engine.evaluation import aitod_max_dets_of, evaluate_model, write_eval_outputs
 from hmkd.engine.loaders import close_loader_iter, next_batch, to_device
 from hmkd.engine.logging_utils import (

@@ -11,7 +11,7 @@ writes one PNG ``<stem>_attention_<key level>.png``:
   all`` and for ICD every object);
 * per chosen object two rows, one panel per head: the attention ``m_ij`` of that object's inquiry
   (at its own box, exactly as the distillation builds it, see
-  :meth:`~hmkd.distill.decoder_method.DecoderDistiller.distillation_attention`) over the key map's
+  :meth:`~hmkd.distill.matching.method.DecoderDistiller.distillation_attention`) over the key map's
   cells that hold the image, with its own colour bar and the object's box outlined in red. The
   first row is the *fitted* decoder (the ``--decoder`` file), the second the *untrained* one: the
   decoder state a freshly built distiller of the same options has (initialised under the config's
@@ -19,7 +19,7 @@ writes one PNG ``<stem>_attention_<key level>.png``:
 
 Each panel's title gives the attention mass inside the box: the sum of ``m_ij`` over the key cells
 whose centres lie in the box, plus the cell holding the box's centre
-(:func:`~hmkd.distill.decoder_task.cells_in_boxes`, the measure ``metric.in_box_*`` and ``hmkd
+(:func:`~hmkd.distill.matching.task.cells_in_boxes`, the measure ``metric.in_box_*`` and ``hmkd
 fit-decoder``'s report use). Each row's label gives what a uniform attention would put there (box
 cells / image cells). Maps are drawn in the original image's pixel frame (the axes are image
 pixels), cropped to the image. A decoder over several key maps (ICD) is drawn on its finest map:
@@ -167,9 +167,9 @@ def _image_record(distiller: Any, dataset: Any, idx: int, device: torch.device, 
     """Run one image under each decoder state; per decoder of ``drawn`` (name -> key level) the
     chosen objects, their maps and in-box masses."""
     from hmkd.distill.base import small_flags
-    from hmkd.distill.decoder_task import cells_in_boxes
+    from hmkd.distill.matching.task import cells_in_boxes
     from hmkd.distill.masks import pad_boxes
-    from hmkd.engine.decoder_fit import transformed_batch
+    from hmkd.distill.matching.fit import transformed_batch
 
     image, target = dataset[idx]
     h0, w0 = (int(v) for v in image.shape[-2:])
@@ -323,8 +323,8 @@ def viz_attention(
         head]}}]}}}]}``, also written to ``<out_dir>/attention.json``.
     """
     from hmkd.data import build_data
-    from hmkd.engine.decoder_fit import load_fitted, teacher_digest
-    from hmkd.engine.decoder_report import build_decoder_method
+    from hmkd.distill.matching.fit import load_fitted, teacher_digest
+    from hmkd.distill.matching.report import build_decoder_method
 
     if objects < 1:
         raise ConfigError(f"viz attention: --objects must be >= 1, got {objects}")

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hmkd.distill.decoder import (
+from hmkd.distill.matching.decoder import (
     DecoderOptions,
     KeyValues,
     MatchingDecoder,
@@ -17,8 +17,8 @@ from hmkd.distill.decoder import (
     split_heads,
     valid_cells,
 )
-from hmkd.distill.decoder_task import fake_count
-from hmkd.distill.positional import sine_box_encoding, sine_split_encoding, valid_extent_pos_embed
+from hmkd.distill.matching.task import fake_count
+from hmkd.distill.matching.positional import sine_box_encoding, sine_split_encoding, valid_extent_pos_embed
 
 
 # -- encodings ------------------------------------------------------------------------------------

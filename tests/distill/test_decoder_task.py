@@ -6,15 +6,15 @@ import math
 import pytest
 import torch
 
-from hmkd.distill.decoder import DecoderOptions, MatchingDecoder
-from hmkd.distill.decoder_task import (
+from hmkd.distill.matching.decoder import DecoderOptions, MatchingDecoder
+from hmkd.distill.matching.task import (
     attention_in_box_loss,
     attention_in_box_share,
     cells_in_boxes,
     fake_count,
     sample_inquiries,
 )
-from hmkd.distill.positional import absolute_pos_embed, absolute_sine_code
+from hmkd.distill.matching.positional import absolute_pos_embed, absolute_sine_code
 from hmkd.errors import ConfigError
 
 

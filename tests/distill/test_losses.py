@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from hmkd.distill.decoder import StudentValueProjection
+from hmkd.distill.matching.decoder import StudentValueProjection
 from hmkd.distill.losses import attention_weighted_mse, masked_feature_mse
 
 

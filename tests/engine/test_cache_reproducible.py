@@ -13,8 +13,8 @@ import torch
 
 from hmkd.config import load_config
 from hmkd.data import build_data
-from hmkd.engine.decoder_fit import load_fitted, prepare_decoder
-from hmkd.engine.decoder_report import build_decoder_method
+from hmkd.distill.matching.fit import load_fitted, prepare_decoder
+from hmkd.distill.matching.report import build_decoder_method
 from hmkd.engine.trainer import train
 from hmkd.models import build_model
 

@@ -10,11 +10,11 @@ import torch
 
 from hmkd.config import load_config
 from hmkd.data import build_data
-from hmkd.distill.decoder import KeyValues
+from hmkd.distill.matching.decoder import KeyValues
 from hmkd.engine import decoder_fit
-from hmkd.engine.decoder_fit import fit_key, load_fitted, prepare_decoder, teacher_digest
-from hmkd.engine.decoder_quality import measure_decoder, other_image_keys, shuffled_keys
-from hmkd.engine.decoder_report import build_decoder_method, fit_decoder_report
+from hmkd.distill.matching.fit import fit_key, load_fitted, prepare_decoder, teacher_digest
+from hmkd.distill.matching.quality import measure_decoder, other_image_keys, shuffled_keys
+from hmkd.distill.matching.report import build_decoder_method, fit_decoder_report
 from hmkd.engine.step import train_step
 from hmkd.errors import ConfigError
 from hmkd.models import build_model
@@ -197,7 +197,7 @@ def test_shuffled_keys_move_content_within_each_image_only() -> None:
 def test_quality_measures_of_an_attention_spread_over_the_box(synth_root, teacher_weights, monkeypatch) -> None:
     # every head spreads its mass evenly over the object's cells: in box 1, top cell in box,
     # exp(entropy) = the box's cell count, in box / uniform = 1 / uniform share
-    from hmkd.distill.decoder_task import cells_in_boxes
+    from hmkd.distill.matching.task import cells_in_boxes
     from hmkd.distill.masks import pad_boxes
 
     cfg = make_cfg(synth_root, teacher_weights, "distill.options.inquiries=all")

@@ -16,8 +16,8 @@ from PIL import Image
 from hmkd.cli import main
 from hmkd.config import load_config
 from hmkd.data import build_data
-from hmkd.engine.decoder_fit import prepare_decoder
-from hmkd.engine.decoder_report import build_decoder_method
+from hmkd.distill.matching.fit import prepare_decoder
+from hmkd.distill.matching.report import build_decoder_method
 from hmkd.errors import ConfigError
 from hmkd.models import build_model
 from hmkd.viz.attention import figure_inches, resolve_images, viz_attention

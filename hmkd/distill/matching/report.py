@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 
-from hmkd.engine.decoder_fit import prepare_decoder
-from hmkd.engine.decoder_quality import measure_decoder, quality_markdown
+from hmkd.distill.matching.fit import prepare_decoder
+from hmkd.distill.matching.quality import measure_decoder, quality_markdown
 from hmkd.errors import ConfigError
 from hmkd.utils import write_json, write_text
 
@@ -24,7 +24,7 @@ def build_decoder_method(cfg: Any, train_set: Any, device: torch.device):
     """The config's distiller (student, teacher with its weights, options), checked to have a decoder."""
     from hmkd.config import resolve_num_classes
     from hmkd.distill import build_distiller
-    from hmkd.distill.decoder_method import DecoderDistiller
+    from hmkd.distill.matching.method import DecoderDistiller
     from hmkd.models import build_model
 
     method = cfg.distill.method
@@ -48,7 +48,7 @@ def fit_decoder_report(
 ) -> dict[str, Any]:
     """Fit (or reuse) the decoder of ``cfg``'s method and measure it and an untrained one.
 
-    ``out``: where the fitted decoder goes (default: the cache, see :mod:`hmkd.engine.decoder_fit`);
+    ``out``: where the fitted decoder goes (default: the cache, see :mod:`hmkd.distill.matching.fit`);
     the report goes beside it as ``<file>.quality.json`` and ``.md``. Returns the report.
     """
     from hmkd.data import build_data

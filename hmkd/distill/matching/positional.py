@@ -74,7 +74,7 @@ def valid_extent_pos_embed(valid: Tensor, dim: int, temperature: float = 10000.0
 
     Args:
         valid: bool [B, h, w], True on cells that hold image content (see
-            :func:`hmkd.distill.decoder.valid_cells`).
+            :func:`hmkd.distill.matching.decoder.valid_cells`).
         dim: output width: ``dim/2`` features for y, then ``dim/2`` for x, each interleaved (sin, cos)
             of ``2*pi*v / T^(2k/(dim/2))`` (as :func:`sine_box_encoding`).
 

@@ -223,7 +223,7 @@ def attention_in_box_share(attention: Tensor, boxes: Sequence[Tensor], grid: Seq
     Args:
         attention: [B, heads, N, U] of the inquiries of ``boxes`` (per image, in order).
         boxes: per image [N_b, 4] xyxy px.
-        grid: the key maps' (h, w, stride) (:attr:`~hmkd.distill.decoder.KeyValues.grid`).
+        grid: the key maps' (h, w, stride) (:attr:`~hmkd.distill.matching.decoder.KeyValues.grid`).
         valid: bool [B, N], the real rows of ``attention``.
     """
     padded, _ = pad_boxes([b.to(device=attention.device, dtype=torch.float32) for b in boxes])

@@ -31,11 +31,11 @@ import torch
 from torch.utils.data import DataLoader
 
 from hmkd.distill.base import small_flags
-from hmkd.distill.decoder import KeyValues
-from hmkd.distill.decoder_method import DecoderDistiller
-from hmkd.distill.decoder_task import cells_in_boxes
+from hmkd.distill.matching.decoder import KeyValues
+from hmkd.distill.matching.method import DecoderDistiller
+from hmkd.distill.matching.task import cells_in_boxes
 from hmkd.distill.masks import pad_boxes
-from hmkd.engine.decoder_fit import transformed_batch
+from hmkd.distill.matching.fit import transformed_batch
 from hmkd.engine.loaders import to_device
 
 __all__ = ["measure_decoder", "other_image_keys", "quality_markdown", "shuffled_keys"]

@@ -5,13 +5,13 @@ before any student exists (``hmkd fit-decoder CONFIG``), and automatically at th
 distillation whose ``distill.options.decoder_fit`` is ``auto``. The file is cached under
 ``$HMKD_CACHE/decoders`` (default ``~/.cache/hmkd/decoders``) by a key over everything the fit
 depends on: the teacher checkpoint's bytes (SHA-256), the decoder's options and the method's choice
-of inquiries (:meth:`~hmkd.distill.decoder_method.DecoderDistiller.fit_spec`), the data section, the
+of inquiries (:meth:`~hmkd.distill.matching.method.DecoderDistiller.fit_spec`), the data section, the
 student's input size and normalisation (the teacher sees the student's transformed batch); the fit
 has its own seed (:data:`FIT_SEED`), so runs of any seed share it, and it leaves the run's random
 streams as they were (a run that fits and one that loads the cached fit end with the same weights).
 Any later run with the same key (ICD or HMKD, any student) loads it instead of fitting again.
 
-A fitted file is a dict: ``format`` (:data:`~hmkd.distill.decoder_method.FITTED_FORMAT`), ``key``,
+A fitted file is a dict: ``format`` (:data:`~hmkd.distill.matching.method.FITTED_FORMAT`), ``key``,
 ``spec``, ``teacher`` (path and SHA-256), ``state_dict`` (the decoder modules'), ``fit`` (iterations,
 seconds, the last losses); written atomically.
 """
@@ -31,8 +31,8 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from hmkd.distill.base import small_flags
-from hmkd.distill.decoder import MatchingDecoder
-from hmkd.distill.decoder_method import FITTED_FORMAT, DecoderDistiller
+from hmkd.distill.matching.decoder import MatchingDecoder
+from hmkd.distill.matching.method import FITTED_FORMAT, DecoderDistiller
 from hmkd.engine.checkpoint import load_checkpoint, save_checkpoint, seed_everything
 from hmkd.engine.loaders import close_loader_iter, next_batch, to_device
 from hmkd.engine.logging_utils import bar_wanted

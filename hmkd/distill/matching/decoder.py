@@ -12,8 +12,8 @@ without self-attention between the inquiries (ICD's ``OfficialDecoderLayer``, ``
 X is the concatenation (along positions) of the given key maps: HMKD passes the single level l-1
 map, ICD all FPN levels. P is (``position_code``) DETR's normalised sine embedding of each map's
 cells over each image's valid (unpadded) extent
-(:func:`~hmkd.distill.positional.valid_extent_pos_embed`, ICD's), or a sine code of the cells'
-pixel coordinates with periods down to 2 strides (:func:`~hmkd.distill.positional.absolute_pos_embed`),
+(:func:`~hmkd.distill.matching.positional.valid_extent_pos_embed`, ICD's), or a sine code of the cells'
+pixel coordinates with periods down to 2 strides (:func:`~hmkd.distill.matching.positional.absolute_pos_embed`),
 whose code of the inquiry's centre is then also added to b_i through a linear layer; no level
 embedding; the padded cells are masked out of the attention (:func:`valid_cells`).
 The attention m (softmax over positions) and the values O are what the distillation uses; the
@@ -30,7 +30,7 @@ Inquiry encodings b_i (``encoding``):
 The decoder is trained only by its auxiliary task (:meth:`MatchingDecoder.aux_task`), ICD's: every
 object's inquiry with its centre jittered by ``U(-j, j) x (w, h)``, plus ``fakes_per_real`` fake
 inquiries per object (ICD's non-COCO sampler, or displaced copies of real inquiries:
-:mod:`hmkd.distill.decoder_task`); a shared
+:mod:`hmkd.distill.matching.task`); a shared
 3-layer MLP on z predicts a real/fake logit (BCE over real + fake) and, through a sigmoid, the
 distances from the jittered centre to the box's left/top/right/bottom edges in image-normalised
 units (L1 divided by the box's normalised w or h, summed over the 4 sides, averaged over the real
@@ -57,10 +57,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hmkd.allowed import allowed
-from hmkd.distill.decoder_task import FAKE_KINDS, attention_in_box_loss, cells_in_boxes, sample_inquiries
+from hmkd.distill.matching.task import FAKE_KINDS, attention_in_box_loss, cells_in_boxes, sample_inquiries
 from hmkd.distill.masks import pad_by_image
 from hmkd.distill.options import MethodOptions, refuse
-from hmkd.distill.positional import (
+from hmkd.distill.matching.positional import (
     absolute_pos_embed,
     absolute_sine_code,
     sine_box_encoding,
@@ -221,7 +221,7 @@ class MatchingDecoder(nn.Module):
             over each image's valid extent; False: every cell of the padded map is a position.
         temperature: sine-encoding temperature.
         fakes: the aux task's fake inquiries, ``random`` (ICD's), ``displaced`` or ``mixed``
-            (:mod:`hmkd.distill.decoder_task`).
+            (:mod:`hmkd.distill.matching.task`).
         displacement: (low, high) of a displaced fake's move, in units of its box's (w, h).
         position_code: ``normalised`` (DETR's, ICD's) or ``absolute``: keys get the pixel sine
             code of their cell centres and every inquiry adds Linear(the same code of its centre),
@@ -428,7 +428,7 @@ class MatchingDecoder(nn.Module):
         image_sizes: Sequence[tuple[int, int]],
         generator: torch.Generator | None = None,
     ) -> dict[str, Tensor]:
-        """The aux task's real + fake inquiries of a batch (:func:`~hmkd.distill.decoder_task.sample_inquiries`
+        """The aux task's real + fake inquiries of a batch (:func:`~hmkd.distill.matching.task.sample_inquiries`
         with this decoder's ``fakes``, ``displacement``, ``fakes_per_real``, cap and ``jitter``)."""
         gt, lab, img, sizes, counts = self._flatten(boxes, labels, image_sizes)
         return sample_inquiries(gt, lab, img, sizes, counts, num_classes=self.num_classes,
@@ -619,7 +619,7 @@ class DecoderOptions(MethodOptions):
 
     Attributes:
         heads, hidden: decoder heads N_m and attention width (ICD and the HMKD paper: 8, 256).
-        encoding: inquiry encoding, ``icd`` or ``hmkd`` (see :mod:`hmkd.distill.decoder`).
+        encoding: inquiry encoding, ``icd`` or ``hmkd`` (see :mod:`hmkd.distill.matching.decoder`).
         fakes_per_real: fake inquiries per object in the aux task (ICD: 5).
         max_inquiries: cap on real + fake inquiries per image (None: ICD's ``MAX_LABELS`` of the
             student's family, 100 for Faster/Mask R-CNN, 300 otherwise).
@@ -632,7 +632,7 @@ class DecoderOptions(MethodOptions):
         decoder_schedule: ``constant`` or ``cosine`` (to 0 over the run, ICD's).
         fakes: the aux task's fake inquiries: ``random`` (ICD's), ``displaced`` (a real object's
             inquiry moved outside its box) or ``mixed`` (half each); see
-            :mod:`hmkd.distill.decoder_task`.
+            :mod:`hmkd.distill.matching.task`.
         displacement: [low, high] of a displaced fake's move in units of its box's (w, h).
         position_code: ``normalised`` (DETR's, ICD's) or ``absolute`` (pixel sine codes with
             cell-level resolution on keys and inquiries).

@@ -2,7 +2,7 @@
 
 The decoder's auxiliary task depends only on the teacher and the ground truth, never on the
 student. So it can be fitted once per teacher, on the frozen teacher alone
-(:mod:`hmkd.engine.decoder_fit`), saved, and loaded by every later distillation with that teacher:
+(:mod:`hmkd.distill.matching.fit`), saved, and loaded by every later distillation with that teacher:
 ``distill.options.decoder_fit`` (``none``: learn from scratch during distillation, as ICD and the
 paper do; ``auto``: fit and cache; a path: load). ``decoder_training: frozen`` then keeps it fixed
 (no aux task, no decoder optimiser); ``joint`` keeps training it, warm-started.
@@ -21,12 +21,12 @@ import torch
 from torch import nn
 
 from hmkd.distill.base import Distiller
-from hmkd.distill.decoder import AuxOutput, DecoderOptions, KeyValues, decoder_optimizers, decoder_schedulers
+from hmkd.distill.matching.decoder import AuxOutput, DecoderOptions, KeyValues, decoder_optimizers, decoder_schedulers
 from hmkd.errors import ConfigError
 
 __all__ = ["DecoderDistiller", "FITTED_FORMAT"]
 
-#: ``format`` field of a fitted-decoder file (see :mod:`hmkd.engine.decoder_fit`).
+#: ``format`` field of a fitted-decoder file (see :mod:`hmkd.distill.matching.fit`).
 FITTED_FORMAT = "hmkd.fitted_decoder/1"
 
 
@@ -53,7 +53,7 @@ class DecoderDistiller(Distiller):
         keep_attention: bool = False,
         keys: Callable[[KeyValues], KeyValues] | None = None,
     ) -> dict[str, AuxOutput]:
-        """Each decoder's aux task on one batch (name -> :class:`~hmkd.distill.decoder.AuxOutput`).
+        """Each decoder's aux task on one batch (name -> :class:`~hmkd.distill.matching.decoder.AuxOutput`).
 
         Args:
             teacher_features: the teacher's P-named maps of the batch.
@@ -114,7 +114,7 @@ class DecoderDistiller(Distiller):
         return decoder_schedulers(self.extra_optimizers(), self.options, total_iters)
 
     def decoder_optimizers_of(self, groups: dict[str, nn.Module | Sequence[nn.Module]]) -> list[tuple[str, torch.optim.Optimizer, float | None]]:
-        """:func:`~hmkd.distill.decoder.decoder_optimizers` over the groups' trainable parameters (a
+        """:func:`~hmkd.distill.matching.decoder.decoder_optimizers` over the groups' trainable parameters (a
         frozen decoder's are left out; a group left empty gets no optimiser)."""
         kept: dict[str, list[nn.Module]] = {}
         for name, mods in groups.items():

@@ -80,7 +80,7 @@ def cmd_data_visdrone(args: argparse.Namespace) -> int:
 # -- train / distill / eval ---------------------------------------------------------------------
 def cmd_train(args: argparse.Namespace) -> int:
     from hmkd.engine.logging_utils import format_summary
-    from hmkd.engine.trainer import train
+    from hmkd.training.trainer import train
 
     cfg = _load_cfg(args)
     if args.cmd == "distill" and cfg.distill.method == "none":
@@ -127,7 +127,7 @@ def cmd_fit_decoder(args: argparse.Namespace) -> int:
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from hmkd.config import PRETRAIN_BACKBONE
-    from hmkd.engine.pretrain import ensure_pretrained
+    from hmkd.training.pretrain import ensure_pretrained
 
     cfg = _load_cfg(args)
     sections = [("model", cfg.model), ("teacher", cfg.teacher)]
@@ -668,7 +668,7 @@ def _isatty(stream) -> bool:
 
 
 class LevelFormatter(logging.Formatter):
-    """``2026-01-02 10:00:00 INFO    hmkd.engine.trainer: ...``; on a terminal, WARNING in yellow and
+    """``2026-01-02 10:00:00 INFO    hmkd.training.trainer: ...``; on a terminal, WARNING in yellow and
     ERROR in red (the whole line), so that they stand out of the step lines."""
 
     COLOURS = {logging.WARNING: "\033[33m", logging.ERROR: "\033[31;1m", logging.CRITICAL: "\033[31;1m"}

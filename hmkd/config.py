@@ -34,7 +34,7 @@ from hmkd.errors import ConfigError
 from hmkd.utils import atomic_open
 
 
-#: ``model.backbone_weights: pretrain``: the backbone stand-in for ImageNet weights (hmkd.engine.pretrain)
+#: ``model.backbone_weights: pretrain``: the backbone stand-in for ImageNet weights (hmkd.training.pretrain)
 PRETRAIN_BACKBONE = "pretrain"
 
 # -- the names the config's enumerated keys accept ------------------------------------------------
@@ -91,7 +91,7 @@ class ModelConfig:
     topk_candidates: int = allowed(1000, ge=1)
     weights: str | None = None
     # weights for the backbone body only: a file (ImageNet-style), or "pretrain": the stand-in
-    # pretrained on another synthetic task by the config's pretrain section (hmkd.engine.pretrain)
+    # pretrained on another synthetic task by the config's pretrain section (hmkd.training.pretrain)
     backbone_weights: str | None = None
     # eps of the backbone body's batch norms (bn / frozen_bn); None: the layer's own (torchvision's
     # v1 ResNet-50 COCO checkpoints need 0.0, as torchvision sets after loading them)
@@ -195,7 +195,7 @@ class EvalConfig:
 class PretrainConfig:
     """The stand-in for ImageNet pretraining (``model.backbone_weights: pretrain``): the backbone is
     trained once, as part of a detector, on a synthetic set of other classes (its own seed and the
-    ``pretrain`` preset) and cached by these settings (:mod:`hmkd.engine.pretrain`)."""
+    ``pretrain`` preset) and cached by these settings (:mod:`hmkd.training.pretrain`)."""
 
     synth: SynthConfig = field(default_factory=lambda: SynthConfig(n_train=1000, n_val=50, size=256, seed=1000,
                                                                    preset="pretrain"))

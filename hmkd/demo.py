@@ -1,7 +1,7 @@
 """``hmkd demo``: the paper-regime benchmark's story at demo size, on CPU.
 
 synthetic set (the ``aitod`` preset: objects from very tiny to medium) -> pretrained stand-ins of
-both backbones (the ImageNet stand-in, :mod:`hmkd.engine.pretrain`) -> ResNet-34 teacher (3x) ->
+both backbones (the ImageNet stand-in, :mod:`hmkd.training.pretrain`) -> ResNet-34 teacher (3x) ->
 plain ResNet-18 student (1x) -> HMKD ResNet-18 student (1x, its matching decoder first fitted on
 the teacher) -> COCO and AI-TOD evaluation of all three -> a table with the gain, set against the
 seed spread the committed paper-regime benchmark measured -> a side-by-side picture of what the
@@ -237,8 +237,8 @@ def draw_students(cfg: Config, weights: dict[str, str], out_dir: str) -> list[st
 def run_demo(out_dir: str = "runs/demo", quick: bool = False, progress: bool = True) -> dict[str, Any]:
     """Run the demo; writes ``out_dir/results.json``, ``out_dir/results.md`` and
     ``out_dir/detections/*.png`` and returns the results."""
-    from hmkd.engine.pretrain import ensure_pretrained
-    from hmkd.engine.trainer import train
+    from hmkd.training.pretrain import ensure_pretrained
+    from hmkd.training.trainer import train
 
     t_start = time.time()
     os.makedirs(out_dir, exist_ok=True)

@@ -4,7 +4,7 @@
 steps **in one process on the same fixed batches** and reports, per method:
 
 * **s/step**: median wall time of one full training step after ``warmup`` discarded steps. A step
-  is the trainer's own: :func:`hmkd.engine.step.train_step` (forward, the loss values read back,
+  is the trainer's own: :func:`hmkd.training.step.train_step` (forward, the loss values read back,
   the finite check, ``zero_grad``, one ``backward`` of the sum, clipping of the main parameters
   and of each of the method's own optimisers at its clip, the main optimiser's step and the steps
   of the method's optimisers that got a gradient, e.g. HMKD's decoder AdamW), with mixed precision
@@ -226,7 +226,7 @@ def _without_stand_ins(cfg: Config) -> tuple[Config, list[str]]:
     """``cfg`` with every ``backbone_weights: pretrain`` (the pretrained stand-in, which may take
     minutes to make) replaced by random initial weights: a step's cost does not depend on them.
     Also returns the sections changed."""
-    from hmkd.engine.pretrain import resolve_pretrained
+    from hmkd.training.pretrain import resolve_pretrained
 
     changed = [name for name, m in (("model", cfg.model), ("teacher", cfg.teacher))
                if m is not None and m.backbone_weights == PRETRAIN_BACKBONE]
@@ -305,8 +305,8 @@ class _MethodRun:
         self.memory_method = mem.method
 
     def step(self, batches: list, *, warm: bool = False) -> dict[str, float]:
-        """One training step (:func:`hmkd.engine.step.train_step`); returns its phase times."""
-        from hmkd.engine import step as engine_step
+        """One training step (:func:`hmkd.training.step.train_step`); returns its phase times."""
+        from hmkd.training import step as engine_step
 
         images, targets = batches[self.i % len(batches)]
         # warm-up steps all run as iteration _STEADY_ITERATION (a multiple of any small k), so a

@@ -1,9 +1,6 @@
-"""Training and evaluation machinery, one job per module.
+"""The infrastructure under training and evaluation, one job per module (the training run itself,
+which uses it, is :mod:`hmkd.training`).
 
-- :mod:`~hmkd.engine.trainer`: :func:`~hmkd.engine.trainer.train`, an iteration-based run (resume,
-  checkpoints, logs, periodic evaluation);
-- :mod:`~hmkd.engine.step`: :func:`~hmkd.engine.step.train_step`, one optimisation step (the
-  trainer's, and what ``hmkd bench cost`` times);
 - :mod:`~hmkd.engine.evaluation`: evaluating a detector on a data set, ``hmkd eval``, its output files;
 - :mod:`~hmkd.engine.inference`: a detector over a loader, as COCO results;
 - :mod:`~hmkd.engine.coco_results`: the COCO results format (conversion, checks);

@@ -54,9 +54,9 @@ def _bare_parts(method: str) -> set[str]:
 
 @pytest.fixture()
 def counted_steps(monkeypatch):
-    """Every training step the bench runs goes through hmkd.engine.step.train_step: count the calls
+    """Every training step the bench runs goes through hmkd.training.step.train_step: count the calls
     and check, right after each, that the main optimiser (and HMKD's decoder AdamW) stepped."""
-    import hmkd.engine.step as engine_step
+    import hmkd.training.step as engine_step
 
     real = engine_step.train_step
     calls: list[dict] = []
@@ -153,7 +153,7 @@ def test_cost_bench_rejects_unknown_method_and_missing_teacher(tiny_cfg, tmp_pat
 def test_cost_bench_clips_as_the_trainer_does(tiny_cfg, tmp_path, one_thread, monkeypatch):
     """Each method's steps clip the main parameters as training would: FGD at its own 35, the
     others at train.clip_grad."""
-    import hmkd.engine.step as engine_step
+    import hmkd.training.step as engine_step
 
     real = engine_step.train_step
     clips: dict[str, set] = {}

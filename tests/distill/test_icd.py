@@ -11,7 +11,7 @@ import torch
 
 from hmkd.distill import build_distiller
 from hmkd.distill.losses import attention_weighted_mse
-from hmkd.engine.step import train_step
+from hmkd.training.step import train_step
 
 SMALL = {"hidden": 32, "heads": 4}
 

@@ -94,9 +94,9 @@ def test_a_bar_only_on_a_terminal() -> None:
 
 
 def test_log_lines_carry_their_level_and_warnings_stand_out() -> None:
-    rec = logging.LogRecord("hmkd.engine.trainer", logging.WARNING, __file__, 1, "resume: %s", ("x",), None)
+    rec = logging.LogRecord("hmkd.training.trainer", logging.WARNING, __file__, 1, "resume: %s", ("x",), None)
     plain = LevelFormatter(colour=False).format(rec)
-    assert " WARNING hmkd.engine.trainer: resume: x" in plain and "\033" not in plain
+    assert " WARNING hmkd.training.trainer: resume: x" in plain and "\033" not in plain
     coloured = LevelFormatter(colour=True).format(rec)
     assert coloured.startswith("\033[33m") and coloured.endswith("\033[0m")
     info = logging.LogRecord("hmkd", logging.INFO, __file__, 1, "step", (), None)

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from hmkd.config import load_config
-from hmkd.engine.pretrain import ensure_pretrained, pretrain_config, pretrain_key, resolve_pretrained
-from hmkd.engine.trainer import train
+from hmkd.training.pretrain import ensure_pretrained, pretrain_config, pretrain_key, resolve_pretrained
+from hmkd.training.trainer import train
 from hmkd.errors import ConfigError
 from hmkd.models import build_model
 

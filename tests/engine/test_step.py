@@ -1,4 +1,4 @@
-"""hmkd.engine.step.train_step on a tiny real detector (CPU): what one training step does, in order."""
+"""hmkd.training.step.train_step on a tiny real detector (CPU): what one training step does, in order."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from torch import nn
 from hmkd.config import ModelConfig
 from hmkd.distill.base import Distiller
 from hmkd.engine import distributed as du
-from hmkd.engine.step import train_step
+from hmkd.training.step import train_step
 from hmkd.errors import ConfigError, NonFiniteLossError
 from hmkd.models import build_model
 

@@ -26,7 +26,7 @@ from hmkd.engine import checkpoint as ck
 from hmkd.engine.sampler import InfiniteBatchSampler
 from hmkd.engine.evaluation import evaluate
 from hmkd.engine.optim import WarmupSchedule
-from hmkd.engine.trainer import TrainingInterrupted, train
+from hmkd.training.trainer import TrainingInterrupted, train
 from hmkd.errors import CheckpointError, ConfigError, NonFiniteLossError
 from hmkd.models import build_model, fpn_channels_of
 
@@ -211,7 +211,7 @@ def test_sigint_then_resume_matches_uninterrupted_run(synth_root, teacher_weight
     assert not os.path.exists(os.path.join(out, "model_final.pth"))
     assert signal.getsignal(signal.SIGINT) is before  # the caller's handler restored
 
-    with caplog.at_level(logging.WARNING, logger="hmkd.engine.trainer"):
+    with caplog.at_level(logging.WARNING, logger="hmkd.training.trainer"):
         train(make_cfg(synth_root, teacher=teacher_weights), output_dir=out, resume=True, progress=False)
     _assert_same_run(straight_run, out)
     said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
@@ -234,7 +234,7 @@ def test_console_lines_outputs_and_summary(synth_root, teacher_weights, tmp_path
                    teacher=teacher)
     with caplog.at_level(logging.INFO):
         metrics = train(cfg, output_dir=out, progress=True)
-    said = [r.getMessage() for r in caplog.records if r.name == "hmkd.engine.trainer"]
+    said = [r.getMessage() for r in caplog.records if r.name == "hmkd.training.trainer"]
     first_step = next(i for i, m in enumerate(said) if m.startswith("eta: "))
     before = said[:first_step]
     assert any(m.startswith("data: train: 4 images, ") and "small" in m for m in before), before
@@ -377,7 +377,7 @@ def test_init_student_copies_at_the_start_only_never_on_resume(synth_root, teach
     train(make_cfg(synth_root, "distill.method=none", "distill.init_student=neck", "train.iters=2",
                    teacher=teacher_weights), output_dir=out, progress=False)
     assert calls == ["neck"]
-    with caplog.at_level(logging.WARNING, logger="hmkd.engine.trainer"):
+    with caplog.at_level(logging.WARNING, logger="hmkd.training.trainer"):
         metrics = train(make_cfg(synth_root, "distill.method=none", "distill.init_student=neck", "train.iters=3",
                                  teacher=teacher_weights), output_dir=out, resume=True, progress=False)
     assert calls == ["neck"] and metrics["iteration"] == 3  # resumed: the checkpoint holds the student
@@ -396,7 +396,7 @@ def test_init_student_configuration_errors(synth_root, teacher_weights, tmp_path
 
 
 def test_a_method_clip_replaces_train_clip_grad(synth_root, teacher_weights, tmp_path, monkeypatch):
-    import hmkd.engine.trainer as trainer_mod
+    import hmkd.training.trainer as trainer_mod
 
     seen = []
     real = trainer_mod.train_step
@@ -416,7 +416,7 @@ def test_a_method_clip_replaces_train_clip_grad(synth_root, teacher_weights, tmp
 
 def test_fgd_runs_as_its_authors_by_default(synth_root, teacher_weights, tmp_path, monkeypatch):
     """method fgd with nothing set: the student from the teacher's FPN and head, clip 35, FGD's levels."""
-    import hmkd.engine.trainer as trainer_mod
+    import hmkd.training.trainer as trainer_mod
     import hmkd.models.weights as weights_io
 
     inits, clips = [], []

@@ -35,7 +35,7 @@ Annotations are of what is *visible*: ``segmentation`` is the compressed RLE of 
 Presets: ``"default"`` (the set of docs/CALIBRATION.md: 6-32 objects of 6-160 px, about 80% small, high contrast),
 ``"aitod"`` (the paper-regime benchmark's set: 10-40 objects whose sizes span AI-TOD's buckets, very
 tiny to medium), ``"pretrain"`` (the ImageNet stand-in's set: the same kind of images with six other
-classes, see :mod:`hmkd.engine.pretrain`) and ``"hard"`` (30-60 objects, mostly 4-16 px, clustered and
+classes, see :mod:`hmkd.training.pretrain`) and ``"hard"`` (30-60 objects, mostly 4-16 px, clustered and
 overlapping, 8 classes with confusable pairs disc/hexagon, square/diamond, cross/star, lower contrast
 and more noise), any of whose keys can be overridden (see ``PRESETS``). A folder already holding a set made with the same
 parameters (recorded in ``meta.json``) is not regenerated.

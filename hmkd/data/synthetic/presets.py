@@ -48,7 +48,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "min_colour_distance": 60.0,
         "place_tries": 6,
     },
-    # the stand-in for ImageNet pretraining (hmkd.engine.pretrain): the same kind of images, other classes
+    # the stand-in for ImageNet pretraining (hmkd.training.pretrain): the same kind of images, other classes
     "pretrain": {
         "classes": ["hexagon", "star", "pentagon", "crescent", "hourglass", "chevron"],
         "objects_per_image": [8, 32],

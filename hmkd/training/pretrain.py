@@ -105,7 +105,7 @@ def ensure_pretrained(cfg: Config, model: ModelConfig, *, progress: bool = True)
     """The stand-in's ``backbone.pth`` for ``model``'s backbone: from the cache, else trained now
     (resuming a stopped pretraining). Returns its path."""
     from hmkd.engine import distributed as du
-    from hmkd.engine.trainer import train
+    from hmkd.training.trainer import train
 
     pcfg = pretrain_config(cfg, model)
     folder = os.path.join(cache_dir(), f"{model.backbone}-{pretrain_key(pcfg)}")

@@ -2,7 +2,7 @@
 
 :func:`train` is torchvision's ``references/detection`` loop reshaped around a
 :class:`~hmkd.distill.base.Distiller` and counted in iterations; each iteration is one
-:func:`~hmkd.engine.step.train_step` followed by the learning-rate schedule's step:
+:func:`~hmkd.training.step.train_step` followed by the learning-rate schedule's step:
 
     losses = distiller(images, targets, it)          # flat, prefixed loss dict
     total = sum(losses.values())                      # a non-finite term stops the run
@@ -104,10 +104,10 @@ from hmkd.engine.logging_utils import (
     step_line,
 )
 from hmkd.engine.optim import build_optimizer, build_scheduler
-from hmkd.engine.pretrain import resolve_pretrained
+from hmkd.training.pretrain import resolve_pretrained
 from hmkd.engine.sampler import InfiniteBatchSampler, SeededDataset, mix_seed
 from hmkd.engine.signals import StopSignal, worker_init
-from hmkd.engine.step import train_step
+from hmkd.training.step import train_step
 from hmkd.errors import CheckpointError, ConfigError, NonFiniteLossError
 from hmkd.models.checkpoint_info import LabelMap
 from hmkd.utils import write_json

@@ -100,10 +100,11 @@ def evaluate(cfg: Config, *, weights: str, out_dir: str, progress: bool = True) 
 
     info = read_checkpoint_info(weights)
     check_fits(info, cfg.model)  # before the data set is read: an architecture that differs is named at once
+    unnamed = _torchvision_file_without_data_set(cfg, info)
     ctx = du.init_distributed(cfg.device)
     try:
         val = du.main_first(ctx, lambda: build_data(cfg, train=False))
-        n = resolve_num_classes(cfg, val)
+        n = _eval_num_classes(cfg, val, info, unnamed)
         model = build_model(cfg.model, n, load=False)
         load_detector_weights(model, weights, dataclasses.replace(cfg.model, num_classes=n), info=info)
         check_label_map(info, val)
@@ -125,6 +126,49 @@ def evaluate(cfg: Config, *, weights: str, out_dir: str, progress: bool = True) 
         return metrics
     finally:
         du.cleanup(ctx)
+
+
+_NAME_IT = ("name the checkpoint's data set, e.g. data.kind=coco data.root=DIR data.val_images=IMAGES "
+            "data.val_ann=ANN.json data.label_map=category_id (torchvision's COCO checkpoints)")
+
+
+def _torchvision_file_without_data_set(cfg: Config, info: Any) -> bool:
+    """Whether ``cfg`` is a ``torchvision:`` config that names no data set (every ``data`` key at
+    its default) and the weights are a bare file (no stored config): the default synthetic set is
+    then not the checkpoint's. It is not generated for it (a one-line error when it is not on disk)."""
+    from hmkd.config import to_dict
+    from hmkd.data import synthetic_exists
+    from hmkd.engine.inputs import names_no_data_set
+    from hmkd.models.torchvision_zoo import is_torchvision
+
+    if not (is_torchvision(cfg.model.detector) and info.config is None and names_no_data_set(cfg)):
+        return False
+    if not synthetic_exists(cfg.data.root, **to_dict(cfg.data.synth)):
+        from hmkd.errors import ConfigError
+
+        raise ConfigError(f"{info.path}: the config names no data set (every data key at its default), and the "
+                          f"default synthetic set {cfg.data.root} is no torchvision checkpoint's: {_NAME_IT}")
+    return True
+
+
+def _eval_num_classes(cfg: Config, val: Any, info: Any, unnamed: bool) -> int:
+    """The class count to build the model with: the data set's (:func:`resolve_num_classes`);
+    with ``data.label_map: category_id`` and ``model.num_classes`` unset, a file without a stored
+    config that has more classes keeps its own (labels are category ids: COCO's 90 outputs on a
+    part of COCO, the labels above the data set's largest id being none of its categories)."""
+    from hmkd.errors import CheckpointError
+    from hmkd.models.checkpoint_info import checkpoint_classes
+
+    n = resolve_num_classes(cfg, val)
+    k = checkpoint_classes(info, cfg.model.detector) if info.config is None else None
+    if unnamed and k is not None and k != n:
+        raise CheckpointError(f"{info.path}: has {k} classes, the default data set {cfg.data.root} {n} (the config "
+                              f"names no data set): {_NAME_IT}")
+    if cfg.model.num_classes is None and getattr(val, "label_map", None) == "category_id" and k is not None and k > n:
+        logger.info("%s: %d classes, the data set's category ids go up to %d; labels above are none of its "
+                    "categories and are dropped", info.path, k, n)
+        n = k
+    return n
 
 
 def check_label_map(info: Any, dataset: Any) -> None:

@@ -9,8 +9,17 @@ checkpoint brings its own architecture (``key=value`` overrides still apply to i
 ``model.score_thresh=0.1``), and the data set is the one the first checkpoint was trained on, used
 only when it is already on disk (nothing is generated).
 
+A config that leaves every ``data`` key at its default names no data set
+(:func:`names_no_data_set`): with a ``torchvision:`` section and a bare checkpoint (torchvision's
+file, no stored config), its default synthetic set is not the checkpoint's, so it is not generated,
+and used only when on disk with the checkpoint's class count. A data set the config names is used,
+generated if synthetic; with ``data.label_map: category_id`` a checkpoint with more classes than its
+largest category id keeps its count (COCO's 90 on a part of COCO).
+
 The label map (category ids and names of labels ``1..K``) is the one the checkpoints store (they
-must agree), else the data set's, else unknown.
+must agree), else the data set's, else, for torchvision's 90 COCO classes (a ``torchvision:``
+detector or ``data.label_map: category_id``), COCO's from torchvision's weight metadata
+(:meth:`LabelMap.torchvision_coco`, offline), else unknown. One log line says where it came from.
 
 Also what those commands share to use the models: :func:`as_model` (a model, a
 :class:`ModelConfig` or a ``(ModelConfig, weights_path)`` pair to an eval-mode detector; a
@@ -40,17 +49,22 @@ from torch import nn
 from hmkd.config import Config, ModelConfig, load_config, to_dict
 from hmkd.errors import CheckpointError, ConfigError, HMKDError
 from hmkd.models import build_model
+from hmkd.models.torchvision_zoo import is_torchvision
 from hmkd.models.checkpoint_info import (
     CheckpointInfo,
     LabelMap,
     check_fits,
     check_keys_fit,
+    checkpoint_classes,
     config_from_checkpoint,
     load_detector_weights,
     read_checkpoint_info,
 )
 
 logger = logging.getLogger(__name__)
+
+#: The classes of torchvision's COCO checkpoints (91 outputs with the background).
+COCO_CLASSES = 90
 
 __all__ = [
     "ModelInputs",
@@ -59,6 +73,7 @@ __all__ = [
     "infer_num_classes",
     "load_image",
     "model_inputs",
+    "names_no_data_set",
     "resolve_image_args",
     "run_detector",
     "score_threshold",
@@ -108,6 +123,39 @@ def val_set(cfg: Config, *, generate: bool) -> Any | None:
         return None
 
 
+def names_no_data_set(cfg: Config) -> bool:
+    """Whether ``cfg`` leaves every ``data`` key at its default: the config file and the overrides
+    name no data set. The default synthetic set is then what an hmkd detector of that config was
+    trained on, but it is no ``torchvision:`` checkpoint's data set (the presets set no ``data``)."""
+    from hmkd.config import DataConfig
+
+    return cfg.data == DataConfig()
+
+
+def _torchvision_preset_alone(cfg: Config, weights: Sequence[tuple[str, str]],
+                              infos: Mapping[str, CheckpointInfo]) -> bool:
+    """A config that names no data set, with a ``torchvision:`` section for a checkpoint that
+    stores no config (a bare torchvision file): its default synthetic set is not that file's."""
+    from hmkd.models.torchvision_zoo import is_torchvision
+
+    if not names_no_data_set(cfg):
+        return False
+    for label, path in weights:
+        mc = cfg.teacher if label.lower().startswith("teacher") and cfg.teacher is not None else cfg.model
+        if is_torchvision(mc.detector) and infos[path].config is None:
+            return True
+    return False
+
+
+def _checkpoint_count(cfg: Config, weights: Sequence[tuple[str, str]], infos: Mapping[str, CheckpointInfo]) -> int | None:
+    """The class count of the first checkpoint of the config's model section (else the first one),
+    stored or read off its classifier; None when it tells none."""
+    model_ones = [(lb, p) for lb, p in weights if not lb.lower().startswith("teacher")]
+    label, path = (model_ones or list(weights))[0]
+    mc = cfg.teacher if label.lower().startswith("teacher") and cfg.teacher is not None else cfg.model
+    return checkpoint_classes(infos[path], mc.detector)
+
+
 def model_inputs(
     config: str | None,
     overrides: Sequence[str] | None,
@@ -124,16 +172,34 @@ def model_inputs(
         if not path:
             raise ConfigError(f"--weights {label}=: no checkpoint file after the '='")
     infos = {path: read_checkpoint_info(path) for _, path in weights if path}
+    unnamed = False
     if config:
         cfg = load_config(config, list(overrides or []))
-        dataset = val_set(cfg, generate=True) if need_data else None
+        unnamed = _torchvision_preset_alone(cfg, weights, infos)
+        if unnamed:
+            logger.info("%s names no data set (every data key at its default): the default synthetic set is "
+                        "no torchvision checkpoint's, so it is not generated, and used only if on disk with the "
+                        "checkpoint's class count", config)
+        dataset = val_set(cfg, generate=not unnamed) if need_data else None
     else:
         cfg = config_from_checkpoint(weights[0][1], overrides, info=infos[weights[0][1]])
         dataset = val_set(cfg, generate=False) if need_data else None
     if config:
         n = cfg.model.num_classes
-        if n is None and dataset is not None:
+        if n is None and dataset is not None and not unnamed:
             n = int(dataset.num_classes)
+            k = _checkpoint_count(cfg, weights, infos)
+            if getattr(dataset, "label_map", None) == "category_id" and k is not None and k > n:
+                # labels are category ids: a model with more outputs (COCO's 90 on a part of COCO) fits
+                logger.info("the checkpoint has %d classes, the data set's category ids go up to %d; labels above "
+                            "are no category of it", k, n)
+                n = k
+        if n is None:
+            n = _checkpoint_count(cfg, weights, infos)
+        if unnamed and dataset is not None and n is not None and int(dataset.num_classes) != n:
+            logger.info("the default data set %s has %d classes, the checkpoints %d; not using it",
+                        cfg.data.root, dataset.num_classes, n)
+            dataset = None
         if cfg.model.num_classes is None:
             cfg.model.num_classes = n
         if cfg.teacher is not None and cfg.teacher.num_classes is None:
@@ -161,14 +227,25 @@ def model_inputs(
                 f"{p}: was trained on categories {list(lm.category_ids)}, {stored[0][0]} on "
                 f"{list(stored[0][1].category_ids)}; side by side they need the same categories"
             )
+    detector = specs[0][1][0].detector if specs else cfg.model.detector
     if stored:
         label_map, source = stored[0][1], f"checkpoint {stored[0][0]}"
     elif dataset is not None:
         label_map, source = LabelMap.from_dataset(dataset), f"data set {getattr(dataset, 'source', cfg.data.root)}"
+        if getattr(dataset, "label_map", None) == "category_id" and n is not None and n > label_map.num_classes:
+            label_map = label_map.padded(n)
+    elif n == COCO_CLASSES and (is_torchvision(detector) or cfg.data.label_map == "category_id"):
+        from hmkd.models.torchvision_zoo import coco_weights
+
+        label_map = LabelMap.torchvision_coco(detector)
+        tv = detector if is_torchvision(detector) else "torchvision:fasterrcnn_resnet50_fpn"
+        source = f"torchvision's weight metadata ({coco_weights(tv)}.meta['categories']; label = COCO category id)"
     else:
         label_map, source = None, "none"
     if label_map is not None and n is not None and label_map.num_classes != n:
         raise ConfigError(f"the label map ({source}) has {label_map.num_classes} classes, the models {n}")
+    if label_map is not None:
+        logger.info("label names: %d labels from %s", label_map.num_classes, source)
     return ModelInputs(cfg, specs, n, dataset, label_map, source)
 
 
@@ -213,23 +290,19 @@ def _classes_from_keys(cfg: ModelConfig, info: CheckpointInfo) -> int:
     """The class count (without background) a state dict's classifier shape tells."""
     from hmkd.models.torchvision_zoo import detector_family
 
-    sd, weights = info.state_dict, info.path
     family = detector_family(cfg.detector)
-    if family in ("faster_rcnn", "mask_rcnn"):
-        key, per_loc = "roi_heads.box_predictor.cls_score.weight", 1
-    elif family == "fcos":
-        key, per_loc = "head.classification_head.cls_logits.weight", 1
-    elif family == "retinanet":
-        key, per_loc = "head.classification_head.cls_logits.weight", 9  # 3 octaves x 3 ratios
-    else:
+    if family not in ("faster_rcnn", "mask_rcnn", "fcos", "retinanet"):
         raise ConfigError(f"unknown detector {cfg.detector!r}")
-    if key not in sd:
+    n = checkpoint_classes(dataclasses.replace(info, model=None), cfg.detector)
+    if n is None:
+        key = ("roi_heads.box_predictor.cls_score.weight" if family in ("faster_rcnn", "mask_rcnn")
+               else "head.classification_head.cls_logits.weight")
         check_keys_fit(info, cfg)
-        raise CheckpointError(f"{weights}: no '{key}'; is it a {cfg.detector} checkpoint?")
-    n = sd[key].shape[0]
-    if n % per_loc:
-        raise CheckpointError(f"{weights}: '{key}' has {n} outputs, not a multiple of {per_loc} anchors")
-    return n // per_loc - 1
+        if key in info.state_dict:
+            raise CheckpointError(f"{info.path}: '{key}' has {info.state_dict[key].shape[0]} outputs, "
+                                  "not a multiple of 9 anchors")
+        raise CheckpointError(f"{info.path}: no '{key}'; is it a {cfg.detector} checkpoint?")
+    return n
 
 
 def infer_num_classes(cfg: ModelConfig, weights: str) -> int:

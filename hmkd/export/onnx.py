@@ -24,7 +24,10 @@ onnxruntime's ``session.get_modelmeta().custom_metadata_map``): ``producer``, ``
 and ``input_size`` (``H,W``), ``resized_to`` (the size the graph's own transform resizes that input
 to), ``outputs``, ``labels`` and, when the data set's categories are known, ``label_map``: a JSON
 object from each output label to its data set category,
-``{"1": {"category_id": 3, "name": "disc"}, ...}`` (:func:`read_label_map` reads it back).
+``{"1": {"category_id": 3, "name": "disc"}, ...}`` (:func:`read_label_map` reads it back). Labels
+that are no category (torchvision's ten "N/A" COCO outputs) are left out. For a torchvision COCO
+checkpoint without a data set the map is COCO's, from torchvision's weight metadata
+(:func:`hmkd.engine.inputs.model_inputs`).
 """
 
 from __future__ import annotations
@@ -96,7 +99,8 @@ def onnx_metadata(onnx_path: str | os.PathLike) -> dict[str, str]:
 
 
 def read_label_map(onnx_path: str | os.PathLike) -> dict[int, dict[str, Any]] | None:
-    """``{label: {"category_id", "name"}}`` from an exported file's ``label_map``; None without one."""
+    """``{label: {"category_id", "name"}}`` from an exported file's ``label_map`` (the labels that are
+    categories); None without one."""
     raw = onnx_metadata(onnx_path).get("label_map")
     if raw is None:
         return None

@@ -22,6 +22,8 @@ exactly (tested against torchvision's own models in ``tests/models/test_torchvis
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,6 +72,11 @@ class TorchvisionDetector:
     @property
     def name(self) -> str:
         return PREFIX + self.builder
+
+    @property
+    def backbone(self) -> str:
+        """The body the builder fixes: ``resnet50`` or ``mobilenet_v3_large``."""
+        return "mobilenet_v3_large" if "mobilenet_v3_large" in self.builder else "resnet50"
 
 
 _RCNN_KEYS = (("0", "P2"), ("1", "P3"), ("2", "P4"), ("3", "P5"), ("pool", "P6"))
@@ -232,14 +239,80 @@ def build_torchvision_detector(
     return model
 
 
+# -- what a state dict is, and COCO's names ------------------------------------------------------
+_COUNTER = ".num_batches_tracked"
+
+
+@functools.lru_cache(maxsize=None)
+def _meta_model(builder: str) -> nn.Module:
+    """torchvision's ``<builder>`` on the meta device (no memory, no random init: keys and shapes only)."""
+    with torch.device("meta"):
+        return getattr(tvd, builder)(weights=None, weights_backbone=None, num_classes=91)
+
+
+@functools.lru_cache(maxsize=None)
+def builder_keys(detector: str) -> frozenset[str]:
+    """The state-dict keys of ``torchvision:<builder>``'s model, without batch-norm
+    ``num_batches_tracked`` counters (which FrozenBatchNorm2d drops); they do not depend on the
+    class count, the norm or the sizes."""
+    model = _meta_model(torchvision_entry(detector).builder)
+    return frozenset(k for k in model.state_dict() if not k.endswith(_COUNTER))
+
+
+def same_weights(a: str, b: str) -> bool:
+    """Whether two ``torchvision:`` detectors hold the same state-dict keys, so that one's file
+    loads into the other (e.g. the MobileNetV3 FPN and its 320 px variant, which differ only in
+    sizes)."""
+    return a == b or builder_keys(a) == builder_keys(b)
+
+
+def torchvision_builders_of(state_dict: Mapping[str, Any]) -> list[str]:
+    """The ``torchvision:<builder>`` names whose model has exactly ``state_dict``'s keys (batch-norm
+    counters aside; torchvision's old key names are renamed first, as loading does), in
+    :data:`TORCHVISION_DETECTORS` order: a file saved with ``torch.save(model.state_dict())`` from
+    one of the builders (two names for the MobileNetV3 pair, whose weights are the same). Empty
+    when the keys are no builder's."""
+    from hmkd.models.weights import upgrade_legacy_keys
+
+    out = []
+    for name, entry in TORCHVISION_DETECTORS.items():
+        sd = dict(state_dict)
+        upgrade_legacy_keys(_meta_model(entry.builder), sd)
+        if {k for k in sd if not k.endswith(_COUNTER)} == builder_keys(name):
+            out.append(name)
+    return out
+
+
+def coco_weights(detector: str) -> Any:
+    """The ``<Builder>_Weights`` entry of ``torchvision:<builder>``'s COCO checkpoint (e.g.
+    ``FasterRCNN_ResNet50_FPN_Weights.COCO_V1``): its metadata ships in the package, and nothing is
+    downloaded unless its ``get_state_dict`` is called (hmkd never does)."""
+    from torchvision.models import get_model_weights
+
+    return get_model_weights(torchvision_entry(detector).builder).DEFAULT
+
+
+def coco_categories(detector: str) -> list[str]:
+    """torchvision's COCO names of each output ``0..90`` of ``torchvision:<builder>``'s COCO
+    checkpoint, from the builder's weight metadata (:func:`coco_weights`, ``.meta["categories"]``).
+    Entry 0 is ``__background__``, the ten unused COCO ids are ``N/A``; the others are COCO's
+    category names at their category ids."""
+    return list(coco_weights(detector).meta["categories"])
+
+
 __all__ = [
     "PREFIX",
     "TORCHVISION_DETECTORS",
     "TorchvisionDetector",
     "build_torchvision_detector",
+    "builder_keys",
+    "coco_categories",
+    "coco_weights",
     "detector_family",
     "freeze_body_layers",
     "is_torchvision",
+    "same_weights",
     "set_body_norm",
+    "torchvision_builders_of",
     "torchvision_entry",
 ]

@@ -80,7 +80,7 @@ def cmd_data_visdrone(args: argparse.Namespace) -> int:
 # -- train / distill / eval ---------------------------------------------------------------------
 def cmd_train(args: argparse.Namespace) -> int:
     from hmkd.engine.logging_utils import format_summary
-    from hmkd.training.trainer import train
+    from hmkd.training import train
 
     cfg = _load_cfg(args)
     if args.cmd == "distill" and cfg.distill.method == "none":
@@ -127,7 +127,7 @@ def cmd_fit_decoder(args: argparse.Namespace) -> int:
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from hmkd.config import PRETRAIN_BACKBONE
-    from hmkd.training.pretrain import ensure_pretrained
+    from hmkd.training import ensure_pretrained
 
     cfg = _load_cfg(args)
     sections = [("model", cfg.model), ("teacher", cfg.teacher)]

@@ -237,8 +237,8 @@ def draw_students(cfg: Config, weights: dict[str, str], out_dir: str) -> list[st
 def run_demo(out_dir: str = "runs/demo", quick: bool = False, progress: bool = True) -> dict[str, Any]:
     """Run the demo; writes ``out_dir/results.json``, ``out_dir/results.md`` and
     ``out_dir/detections/*.png`` and returns the results."""
-    from hmkd.training.pretrain import ensure_pretrained
-    from hmkd.training.trainer import train
+    from hmkd.training import ensure_pretrained
+    from hmkd.training import train
 
     t_start = time.time()
     os.makedirs(out_dir, exist_ok=True)

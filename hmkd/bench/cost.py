@@ -226,7 +226,7 @@ def _without_stand_ins(cfg: Config) -> tuple[Config, list[str]]:
     """``cfg`` with every ``backbone_weights: pretrain`` (the pretrained stand-in, which may take
     minutes to make) replaced by random initial weights: a step's cost does not depend on them.
     Also returns the sections changed."""
-    from hmkd.training.pretrain import resolve_pretrained
+    from hmkd.training import resolve_pretrained
 
     changed = [name for name, m in (("model", cfg.model), ("teacher", cfg.teacher))
                if m is not None and m.backbone_weights == PRETRAIN_BACKBONE]
@@ -245,23 +245,6 @@ def _teacher_mode(cfg: Config, random_teacher: bool | None) -> tuple[bool, str]:
     if random_teacher is False:
         raise ConfigError(f"teacher.weights {w!r} is not a file (pass random_teacher=True to time with random weights)")
     return False, f"random weights (teacher.weights {w!r} not found; cost does not depend on the weights)"
-
-
-def _build(cfg: Config, method: str, n_cls: int, device: torch.device, load_teacher: bool, options: dict) -> Any:
-    from hmkd.distill import build_distiller
-    from hmkd.models import build_model
-
-    torch.manual_seed(cfg.seed)
-    student = build_model(cfg.model, n_cls)
-    teacher = None
-    if _needs_teacher(method):
-        torch.manual_seed(cfg.seed + 1)
-        teacher = build_model(cfg.teacher, n_cls, load=load_teacher)
-    torch.manual_seed(cfg.seed + 2)
-    distiller = build_distiller(method, student=student, teacher=teacher, options=options)
-    distiller.set_teacher_dtype(cfg.distill.teacher_dtype)
-    distiller.to(device).train()
-    return distiller
 
 
 class _MethodRun:
@@ -286,13 +269,16 @@ class _MethodRun:
     def setup(self, batches: list, n_cls: int, load_teacher: bool, warmup: int) -> None:
         """Build the models and optimisers and run ``max(1, warmup)`` untimed steps; the peak memory
         of all that (the method's models, optimiser state, one step's activations) is recorded."""
-        from hmkd.engine.optim import build_optimizer
+        from hmkd.distill.build import build_run
 
         with PeakMemory(self.device) as mem:
-            self.distiller = _build(self.cfg, self.method, n_cls, self.device, load_teacher, self.options)
-            self.main_params = self.distiller.student_parameters() + self.distiller.distiller_parameters()
-            self.opt = build_optimizer(self.cfg.train, self.main_params)
-            self.extra_opts = list(self.distiller.extra_optimizers())
+            torch.manual_seed(self.cfg.seed)
+            # what a training run of this method builds (no decoder fit, no teacher copy: a step's
+            # cost depends on neither)
+            parts = build_run(self.cfg, n_cls, device=self.device, method=self.method, options=self.options,
+                              load_teacher=load_teacher)
+            self.distiller, self.main_params, self.clip_grad = parts.distiller, parts.main_params, parts.clip_grad
+            self.opt, self.extra_opts = parts.optimizer, parts.extra_optimizers
             self.scaler = torch.amp.GradScaler("cuda") if self.amp else None
             self._wraps = _instance_wraps(self.distiller, {
                 "teacher_features": lambda f: self.clock.wrap(f, "teacher_forward"),
@@ -316,7 +302,7 @@ class _MethodRun:
         self.clock.start()
         engine_step.train_step(
             self.distiller, self.opt, images, targets, it,
-            main_params=self.main_params, clip_grad=self.distiller.main_clip(self.cfg.train.clip_grad), extra_optimizers=self.extra_opts,
+            main_params=self.main_params, clip_grad=self.clip_grad, extra_optimizers=self.extra_opts,
             scaler=self.scaler, amp=self.amp, clock=self.clock.mark,
         )
         self.i += 1
@@ -365,7 +351,7 @@ class _MethodRun:
     def close(self) -> None:
         if hasattr(self, "_wraps"):
             self._wraps.__exit__(None, None, None)
-        for k in ("distiller", "opt", "main_params", "extra_opts", "scaler"):
+        for k in ("distiller", "opt", "main_params", "clip_grad", "extra_opts", "scaler"):
             self.__dict__.pop(k, None)
 
 

@@ -1,6 +1,6 @@
 """Checkpoint files: atomic writes, one-line errors on unreadable files, RNG state capture.
 
-A training checkpoint is a dict (see :func:`hmkd.training.trainer.train`)::
+A training checkpoint is a dict (see :func:`hmkd.training.train`)::
 
     {"model": student state dict,            # a plain detector checkpoint: build_model(weights=path)
      "distiller": the method's own modules,   # adapters, GcBlocks, decoder ... (no student keys)

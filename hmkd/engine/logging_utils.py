@@ -99,7 +99,7 @@ def _num(x: Any, digits: int = 1) -> str:
 
 
 def format_summary(result: dict[str, Any]) -> str:
-    """The end-of-run summary :func:`hmkd.training.trainer.train` results print as (``hmkd train``):
+    """The end-of-run summary :func:`hmkd.training.train` results print as (``hmkd train``):
     a table of the final metrics (``-`` where COCO has nothing to score), the best periodic
     evaluation, the time, and the output files."""
     keys = ("mAP", "AP50", "AP75", "APs", "APm", "APl")

@@ -31,7 +31,7 @@ def build_model(cfg: ModelConfig, num_classes: int | None = None, *, load: bool 
     """Build the detector a :class:`ModelConfig` describes and load its weights file if it names one."""
     if load and cfg.backbone_weights == PRETRAIN_BACKBONE:
         raise ConfigError(f"backbone_weights: {PRETRAIN_BACKBONE} names the pretrained stand-in, which "
-                          "hmkd.training.pretrain.resolve_pretrained turns into its file first")
+                          "hmkd.training.resolve_pretrained turns into its file first")
     model = build_detector(**model_kwargs(cfg, num_classes))
     if load and cfg.backbone_weights:
         load_weights(model, cfg.backbone_weights, prefix="backbone.body", strict=False)

@@ -27,18 +27,14 @@ import hashlib
 import json
 import logging
 import os
-import time
 from typing import Any
 
-import torch
 
 from hmkd.config import PRETRAIN_BACKBONE as PRETRAIN
 from hmkd.config import Config, DataConfig, DistillConfig, EvalConfig, ModelConfig, TrainConfig, to_dict
-from hmkd.errors import ConfigError
-from hmkd.models.weights import read_state_dict
-from hmkd.utils import atomic_open, cache_root, preserved_random_state, write_json
+from hmkd.utils import cache_root
 
-__all__ = ["PRETRAIN", "cache_dir", "ensure_pretrained", "pretrain_config", "pretrain_key", "resolve_pretrained"]
+__all__ = ["PRETRAIN", "cache_dir", "pretrain_config", "pretrain_key"]
 
 logger = logging.getLogger(__name__)
 
@@ -99,59 +95,3 @@ def pretrain_key(pcfg: Config) -> str:
     for k in ("log_period", "ckpt_period", "tensorboard"):
         d["train"].pop(k, None)
     return _digest(_non_default(d, to_dict(Config(teacher=ModelConfig()))))
-
-
-def ensure_pretrained(cfg: Config, model: ModelConfig, *, progress: bool = True) -> str:
-    """The stand-in's ``backbone.pth`` for ``model``'s backbone: from the cache, else trained now
-    (resuming a stopped pretraining). Returns its path."""
-    from hmkd.engine import distributed as du
-    from hmkd.training.trainer import train
-
-    pcfg = pretrain_config(cfg, model)
-    folder = os.path.join(cache_dir(), f"{model.backbone}-{pretrain_key(pcfg)}")
-    weights = os.path.join(folder, "backbone.pth")
-    if os.path.isfile(weights):
-        return weights
-    if du.env_world_size() > 1:
-        raise ConfigError(
-            f"{model.backbone}: the pretrained stand-in (backbone_weights: {PRETRAIN}) is not in {cache_dir()}; "
-            "make it once without torchrun first: hmkd pretrain CONFIG"
-        )
-    run_dir = os.path.join(folder, "run")
-    logger.info("pretraining the %s stand-in (%d iterations on the %r synthetic set, seed %d) -> %s",
-                model.backbone, pcfg.train.iters, pcfg.data.synth.preset, pcfg.seed, folder)
-    t0 = time.time()
-    # the pretraining seeds itself (pcfg.seed): it is the same whoever asks for it, and it leaves the
-    # caller's random streams as they were, so a run that makes the stand-in goes on exactly as one
-    # that found it in the cache
-    with preserved_random_state():
-        metrics = train(pcfg, output_dir=run_dir, resume=os.path.isfile(os.path.join(run_dir, "last_checkpoint.pth")),
-                        progress=progress)
-    sd = read_state_dict(os.path.join(run_dir, "model_final.pth"))
-    body = {k[len("backbone.body."):]: v for k, v in sd.items() if k.startswith("backbone.body.")}
-    if not body:
-        raise RuntimeError(f"{run_dir}/model_final.pth holds no backbone.body weights")
-    with atomic_open(weights, "wb") as f:
-        torch.save(body, f)
-    bbox = metrics.get("bbox") or {}
-    write_json(os.path.join(folder, "pretrain.json"), {
-        "backbone": model.backbone, "config": to_dict(pcfg),
-        "metrics": {k: v for k, v in bbox.items() if k != "per_class"},
-        "wall_seconds": time.time() - t0, "timing": metrics.get("timing"),
-    })
-    logger.info("%s stand-in: mAP %.1f on its own val split; %s", model.backbone, bbox.get("mAP", float("nan")), weights)
-    return weights
-
-
-def resolve_pretrained(cfg: Config, *, student: bool = True, teacher: bool = True, progress: bool = True) -> Config:
-    """A copy of ``cfg`` whose ``backbone_weights: pretrain`` are the stand-in's files (made now if
-    not cached), or None where they would be replaced anyway: the student's with ``student=False``
-    (e.g. on resume), the teacher's when it has ``weights`` of its own or ``teacher=False``."""
-    out = copy.deepcopy(cfg)
-    if out.model.backbone_weights == PRETRAIN:
-        path = ensure_pretrained(cfg, cfg.model, progress=progress) if student else None
-        out.model = dataclasses.replace(out.model, backbone_weights=path)
-    if out.teacher is not None and out.teacher.backbone_weights == PRETRAIN:
-        path = ensure_pretrained(cfg, cfg.teacher, progress=progress) if teacher and not out.teacher.weights else None
-        out.teacher = dataclasses.replace(out.teacher, backbone_weights=path)
-    return out

@@ -1,4 +1,4 @@
-"""One training step: what :func:`hmkd.training.trainer.train` runs per iteration, and what
+"""One training step: what :func:`hmkd.training.train` runs per iteration, and what
 ``hmkd bench cost`` times, so the benchmark measures exactly what training does.
 
     losses = distiller(images, targets, iteration)    # under fp16 autocast with amp (CUDA)

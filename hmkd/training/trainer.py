@@ -79,17 +79,15 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from hmkd.config import (
     Config,
-    check_config,
     is_mask_model,
     resolve_config,
     resolve_num_classes,
     save_config,
     to_dict,
 )
-from hmkd.distill.matching.method import DecoderDistiller
+from hmkd.distill.build import build_run, teacher_use
 from hmkd.engine import checkpoint as ckpt_io
 from hmkd.engine import distributed as du
-from hmkd.distill.matching.fit import prepare_decoder
 from hmkd.engine.evaluation import aitod_max_dets_of, evaluate_model, write_eval_outputs
 from hmkd.engine.loaders import close_loader_iter, next_batch, to_device
 from hmkd.engine.logging_utils import (
@@ -103,8 +101,6 @@ from hmkd.engine.logging_utils import (
     read_jsonl,
     step_line,
 )
-from hmkd.engine.optim import build_optimizer, build_scheduler
-from hmkd.training.pretrain import resolve_pretrained
 from hmkd.engine.sampler import InfiniteBatchSampler, SeededDataset, mix_seed
 from hmkd.engine.signals import StopSignal, worker_init
 from hmkd.training.step import train_step
@@ -114,7 +110,7 @@ from hmkd.utils import write_json
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TrainingInterrupted", "resolve_output_dir", "train"]
+__all__ = ["Trainer", "TrainingInterrupted", "resolve_output_dir"]
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -142,40 +138,10 @@ def resolve_output_dir(cfg: Config, output_dir: str | None = None) -> str:
     return output_dir or cfg.output_dir or os.path.join("runs", cfg.name)
 
 
-# ------------------------------------------------------------------------------------ training
-def train(
-    cfg: Config, *, output_dir: str | None = None, resume: bool = False, progress: bool = True
-) -> dict[str, Any]:
-    """Train ``cfg.model`` with ``cfg.distill.method`` for ``cfg.train.iters`` iterations.
-
-    Args:
-        cfg: the run's config (teacher built from ``cfg.teacher``; its ``weights`` are required
-            when the method needs a teacher or ``distill.init_student`` copies from it).
-        output_dir: where everything is written (default ``cfg.output_dir`` or ``runs/<cfg.name>``).
-        resume: continue from ``output_dir/last_checkpoint.pth`` (a :class:`CheckpointError` naming
-            the path when there is none: a mistyped folder must not start from scratch unnoticed).
-        progress: report progress (rank 0): a tqdm bar when stderr is a terminal, and in any case
-            a log line every ``train.log_period`` iterations.
-
-    Returns:
-        The final metrics (also ``metrics.json``): ``{"bbox": {...}, ["segm": {...},] "best": {...},
-        "timing": {...}, "iteration": N, "status": "finished", "output_dir": ...}``.
-
-    Raises:
-        ConfigError, DataError, CheckpointError: bad inputs (one-line messages).
-        NonFiniteLossError: a loss term became NaN/inf (the last checkpoint is left intact).
-        TrainingInterrupted: SIGINT/SIGTERM; a checkpoint was saved first.
-    """
-    check_config(cfg)
-    ctx = du.init_distributed(cfg.device)
-    try:
-        return _Run(cfg, ctx, resolve_output_dir(cfg, output_dir), resume, progress).run()
-    finally:
-        du.cleanup(ctx)
-
-
-class _Run:
-    """One training run (kept as an object so the loop's state is in one place)."""
+class Trainer:
+    """One training run (kept as an object so the loop's state is in one place): :meth:`prepare`
+    (checks, data), :meth:`build` (what the run trains, :func:`hmkd.distill.build.build_run`), :meth:`run`
+    (resume state, the loop, the final evaluation); :func:`hmkd.training.run.train` calls the three."""
 
     def __init__(self, cfg: Config, ctx: du.DistContext, output_dir: str, resume: bool, progress: bool) -> None:
         self.ctx = ctx
@@ -191,33 +157,19 @@ class _Run:
             self.amp = False
 
     # -- setup ----------------------------------------------------------------------------------
-    def _setup(self) -> None:
+    def prepare(self) -> None:
+        """Check what can be checked before any work (the resume state, the teacher), read both data
+        splits and run their pre-flight check. Sets :attr:`resuming` and :attr:`teacher_use`."""
         from hmkd.data import build_data
-        from hmkd.distill import build_distiller, method_class, needs_teacher
-        from hmkd.models import build_model
-        from hmkd.models import weights as weights_io
 
+        paths = self._paths()
+        if self.resume and not os.path.isfile(paths["last"]):
+            raise CheckpointError(self._no_resume_state(paths["last"]))
         cfg, ctx = self.raw_cfg, self.ctx
         method = cfg.distill.method
-        with_teacher = needs_teacher(method)
-        # the student's FPN / heads from the teacher: at the start of a run only (a checkpoint holds the student)
-        init = cfg.distill.init_student or method_class(method).default_init_student
-        if init != "none":
-            if cfg.teacher is None or not cfg.teacher.weights:
-                raise ConfigError(
-                    f"distill.init_student {init} (method {method!r}) copies a trained teacher into the student: "
-                    "set teacher.weights to its checkpoint (or distill.init_student: none)"
-                )
-        resuming = self.resume and os.path.isfile(self._paths()["last"])
-        do_init = init != "none" and not resuming
-        if with_teacher:
-            if cfg.teacher is None:
-                raise ConfigError(f"distill.method {method!r} needs a teacher: add a 'teacher' section with 'weights'")
-            if not cfg.teacher.weights:
-                raise ConfigError(
-                    f"distill.method {method!r} needs a trained teacher: set teacher.weights to its checkpoint"
-                )
-        elif cfg.teacher is not None and init == "none":
+        self.teacher_use = use = teacher_use(cfg)
+        self.resuming = self.resume and os.path.isfile(paths["last"])
+        if not use.distils and cfg.teacher is not None and use.init == "none":
             logger.info("distill.method %r uses no teacher; the 'teacher' section is ignored", method)
 
         if ctx.is_main:
@@ -236,59 +188,30 @@ class _Run:
         # category ids and names of labels 1..K, for eval / viz / export of the checkpoints
         self.label_map = LabelMap.from_dataset(self.train_set).to_dict()
 
-        # backbone_weights: pretrain -> the stand-in's file (pretrained now if not cached; a resumed
-        # student's weights come from its checkpoint). Pretraining it leaves the random streams as
-        # they were (as the decoder fit below does): the student's initial weights, and so the run,
-        # do not depend on what the cache held
-        built = resolve_pretrained(cfg, student=not resuming, teacher=with_teacher or do_init, progress=self.progress)
-        student = build_model(built.model, n)
-        teacher = build_model(built.teacher, n) if with_teacher or do_init else None
-        if do_init:
-            report = weights_io.init_from_teacher(student, teacher, init)
-            if ctx.is_main:
-                logger.info("distill.init_student %s: %s", init, report.summary())
-        if with_teacher and ctx.is_main:
-            self._say_teacher(cfg.teacher.weights)
-        if not with_teacher:
-            teacher = None  # only needed for the copy
-        self.distiller = build_distiller(method, student=student, teacher=teacher, options=cfg.distill.options)
-        self.clip_grad = self.distiller.main_clip(cfg.train.clip_grad)
-        if self.clip_grad != cfg.train.clip_grad and ctx.is_main:
-            logger.info("method %r clips the main parameters' gradients at %s (not train.clip_grad %s)",
-                        method, self.clip_grad, cfg.train.clip_grad)
-        self.distiller.set_teacher_dtype(cfg.distill.teacher_dtype)
-        self.distiller.to(self.device)
-        self.decoder_file: str | None = None
-        if isinstance(self.distiller, DecoderDistiller) and not resuming:
-            # a decoder fitted on the teacher alone (distill.options.decoder_fit): the main process fits
-            # or finds it in the cache first, the others then load the cached file
-            self.decoder_file = du.main_first(
-                ctx, lambda: prepare_decoder(self.distiller, cfg, self.train_set, self.device, progress=self.bars)
-            )
-        self.distiller.train()
-        self.student = student
-        self.main_params = self.distiller.student_parameters() + self.distiller.distiller_parameters()
-        self.extras = list(self.distiller.extra_optimizers())
-        extra: dict[int, nn.Parameter] = {}
-        for m in self.distiller.extra_modules().values():
-            extra.update((id(p), p) for p in m.parameters() if p.requires_grad)
-        for _, opt, _ in self.extras:
-            extra.update((id(p), p) for g in opt.param_groups for p in g["params"])
-        main_ids = {id(p) for p in self.main_params}
-        self.extra_params = [p for k, p in extra.items() if k not in main_ids]
-        self.sync_params = self.distiller.distiller_parameters() + self.extra_params  # outside DDP
+    @property
+    def builds_teacher(self) -> bool:
+        """Whether :meth:`build` builds the teacher (to distil from, or to copy from when not resuming)."""
+        use = self.teacher_use
+        return use.distils or (use.init != "none" and not self.resuming)
 
+    def build(self, cfg: Config) -> None:
+        """Build what the run trains from ``cfg``, the run's config with its stand-ins resolved
+        (:func:`hmkd.training.run.resolve_pretrained`)."""
+        ctx, use, resuming = self.ctx, self.teacher_use, self.resuming
+        parts = build_run(cfg, self.num_classes, device=self.device, init="none" if resuming else use.init,
+                          train_set=None if resuming else self.train_set, ctx=ctx, progress=self.bars)
+        if use.distils and ctx.is_main:
+            self._say_teacher(cfg.teacher.weights)
+        self.parts = parts
+        self.distiller, self.student = parts.distiller, parts.student
+        self.optimizer, self.scheduler = parts.optimizer, parts.scheduler
+        self.extras, self.extra_scheds = parts.extra_optimizers, parts.extra_schedulers
         if ctx.distributed:
             du.broadcast_module(ctx, self.distiller)
             ddp = nn.parallel.DistributedDataParallel(
-                student, device_ids=[self.device.index] if self.device.type == "cuda" else None
+                self.student, device_ids=[self.device.index] if self.device.type == "cuda" else None
             )
             self.distiller.wrap_student(ddp)
-
-        self.optimizer = build_optimizer(cfg.train, self.main_params)
-        self.scheduler = build_scheduler(cfg.train, self.optimizer)
-        # the method's own optimisers' schedules over the run (e.g. ICD's cosine decoder lr)
-        self.extra_scheds = list(self.distiller.extra_schedulers(cfg.train.iters))
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp) if self.amp else None
         self.iteration = 0
         self.best = {"iteration": None, "mAP": None}
@@ -502,10 +425,8 @@ class _Run:
 
     # -- the loop -------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
+        """Train (after :meth:`prepare` and :meth:`build`); returns the final metrics."""
         paths = self._paths()
-        if self.resume and not os.path.isfile(paths["last"]):
-            raise CheckpointError(self._no_resume_state(paths["last"]))
-        self._setup()
         cfg, ctx, tcfg = self.cfg, self.ctx, self.cfg.train
         resumed = False
         if self.resume:
@@ -610,8 +531,8 @@ class _Run:
                 try:
                     values = train_step(
                         self.distiller, self.optimizer, images, targets, it,
-                        main_params=self.main_params, clip_grad=self.clip_grad, extra_optimizers=self.extras,
-                        scaler=self.scaler, amp=self.amp, ctx=ctx, sync_params=self.sync_params,
+                        main_params=self.parts.main_params, clip_grad=self.parts.clip_grad, extra_optimizers=self.extras,
+                        scaler=self.scaler, amp=self.amp, ctx=ctx, sync_params=self.parts.sync_params,
                     )
                 except NonFiniteLossError as e:
                     raise NonFiniteLossError(f"{e} (last good checkpoint: {last_ckpt or 'none yet'})") from None

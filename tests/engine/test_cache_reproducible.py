@@ -15,7 +15,7 @@ from hmkd.config import load_config
 from hmkd.data import build_data
 from hmkd.distill.matching.fit import load_fitted, prepare_decoder
 from hmkd.distill.matching.report import build_decoder_method
-from hmkd.training.trainer import train
+from hmkd.training import train
 from hmkd.models import build_model
 
 MODEL = [

@@ -31,7 +31,7 @@ WORKER = textwrap.dedent(
     from torch import nn
     from hmkd.config import load_config
     from hmkd.distill import Distiller, MethodOptions, register
-    from hmkd.training.trainer import train
+    from hmkd.training import train
     from hmkd.models import fpn_channels_of
 
     RANK = int(os.environ["RANK"])

@@ -11,7 +11,7 @@ import torch
 from hmkd.config import load_config
 from hmkd.data import build_data
 from hmkd.distill.matching.decoder import KeyValues
-from hmkd.engine import decoder_fit
+from hmkd.distill.matching import fit as decoder_fit
 from hmkd.distill.matching.fit import fit_key, load_fitted, prepare_decoder, teacher_digest
 from hmkd.distill.matching.quality import measure_decoder, other_image_keys, shuffled_keys
 from hmkd.distill.matching.report import build_decoder_method, fit_decoder_report
@@ -164,7 +164,7 @@ def test_a_frozen_fitted_decoder_runs_no_aux_task_and_has_no_optimiser(synth_roo
 
 
 def test_distillation_fits_once_with_decoder_fit_auto(synth_root, teacher_weights, cache, tmp_path):
-    from hmkd.training.trainer import train
+    from hmkd.training import train
 
     cfg = make_cfg(synth_root, teacher_weights, "distill.options.decoder_fit=auto", "distill.options.decoder_training=frozen",
                    "train.keep_last_checkpoint=true")

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from hmkd.config import load_config
-from hmkd.training.pretrain import ensure_pretrained, pretrain_config, pretrain_key, resolve_pretrained
-from hmkd.training.trainer import train
+from hmkd.training import ensure_pretrained, resolve_pretrained
+from hmkd.training.pretrain import pretrain_config, pretrain_key
+from hmkd.training import train
 from hmkd.errors import ConfigError
 from hmkd.models import build_model
 

@@ -26,7 +26,7 @@ from hmkd.engine import checkpoint as ck
 from hmkd.engine.sampler import InfiniteBatchSampler
 from hmkd.engine.evaluation import evaluate
 from hmkd.engine.optim import WarmupSchedule
-from hmkd.training.trainer import TrainingInterrupted, train
+from hmkd.training import TrainingInterrupted, train
 from hmkd.errors import CheckpointError, ConfigError, NonFiniteLossError
 from hmkd.models import build_model, fpn_channels_of
 

@@ -15,7 +15,7 @@ from PIL import Image
 
 from hmkd.cli import main
 from hmkd.config import ModelConfig, load_config, save_config
-from hmkd.training.trainer import train
+from hmkd.training import train
 from hmkd.errors import CheckpointError, ConfigError
 from hmkd.export.onnx import onnx_session, read_label_map
 from hmkd.models import build_detector

@@ -16,7 +16,7 @@ from hmkd.config import load_config
 from hmkd.data import CocoDetection, VisDroneDetection, build_dataset, build_transforms, collate_fn, convert_visdrone
 from hmkd.distill import build_distiller, needs_teacher
 from hmkd.engine import checkpoint as ck
-from hmkd.training.trainer import train
+from hmkd.training import train
 from hmkd.errors import CheckpointError, ConfigError, DataError, HMKDError
 from hmkd.models import build_detector, load_weights
 

@@ -27,7 +27,7 @@ import torch
 
 from hmkd.config import load_config
 from hmkd.engine import checkpoint as ck
-from hmkd.training.trainer import train
+from hmkd.training import train
 
 from reliability_helpers import TINY_MODEL, child_env, popen_cli, write_coco
 
@@ -79,7 +79,7 @@ import io, os, sys, time
 import torch
 from hmkd.config import load_config
 from hmkd.engine import checkpoint as ck
-from hmkd.training.trainer import train
+from hmkd.training import train
 
 out, marker, cfg_path = sys.argv[1:4]
 real = torch

@@ -8,7 +8,7 @@ What :func:`run_accuracy_bench` does::
                model := cfg.teacher and train.iters := teacher_iters [3 x cfg.train.iters])
     students   for every method (none fitnet fgd icd hmkd) or ablation variant, for every seed s
                in [cfg.seed, cfg.seed + seeds): cfg with seed := s, distill.method := method,
-               trained by hmkd.training.trainer.train into out_dir/runs/<key>_s<seed>
+               trained by hmkd.training.train into out_dir/runs/<key>_s<seed>
                (none: the plain student, no teacher; none_init, when asked for or when the config
                sets distill.init_student: the no-KD student initialised from the teacher's FPN and
                heads, the fair baseline of rows that start so)

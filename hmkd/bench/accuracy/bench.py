@@ -92,7 +92,7 @@ def _pretrain_stage(cfg: Config, train_teacher: bool, progress: bool) -> dict[st
     benchmark trains the teacher, of the teacher's: made now or found in the cache, with the wall time
     its pretraining took and its detector's metrics on the pretraining set."""
     from hmkd.config import PRETRAIN_BACKBONE
-    from hmkd.training.pretrain import ensure_pretrained
+    from hmkd.training import ensure_pretrained
 
     out: dict[str, Any] = {}
     sections = [("student", cfg.model)] + ([("teacher", cfg.teacher)] if train_teacher else [])

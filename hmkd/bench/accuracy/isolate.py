@@ -4,7 +4,7 @@ Why: ``peak_mem_mb`` on CPU is the process's peak RSS, which never decreases wit
 each run gets its own process to make the number its own (and no run inherits another's memory;
 the child reads ``VmHWM``, not ``ru_maxrss``, which on Linux starts at the parent's peak).
 The child reads the run's config from ``run_dir/bench_run.json`` and trains it with
-:func:`hmkd.training.trainer.train`. It runs in its own session, so that a terminal's Ctrl-C reaches
+:func:`hmkd.training.train`. It runs in its own session, so that a terminal's Ctrl-C reaches
 only the benchmark, which passes it on as one SIGTERM: the child finishes its iteration, saves a
 checkpoint and stops (a second signal is passed on as SIGINT). The child's error (type, message,
 traceback) comes back through ``run_dir/bench_error.json`` and is raised again in the parent, as
@@ -46,7 +46,7 @@ def child_main(run_dir: str, resume: bool, progress: bool) -> int:
     except Exception:  # pragma: no cover - not Linux
         pass
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from hmkd.training.trainer import TrainingInterrupted, train
+    from hmkd.training import TrainingInterrupted, train
 
     spec = read_json(os.path.join(run_dir, SPEC_FILE)) or {}
     try:
@@ -67,7 +67,7 @@ def child_main(run_dir: str, resume: bool, progress: bool) -> int:
 
 def train_isolated(cfg: Config, run_dir: str, resume: bool, progress: bool) -> None:
     """Train in a child process; re-raise its error here (same type for hmkd's own errors)."""
-    from hmkd.training.trainer import TrainingInterrupted
+    from hmkd.training import TrainingInterrupted
 
     err_path = os.path.join(run_dir, ERROR_FILE)
     if os.path.exists(err_path):

@@ -39,7 +39,7 @@ def train_or_reuse(
     cfg: Config, run_dir: str, *, isolate: bool, progress: bool, what: str
 ) -> tuple[dict[str, Any], bool]:
     """Train ``cfg`` into ``run_dir`` unless a finished run of the same config is there."""
-    from hmkd.training.trainer import train
+    from hmkd.training import train
 
     spec_path = os.path.join(run_dir, SPEC_FILE)
     new_spec = run_spec(cfg)

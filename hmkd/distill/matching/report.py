@@ -21,22 +21,20 @@ logger = logging.getLogger(__name__)
 
 
 def build_decoder_method(cfg: Any, train_set: Any, device: torch.device):
-    """The config's distiller (student, teacher with its weights, options), checked to have a decoder."""
+    """The config's distiller as a run builds it (:func:`hmkd.distill.build.build_run`: student,
+    teacher with its weights, options, teacher precision; no decoder fitted yet), checked to have a
+    decoder."""
     from hmkd.config import resolve_num_classes
-    from hmkd.distill import build_distiller
+    from hmkd.distill.build import build_run
     from hmkd.distill.matching.method import DecoderDistiller
-    from hmkd.models import build_model
 
     method = cfg.distill.method
     if cfg.teacher is None or not cfg.teacher.weights:
         raise ConfigError("hmkd fit-decoder needs the trained teacher: set teacher.weights to its checkpoint")
-    n = resolve_num_classes(cfg, train_set)
-    student = build_model(cfg.model, n)
-    teacher = build_model(cfg.teacher, n)
-    distiller = build_distiller(method, student=student, teacher=teacher, options=cfg.distill.options)
+    distiller = build_run(cfg, resolve_num_classes(cfg, train_set), device=device).distiller
     if not isinstance(distiller, DecoderDistiller):
         raise ConfigError(f"distill.method {method!r} has no matching decoder (icd and hmkd have one)")
-    return distiller.to(device)
+    return distiller
 
 
 def fit_decoder_report(

@@ -369,8 +369,8 @@ def cmd_export_onnx(args: argparse.Namespace) -> int:
         "resized_inside_to": "{}x{}".format(*resized_size(model, size)),
         "max_abs_diff_boxes": report["max_abs_diff_boxes"],
         "max_abs_diff_scores": report["max_abs_diff_scores"],
-        "label_map": {str(i + 1): f"{n} (category {c})" for i, (c, n) in
-                      enumerate(zip(inp.label_map.category_ids, inp.label_map.names))} if inp.label_map else None,
+        "label_map": {k: f"{v['name']} (category {v['category_id']})" for k, v in inp.label_map.by_label().items()}
+        if inp.label_map else None,
         "label_map_from": inp.label_map_source,
     }
     print(json.dumps(summary, indent=2, default=str))

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from hmkd.errors import CheckpointError
+from hmkd.models.weights import read_torch_file
 from hmkd.utils import atomic_open
 
 LAST = "last_checkpoint.pth"
@@ -63,13 +64,7 @@ def partial_writes(directory: str, names: Iterable[str] = (LAST, BEST, FINAL)) -
 def load_checkpoint(path: str, map_location: Any = "cpu") -> dict[str, Any]:
     """Read a checkpoint written by :func:`save_checkpoint`; :class:`CheckpointError` if unreadable."""
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: checkpoint file not found")
-    try:
-        obj = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as e:  # truncated, not a torch file, pickle errors ...
-        msg = " ".join(str(e).split())[:200]
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {msg})") from None
+    obj = read_torch_file(path, kind="checkpoint", map_location=map_location)
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: not an hmkd checkpoint (holds a {type(obj).__name__}, expected a dict)")
     return obj

@@ -39,6 +39,7 @@ from torch import nn
 
 from hmkd.config import Config, ModelConfig, from_dict, merge, parse_overrides
 from hmkd.errors import CheckpointError, ConfigError
+from hmkd.models.weights import load_weights, read_torch_file
 
 logger = logging.getLogger(__name__)
 
@@ -193,26 +194,12 @@ def _known(cls: type, data: Mapping[str, Any], where: str, dropped: list[str]) -
     return out
 
 
-def _load(path: str) -> Any:
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: weights file not found")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except Exception:  # not a zip-format file (mmap needs one), or unreadable: try the plain way
-        pass
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        msg = " ".join(str(e).split())[:200]
-        raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {msg})") from None
-
-
 def read_checkpoint_info(path: str | os.PathLike) -> CheckpointInfo:
     """Read a weights file: an hmkd checkpoint (``model`` + ``config`` [+ ``label_map``]) or a bare
     state dict (``state_dict`` wrappers too). Raises :class:`CheckpointError` (one line) when the
     file is missing, unreadable or holds no state dict."""
     path = os.fspath(path)
-    obj = _load(path)
+    obj = read_torch_file(path, mmap=True)
     config = label_map = model = None
     sd: Any = obj
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
@@ -368,8 +355,6 @@ def load_detector_weights(
     tell another detector or backbone, raises ``checkpoint is retinanet/resnet18 (read off its keys),
     config says fcos/resnet18``; otherwise the key-level message of
     :func:`hmkd.models.load_weights`."""
-    from hmkd.models.weights import load_weights
-
     path = os.fspath(path)
     info = info or read_checkpoint_info(path)
     check_fits(info, config, section=section, hint=hint)

@@ -16,14 +16,34 @@ from hmkd.errors import CheckpointError, ConfigError
 logger = logging.getLogger(__name__)
 
 
+def read_torch_file(path: str | os.PathLike, *, kind: str = "weights", map_location: Any = "cpu",
+                    mmap: bool = False) -> Any:
+    """What the torch file ``path`` holds: the one reader of every weights file and checkpoint hmkd opens.
+
+    ``kind`` names the file in the errors (``weights`` or ``checkpoint``): a missing file is ``PATH:
+    weights file not found``, an unreadable one (truncated, not a torch file, pickle errors) ``PATH: not
+    a readable torch checkpoint (...)`` (``checkpoint``: ``... not a readable checkpoint``), one line each.
+    ``mmap``: memory-map the tensors where the file allows it (zip format), else read it plainly.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: {kind} file not found")
+    if mmap:
+        try:
+            return torch.load(path, map_location=map_location, weights_only=False, mmap=True)
+        except Exception:  # noqa: BLE001 - not a zip-format file (mmap needs one), or unreadable: the plain way says which
+            pass
+    try:
+        return torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:  # truncated, not a torch file, pickle errors ...
+        msg = " ".join(str(e).split())[:200]
+        what = "torch checkpoint" if kind == "weights" else kind
+        raise CheckpointError(f"{path}: not a readable {what} ({type(e).__name__}: {msg})") from None
+
+
 def read_state_dict(path: str) -> dict[str, torch.Tensor]:
     """The model state dict inside ``path`` (an hmkd checkpoint's ``model`` entry, or a bare state dict)."""
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: weights file not found")
-    try:
-        obj: Any = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # truncated or not a torch file
-        raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {e})") from None
+    obj = read_torch_file(path)
     if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
         obj = obj["model"]
     elif isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):

@@ -106,6 +106,7 @@ from hmkd.engine.signals import StopSignal, worker_init
 from hmkd.training.step import train_step
 from hmkd.errors import CheckpointError, ConfigError, NonFiniteLossError
 from hmkd.models.checkpoint_info import LabelMap
+from hmkd.models.weights import read_torch_file
 from hmkd.utils import write_json
 
 logger = logging.getLogger(__name__)
@@ -242,12 +243,9 @@ class Trainer:
     def _say_teacher(self, path: str) -> None:
         """Log the teacher checkpoint's own recorded metrics (``model_final.pth`` holds them)."""
         try:
-            obj = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
-        except Exception:  # noqa: BLE001 - an older format, or not mmap-able: read it plainly
-            try:
-                obj = torch.load(path, map_location="cpu", weights_only=False)
-            except Exception:  # noqa: BLE001 - the weights loader has already reported what matters
-                return
+            obj = read_torch_file(path, mmap=True)
+        except CheckpointError:  # the weights loader has already reported what matters
+            return
         metrics = obj.get("metrics") if isinstance(obj, dict) else None
         bbox = (metrics or {}).get("bbox") if isinstance(metrics, dict) else None
         if not isinstance(bbox, dict) or not bbox:

@@ -55,7 +55,9 @@ __all__ = [
     "EXPORTERS",
     "ExportError",
     "check_onnx",
+    "export_and_check",
     "export_onnx",
+    "export_size",
     "onnx_metadata",
     "onnx_session",
     "output_names",
@@ -325,4 +327,65 @@ def check_onnx(
         "max_abs_diff_boxes": max((r["max_abs_diff_boxes"] for r in per_image), default=0.0),
         "max_abs_diff_scores": max((r["max_abs_diff_scores"] for r in per_image), default=0.0),
         "per_image": per_image,
+    }
+
+
+def export_size(text: str | None, model_cfg: Any) -> tuple[int, int]:
+    """``--size S`` or ``HxW``; default the square the detector evaluates at (``model.min_size``,
+    its last entry when a list, capped by ``model.max_size``)."""
+    if text is None:
+        ms = model_cfg.min_size[-1] if isinstance(model_cfg.min_size, list) else model_cfg.min_size
+        s = int(min(ms, model_cfg.max_size))
+        return s, s
+    parts = text.lower().split("x")
+    try:
+        hw = [int(p) for p in parts]
+    except ValueError:
+        hw = []
+    if len(hw) not in (1, 2):
+        raise ConfigError(f"--size {text!r}: give S or HxW in pixels, e.g. 640 or 480x640")
+    return (hw[0], hw[0]) if len(hw) == 1 else (hw[0], hw[1])
+
+
+def export_and_check(
+    model: nn.Module,
+    model_cfg: Any,
+    out_path: str | os.PathLike,
+    *,
+    size: tuple[int, int],
+    opset: int = 17,
+    weights: str | os.PathLike,
+    label_map: Any | None = None,
+    label_map_source: str = "none",
+    check_images: Sequence[str | os.PathLike] | None = None,
+) -> dict[str, Any]:
+    """``hmkd export onnx`` once its model is built: :func:`export_onnx` at ``size`` (metadata: the
+    architecture of ``model_cfg`` and the ``weights`` file's name), then :func:`check_onnx` on
+    ``check_images`` (files), else on two random images (seed 0), at ``model_cfg.score_thresh``.
+
+    Returns the summary the command prints: ``{"onnx", "ok", "input", "resized_inside_to",
+    "max_abs_diff_boxes", "max_abs_diff_scores", "label_map", "label_map_from"}`` (``label_map``:
+    a :class:`~hmkd.models.checkpoint_info.LabelMap` or None, ``label_map_source`` where it came from).
+    """
+    path = export_onnx(model, out_path, input_size=size, opset=opset, label_map=label_map,
+                       metadata={"architecture": f"{model_cfg.detector}/{model_cfg.backbone}",
+                                 "weights": os.path.basename(weights)})
+    if check_images:
+        from hmkd.engine.inputs import load_image
+
+        images = [load_image(p, size) for p in check_images]
+    else:
+        g = torch.Generator().manual_seed(0)
+        images = [torch.rand(3, *size, generator=g) for _ in range(2)]
+    report = check_onnx(model, path, images, score_thresh=model_cfg.score_thresh)
+    return {
+        "onnx": path,
+        "ok": report["ok"],
+        "input": f"image float32 [3, {size[0]}, {size[1]}], RGB in [0, 1], batch 1",
+        "resized_inside_to": "{}x{}".format(*resized_size(model, size)),
+        "max_abs_diff_boxes": report["max_abs_diff_boxes"],
+        "max_abs_diff_scores": report["max_abs_diff_scores"],
+        "label_map": {k: f"{v['name']} (category {v['category_id']})" for k, v in label_map.by_label().items()}
+        if label_map else None,
+        "label_map_from": label_map_source,
     }

@@ -72,7 +72,7 @@ def ckpts(tmp_path, monkeypatch):
 
 
 def test_named_weights_names_and_files(ckpts):
-    from hmkd.cli import _named_weights
+    from hmkd.cli.inputs import named_weights as _named_weights
 
     assert _named_weights(["teacher=t.pth", "s.pth"]) == [("teacher", "t.pth"), ("s", "s.pth")]
     # two files of the same name are named after their folders

@@ -27,7 +27,7 @@ from hmkd.distill.matching.method import DecoderDistiller
 from hmkd.distill.registry import build_distiller, method_class, needs_teacher
 from hmkd.engine import distributed as du
 from hmkd.engine.optim import build_optimizer, build_scheduler
-from hmkd.errors import ConfigError
+from hmkd.errors import CheckpointError, ConfigError
 from hmkd.models import build_model
 from hmkd.models import weights as weights_io
 
@@ -105,6 +105,60 @@ class RunParts:
     scheduler: Any
     extra_optimizers: list[tuple[str, torch.optim.Optimizer, float | None]]
     extra_schedulers: list[tuple[str, Any]]
+
+    def state_dict(self) -> dict[str, Any]:
+        """The trained state: the student's weights, the distiller's own modules, every optimiser and
+        schedule (the resume checkpoint's entries ``model`` ... ``extra_schedulers``)."""
+        return {
+            "model": self.student.state_dict(),
+            "distiller": {k: v for k, v in self.distiller.state_dict().items() if not k.startswith("student.")},
+            "optimizer": self.optimizer.state_dict(),
+            "extra_optimizers": {name: opt.state_dict() for name, opt, _ in self.extra_optimizers},
+            "scheduler": self.scheduler.state_dict(),
+            "extra_schedulers": {name: sched.state_dict() for name, sched in self.extra_schedulers},
+        }
+
+    def load_state_dict(self, ckpt: dict[str, Any], *, path: str, scaler: Any = None) -> None:
+        """Restore :meth:`state_dict`'s entries of the checkpoint ``ckpt`` read from ``path`` (and a
+        ``GradScaler``'s ``scaler`` entry). The schedules' functions come from the config and the
+        method, not the file. Anything that does not fit is a one-line :class:`CheckpointError`."""
+        try:
+            self.student.load_state_dict(ckpt["model"])
+            own = {k for k in self.distiller.state_dict() if not k.startswith("student.")}
+            saved = ckpt.get("distiller") or {}
+            missing, unexpected = sorted(own - set(saved)), sorted(set(saved) - own)
+            if missing or unexpected:
+                raise CheckpointError(
+                    f"{path}: distiller state does not fit method {self.distiller.name!r} "
+                    f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+                )
+            self.distiller.load_state_dict(saved, strict=False)
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            saved_extra = ckpt.get("extra_optimizers") or {}
+            for name, opt, _ in self.extra_optimizers:
+                if name not in saved_extra:
+                    raise CheckpointError(f"{path}: no state for extra optimiser {name!r}")
+                opt.load_state_dict(saved_extra[name])
+            sched = dict(ckpt["scheduler"])
+            sched["lr_lambdas"] = [None] * len(self.scheduler.lr_lambdas)  # the schedule comes from the config
+            self.scheduler.load_state_dict(sched)
+            for group, base, fn in zip(self.optimizer.param_groups, self.scheduler.base_lrs, self.scheduler.lr_lambdas):
+                group["lr"] = base * fn(self.scheduler.last_epoch)
+            saved_sched = ckpt.get("extra_schedulers") or {}
+            for name, sched in self.extra_schedulers:
+                if name not in saved_sched:
+                    raise CheckpointError(f"{path}: no state for extra scheduler {name!r}")
+                state = dict(saved_sched[name])
+                if "lr_lambdas" in state:  # the schedule itself comes from the method and the config
+                    state["lr_lambdas"] = [None] * len(state["lr_lambdas"])
+                sched.load_state_dict(state)
+            if scaler is not None and ckpt.get("scaler"):
+                scaler.load_state_dict(ckpt["scaler"])
+        except CheckpointError:
+            raise
+        except (RuntimeError, KeyError, ValueError) as e:
+            msg = " ".join(str(e).split())[:300]
+            raise CheckpointError(f"{path}: does not fit this run's model/optimiser ({msg})") from None
 
 
 def build_run(

@@ -265,12 +265,7 @@ class Trainer:
     def _state(self) -> dict[str, Any]:
         rng = du.all_gather_object(self.ctx, ckpt_io.capture_rng_state())  # collective: every rank
         return {
-            "model": self.student.state_dict(),
-            "distiller": {k: v for k, v in self.distiller.state_dict().items() if not k.startswith("student.")},
-            "optimizer": self.optimizer.state_dict(),
-            "extra_optimizers": {name: opt.state_dict() for name, opt, _ in self.extras},
-            "scheduler": self.scheduler.state_dict(),
-            "extra_schedulers": {name: sched.state_dict() for name, sched in self.extra_scheds},
+            **self.parts.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "iteration": self.iteration,
             "rng": rng,
@@ -313,43 +308,7 @@ class Trainer:
 
     def _load(self, path: str) -> None:
         ckpt = ckpt_io.load_training_checkpoint(path)
-        try:
-            self.student.load_state_dict(ckpt["model"])
-            own = {k for k in self.distiller.state_dict() if not k.startswith("student.")}
-            saved = ckpt.get("distiller") or {}
-            missing, unexpected = sorted(own - set(saved)), sorted(set(saved) - own)
-            if missing or unexpected:
-                raise CheckpointError(
-                    f"{path}: distiller state does not fit method {self.cfg.distill.method!r} "
-                    f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
-                )
-            self.distiller.load_state_dict(saved, strict=False)
-            self.optimizer.load_state_dict(ckpt["optimizer"])
-            saved_extra = ckpt.get("extra_optimizers") or {}
-            for name, opt, _ in self.extras:
-                if name not in saved_extra:
-                    raise CheckpointError(f"{path}: no state for extra optimiser {name!r}")
-                opt.load_state_dict(saved_extra[name])
-            sched = dict(ckpt["scheduler"])
-            sched["lr_lambdas"] = [None] * len(self.scheduler.lr_lambdas)  # the schedule comes from the config
-            self.scheduler.load_state_dict(sched)
-            for group, base, fn in zip(self.optimizer.param_groups, self.scheduler.base_lrs, self.scheduler.lr_lambdas):
-                group["lr"] = base * fn(self.scheduler.last_epoch)
-            saved_sched = ckpt.get("extra_schedulers") or {}
-            for name, sched in self.extra_scheds:
-                if name not in saved_sched:
-                    raise CheckpointError(f"{path}: no state for extra scheduler {name!r}")
-                state = dict(saved_sched[name])
-                if "lr_lambdas" in state:  # the schedule itself comes from the method and the config
-                    state["lr_lambdas"] = [None] * len(state["lr_lambdas"])
-                sched.load_state_dict(state)
-            if self.scaler is not None and ckpt.get("scaler"):
-                self.scaler.load_state_dict(ckpt["scaler"])
-        except CheckpointError:
-            raise
-        except (RuntimeError, KeyError, ValueError) as e:
-            msg = " ".join(str(e).split())[:300]
-            raise CheckpointError(f"{path}: does not fit this run's model/optimiser ({msg})") from None
+        self.parts.load_state_dict(ckpt, path=path, scaler=self.scaler)
         self.iteration = int(ckpt["iteration"])
         self._say_changes(path, ckpt.get("config"))
         tr = ckpt.get("trainer") or {}

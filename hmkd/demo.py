@@ -220,8 +220,8 @@ def draw_students(cfg: Config, weights: dict[str, str], out_dir: str) -> list[st
     finds it, red where it misses it, yellow where the HMKD student finds what the plain one
     misses (the first entry of ``weights`` is the plain student); counts in the titles."""
     from hmkd.data import build_data
-    from hmkd.engine.inputs import specs_from_config
     from hmkd.models.checkpoint_info import LabelMap
+    from hmkd.models.specs import specs_from_config
     from hmkd.viz.detections import draw_detections, ground_truth_of
 
     dataset = build_data(cfg, train=False)

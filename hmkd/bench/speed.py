@@ -45,7 +45,8 @@ from hmkd.config import Config, ModelConfig
 from hmkd.errors import ConfigError
 from hmkd.models import count_parameters
 from hmkd.utils import machine_info, save_figure, write_json, write_text
-from hmkd.engine.inputs import ModelSpec, as_model, load_image, specs_from_config
+from hmkd.data.image_files import load_image
+from hmkd.models.specs import ModelSpec, as_model, specs_from_config
 
 FLOPS_NOTE = (
     "FLOPs counted with torch.utils.flop_counter.FlopCounterMode on one eval-mode forward of one image "

@@ -187,7 +187,7 @@ def cmd_bench_cost(args: argparse.Namespace) -> int:
 
 
 def cmd_viz_detections(args: argparse.Namespace) -> int:
-    from hmkd.engine.inputs import model_inputs, resolve_image_args
+    from hmkd.cli.inputs import model_inputs, resolve_image_args
     from hmkd.viz.detections import draw_detections, ground_truth_of
 
     config_or_override(args)
@@ -211,7 +211,7 @@ def cmd_viz_detections(args: argparse.Namespace) -> int:
 
 
 def cmd_viz_heatmap(args: argparse.Namespace) -> int:
-    from hmkd.engine.inputs import model_inputs, resolve_image_args
+    from hmkd.cli.inputs import model_inputs, resolve_image_args
     from hmkd.viz.heatmap import gradcam_heatmaps
 
     config_or_override(args)
@@ -240,8 +240,9 @@ def cmd_viz_attention(args: argparse.Namespace) -> int:
 
 
 def cmd_export_onnx(args: argparse.Namespace) -> int:
-    from hmkd.engine.inputs import as_model, model_inputs
+    from hmkd.cli.inputs import model_inputs
     from hmkd.export.onnx import export_and_check, export_size
+    from hmkd.models.specs import as_model
 
     config_or_override(args)
     inp = model_inputs(args.config, args.overrides, [("model", args.weights)])

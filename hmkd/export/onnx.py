@@ -27,7 +27,7 @@ object from each output label to its data set category,
 ``{"1": {"category_id": 3, "name": "disc"}, ...}`` (:func:`read_label_map` reads it back). Labels
 that are no category (torchvision's ten "N/A" COCO outputs) are left out. For a torchvision COCO
 checkpoint without a data set the map is COCO's, from torchvision's weight metadata
-(:func:`hmkd.engine.inputs.model_inputs`).
+(:func:`hmkd.cli.inputs.model_inputs`).
 """
 
 from __future__ import annotations
@@ -265,7 +265,7 @@ def check_onnx(
     to ``1e-3 * max(H, W)`` pixels. Returns ``{"ok", "images", "atol", "max_abs_diff_boxes",
     "max_abs_diff_scores", "per_image": [...]}``.
     """
-    from hmkd.engine.inputs import load_image
+    from hmkd.data.image_files import load_image
 
     session = onnx_session(onnx_path)
     h, w = _input_hw(session)
@@ -371,7 +371,7 @@ def export_and_check(
                        metadata={"architecture": f"{model_cfg.detector}/{model_cfg.backbone}",
                                  "weights": os.path.basename(weights)})
     if check_images:
-        from hmkd.engine.inputs import load_image
+        from hmkd.data.image_files import load_image
 
         images = [load_image(p, size) for p in check_images]
     else:

@@ -43,11 +43,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from hmkd.data.image_files import resolve_images, unique_stems
 from hmkd.errors import ConfigError
 from hmkd.utils import json_safe, save_figure, write_json
-from hmkd.viz.detections import unique_stems
 
-__all__ = ["decoder_key_levels", "figure_inches", "resolve_images", "viz_attention"]
+__all__ = ["decoder_key_levels", "figure_inches", "viz_attention"]
 
 logger = logging.getLogger(__name__)
 
@@ -71,44 +71,6 @@ def figure_inches(heads: int, objects: int, aspect: float) -> tuple[float, float
     map_h = 0.78 * PANEL_W * aspect  # the map's share of the panel's width is about 0.78 (the rest: colour bar)
     image_h = min(IMAGE_H, width * aspect)
     return width, TOP_H + image_h + 2 * max(objects, 0) * (map_h + TITLE_H)
-
-
-def resolve_images(dataset: Any, values: Sequence[int | str]) -> list[int]:
-    """Indices into ``dataset`` (a :class:`~hmkd.data.CocoDetection`) of ``values``: validation-set
-    indices (``0 .. len - 1``, ints or digit strings) or image file names of its annotations (the
-    ``file_name`` itself, or a path whose base name is one file name's base name).
-
-    Raises:
-        ConfigError: a value that is neither, naming it and the annotations.
-    """
-    if not values:
-        raise ConfigError("viz attention: no images given")
-    names = {int(i): str(dataset.coco.imgs[img_id]["file_name"]) for i, img_id in enumerate(dataset.ids)}
-    by_name: dict[str, list[int]] = {}
-    by_base: dict[str, list[int]] = {}
-    for i, name in names.items():
-        by_name.setdefault(name, []).append(i)
-        by_base.setdefault(os.path.basename(name), []).append(i)
-    out = []
-    for v in values:
-        text = str(v).strip()
-        if isinstance(v, int) or text.isdigit():
-            idx = int(text)
-            if 0 <= idx < len(names):
-                out.append(idx)
-                continue
-            if text not in by_name and os.path.basename(text) not in by_base:
-                raise ConfigError(f"--images {v}: no validation image {idx} (the set has {len(names)}: 0 .. {len(names) - 1})")
-        hits = by_name.get(text) or by_base.get(os.path.basename(text), [])
-        if len(hits) == 1:
-            out.append(hits[0])
-        elif len(hits) > 1:
-            raise ConfigError(f"--images {v}: {len(hits)} validation images have that file name "
-                              f"({', '.join(names[i] for i in hits[:3])}); give the index instead")
-        else:
-            source = getattr(dataset, "source", "the validation annotations")
-            raise ConfigError(f"--images {v}: neither a validation index (0 .. {len(names) - 1}) nor a file name in {source}")
-    return out
 
 
 # --------------------------------------------------------------------------- computing
@@ -308,7 +270,7 @@ def viz_attention(
         cfg: a config whose ``distill.method`` has a matching decoder (``hmkd``, ``icd``) and whose
             ``teacher`` is the teacher the decoder was fitted on.
         decoder: the fitted decoder file (``hmkd fit-decoder``); it must be of this teacher.
-        images: validation-set indices or file names (:func:`resolve_images`).
+        images: validation-set indices or file names (:func:`hmkd.data.image_files.resolve_images`).
         weights: the teacher checkpoint (replaces ``teacher.weights``).
         objects: objects drawn per image (the smallest inquiring ones).
         levels: the decoders to draw, by key level (``P3``) or by name (HMKD's starting level,

@@ -17,7 +17,7 @@ counts the hidden tags, and ``detections.json`` has every detection).
 
 ``show="found"`` draws what each model finds instead of its detections (:mod:`hmkd.viz.found`).
 
-The models come as :data:`hmkd.engine.inputs.ModelSpec` (built by :func:`hmkd.engine.inputs.as_model`);
+The models come as :data:`hmkd.models.specs.ModelSpec` (built by :func:`hmkd.models.specs.as_model`);
 :func:`build_panel_models` is the checks and model building every side-by-side picture shares.
 """
 
@@ -32,8 +32,9 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 
-from hmkd.engine.inputs import ModelSpec, as_model, load_image, run_detector
+from hmkd.data.image_files import load_image, unique_stems
 from hmkd.errors import ConfigError
+from hmkd.models.specs import ModelSpec, as_model, run_detector
 from hmkd.utils import atomic_open, write_json
 from hmkd.viz.found import MATCH_IOU, draw_found, found_line, found_status, match_to_truth
 
@@ -444,17 +445,6 @@ def save_png(image: Image.Image, path: str | os.PathLike) -> str:
     return str(path)
 
 
-def unique_stems(images: Sequence[str | os.PathLike]) -> list[str]:
-    """File stems of ``images``, made unique with ``_2``, ``_3`` ... where two share one."""
-    seen: dict[str, int] = {}
-    out = []
-    for p in images:
-        stem = Path(p).stem
-        seen[stem] = seen.get(stem, 0) + 1
-        out.append(stem if seen[stem] == 1 else f"{stem}_{seen[stem]}")
-    return out
-
-
 def ground_truth_of(dataset: Any, images: Sequence[str | os.PathLike]) -> dict[str, dict[str, torch.Tensor]]:
     """The annotations of those ``images`` that are in ``dataset`` (an hmkd COCO-format data set),
     matched by file: the same resolved path, else the same trailing path (the image's
@@ -505,7 +495,7 @@ def draw_detections(
 
     Args:
         models: ``[(label, spec), ...]`` in panel order, e.g. teacher, student, distilled student
-            (see :func:`hmkd.engine.inputs.specs_from_config`).
+            (see :func:`hmkd.models.specs.specs_from_config`).
         images: image files; each is given to the detectors at its own size (they resize internally
             and return boxes in original pixels).
         score_thresh: detections below it are not drawn (the models' own thresholds are lowered to

@@ -44,10 +44,11 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torch import nn
 
-from hmkd.engine.inputs import ModelSpec, load_image, score_threshold
+from hmkd.data.image_files import load_image, unique_stems
 from hmkd.errors import ConfigError
 from hmkd.utils import write_json
 from hmkd.models import name_levels
+from hmkd.models.specs import ModelSpec, score_threshold
 from hmkd.viz.detections import (
     SMALL_COLOUR,
     _font,
@@ -61,7 +62,6 @@ from hmkd.viz.detections import (
     legend_lines,
     save_png,
     title_height,
-    unique_stems,
 )
 
 TARGETS = ("topk", "small")

@@ -20,7 +20,7 @@ from hmkd.errors import CheckpointError, ConfigError
 from hmkd.export.onnx import onnx_session, read_label_map
 from hmkd.models import build_detector
 from hmkd.models.checkpoint_info import check_fits, config_from_checkpoint, guess_arch, read_checkpoint_info
-from hmkd.engine.inputs import as_model, specs_from_config
+from hmkd.models.specs import as_model, specs_from_config
 
 NAMES = ["disc", "square", "triangle", "ring", "cross", "diamond"]  # the synthetic set's classes
 TINY = dict(detector="fcos", backbone="resnet18", fpn_channels=32, head_convs=1, levels=["P3", "P4", "P5", "P6"],

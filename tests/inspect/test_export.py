@@ -13,7 +13,7 @@ from hmkd.config import ModelConfig
 from hmkd.errors import ConfigError
 from hmkd.export.onnx import ExportError, check_onnx, export_onnx, onnx_session, read_label_map, resized_size
 from hmkd.models.checkpoint_info import LabelMap
-from hmkd.engine.inputs import as_model
+from hmkd.models.specs import as_model
 
 H, W = 160, 192  # not square, so an H/W swap would show
 LABELS = LabelMap((3, 7, 12), ("car", "person", "bike"))  # category ids that are not 1..K

@@ -12,7 +12,7 @@ from hmkd.bench.speed import count_flops, models_from_config, speed_report
 from hmkd.config import Config, ModelConfig
 from hmkd.errors import ConfigError
 from hmkd.models import build_model, count_parameters, load_weights
-from hmkd.engine.inputs import as_model
+from hmkd.models.specs import as_model
 
 
 def tiny(detector: str = "fcos", backbone: str = "resnet18", **kw) -> ModelConfig:

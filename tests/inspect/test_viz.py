@@ -12,8 +12,9 @@ import torch
 from PIL import Image
 
 from hmkd.config import Config, ModelConfig
-from hmkd.engine.inputs import as_model, load_image, specs_from_config
+from hmkd.data.image_files import load_image
 from hmkd.errors import ConfigError
+from hmkd.models.specs import as_model, specs_from_config
 from hmkd.viz.detections import (
     SMALL_COLOUR,
     _font,

@@ -16,11 +16,12 @@ from PIL import Image
 from hmkd.cli import main
 from hmkd.config import load_config
 from hmkd.data import build_data
+from hmkd.data.image_files import resolve_images
 from hmkd.distill.matching.fit import prepare_decoder
 from hmkd.distill.matching.report import build_decoder_method
 from hmkd.errors import ConfigError
 from hmkd.models import build_model
-from hmkd.viz.attention import figure_inches, resolve_images, viz_attention
+from hmkd.viz.attention import figure_inches, viz_attention
 
 TINY_MODEL = [
     "model.detector=fcos", "model.backbone=resnet18", "model.fpn_channels=32", "model.head_convs=1",

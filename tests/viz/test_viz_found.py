@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from hmkd.config import ModelConfig
-from hmkd.engine.inputs import as_model
+from hmkd.models.specs import as_model
 from hmkd.errors import ConfigError
 from hmkd.viz.detections import draw_detections, draw_panels, title_height
 from hmkd.viz.found import FOUND_COLOUR, MISSED_COLOUR, NEW_COLOUR, TRUTH_COLOUR, match_to_truth

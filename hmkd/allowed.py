@@ -38,11 +38,12 @@ class Allowed:
 
     Numbers: ``ge`` / ``gt`` / ``le`` / ``lt`` bounds, ``multiple_of``; a float must also be finite.
     Names: ``one_of`` (exact), ``pattern`` (a regular expression matched in full, ignoring case and
-    surrounding blanks), or ``registry`` (the names of a registry above this layer, checked by its
-    owner: ``distill.method`` by :func:`hmkd.config.check_method_options`). A list: every entry is
-    checked as above; ``nonempty``, ``unique`` (no repeats), ``length``, ``ordered`` (non-decreasing)
-    constrain the list; ``noun`` names its entries in messages. ``words``: the allowed values in words,
-    replacing the generated text in messages and docs; ``doc``: in the docs only; ``note``: added to
+    surrounding blanks), or ``registry`` (the names a layer above fills in: ``distill.method``'s are
+    the table :data:`hmkd.config.METHOD_OPTIONS` that :mod:`hmkd.distill` fills, checked by
+    :func:`hmkd.config.check_method_options`). A list: every entry is checked as above;
+    ``nonempty``, ``unique`` (no repeats), ``length``, ``ordered`` (non-decreasing) constrain the list;
+    ``noun`` names its entries in messages. ``words``: the allowed values in words, replacing the
+    generated text in messages and docs; ``doc``: in the docs only; ``note``: added to
     the docs' text in parentheses (a range another key sets, checked where the relation is).
     """
 

@@ -431,27 +431,71 @@ def check_method_options(cfg: Config, *, src: str = "config", origins: Mapping[s
     """Check ``distill.method`` (a registered method) and ``distill.options`` against its options:
     unknown names with the nearest valid one, wrong types, out-of-range values (the ranges its
     ``Options`` dataclass declares) and meaningless combinations (its ``check()``), as one-line
-    :class:`ConfigError` naming where the key came from."""
-    from hmkd.distill.registry import METHODS
+    :class:`ConfigError` naming where the key came from (:func:`parse_method_options` does it)."""
+    parse_method_options(cfg.distill.method, cfg.distill.options, src=src, origins=origins)
 
-    method = cfg.distill.method
-    cls = METHODS.get(method)
+
+# -- the methods' options: a table the distillation registry fills ----------------------------------
+#: ``{method: its options dataclass}``, in registration order: the names ``distill.method`` accepts
+#: and what each one's ``distill.options`` are read into. :func:`hmkd.distill.registry.register`
+#: fills it (with :func:`register_method_options`) when a method is defined; ``import hmkd`` imports
+#: :mod:`hmkd.distill`, which registers the built-in methods, before any config can be read.
+METHOD_OPTIONS: dict[str, type] = {}
+
+
+def register_method_options(method: str, options_type: type) -> None:
+    """Record ``options_type`` as what ``distill.options`` of ``method`` are read into."""
+    METHOD_OPTIONS[method] = options_type
+
+
+def _options_type(method: str, src: str, origins: Mapping[str, str] | None) -> type:
+    """The options dataclass of the registered ``method``; one-line ConfigError if there is none."""
+    if not METHOD_OPTIONS:  # not even ``none``: hmkd.distill.registry was never imported
+        raise RuntimeError("hmkd.config: no distillation method is registered: hmkd.distill.registry registers "
+                           "them when it is imported (import hmkd or hmkd.distill before reading a config)")
+    cls = METHOD_OPTIONS.get(method)
     if cls is None:
-        near = difflib.get_close_matches(method, list(METHODS), n=1, cutoff=0.6)
+        near = difflib.get_close_matches(method, list(METHOD_OPTIONS), n=1, cutoff=0.6)
         hint = f" (did you mean '{near[0]}'?)" if near else ""
         raise ConfigError(f"{_where('distill.method', src, origins)}: distill.method must be one of "
-                          f"{', '.join(METHODS)}, got {method!r}{hint}")
-    opts = from_dict(cls.Options, dict(cfg.distill.options), src=src, prefix="distill.options.", origins=origins)
-    where = _source_of(src, origins)
-    check_fields(opts, "distill.options.", where=where)
-    check = getattr(opts, "check", None)
-    if callable(check):
-        try:
-            check()
-        except ConfigError as e:  # a relation between options: named by the key it names
-            text = str(e)
-            key = re.match(r"distill\.options\.\w+", text)
-            raise ConfigError(f"{where(key.group(0) if key else 'distill.options')}: {text}") from None
+                          f"{', '.join(METHOD_OPTIONS)}, got {method!r}{hint}")
+    return cls
+
+
+def parse_method_options(
+    method: str | type,
+    options: Mapping[str, Any] | None,
+    *,
+    src: str = "config",
+    origins: Mapping[str, str] | None = None,
+    check: bool = True,
+) -> Any:
+    """The one place a method's ``distill.options`` mapping becomes its options object.
+
+    ``method``: a registered method's name (else a one-line ConfigError ``distill.method must be one
+    of ...`` naming the registered ones) or an options dataclass itself (a Distiller's ``Options``,
+    registered or not). ``options`` are read into it by :func:`from_dict`: an unknown name (with the
+    nearest valid one) or a wrong type is a one-line ConfigError naming ``distill.options.KEY`` and
+    where it came from (``src``, ``origins`` as in :func:`from_dict`). With ``check`` the values are
+    checked too: the ranges the fields declare (:func:`hmkd.allowed.check_fields`), then the
+    relations its ``check()`` adds, every refusal prefixed with where the key came from. Without,
+    the caller checks (:class:`hmkd.distill.base.Distiller` runs the object's ``check()``, which names
+    no source) or only wants the defaults filled in.
+    """
+    cls = method if isinstance(method, type) else _options_type(method, src, origins)
+    opts = from_dict(cls, dict(options or {}), src=src, prefix="distill.options.", origins=origins)
+    if check:
+        where = _source_of(src, origins)
+        check_fields(opts, "distill.options.", where=where)
+        relations = getattr(opts, "check", None)
+        if callable(relations):
+            try:
+                relations()
+            except ConfigError as e:  # a relation between options: named by the key it names
+                text = str(e)
+                key = re.match(r"distill\.options\.\w+", text)
+                raise ConfigError(f"{where(key.group(0) if key else 'distill.options')}: {text}") from None
+    return opts
 
 
 def _source_of(src: str | None, origins: Mapping[str, str] | None):
@@ -518,13 +562,6 @@ def check_config(cfg: Config, *, src: str | None = None, origins: Mapping[str, s
                    f"(its head's GroupNorm has {FCOS_GROUPS} groups), got {m.fpn_channels}")
     if cfg.train.schedule == "step" and not cfg.train.steps:
         refuse("train.steps", f"train.steps must be a non-empty list when train.schedule is step, got {cfg.train.steps}")
-
-
-def is_mask_model(cfg: Config) -> bool:
-    """Whether the run's detector predicts masks (its data needs masks, its evaluation scores segm)."""
-    from hmkd.models.torchvision_zoo import detector_family
-
-    return detector_family(cfg.model.detector) == "mask_rcnn"
 
 
 def resolve_num_classes(cfg: Config, dataset: Any) -> int:

@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from hmkd.allowed import Allowed, declared
-from hmkd.config import Config, ModelConfig, from_dict, to_dict
+from hmkd.config import Config, ModelConfig, parse_method_options, to_dict
 
 __all__ = ["KEY_DOCS", "config_keys", "declaration", "method_option_fields", "render_markdown", "show"]
 
@@ -346,7 +346,7 @@ def show(cfg: Config, source: str | None = None) -> str:
             rows.append((f"{indent}options: {{}}", f"method {method!r} has no options"))
             return
         rows.append((f"{indent}options:", f"the options of {method!r}"))
-        options = dataclasses.asdict(from_dict(METHODS[method].Options, dict(options), prefix="distill.options."))
+        options = dataclasses.asdict(parse_method_options(method, options, check=False))
         allowed = method_option_allowed(method)
         for n, tp, d in fields:
             v = options.get(n, d)

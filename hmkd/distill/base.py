@@ -29,12 +29,14 @@ and returns its terms from :meth:`Distiller.distill_losses`.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
 import torch
 from torch import nn
 
+from hmkd.config import parse_method_options
 from hmkd.distill.common import detector_levels, num_classes_of
 from hmkd.distill.options import NoOptions
 from hmkd.errors import ConfigError
@@ -137,9 +139,13 @@ class Distiller(nn.Module):
     def __init__(self, *, student: nn.Module, teacher: nn.Module | None = None, options: Any = None) -> None:
         """Keyword-only, so that two detectors of one class count cannot be swapped silently.
 
-        ``options`` (default: ``Options()``) are validated by their ``check()``, if they have one.
+        ``options``: an ``Options`` object, or a mapping read into one by
+        :func:`hmkd.config.parse_method_options` (unknown names and wrong types refused), default
+        ``Options()``; either is validated by its ``check()``, if it has one.
         """
         super().__init__()
+        if isinstance(options, Mapping):
+            options = parse_method_options(self.Options, options, check=False)
         self.options = options if options is not None else self.Options()
         check = getattr(self.options, "check", None)
         if callable(check):

@@ -1,13 +1,13 @@
 """The base of every method's ``Options`` dataclass and the validation hook they all share.
 
-A method's options are read from ``distill.options`` by :func:`hmkd.config.from_dict` (unknown names
-and wrong types are refused there). What each option accepts is declared on its field with
-:func:`~hmkd.allowed.allowed` (``heads: int = allowed(8, ge=1)``; :func:`levels_option` for a list of
-FPN levels), and :meth:`MethodOptions.check` refuses a value outside it; a subclass's ``check`` adds
-what relates one option to another (``hidden`` divisible by ``heads`` ...). The check runs when the
-config is read (:func:`hmkd.config.check_method_options`) and again when a distiller is built
-(:class:`~hmkd.distill.base.Distiller`); ``docs/CONFIG.md`` shows the same declarations. Every
-refusal is a one-line :class:`~hmkd.errors.ConfigError` of the form
+A method's options are read from ``distill.options`` by :func:`hmkd.config.parse_method_options`, the
+one place that does it (unknown names and wrong types are refused there). What each option accepts
+is declared on its field with :func:`~hmkd.allowed.allowed` (``heads: int = allowed(8, ge=1)``;
+:func:`levels_option` for a list of FPN levels), and :meth:`MethodOptions.check` refuses a value
+outside it; a subclass's ``check`` adds what relates one option to another (``hidden`` divisible by
+``heads`` ...). The check runs when the config is read (:func:`hmkd.config.check_method_options`)
+and again when a distiller is built (:class:`~hmkd.distill.base.Distiller`); ``docs/CONFIG.md``
+shows the same declarations. Every refusal is a one-line :class:`~hmkd.errors.ConfigError` of the form
 ``distill.options.KEY must be WHAT, got VALUE``.
 """
 

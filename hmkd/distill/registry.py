@@ -2,6 +2,9 @@
 
 A method registers itself with :func:`register` when its module is imported; importing
 :mod:`hmkd.distill` imports every built-in method, so the table is complete for any caller.
+:func:`register` also records the method's ``Options`` in the config's own table
+(:data:`hmkd.config.METHOD_OPTIONS`), which is how the config checks ``distill.method`` and
+``distill.options`` without importing this package.
 """
 
 from __future__ import annotations
@@ -10,13 +13,13 @@ from typing import Any
 
 from torch import nn
 
-from hmkd.config import from_dict
+from hmkd.config import register_method_options
 from hmkd.distill.base import Distiller
 from hmkd.distill.options import MethodOptions
 from hmkd.errors import ConfigError, did_you_mean
 
-METHODS: dict[str, type[Distiller]] = {"none": Distiller}
-DESCRIPTIONS: dict[str, str] = {"none": "no distillation: the student's own detection losses"}
+METHODS: dict[str, type[Distiller]] = {}
+DESCRIPTIONS: dict[str, str] = {}
 
 
 def register(name: str, description: str):
@@ -36,9 +39,13 @@ def register(name: str, description: str):
         cls.name = name
         METHODS[name] = cls
         DESCRIPTIONS[name] = description
+        register_method_options(name, opts)
         return cls
 
     return deco
+
+
+register("none", "no distillation: the student's own detection losses")(Distiller)
 
 
 def method_class(method: str) -> type[Distiller]:
@@ -65,9 +72,8 @@ def build_distiller(
     Both detectors are keyword-only: two detectors of the same class count could otherwise be
     swapped silently, training the teacher. ``options`` are read into the method's options type
     (unknown names and wrong types refused) and validated by its ``check()`` when the distiller is
-    built (meaningless values refused); either is a one-line :class:`ConfigError` naming
-    ``distill.options.KEY``.
+    built (meaningless values refused), both by :class:`Distiller`; either is a one-line
+    :class:`ConfigError` naming ``distill.options.KEY``.
     """
     cls = method_class(method)
-    opts = from_dict(cls.Options, dict(options or {}), src="config", prefix="distill.options.")
-    return cls(student=student, teacher=teacher, options=opts)
+    return cls(student=student, teacher=teacher, options=dict(options or {}))

@@ -199,6 +199,22 @@ def test_every_preset_loads_and_builds(path):
             build_distiller(cfg.distill.method, student=student, options=cfg.distill.options)
 
 
+def test_run_costs_read_the_peak_memory_past_a_torn_last_line(tmp_path):
+    """The peak memory comes from log.jsonl as the trainer's own reader reads it (a run killed
+    mid-write leaves a torn last line, skipped); no log: no peak."""
+    from hmkd.bench.accuracy.store import run_costs
+
+    timing = {"timing": {"sec_per_iter": 0.5}, "iteration": 3}
+    assert run_costs(str(tmp_path), timing)["peak_mem_mb"] is None
+    with open(tmp_path / "log.jsonl", "w") as f:
+        f.write(json.dumps({"iteration": 1, "peak_mem_mb": 10.5}) + "\n")
+        f.write(json.dumps({"iteration": 2, "eval": {"mAP": 0.1}}) + "\n")
+        f.write(json.dumps({"iteration": 3, "peak_mem_mb": 30}) + "\n")
+        f.write('{"iteration": 4, "peak_mem_mb": 99')  # torn
+    costs = run_costs(str(tmp_path), timing)
+    assert costs["peak_mem_mb"] == 30 and costs["sec_per_iter"] == 0.5 and costs["iterations"] == 3
+
+
 def test_run_spec_from_before_a_new_config_key_still_matches(tmp_path):
     # a run recorded before distill.teacher_dtype existed is the same config when the key is at
     # its default, and another config when it is not

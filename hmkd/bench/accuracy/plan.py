@@ -8,7 +8,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from hmkd.config import Config, ModelConfig, from_dict
+from hmkd.config import Config, ModelConfig, parse_method_options
 from hmkd.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -97,7 +97,7 @@ def effective_options(method: str, options: dict[str, Any]) -> dict[str, Any]:
     """The method's options with its defaults filled in (to tell equal variants apart from different ones)."""
     from hmkd.distill import method_class
 
-    opts = from_dict(method_class(method).Options, dict(options), src="config", prefix="distill.options.")
+    opts = parse_method_options(method_class(method).Options, options, check=False)
     return dataclasses.asdict(opts)
 
 

@@ -9,6 +9,7 @@ import os
 from typing import Any
 
 from hmkd.bench.accuracy.plan import AITOD_METRICS, METRICS
+from hmkd.engine.logging_utils import read_jsonl
 
 __all__ = ["ERROR_FILE", "SPEC_FILE", "WALL_FILE", "bbox_metrics", "finished_metrics", "read_json", "run_costs"]
 
@@ -39,21 +40,17 @@ def finished_metrics(run_dir: str) -> dict[str, Any] | None:
 
 def run_costs(run_dir: str, metrics: dict[str, Any]) -> dict[str, Any]:
     """Seconds per iteration, train/eval seconds, throughput (``metrics["timing"]``) and the peak
-    memory (the largest ``peak_mem_mb`` the run logged)."""
+    memory (the largest ``peak_mem_mb`` the run logged; a log that is missing or unreadable, none)."""
     timing = metrics.get("timing") or {}
     peak = None
     try:
-        with open(os.path.join(run_dir, "log.jsonl")) as f:
-            for line in f:
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                v = rec.get("peak_mem_mb")
-                if isinstance(v, (int, float)):
-                    peak = v if peak is None else max(peak, v)
+        records = read_jsonl(os.path.join(run_dir, "log.jsonl"))  # torn lines skipped
     except OSError:
-        pass
+        records = []
+    for rec in records:
+        v = rec.get("peak_mem_mb")
+        if isinstance(v, (int, float)):
+            peak = v if peak is None else max(peak, v)
     wall = read_json(os.path.join(run_dir, WALL_FILE)) or {}
     return {
         "wall_seconds": wall.get("wall_seconds"),

@@ -18,7 +18,8 @@ counts the hidden tags, and ``detections.json`` has every detection).
 ``show="found"`` draws what each model finds instead of its detections (:mod:`hmkd.viz.found`).
 
 The models come as :data:`hmkd.models.specs.ModelSpec` (built by :func:`hmkd.models.specs.as_model`);
-:func:`build_panel_models` is the checks and model building every side-by-side picture shares.
+:func:`hmkd.viz.panels.build_panel_models` is the checks and model building every side-by-side picture
+shares, :mod:`hmkd.viz.panels` the fonts, title bar and legend.
 """
 
 from __future__ import annotations
@@ -29,16 +30,31 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image, ImageDraw, ImageFont
-from torch import nn
+from PIL import Image, ImageDraw
 
 from hmkd.data.image_files import load_image, unique_stems
 from hmkd.errors import ConfigError
-from hmkd.models.specs import ModelSpec, as_model, run_detector
-from hmkd.utils import atomic_open, write_json
+from hmkd.models.specs import ModelSpec, run_detector
+from hmkd.utils import write_json
 from hmkd.viz.found import MATCH_IOU, draw_found, found_line, found_status, match_to_truth
+from hmkd.viz.panels import (
+    PANEL_GAP,
+    SMALL_COLOUR,
+    build_panel_models,
+    draw_header,
+    draw_legend,
+    font_size,
+    header_lines,
+    legend_height,
+    legend_lines,
+    load_font,
+    save_png,
+    scratch_draw,
+    stroke,
+    text_size,
+    title_height,
+)
 
-SMALL_COLOUR = (255, 0, 0)
 SHOW_MODES = ("all", "found")
 """What a picture draws: every detection, or what each model finds (:mod:`hmkd.viz.found`)."""
 
@@ -49,41 +65,16 @@ PALETTE = [
     (152, 223, 138), (197, 176, 213), (196, 156, 148), (247, 182, 210), (219, 219, 141),
     (158, 218, 229), (174, 199, 232), (0, 90, 50), (90, 0, 120), (120, 90, 0),
 ]
-_SEP = 4  # pixels between panels
 
 __all__ = [
     "PALETTE",
-    "SMALL_COLOUR",
     "SHOW_MODES",
-    "build_panel_models",
     "class_colour",
     "draw_detections",
     "draw_panels",
     "ground_truth_of",
     "place_tags",
 ]
-
-
-# --------------------------------------------------------------------------- models of a picture
-
-
-def build_panel_models(
-    what: str,
-    models: Sequence[tuple[str, ModelSpec]],
-    images: Sequence[str | os.PathLike],
-    out_dir: str | os.PathLike,
-    *,
-    num_classes: int | None = None,
-    device: str | torch.device = "cpu",
-) -> tuple[Path, list[tuple[str, nn.Module]]]:
-    """Checks shared by the side-by-side pictures, then ``(out folder, [(label, eval-mode model)])``."""
-    if not models:
-        raise ConfigError(f"{what}: no models given")
-    if not images:
-        raise ConfigError(f"{what}: no images given")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    return out, [(label, as_model(spec, num_classes=num_classes, device=device)) for label, spec in models]
 
 
 # --------------------------------------------------------------------------- drawing
@@ -94,93 +85,10 @@ def class_colour(label: int) -> tuple[int, int, int]:
     return PALETTE[(int(label) - 1) % len(PALETTE)]
 
 
-def _font(size: int) -> ImageFont.ImageFont:
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1: fixed bitmap font
-        return ImageFont.load_default()
-
-
-def _text_wh(draw: ImageDraw.ImageDraw, text: str, font: Any) -> tuple[int, int]:
-    l, t, r, b = draw.textbbox((0, 0), text, font=font)
-    return r - l, b - t
-
-
-def _fit(draw: ImageDraw.ImageDraw, text: str, font: Any, width: int) -> str:
-    """``text`` cut (with ``..``) to fit ``width`` pixels."""
-    if _text_wh(draw, text, font)[0] <= width:
-        return text
-    while text and _text_wh(draw, text + "..", font)[0] > width:
-        text = text[:-1]
-    return text + ".."
-
-
-def wrap_text(draw: ImageDraw.ImageDraw, text: str, font: Any, width: int) -> list[str]:
-    """``text`` broken at spaces into lines of at most ``width`` pixels (a word longer than a line
-    is cut with ``..``)."""
-    lines: list[str] = []
-    cur = ""
-    for word in str(text).split(" "):
-        trial = f"{cur} {word}" if cur else word
-        if _text_wh(draw, trial, font)[0] <= width or not cur:
-            cur = trial
-        else:
-            lines.append(cur)
-            cur = word
-    lines.append(cur)
-    return [_fit(draw, line, font, width) for line in lines]
-
-
 def _class_name(label: int, class_names: Sequence[str] | None) -> str:
     if class_names and 1 <= label <= len(class_names):
         return str(class_names[label - 1])
     return f"c{label}"
-
-
-def _font_size(width: int, text_px: int | None = None) -> int:
-    """Title font size for panels ``width`` pixels wide: about 1/45 of it, 10 to 40 px, or
-    ``text_px`` when given (a picture shown smaller than its pixels, e.g. in a README, needs more)."""
-    if text_px is not None:
-        return int(text_px)
-    return int(max(10, min(40, round(width / 45))))
-
-
-def _line_h(fs: int) -> int:
-    return fs + 5
-
-
-def _stroke(width: int) -> int:
-    """Box line width unit for an image ``width`` pixels wide (1 up to 960 px, then 2, 3 ...)."""
-    return max(1, round(width / 640))
-
-
-def title_height(width: int, lines: int = 2, *, text_px: int | None = None) -> int:
-    """Height in pixels of the title bar above panels ``width`` pixels wide holding ``lines`` lines
-    (a title and one line of counts, unless a panel is too narrow for them: then more)."""
-    return lines * _line_h(_font_size(width, text_px)) + 4
-
-
-def _scratch_draw() -> ImageDraw.ImageDraw:
-    return ImageDraw.Draw(Image.new("RGB", (1, 1)))
-
-
-def header_lines(width: int, title: str, info: str, *, text_px: int | None = None) -> list[tuple[str, bool]]:
-    """The lines of one panel's title bar: ``[(text, is_title)]`` (the title cut to one line, the
-    information line wrapped)."""
-    fs = _font_size(width, text_px)
-    draw = _scratch_draw()
-    out = [(_fit(draw, str(title), _font(fs), width - 6), True)]
-    out += [(line, False) for line in wrap_text(draw, info, _font(max(9, fs - 2)), width - 6)]
-    return out
-
-
-def draw_header(draw: ImageDraw.ImageDraw, x0: int, width: int, lines: Sequence[tuple[str, bool]],
-                colour: tuple[int, int, int] = (60, 60, 60), *, text_px: int | None = None) -> None:
-    """Draw :func:`header_lines` at panel offset ``x0`` (title black, the rest in ``colour``)."""
-    fs = _font_size(width, text_px)
-    for k, (text, is_title) in enumerate(lines):
-        font = _font(fs if is_title else max(9, fs - 2))
-        draw.text((x0 + 3, 2 + k * _line_h(fs)), text, fill=(0, 0, 0) if is_title else colour, font=font)
 
 
 def _overlap(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> float:
@@ -278,26 +186,6 @@ def _info_line(p: Mapping[str, Any], score_thresh: float, hidden: int) -> str:
     return text
 
 
-def legend_lines(panel_width: int, text: str, width: int | None = None, *, text_px: int | None = None) -> list[str]:
-    """``text`` wrapped to a picture ``width`` pixels wide (default ``panel_width``) in the font of
-    panels ``panel_width`` pixels wide."""
-    fs = _font_size(panel_width, text_px)
-    return wrap_text(_scratch_draw(), text, _font(max(9, fs - 2)), (width or panel_width) - 6)
-
-
-def legend_height(width: int, lines: int, *, text_px: int | None = None) -> int:
-    """Height in pixels of a legend of ``lines`` lines under panels ``width`` pixels wide."""
-    return lines * _line_h(_font_size(width, text_px)) + 4 if lines else 0
-
-
-def draw_legend(draw: ImageDraw.ImageDraw, y0: int, width: int, lines: Sequence[str], *,
-                text_px: int | None = None) -> None:
-    """Draw :func:`legend_lines` from ``y0`` down."""
-    fs = _font_size(width, text_px)
-    for k, line in enumerate(lines):
-        draw.text((3, y0 + 2 + k * _line_h(fs)), line, fill=(60, 60, 60), font=_font(max(9, fs - 2)))
-
-
 def check_show(show: Any, text_px: Any = None) -> None:
     """``show`` must be one of :data:`SHOW_MODES`, ``text_px`` None or an integer >= 6."""
     if show not in SHOW_MODES:
@@ -354,10 +242,10 @@ def draw_panels(
         for p in panels:
             p["boxes"] = p["boxes"] * upscale
     n = max(1, len(results))
-    fs = _font_size(w, text_px)
-    unit = _stroke(w)
-    tag_font = _font(max(9, round(fs * 0.8)))
-    scratch = _scratch_draw()
+    fs = font_size(w, text_px)
+    unit = stroke(w)
+    tag_font = load_font(max(9, round(fs * 0.8)))
+    scratch = scratch_draw()
     # tags and their spots first (the counts in the title need the number of hidden tags)
     layouts = []
     for p in panels:
@@ -370,7 +258,7 @@ def draw_panels(
             j: _class_name(int(p["labels"][j]), class_names) + ("" if p["truth"] else f" {float(p['scores'][j]):.2f}")
             for j in order
         }
-        sizes = [tuple(v + 2 for v in _text_wh(scratch, texts[j], tag_font)) for j in order]
+        sizes = [tuple(v + 2 for v in text_size(scratch, texts[j], tag_font)) for j in order]
         spots = place_tags([p["boxes"][j].tolist() for j in order], sizes, (0, 0, w, h))
         layouts.append((order, texts, sizes, spots))
     hidden = [sum(s is None for s in lay[3]) for lay in layouts]
@@ -392,13 +280,13 @@ def draw_panels(
         legend += ", most confident first, left out where they would cover another tag"
     if any(bool(p["crowd"].any()) for p in panels):
         legend += "; grey: crowd regions"
-    width = n * w + (n - 1) * _SEP
+    width = n * w + (n - 1) * PANEL_GAP
     foot = legend_lines(w, legend, width, text_px=text_px)
     bar = title_height(w, max((len(hl) for hl in headers), default=2), text_px=text_px)
     canvas = Image.new("RGB", (width, h + bar + legend_height(w, len(foot), text_px=text_px)), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
     for i, (p, (order, texts, sizes, spots)) in enumerate(zip(panels, layouts)):
-        x0 = i * (w + _SEP)
+        x0 = i * (w + PANEL_GAP)
         canvas.paste(image, (x0, bar))
         if found is not None:
             draw_found(draw, truth_panel, found[i], x0, bar, unit)
@@ -436,13 +324,6 @@ def draw_panels(
     if found is not None:
         canvas.info["found"] = [None if f is None else {k: v for k, v in f.items() if k != "status"} for f in found]
     return canvas
-
-
-def save_png(image: Image.Image, path: str | os.PathLike) -> str:
-    """Save a PNG atomically (temp file + replace); returns the path."""
-    with atomic_open(path, "wb") as f:
-        image.save(f, format="PNG")
-    return str(path)
 
 
 def ground_truth_of(dataset: Any, images: Sequence[str | os.PathLike]) -> dict[str, dict[str, torch.Tensor]]:

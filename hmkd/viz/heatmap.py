@@ -49,18 +49,19 @@ from hmkd.errors import ConfigError
 from hmkd.utils import write_json
 from hmkd.models import name_levels
 from hmkd.models.specs import ModelSpec, score_threshold
-from hmkd.viz.detections import (
+from hmkd.viz.panels import (
+    PANEL_GAP,
     SMALL_COLOUR,
-    _font,
-    _font_size,
-    _stroke,
-    _text_wh,
     build_panel_models,
     draw_header,
     draw_legend,
+    font_size,
     header_lines,
     legend_lines,
+    load_font,
     save_png,
+    stroke,
+    text_size,
     title_height,
 )
 
@@ -224,7 +225,7 @@ def _fmt(v: float) -> str:
 def _footer(canvas_w: int, w: int, normalize: str, shared: float, show_boxes: bool, small_area: float,
             target: str, method: str = "gradcam") -> tuple[list[str], list[str], int]:
     """The footer's text lines above the colour bar, its legend lines and its height."""
-    fs = _font_size(w)
+    fs = font_size(w)
     lh = fs + 5
     name = _NAMES[method]
     scale = (f"colour: {name}, one scale for every panel, 0 to {_fmt(shared)}" if normalize == "shared"
@@ -291,8 +292,8 @@ def gradcam_heatmaps(
                     "scale": shared if normalize == "shared" else float(cam.max())}
             for label, cam, info in runs
         }
-        fs = _font_size(w)
-        unit = _stroke(w)
+        fs = font_size(w)
+        unit = stroke(w)
         headers = []
         for label, cam, info in runs:
             what = "small " if target == "small" else ""
@@ -304,14 +305,14 @@ def gradcam_heatmaps(
                                                              if cam.max() <= 0 else "")
             headers.append(header_lines(w, str(label), line2))
         bar = title_height(w, max(len(hl) for hl in headers))
-        canvas_w = len(runs) * w + (len(runs) - 1) * 4
+        canvas_w = len(runs) * w + (len(runs) - 1) * PANEL_GAP
         above, legend, foot_h = _footer(canvas_w, w, normalize, shared, show_boxes, small_area, target, method)
         canvas = Image.new("RGB", (canvas_w, h + bar + foot_h), (255, 255, 255))
         draw = ImageDraw.Draw(canvas)
         for i, (label, cam, info) in enumerate(runs):
             scale = shared if normalize == "shared" else float(cam.max())
             norm = cam / scale if scale > 0 else cam
-            x0 = i * (w + 4)
+            x0 = i * (w + PANEL_GAP)
             canvas.paste(overlay(img, norm, alpha), (x0, bar))
             if show_boxes:
                 for b in info["boxes"].tolist():
@@ -329,10 +330,10 @@ def gradcam_heatmaps(
         y = h + bar + 2
         draw_legend(draw, y, w, above)
         y += len(above) * lh + 2
-        f2 = _font(max(9, fs - 2))
+        f2 = load_font(max(9, fs - 2))
         lo, hi = "0", ("max" if normalize == "panel" else _fmt(shared))
-        lo_w = _text_wh(draw, lo, f2)[0]
-        hi_w = _text_wh(draw, hi, f2)[0]
+        lo_w = text_size(draw, lo, f2)[0]
+        hi_w = text_size(draw, hi, f2)[0]
         bar_w = max(20, min(canvas_w - lo_w - hi_w - 18, 12 * fs))
         draw.text((3, y + 2), lo, fill=(60, 60, 60), font=f2)
         canvas.paste(_colour_bar(bar_w, fs - 1), (lo_w + 8, y + 3))

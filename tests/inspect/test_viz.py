@@ -15,19 +15,12 @@ from hmkd.config import Config, ModelConfig
 from hmkd.data.image_files import load_image
 from hmkd.errors import ConfigError
 from hmkd.models.specs import as_model, specs_from_config
-from hmkd.viz.detections import (
-    SMALL_COLOUR,
-    _font,
-    _font_size,
-    _scratch_draw,
-    _text_wh,
-    class_colour,
-    draw_detections,
-    draw_panels,
-    header_lines,
-    place_tags,
-    title_height,
-)
+from hmkd.viz.detections import class_colour, draw_detections, draw_panels, place_tags
+from hmkd.viz.panels import SMALL_COLOUR, header_lines, title_height
+from hmkd.viz.panels import font_size as _font_size
+from hmkd.viz.panels import load_font as _font
+from hmkd.viz.panels import scratch_draw as _scratch_draw
+from hmkd.viz.panels import text_size as _text_wh
 from hmkd.viz.heatmap import gradcam, gradcam_heatmaps
 
 

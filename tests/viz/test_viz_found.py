@@ -16,8 +16,9 @@ from PIL import Image
 from hmkd.config import ModelConfig
 from hmkd.models.specs import as_model
 from hmkd.errors import ConfigError
-from hmkd.viz.detections import draw_detections, draw_panels, title_height
+from hmkd.viz.detections import draw_detections, draw_panels
 from hmkd.viz.found import FOUND_COLOUR, MISSED_COLOUR, NEW_COLOUR, TRUTH_COLOUR, match_to_truth
+from hmkd.viz.panels import title_height
 
 # four objects: 0 and 1 small (10 x 10), 2 large (40 x 40), 3 small of class 2
 TRUTH = {

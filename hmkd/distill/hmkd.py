@@ -45,9 +45,11 @@ from hmkd.allowed import allowed
 from hmkd.distill.adapter import make_adapter
 from hmkd.distill.base import METRIC_PREFIX, DistillInputs
 from hmkd.distill.common import detector_kind, finer_level, stride_of
-from hmkd.distill.matching.decoder import AuxOutput, DecoderOptions, MatchingDecoder, StudentValueProjection
+from hmkd.distill.matching.decoder import MatchingDecoder
 from hmkd.distill.matching.method import DecoderDistiller
-from hmkd.distill.matching.task import attention_in_box_share
+from hmkd.distill.matching.options import DecoderOptions
+from hmkd.distill.matching.projection import StudentValueProjection
+from hmkd.distill.matching.task import AuxOutput, attention_in_box_share
 from hmkd.distill.gcblock import GcBlock
 from hmkd.distill.inquiry import InquiryHead, candidate_cells, inquiry_loss, inquiry_targets, widen_to_finer_level
 from hmkd.distill.losses import attention_weighted_mse, background_loss, masked_feature_mse
@@ -85,7 +87,7 @@ class HMKDOptions(DecoderOptions):
         heads, hidden, encoding, fakes_per_real, max_inquiries, jitter, padding_mask, decoder_lr,
             decoder_weight_decay, decoder_clip, decoder_schedule, fakes, displacement, position_code,
             attention_supervision, decoder_fit, decoder_training, fit_iters, fit_lr: the matching
-            decoder's (:class:`~hmkd.distill.matching.decoder.DecoderOptions`; heads N_m: Table 6). HMKD's
+            decoder's (:class:`~hmkd.distill.matching.options.DecoderOptions`; heads N_m: Table 6). HMKD's
             defaults: ``encoding: hmkd`` (class embedding + sine of the box, the paper's reading), a
             constant decoder learning rate, clip 1.0; the rest is ICD's (the paper trains the decoder
             with ICD's task and says no more). A ``position_code: absolute`` decoder's shortest

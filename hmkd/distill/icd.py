@@ -37,8 +37,11 @@ from torch.profiler import record_function
 from hmkd.allowed import allowed
 from hmkd.distill.base import DistillInputs
 from hmkd.distill.common import detector_kind, stride_of
-from hmkd.distill.matching.decoder import AuxOutput, DecoderOptions, MatchingDecoder, StudentValueProjection
+from hmkd.distill.matching.decoder import MatchingDecoder
 from hmkd.distill.matching.method import DecoderDistiller
+from hmkd.distill.matching.options import DecoderOptions
+from hmkd.distill.matching.projection import StudentValueProjection
+from hmkd.distill.matching.task import AuxOutput
 from hmkd.distill.losses import attention_weighted_mse
 from hmkd.distill.options import levels_option
 from hmkd.distill.registry import register
@@ -62,7 +65,7 @@ AUTHORS_ITERS = 90_000
 
 @dataclass
 class ICDOptions(DecoderOptions):
-    """ICD's options; the decoder's (:class:`~hmkd.distill.matching.decoder.DecoderOptions`) with ICD's defaults.
+    """ICD's options; the decoder's (:class:`~hmkd.distill.matching.options.DecoderOptions`) with ICD's defaults.
 
     Attributes:
         levels: distilled levels (default: every common level, P2-P6 for R-CNNs, P3-P7 otherwise).

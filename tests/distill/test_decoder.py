@@ -7,18 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hmkd.distill.matching.decoder import (
-    DecoderOptions,
-    KeyValues,
-    MatchingDecoder,
-    decoder_optimizers,
-    decoder_schedulers,
-    scale_indicator,
-    split_heads,
-    valid_cells,
-)
+from hmkd.distill.matching.decoder import KeyValues, MatchingDecoder, scale_indicator, split_heads
+from hmkd.distill.matching.optim import decoder_optimizers, decoder_schedulers
+from hmkd.distill.matching.options import DecoderOptions
+from hmkd.distill.matching.positional import sine_box_encoding, sine_split_encoding, valid_cells, valid_extent_pos_embed
 from hmkd.distill.matching.task import fake_count
-from hmkd.distill.matching.positional import sine_box_encoding, sine_split_encoding, valid_extent_pos_embed
 
 
 # -- encodings ------------------------------------------------------------------------------------

@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from hmkd.distill.matching.decoder import DecoderOptions, MatchingDecoder
+from hmkd.distill.matching.decoder import MatchingDecoder
+from hmkd.distill.matching.options import DecoderOptions
 from hmkd.distill.matching.task import (
     attention_in_box_loss,
     attention_in_box_share,

@@ -172,7 +172,7 @@ def test_small_foreground_false_drops_that_term_only(make_pair, make_batch) -> N
 
 
 def test_student_value_projection_of_some_cells_is_those_of_the_whole_map() -> None:
-    from hmkd.distill.matching.decoder import StudentValueProjection
+    from hmkd.distill.matching.projection import StudentValueProjection
 
     torch.manual_seed(0)
     proj = StudentValueProjection(8, hidden=16, heads=4)

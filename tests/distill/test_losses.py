@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from hmkd.distill.matching.decoder import StudentValueProjection
 from hmkd.distill.losses import attention_weighted_mse, masked_feature_mse
+from hmkd.distill.matching.projection import StudentValueProjection
 
 
 def _maps() -> tuple[torch.Tensor, ...]:

@@ -15,7 +15,8 @@ cells over each image's valid (unpadded) extent
 (:func:`~hmkd.distill.matching.positional.valid_extent_pos_embed`, ICD's), or a sine code of the cells'
 pixel coordinates with periods down to 2 strides (:func:`~hmkd.distill.matching.positional.absolute_pos_embed`),
 whose code of the inquiry's centre is then also added to b_i through a linear layer; no level
-embedding; the padded cells are masked out of the attention (:func:`valid_cells`).
+embedding; the padded cells are masked out of the attention
+(:func:`~hmkd.distill.matching.positional.valid_cells`).
 The attention m (softmax over positions) and the values O are what the distillation uses; the
 auxiliary heads read the layer's output z.
 
@@ -36,9 +37,10 @@ distances from the jittered centre to the box's left/top/right/bottom edges in i
 units (L1 divided by the box's normalised w or h, summed over the 4 sides, averaged over the real
 inquiries); with ``attention_supervision`` also ``-log`` of the attention mass inside each real
 inquiry's object (an extension beyond ICD and the paper). It never sends gradients into its input maps (they are detached inside). It has its
-own optimiser (:func:`decoder_optimizers`, from the :class:`DecoderOptions` both methods share)
-with an optional cosine schedule over the run (:func:`decoder_schedulers`). The student side of
-the imitation is :class:`StudentValueProjection`.
+own optimiser (:func:`~hmkd.distill.matching.optim.decoder_optimizers`, from the
+:class:`~hmkd.distill.matching.options.DecoderOptions` both methods share) with an optional cosine
+schedule over the run (:func:`~hmkd.distill.matching.optim.decoder_schedulers`). The student side of
+the imitation is :class:`~hmkd.distill.matching.projection.StudentValueProjection`.
 
 Boxes are xyxy in pixels of the resized input frame; ``image_sizes`` are the per-image resized
 (h, w) before batch padding (torchvision ``ImageList.image_sizes``); ``padded_hw`` is the padded
@@ -49,50 +51,22 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hmkd.allowed import allowed
-from hmkd.distill.matching.task import FAKE_KINDS, attention_in_box_loss, cells_in_boxes, sample_inquiries
 from hmkd.distill.masks import pad_by_image
-from hmkd.distill.options import MethodOptions, refuse
-from hmkd.distill.matching.positional import (
-    absolute_pos_embed,
-    absolute_sine_code,
-    sine_box_encoding,
-    sine_split_encoding,
-    valid_extent_pos_embed,
-)
+from hmkd.distill.matching.positional import (absolute_pos_embed, absolute_sine_code, sine_box_encoding,
+                                              sine_split_encoding, valid_cells, valid_extent_pos_embed)
+from hmkd.distill.matching.task import (FAKE_KINDS, MAX_INQUIRIES_DEFAULT, AuxOutput, attention_in_box_loss,
+                                        cells_in_boxes, sample_inquiries)
 
-__all__ = [
-    "ENCODINGS",
-    "POSITION_CODES",
-    "AuxOutput",
-    "DecoderOptions",
-    "KeyValues",
-    "MatchingDecoder",
-    "StudentValueProjection",
-    "decoder_optimizers",
-    "decoder_schedulers",
-    "scale_indicator",
-    "split_heads",
-    "valid_cells",
-]
+__all__ = ["ENCODINGS", "POSITION_CODES", "KeyValues", "MatchingDecoder", "scale_indicator", "split_heads"]
 
 #: Inquiry encodings: ``icd`` (ICD's) and ``hmkd`` (the HMKD paper's reading).
 ENCODINGS = ("icd", "hmkd")
-#: Decoder learning-rate schedules: ``constant`` or ``cosine`` to 0 over the run (ICD's).
-DECODER_SCHEDULES = ("constant", "cosine")
-#: What a fitted decoder does during distillation: keeps learning (``joint``) or not (``frozen``).
-DECODER_TRAINING = ("joint", "frozen")
-#: ICD's ``MAX_LABELS`` (cap on real + fake inquiries per image): 100 for Faster/Mask R-CNN
-#: (``RCNN_R_50_R101_icd_FPN_1x.yaml``, ``MaskRCNN_...``), 300 otherwise (``utils/build.py``).
-MAX_INQUIRIES = {"faster_rcnn": 100, "mask_rcnn": 100}
-MAX_INQUIRIES_DEFAULT = 300
 #: Key/query position codes: ``normalised`` (DETR's over each image's valid extent, ICD's) or
 #: ``absolute`` (pixel sine codes with cell-level resolution, :func:`absolute_sine_code`).
 POSITION_CODES = ("normalised", "absolute")
@@ -123,24 +97,6 @@ def scale_indicator(wh_px: Tensor) -> Tensor:
     return F.one_hot(bins, 5).to(torch.float32).reshape(-1, 10)
 
 
-def valid_cells(
-    image_sizes: Sequence[tuple[int, int]],
-    hw: tuple[int, int],
-    padded_hw: tuple[int, int],
-    device: torch.device | str | None = None,
-) -> Tensor:
-    """Bool [B, h, w]: the cells of an h x w map of the padded (H, W) batch that hold image
-    content (ICD's ``mask_out_padding``): with the stride estimated as ``(H/h + W/w) / 2``, the
-    rows below ``ceil(img_h / stride)`` and the columns below ``ceil(img_w / stride)``."""
-    h, w = int(hw[0]), int(hw[1])
-    stride = (float(padded_hw[0]) / h + float(padded_hw[1]) / w) / 2.0
-    rows = torch.tensor([math.ceil(float(ih) / stride) for ih, _ in image_sizes], device=device)
-    cols = torch.tensor([math.ceil(float(iw) / stride) for _, iw in image_sizes], device=device)
-    ys = torch.arange(h, device=device)
-    xs = torch.arange(w, device=device)
-    return (ys[None, :, None] < rows[:, None, None]) & (xs[None, None, :] < cols[:, None, None])
-
-
 def _xavier_in_proj_(linears: Sequence[nn.Linear]) -> None:
     """Initialise q/k/v projections as slices of one xavier-uniform ``in_proj`` (as
     ``nn.MultiheadAttention`` and ICD's copy of it do: fan-out = 3 x hidden), biases 0."""
@@ -164,42 +120,6 @@ class KeyValues(NamedTuple):
     values: Tensor
     pad: Tensor | None
     grid: tuple[tuple[int, int, float], ...] = ()
-
-
-@dataclass
-class AuxOutput:
-    """What :meth:`MatchingDecoder.aux_task` gives back.
-
-    Attributes:
-        losses: ``{"identification": BCE, "localisation": L1}``.
-        queries: the encoded inquiries [B, Nq, hidden] (each image's real ones first, then its fakes;
-            padded rows are 0), with their graph to the encoder.
-        real: bool [B, Nq], True for real (object) inquiries.
-        valid: bool [B, Nq], True for real and fake inquiries (False on padding).
-        logits: the identification logits [B, Nq] (float32, detached).
-        boxes: each inquiry's box [B, Nq, 4] px (a fake's own), ``centres`` [B, Nq, 2] its jittered
-            position, ``displaced`` [B, Nq] bool its kind: what the quality measures read.
-        localisation: the predicted (l, t, r, b) [B, Nq, 4] (image-normalised, detached).
-        attention: the layer's attention [B, heads, Nq, U] when it was computed explicitly
-            (``attention_supervision`` > 0), else None.
-    """
-
-    losses: dict[str, Tensor]
-    queries: Tensor
-    real: Tensor
-    valid: Tensor
-    logits: Tensor | None = None
-    boxes: Tensor | None = None
-    centres: Tensor | None = None
-    displaced: Tensor | None = None
-    localisation: Tensor | None = None
-    attention: Tensor | None = None
-
-    def real_queries(self) -> tuple[Tensor, Tensor]:
-        """(queries [B, Nr, hidden], real [B, Nr]): the first Nr = max objects per image rows, where
-        every image's real inquiries are (rows of fakes among them are False in ``real``)."""
-        nr = int(self.real.sum(1).max()) if self.real.numel() else 0
-        return self.queries[:, :nr], self.real[:, :nr]
 
 
 class MatchingDecoder(nn.Module):
@@ -575,152 +495,3 @@ class MatchingDecoder(nn.Module):
     def aux_loss(self, *args, **kwargs) -> dict[str, Tensor]:
         """:meth:`aux_task`'s losses only (same arguments)."""
         return self.aux_task(*args, **kwargs).losses
-
-
-class StudentValueProjection(nn.Module):
-    """Student-side value projection F_v^S: Linear(C -> hidden) per position, split into heads,
-    the counterpart of the decoder's ``value_proj`` on the student maps.
-
-    Args:
-        in_channels: channels C of the student map (ICD: the raw student FPN map; HMKD: the adapted one).
-        hidden: width (must match the decoder's hidden).
-        heads: number of heads (must match the decoder's heads).
-        init: ``default`` (PyTorch's Linear init) or ``attention``: the value slice of a fresh
-            xavier-uniform ``in_proj`` with bias 0, as ICD's student-side decoder (fan-out 3 x hidden).
-    """
-
-    def __init__(self, in_channels: int, hidden: int = 256, heads: int = 8, init: str = "default") -> None:
-        super().__init__()
-        if hidden % heads != 0:
-            raise ValueError(f"StudentValueProjection: heads ({heads}) must divide hidden ({hidden})")
-        if init not in ("default", "attention"):
-            raise ValueError(f"StudentValueProjection: init must be 'default' or 'attention', got {init!r}")
-        self.heads = heads
-        self.proj = nn.Linear(in_channels, hidden)
-        if init == "attention":
-            bound = math.sqrt(6.0 / (in_channels + 3 * hidden))
-            nn.init.uniform_(self.proj.weight, -bound, bound)
-            nn.init.zeros_(self.proj.bias)
-
-    def forward(self, x: Tensor | list[Tensor], cells: Tensor | None = None) -> Tensor:
-        """Map [B, C, H, W] (or a list of maps, concatenated along positions in order, as the
-        decoder does for its key maps) -> values [B, heads, U, hidden/heads]; with ``cells``
-        ([B, k] position indices) only those positions are projected: [B, heads, k, hidden/heads]."""
-        maps = [x] if isinstance(x, Tensor) else list(x)
-        flat = torch.cat([mp.flatten(2).transpose(1, 2) for mp in maps], dim=1)  # [B, U, C]
-        if cells is not None:
-            flat = flat.gather(1, cells[..., None].expand(-1, -1, flat.shape[-1]))
-        return split_heads(self.proj(flat), self.heads)
-
-
-@dataclass
-class DecoderOptions(MethodOptions):
-    """The options of a method with a matching decoder (ICD, HMKD); each method sets its own defaults.
-
-    Attributes:
-        heads, hidden: decoder heads N_m and attention width (ICD and the HMKD paper: 8, 256).
-        encoding: inquiry encoding, ``icd`` or ``hmkd`` (see :mod:`hmkd.distill.matching.decoder`).
-        fakes_per_real: fake inquiries per object in the aux task (ICD: 5).
-        max_inquiries: cap on real + fake inquiries per image (None: ICD's ``MAX_LABELS`` of the
-            student's family, 100 for Faster/Mask R-CNN, 300 otherwise).
-        jitter: the aux task's inquiry centres move by ``U(-jitter, jitter)`` x (w, h) (ICD: 0.3).
-        padding_mask: mask padded cells out of the attention, position embedding normalised over
-            each image's valid extent (ICD and DETR: on).
-        decoder_lr, decoder_weight_decay: the decoder's own AdamW (ICD: 1e-4 / 1e-4; the HMKD
-            paper's 1e-3 / 1e-3 is in ``configs/coco/base_hmkd.yaml``).
-        decoder_clip: max L2 norm its gradients are clipped to, jointly (None: no clipping).
-        decoder_schedule: ``constant`` or ``cosine`` (to 0 over the run, ICD's).
-        fakes: the aux task's fake inquiries: ``random`` (ICD's), ``displaced`` (a real object's
-            inquiry moved outside its box) or ``mixed`` (half each); see
-            :mod:`hmkd.distill.matching.task`.
-        displacement: [low, high] of a displaced fake's move in units of its box's (w, h).
-        position_code: ``normalised`` (DETR's, ICD's) or ``absolute`` (pixel sine codes with
-            cell-level resolution on keys and inquiries).
-        attention_supervision: weight of the direct supervision of the attention towards the
-            object's cells in the aux task (an extension beyond ICD and the paper; 0: off).
-        decoder_fit: ``none`` (the decoder starts untrained and learns during distillation, as ICD
-            and the paper train it), ``auto`` (fit it on the frozen teacher alone before
-            distilling, cached by teacher, options and data, and reused), or the path of a file
-            ``hmkd fit-decoder`` wrote.
-        decoder_training: with a fitted decoder, ``joint`` (it keeps learning its task during
-            distillation, warm-started) or ``frozen`` (no aux task, no decoder optimiser).
-        fit_iters, fit_lr: the fit's iterations and its constant AdamW learning rate (None:
-            ``decoder_lr``); batches are the config's training batches.
-    """
-
-    heads: int = allowed(8, ge=1)
-    hidden: int = allowed(256, ge=16, multiple_of=16, words="a positive multiple of 16")
-    encoding: str = allowed("icd", one_of=ENCODINGS)
-    fakes_per_real: int = allowed(5, ge=0)
-    max_inquiries: int | None = allowed(None, ge=1)
-    jitter: float = allowed(0.3, ge=0)
-    padding_mask: bool = True
-    decoder_lr: float = allowed(1e-4, gt=0)
-    decoder_weight_decay: float = allowed(1e-4, ge=0)
-    decoder_clip: float | None = allowed(1.0, gt=0)
-    decoder_schedule: str = allowed("constant", one_of=DECODER_SCHEDULES)
-    fakes: str = allowed("random", one_of=FAKE_KINDS)
-    displacement: list[float] = allowed(factory=lambda: [1.5, 3.0], ge=0, length=2, ordered=True,
-                                        words="[low, high] with 0 <= low <= high")
-    position_code: str = allowed("normalised", one_of=POSITION_CODES)
-    attention_supervision: float = allowed(0.0, ge=0)
-    decoder_fit: str = "none"  # none | auto | a file: checked in check()
-    decoder_training: str = allowed("joint", one_of=DECODER_TRAINING)
-    fit_iters: int = allowed(600, ge=1)
-    fit_lr: float | None = allowed(None, gt=0)
-
-    def check(self) -> None:
-        super().check()
-        if self.hidden % self.heads:
-            refuse("heads", f"a divisor of hidden ({self.hidden})", self.heads)
-        if not isinstance(self.decoder_fit, str) or not self.decoder_fit:
-            refuse("decoder_fit", "none, auto or the path of a fitted decoder", self.decoder_fit)
-        if self.decoder_training == "frozen" and self.decoder_fit == "none":
-            refuse("decoder_training", "joint when decoder_fit is none (a frozen untrained decoder attends at random)",
-                   self.decoder_training)
-
-    @property
-    def frozen(self) -> bool:
-        """The decoder is fitted beforehand and does not learn during distillation."""
-        return self.decoder_training == "frozen"
-
-    def decoder_kwargs(self) -> dict:
-        """The :class:`MatchingDecoder` arguments these options set (its task and codes)."""
-        return dict(hidden=self.hidden, heads=self.heads, encoding=self.encoding, fakes_per_real=self.fakes_per_real,
-                    jitter=self.jitter, padding_mask=self.padding_mask, fakes=self.fakes,
-                    displacement=tuple(self.displacement), position_code=self.position_code,
-                    attention_supervision=self.attention_supervision)
-
-    def inquiry_cap(self, detector_kind: str) -> int:
-        """``max_inquiries``, or ICD's default for a student of ``detector_kind``."""
-        if self.max_inquiries is not None:
-            return self.max_inquiries
-        return MAX_INQUIRIES.get(detector_kind, MAX_INQUIRIES_DEFAULT)
-
-
-def decoder_optimizers(
-    groups: dict[str, nn.Module | Sequence[nn.Module]], options: DecoderOptions
-) -> list[tuple[str, torch.optim.Optimizer, float | None]]:
-    """``(name, AdamW, clip)``: one optimiser per entry of ``groups``, over all its modules' parameters
-    (clipped jointly at ``decoder_clip``); what a decoder method returns from ``make_extra_optimizers``."""
-    o = options
-    out = []
-    for name, mods in groups.items():
-        mods = [mods] if isinstance(mods, nn.Module) else list(mods)
-        params = [p for m in mods for p in m.parameters()]
-        out.append((name, torch.optim.AdamW(params, lr=o.decoder_lr, weight_decay=o.decoder_weight_decay), o.decoder_clip))
-    return out
-
-
-def decoder_schedulers(
-    optimizers: Sequence[tuple[str, torch.optim.Optimizer, float | None]], options: DecoderOptions, total_iters: int
-) -> list[tuple[str, torch.optim.lr_scheduler.LRScheduler]]:
-    """``(name, LambdaLR)`` per decoder optimiser: ``decoder_schedule`` over ``total_iters``
-    (``cosine``: ``0.5 (1 + cos(pi i / total_iters))``, no warm-up, as ICD's ``WarmupCosineLR``
-    with its 10 warm-up iterations at factor 1; ``constant``: 1); stepped once per iteration."""
-    from hmkd.engine.optim import WarmupSchedule  # the trainer's own multiplier (picklable)
-
-    return [
-        (name, torch.optim.lr_scheduler.LambdaLR(opt, WarmupSchedule(total_iters, schedule=options.decoder_schedule)))
-        for name, opt, _ in optimizers
-    ]

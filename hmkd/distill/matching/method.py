@@ -21,7 +21,10 @@ import torch
 from torch import nn
 
 from hmkd.distill.base import Distiller
-from hmkd.distill.matching.decoder import AuxOutput, DecoderOptions, KeyValues, decoder_optimizers, decoder_schedulers
+from hmkd.distill.matching.decoder import KeyValues
+from hmkd.distill.matching.optim import decoder_optimizers, decoder_schedulers
+from hmkd.distill.matching.options import DecoderOptions
+from hmkd.distill.matching.task import AuxOutput
 from hmkd.errors import ConfigError
 
 __all__ = ["DecoderDistiller", "FITTED_FORMAT"]
@@ -53,7 +56,7 @@ class DecoderDistiller(Distiller):
         keep_attention: bool = False,
         keys: Callable[[KeyValues], KeyValues] | None = None,
     ) -> dict[str, AuxOutput]:
-        """Each decoder's aux task on one batch (name -> :class:`~hmkd.distill.matching.decoder.AuxOutput`).
+        """Each decoder's aux task on one batch (name -> :class:`~hmkd.distill.matching.task.AuxOutput`).
 
         Args:
             teacher_features: the teacher's P-named maps of the batch.
@@ -114,7 +117,7 @@ class DecoderDistiller(Distiller):
         return decoder_schedulers(self.extra_optimizers(), self.options, total_iters)
 
     def decoder_optimizers_of(self, groups: dict[str, nn.Module | Sequence[nn.Module]]) -> list[tuple[str, torch.optim.Optimizer, float | None]]:
-        """:func:`~hmkd.distill.matching.decoder.decoder_optimizers` over the groups' trainable parameters (a
+        """:func:`~hmkd.distill.matching.optim.decoder_optimizers` over the groups' trainable parameters (a
         frozen decoder's are left out; a group left empty gets no optimiser)."""
         kept: dict[str, list[nn.Module]] = {}
         for name, mods in groups.items():

@@ -1,9 +1,11 @@
 """Sine/cosine encodings of the matching decoder: of boxes and centres (its inquiries) and of the
-cells of its key maps (DETR's normalised 2-D embedding over each image's valid extent)."""
+cells of its key maps (DETR's normalised 2-D embedding over each image's valid extent), and which
+cells of a padded map are that valid extent (:func:`valid_cells`)."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -14,6 +16,7 @@ __all__ = [
     "absolute_sine_code",
     "sine_box_encoding",
     "sine_split_encoding",
+    "valid_cells",
     "valid_extent_pos_embed",
 ]
 
@@ -64,6 +67,24 @@ def sine_split_encoding(values: Tensor, dim: int, temperature: float = 10000.0) 
     return torch.cat((arg.sin(), arg.cos()), dim=-1).flatten(-2)
 
 
+def valid_cells(
+    image_sizes: Sequence[tuple[int, int]],
+    hw: tuple[int, int],
+    padded_hw: tuple[int, int],
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """Bool [B, h, w]: the cells of an h x w map of the padded (H, W) batch that hold image
+    content (ICD's ``mask_out_padding``): with the stride estimated as ``(H/h + W/w) / 2``, the
+    rows below ``ceil(img_h / stride)`` and the columns below ``ceil(img_w / stride)``."""
+    h, w = int(hw[0]), int(hw[1])
+    stride = (float(padded_hw[0]) / h + float(padded_hw[1]) / w) / 2.0
+    rows = torch.tensor([math.ceil(float(ih) / stride) for ih, _ in image_sizes], device=device)
+    cols = torch.tensor([math.ceil(float(iw) / stride) for _, iw in image_sizes], device=device)
+    ys = torch.arange(h, device=device)
+    xs = torch.arange(w, device=device)
+    return (ys[None, :, None] < rows[:, None, None]) & (xs[None, None, :] < cols[:, None, None])
+
+
 def valid_extent_pos_embed(valid: Tensor, dim: int, temperature: float = 10000.0) -> Tensor:
     """DETR's normalised 2-D sine embedding (``PositionEmbeddingSine(dim/2, normalize=True)``).
 
@@ -74,7 +95,7 @@ def valid_extent_pos_embed(valid: Tensor, dim: int, temperature: float = 10000.0
 
     Args:
         valid: bool [B, h, w], True on cells that hold image content (see
-            :func:`hmkd.distill.matching.decoder.valid_cells`).
+            :func:`valid_cells`).
         dim: output width: ``dim/2`` features for y, then ``dim/2`` for x, each interleaved (sin, cos)
             of ``2*pi*v / T^(2k/(dim/2))`` (as :func:`sine_box_encoding`).
 

@@ -11,13 +11,15 @@ real and fake differ only in whether the map holds that object where the inquiry
 
 Functions here are the task's sampling (:func:`sample_inquiries`), the cells an inquiry's box covers
 on the key maps (:func:`cells_in_boxes`, for direct attention supervision and for the attention
-quality measures) and the supervision loss (:func:`attention_in_box_loss`).
+quality measures) and the supervision loss (:func:`attention_in_box_loss`); :class:`AuxOutput` is
+what the task gives back (:meth:`~hmkd.distill.matching.decoder.MatchingDecoder.aux_task`).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -26,6 +28,9 @@ from hmkd.distill.masks import pad_boxes
 
 __all__ = [
     "FAKE_KINDS",
+    "MAX_INQUIRIES",
+    "MAX_INQUIRIES_DEFAULT",
+    "AuxOutput",
     "attention_in_box_loss",
     "attention_in_box_share",
     "cells_in_boxes",
@@ -42,6 +47,46 @@ FAKE_KINDS = ("random", "displaced", "mixed")
 FAKE_SIZE_MEAN, FAKE_SIZE_STD = 0.2, 0.2
 FAKE_SIZE_RANGE = (0.002, 0.7)
 FAKE_CENTRE_RANGE = (0.03, 0.97)
+#: ICD's ``MAX_LABELS`` (cap on real + fake inquiries per image): 100 for Faster/Mask R-CNN
+#: (``RCNN_R_50_R101_icd_FPN_1x.yaml``, ``MaskRCNN_...``), 300 otherwise (``utils/build.py``).
+MAX_INQUIRIES = {"faster_rcnn": 100, "mask_rcnn": 100}
+MAX_INQUIRIES_DEFAULT = 300
+
+
+@dataclass
+class AuxOutput:
+    """What :meth:`~hmkd.distill.matching.decoder.MatchingDecoder.aux_task` gives back.
+
+    Attributes:
+        losses: ``{"identification": BCE, "localisation": L1}``.
+        queries: the encoded inquiries [B, Nq, hidden] (each image's real ones first, then its fakes;
+            padded rows are 0), with their graph to the encoder.
+        real: bool [B, Nq], True for real (object) inquiries.
+        valid: bool [B, Nq], True for real and fake inquiries (False on padding).
+        logits: the identification logits [B, Nq] (float32, detached).
+        boxes: each inquiry's box [B, Nq, 4] px (a fake's own), ``centres`` [B, Nq, 2] its jittered
+            position, ``displaced`` [B, Nq] bool its kind: what the quality measures read.
+        localisation: the predicted (l, t, r, b) [B, Nq, 4] (image-normalised, detached).
+        attention: the layer's attention [B, heads, Nq, U] when it was computed explicitly
+            (``attention_supervision`` > 0), else None.
+    """
+
+    losses: dict[str, Tensor]
+    queries: Tensor
+    real: Tensor
+    valid: Tensor
+    logits: Tensor | None = None
+    boxes: Tensor | None = None
+    centres: Tensor | None = None
+    displaced: Tensor | None = None
+    localisation: Tensor | None = None
+    attention: Tensor | None = None
+
+    def real_queries(self) -> tuple[Tensor, Tensor]:
+        """(queries [B, Nr, hidden], real [B, Nr]): the first Nr = max objects per image rows, where
+        every image's real inquiries are (rows of fakes among them are False in ``real``)."""
+        nr = int(self.real.sum(1).max()) if self.real.numel() else 0
+        return self.queries[:, :nr], self.real[:, :nr]
 
 
 def fake_count(n_real: int, fakes_per_real: int, cap: int) -> int:

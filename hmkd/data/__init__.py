@@ -13,8 +13,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from hmkd.config import Config, is_mask_model, to_dict
+from hmkd.config import Config, to_dict
 from hmkd.errors import ConfigError, did_you_mean
+from hmkd.models import is_mask_model
 
 from .coco import CocoDetection, base_dataset
 from .synthetic import generate_synthetic, synthetic_exists

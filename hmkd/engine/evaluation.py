@@ -19,11 +19,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from hmkd.config import Config, is_mask_model, resolve_num_classes
+from hmkd.config import Config, resolve_num_classes
 from hmkd.engine import distributed as du
 from hmkd.engine.evaluator import coco_metrics
 from hmkd.engine.inference import inference_on_dataset
 from hmkd.engine.signals import worker_init
+from hmkd.models import is_mask_model
 from hmkd.utils import write_json
 
 __all__ = ["aitod_max_dets_of", "check_label_map", "evaluate", "evaluate_model", "write_eval_outputs"]

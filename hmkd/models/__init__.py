@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from hmkd.config import PRETRAIN_BACKBONE, ModelConfig, model_kwargs
+from hmkd.config import PRETRAIN_BACKBONE, Config, ModelConfig, model_kwargs
 from hmkd.errors import ConfigError
 from hmkd.models.backbones import BACKBONES, LEVELS, build_backbone, level_index
 from hmkd.models.detectors import (
@@ -40,6 +40,11 @@ def build_model(cfg: ModelConfig, num_classes: int | None = None, *, load: bool 
     return model
 
 
+def is_mask_model(cfg: Config) -> bool:
+    """Whether the run's detector predicts masks (its data needs masks, its evaluation scores segm)."""
+    return detector_family(cfg.model.detector) == "mask_rcnn"
+
+
 __all__ = [
     "BACKBONES",
     "CLASS_DEPENDENT",
@@ -61,6 +66,7 @@ __all__ = [
     "count_parameters",
     "fpn_channels_of",
     "init_from_teacher",
+    "is_mask_model",
     "level_index",
     "load_weights",
     "name_levels",

@@ -79,7 +79,6 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from hmkd.config import (
     Config,
-    is_mask_model,
     resolve_config,
     resolve_num_classes,
     save_config,
@@ -105,6 +104,7 @@ from hmkd.engine.sampler import InfiniteBatchSampler, SeededDataset, mix_seed
 from hmkd.engine.signals import StopSignal, worker_init
 from hmkd.training.step import train_step
 from hmkd.errors import CheckpointError, ConfigError, NonFiniteLossError
+from hmkd.models import is_mask_model
 from hmkd.models.checkpoint_info import LabelMap
 from hmkd.models.weights import read_torch_file
 from hmkd.utils import write_json

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from hmkd.config import Config, load_config
-from hmkd.data.at_hand import names_no_data_set, val_set
+from hmkd.data.at_hand import class_count, fill_class_count, names_no_data_set, val_set
 from hmkd.data.image_files import resolve_images
 from hmkd.errors import ConfigError, HMKDError
 from hmkd.models.checkpoint_info import (
@@ -72,7 +72,7 @@ OVERRIDE_PLACE = ("the words after --weights or --images up to the next option a
 
 def load_cfg(args: argparse.Namespace, *, need_classes: bool = False):
     """The config of a command; with ``need_classes``, ``model.num_classes`` (and the teacher's)
-    filled from the data set when the config leaves it unset."""
+    filled from the data set when the config leaves it unset (:func:`hmkd.data.at_hand.class_count`)."""
     from hmkd.config import load_config
 
     cfg = load_config(args.config, list(getattr(args, "overrides", []) or []))
@@ -80,12 +80,10 @@ def load_cfg(args: argparse.Namespace, *, need_classes: bool = False):
         try:
             from hmkd.data import build_data
 
-            n = build_data(cfg, train=False).num_classes
+            dataset = build_data(cfg, train=False)
         except HMKDError:
-            n = None  # no data set at hand: the weights files may still tell
-        cfg.model.num_classes = n
-        if cfg.teacher is not None and cfg.teacher.num_classes is None:
-            cfg.teacher.num_classes = n
+            dataset = None  # no data set at hand: the weights files may still tell
+        fill_class_count(cfg, class_count(cfg, dataset))
     return cfg
 
 
@@ -218,25 +216,13 @@ def model_inputs(
         cfg = config_from_checkpoint(weights[0][1], overrides, info=infos[weights[0][1]])
         dataset = val_set(cfg, generate=False) if need_data else None
     if config:
-        n = cfg.model.num_classes
-        if n is None and dataset is not None and not unnamed:
-            n = int(dataset.num_classes)
-            k = _checkpoint_count(cfg, weights, infos)
-            if getattr(dataset, "label_map", None) == "category_id" and k is not None and k > n:
-                # labels are category ids: a model with more outputs (COCO's 90 on a part of COCO) fits
-                logger.info("the checkpoint has %d classes, the data set's category ids go up to %d; labels above "
-                            "are no category of it", k, n)
-                n = k
-        if n is None:
-            n = _checkpoint_count(cfg, weights, infos)
+        k = _checkpoint_count(cfg, weights, infos) if cfg.model.num_classes is None else None
+        n = class_count(cfg, None if unnamed else dataset, k)
         if unnamed and dataset is not None and n is not None and int(dataset.num_classes) != n:
             logger.info("the default data set %s has %d classes, the checkpoints %d; not using it",
                         cfg.data.root, dataset.num_classes, n)
             dataset = None
-        if cfg.model.num_classes is None:
-            cfg.model.num_classes = n
-        if cfg.teacher is not None and cfg.teacher.num_classes is None:
-            cfg.teacher.num_classes = n
+        fill_class_count(cfg, n)
         specs = specs_from_config(cfg, list(weights), num_classes=n)
     else:
         specs, n = [], None

@@ -1,17 +1,19 @@
 """The data set a command has at hand: whether the config names one at all
-(:func:`names_no_data_set`), and its validation split when it can be read (:func:`val_set`)."""
+(:func:`names_no_data_set`), its validation split when it can be read (:func:`val_set`), and the
+class count of a run's models from what is at hand (:func:`class_count`, the one rule training, the
+commands' configs and the commands that take checkpoints follow; :func:`fill_class_count`)."""
 
 from __future__ import annotations
 
 import logging
 from typing import Any
 
-from hmkd.config import Config, to_dict
+from hmkd.config import Config, resolve_num_classes, to_dict
 from hmkd.errors import HMKDError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["names_no_data_set", "val_set"]
+__all__ = ["class_count", "fill_class_count", "names_no_data_set", "val_set"]
 
 
 def val_set(cfg: Config, *, generate: bool) -> Any | None:
@@ -36,3 +38,41 @@ def names_no_data_set(cfg: Config) -> bool:
     from hmkd.config import DataConfig
 
     return cfg.data == DataConfig()
+
+
+def class_count(cfg: Config, dataset: Any | None = None, checkpoint: int | None = None, *,
+                check: bool = False) -> int | None:
+    """The class count (without background) of ``cfg``'s model, from what is at hand:
+
+    1. ``model.num_classes`` where the config sets it; with ``check`` (training) it must equal the
+       data set's count, else the one-line :class:`ConfigError` of
+       :func:`hmkd.config.resolve_num_classes`;
+    2. else the data set's ``num_classes``; with ``data.label_map: category_id`` (labels are
+       category ids) a ``checkpoint`` with more classes keeps its count (COCO's 90 outputs on a
+       part of COCO; logged);
+    3. else the ``checkpoint``'s count (stored or read off its classifier);
+    4. else None (nothing tells it).
+    """
+    n = cfg.model.num_classes
+    if dataset is not None and check:
+        resolve_num_classes(cfg, dataset)  # the config's count must be the data set's
+    if n is not None:
+        return n
+    if dataset is not None:
+        n = int(dataset.num_classes)
+        if getattr(dataset, "label_map", None) == "category_id" and checkpoint is not None and checkpoint > n:
+            # labels are category ids: a model with more outputs (COCO's 90 on a part of COCO) fits
+            logger.info("the checkpoint has %d classes, the data set's category ids go up to %d; labels above "
+                        "are no category of it", checkpoint, n)
+            n = checkpoint
+        return n
+    return checkpoint
+
+
+def fill_class_count(cfg: Config, n: int | None) -> None:
+    """Set ``model.num_classes`` and ``teacher.num_classes`` to ``n`` where the config leaves them
+    unset (a teacher that sets its own keeps it)."""
+    if cfg.model.num_classes is None:
+        cfg.model.num_classes = n
+    if cfg.teacher is not None and cfg.teacher.num_classes is None:
+        cfg.teacher.num_classes = n

@@ -80,7 +80,6 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from hmkd.config import (
     Config,
     resolve_config,
-    resolve_num_classes,
     save_config,
     to_dict,
 )
@@ -162,6 +161,7 @@ class Trainer:
         """Check what can be checked before any work (the resume state, the teacher), read both data
         splits and run their pre-flight check. Sets :attr:`resuming` and :attr:`teacher_use`."""
         from hmkd.data import build_data
+        from hmkd.data.at_hand import class_count
 
         paths = self._paths()
         if self.resume and not os.path.isfile(paths["last"]):
@@ -180,7 +180,7 @@ class Trainer:
         self.val_set = du.main_first(ctx, lambda: build_data(cfg, train=False))
         if len(self.train_set) == 0:
             raise ConfigError(f"the training split of data.root={cfg.data.root!r} holds no image")
-        n = resolve_num_classes(cfg, self.train_set)
+        n = class_count(cfg, self.train_set, check=True)
         if int(self.val_set.num_classes) != n:
             raise ConfigError(f"train split has {n} classes but val split has {self.val_set.num_classes}")
         self.num_classes = n

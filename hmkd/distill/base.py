@@ -39,6 +39,7 @@ from torch import nn
 from hmkd.config import parse_method_options
 from hmkd.distill.common import detector_levels, num_classes_of
 from hmkd.distill.options import NoOptions
+from hmkd.engine.optim import clip_and_step, optimizer_params
 from hmkd.errors import ConfigError
 from hmkd.models.detectors import fpn_channels_of
 from hmkd.models.tap import DetectorTap, TapOutput, backbone_features, renormalise
@@ -323,17 +324,14 @@ class Distiller(nn.Module):
         return []
 
     def step_extra_optimizers(self) -> None:
-        """Clip, step and zero the method's own optimisers (e.g. the matching decoder's AdamW), then
-        step their schedules if :meth:`extra_schedulers` built any.
+        """Clip, step and zero the method's own optimisers (e.g. the matching decoder's AdamW; each
+        through :func:`hmkd.engine.optim.clip_and_step`), then step their schedules if
+        :meth:`extra_schedulers` built any.
 
         Call it after ``loss.backward()``, next to your own ``optimizer.step()``.
         """
         for _, opt, clip in self.extra_optimizers():
-            if clip is not None:
-                params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
-                if params:
-                    torch.nn.utils.clip_grad_norm_(params, clip)
-            opt.step()
+            clip_and_step([(opt, optimizer_params(opt), clip)])
             opt.zero_grad(set_to_none=True)
         for _, sched in self._extra_scheds or ():
             sched.step()

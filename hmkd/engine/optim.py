@@ -1,4 +1,5 @@
-"""Optimisers and the iteration-based learning-rate schedule.
+"""Optimisers, the iteration-based learning-rate schedule, and clipping and stepping optimisers
+(:func:`clip_and_step`).
 
 The schedule is a multiplier of the base learning rate, a pure function of the iteration ``i``
 (0-based: the step about to be taken), as in detectron2's ``WarmupParamScheduler``:
@@ -124,3 +125,36 @@ def clip_gradients(params: Iterable[torch.Tensor], max_norm: float | None) -> to
     if not max_norm or max_norm <= 0 or not params:
         return None
     return torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+
+def optimizer_params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """Every parameter of ``optimizer``'s parameter groups, in order."""
+    return [p for g in optimizer.param_groups for p in g["params"]]
+
+
+def clip_and_step(
+    steps: Iterable[tuple[torch.optim.Optimizer, Iterable[torch.Tensor], float | None]],
+    scaler: torch.amp.GradScaler | None = None,
+) -> None:
+    """Step optimisers on the gradients they hold: ``steps`` are ``(optimizer, params, max_norm)``.
+
+    With a ``GradScaler``, every optimiser's gradients are unscaled first; then each ``params``'
+    gradients are clipped at its ``max_norm`` (:func:`clip_gradients`: None or <= 0, no clipping),
+    all of them before any optimiser steps; then each optimiser steps, in order (``scaler.step``,
+    then one ``scaler.update()``). Zeroing the gradients is the caller's, before backward or after
+    this. The one clip-and-step of a training step (:func:`hmkd.training.step.train_step`), of the
+    matching decoder's fit and of :meth:`hmkd.distill.base.Distiller.step_extra_optimizers`.
+    """
+    steps = list(steps)
+    if scaler is not None:
+        for opt, _, _ in steps:
+            scaler.unscale_(opt)
+    for _, params, max_norm in steps:
+        clip_gradients(params, max_norm)
+    if scaler is not None:
+        for opt, _, _ in steps:
+            scaler.step(opt)
+        scaler.update()
+    else:
+        for opt, _, _ in steps:
+            opt.step()

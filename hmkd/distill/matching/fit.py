@@ -36,11 +36,13 @@ from hmkd.distill.matching.method import FITTED_FORMAT, DecoderDistiller
 from hmkd.engine.checkpoint import load_checkpoint, save_checkpoint, seed_everything
 from hmkd.engine.loaders import close_loader_iter, next_batch, to_device
 from hmkd.engine.logging_utils import bar_wanted
+from hmkd.engine.optim import clip_and_step
 from hmkd.engine.sampler import InfiniteBatchSampler, SeededDataset, mix_seed
 from hmkd.errors import CheckpointError, ConfigError
 from hmkd.utils import cache_root, json_safe, preserved_random_state
 
-__all__ = ["cache_dir", "fit_decoder", "fit_key", "load_fitted", "prepare_decoder", "teacher_digest", "transformed_batch"]
+__all__ = ["cache_dir", "check_fitted_teacher", "fit_decoder", "fit_key", "load_fitted", "prepare_decoder", "teacher_digest",
+           "transformed_batch"]
 
 logger = logging.getLogger(__name__)
 
@@ -163,9 +165,7 @@ def _fit(distiller: DecoderDistiller, train_set: Any, *, batch_size: int, device
             total = sum(losses.values())
             opt.zero_grad(set_to_none=True)
             total.backward()
-            if o.decoder_clip is not None:
-                torch.nn.utils.clip_grad_norm_(params, o.decoder_clip)
-            opt.step()
+            clip_and_step([(opt, params, o.decoder_clip)])
             for k, v in losses.items():
                 window.setdefault(k, []).append(float(v.detach()))
             bar.update(1)
@@ -187,6 +187,19 @@ def load_fitted(path: str) -> dict[str, Any]:
     if obj.get("format") != FITTED_FORMAT or "state_dict" not in obj:
         raise CheckpointError(f"{path}: not a fitted decoder (format {obj.get('format')!r}, expected {FITTED_FORMAT!r})")
     return obj
+
+
+def check_fitted_teacher(fitted: dict[str, Any], source: str, teacher_weights: str, sha: str | None = None) -> str:
+    """Refuse a fitted decoder (:func:`load_fitted`'s dict) that was fitted on another teacher than the
+    checkpoint ``teacher_weights`` (its SHA-256 ``sha``, computed when not given): a one-line
+    :class:`ConfigError` ``SOURCE: fitted on another teacher (ITS PATH), not TEACHER_WEIGHTS``.
+    Whether its decoder fits the method's is :meth:`DecoderDistiller.load_decoder_state`'s check.
+    Returns the teacher's SHA-256."""
+    sha = sha if sha is not None else teacher_digest(teacher_weights)
+    recorded = fitted.get("teacher", {})
+    if recorded.get("sha256") != sha:
+        raise ConfigError(f"{source}: fitted on another teacher ({recorded.get('path')}), not {teacher_weights}")
+    return sha
 
 
 def prepare_decoder(
@@ -214,9 +227,7 @@ def prepare_decoder(
     sha = teacher_digest(weights)
     if choice not in ("none", "auto") and output is None:
         obj = load_fitted(choice)
-        if obj.get("teacher", {}).get("sha256") != sha:
-            raise ConfigError(f"distill.options.decoder_fit {choice}: fitted on another teacher "
-                              f"({obj.get('teacher', {}).get('path')}), not {weights}")
+        check_fitted_teacher(obj, f"distill.options.decoder_fit {choice}", weights, sha)
         distiller.load_decoder_state(obj["state_dict"], choice)
         return choice
     key = fit_key(distiller, cfg, sha)

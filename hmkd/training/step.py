@@ -21,7 +21,7 @@ import torch
 
 from hmkd.distill.base import total_loss
 from hmkd.engine import distributed as du
-from hmkd.engine.optim import clip_gradients
+from hmkd.engine.optim import clip_and_step, optimizer_params
 from hmkd.errors import ConfigError, NonFiniteLossError
 
 __all__ = ["train_step"]
@@ -115,23 +115,8 @@ def train_step(
     if clock is not None:
         clock("backward")
 
-    stepped = [(opt, clip) for _, opt, clip in extras if _has_grad(opt)]
-    if scaler is not None:
-        scaler.unscale_(optimizer)
-        for opt, _ in stepped:
-            scaler.unscale_(opt)
-    clip_gradients(main_params, clip_grad)
-    for opt, clip in stepped:
-        clip_gradients([p for g in opt.param_groups for p in g["params"]], clip)
-    if scaler is not None:
-        scaler.step(optimizer)
-        for opt, _ in stepped:
-            scaler.step(opt)
-        scaler.update()
-    else:
-        optimizer.step()
-        for opt, _ in stepped:
-            opt.step()
+    stepped = [(opt, optimizer_params(opt), clip) for _, opt, clip in extras if _has_grad(opt)]
+    clip_and_step([(optimizer, main_params, clip_grad), *stepped], scaler)  # unscale, clip, step, update
     if clock is not None:
         clock("optimizer")
     return dict(zip(names, values))

@@ -285,7 +285,7 @@ def viz_attention(
         head]}}]}}}]}``, also written to ``<out_dir>/attention.json``.
     """
     from hmkd.data import build_data
-    from hmkd.distill.matching.fit import load_fitted, teacher_digest
+    from hmkd.distill.matching.fit import check_fitted_teacher, load_fitted
     from hmkd.distill.matching.report import build_decoder_method
 
     if objects < 1:
@@ -322,11 +322,7 @@ def viz_attention(
                 raise ConfigError(f"viz attention: --level {lv}: no decoder attends over that level (decoders: "
                                   f"{', '.join(f'{n or distiller.name} over {k}' for n, k in named.items())})")
         drawn = {n: k for n, k in named.items() if n in levels or k in levels}
-    sha = teacher_digest(cfg.teacher.weights)
-    fitted_sha = fitted.get("teacher", {}).get("sha256")
-    if fitted_sha is not None and fitted_sha != sha:
-        raise ConfigError(f"{decoder}: fitted on another teacher ({fitted.get('teacher', {}).get('path')}), "
-                          f"not {cfg.teacher.weights}")
+    check_fitted_teacher(fitted, decoder, cfg.teacher.weights)
     spec, own = json_safe(fitted.get("spec") or {}), json_safe(distiller.fit_spec())
     differ = sorted(k for k in set(spec) | set(own) if spec.get(k) != own.get(k))
     if differ:

@@ -1,5 +1,5 @@
-"""DataLoader helpers shared by training and inference: one-line errors from workers, stopping
-workers on time, moving a batch to the device."""
+"""DataLoader helpers shared by training and inference: the seeded training loader, one-line errors
+from workers, stopping workers on time, moving a batch to the device."""
 
 from __future__ import annotations
 
@@ -7,10 +7,47 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+from torch.utils.data import DataLoader
 
+from hmkd.engine.sampler import InfiniteBatchSampler, SeededDataset
+from hmkd.engine.signals import worker_init
 from hmkd.errors import HMKDError
 
-__all__ = ["close_loader_iter", "next_batch", "to_device"]
+__all__ = ["close_loader_iter", "next_batch", "seeded_loader", "to_device"]
+
+
+def seeded_loader(
+    dataset: Any,
+    batch_size: int,
+    *,
+    seed: int,
+    generator_seed: int,
+    rank: int = 0,
+    world_size: int = 1,
+    start_iter: int = 0,
+    start_position: int | None = None,
+    workers: int = 0,
+    pin_memory: bool = False,
+) -> DataLoader:
+    """An endless loader of ``dataset`` whose batches are a function of ``seed`` and the position
+    only (:class:`~hmkd.engine.sampler.InfiniteBatchSampler`: the order; :class:`~hmkd.engine.sampler.SeededDataset`:
+    each sample's augmentation), whatever ``workers`` is; ``start_iter`` / ``start_position`` resume the
+    stream. The loader draws from its own generator (``generator_seed``), so making it leaves the global
+    random stream alone. The training run and the matching decoder's fit both read their data so."""
+    from hmkd.data.transforms import collate_fn
+
+    sampler = InfiniteBatchSampler(len(dataset), batch_size, seed=seed, shuffle=True, rank=rank,
+                                   world_size=world_size, start_iter=start_iter, start_position=start_position)
+    return DataLoader(
+        SeededDataset(dataset),
+        batch_sampler=sampler,
+        num_workers=workers,
+        collate_fn=collate_fn,
+        pin_memory=pin_memory,
+        persistent_workers=workers > 0,
+        worker_init_fn=worker_init if workers > 0 else None,
+        generator=torch.Generator().manual_seed(generator_seed),
+    )
 
 
 def next_batch(it: Iterator) -> Any:

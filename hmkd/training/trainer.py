@@ -87,7 +87,7 @@ from hmkd.distill.build import build_run, teacher_use
 from hmkd.engine import checkpoint as ckpt_io
 from hmkd.engine import distributed as du
 from hmkd.engine.evaluation import aitod_max_dets_of, evaluate_model, write_eval_outputs
-from hmkd.engine.loaders import close_loader_iter, next_batch, to_device
+from hmkd.engine.loaders import close_loader_iter, next_batch, seeded_loader, to_device
 from hmkd.engine.logging_utils import (
     JsonlLogger,
     TensorBoardLogger,
@@ -99,8 +99,8 @@ from hmkd.engine.logging_utils import (
     read_jsonl,
     step_line,
 )
-from hmkd.engine.sampler import InfiniteBatchSampler, SeededDataset, mix_seed
-from hmkd.engine.signals import StopSignal, worker_init
+from hmkd.engine.sampler import mix_seed
+from hmkd.engine.signals import StopSignal
 from hmkd.training.step import train_step
 from hmkd.errors import CheckpointError, ConfigError, NonFiniteLossError
 from hmkd.models import is_mask_model
@@ -434,29 +434,11 @@ class Trainer:
             os.remove(path)
 
     def _loader(self) -> DataLoader:
-        from hmkd.data.transforms import collate_fn
-
-        sampler = InfiniteBatchSampler(
-            len(self.train_set),
-            self.cfg.data.batch_size,
-            seed=self.cfg.seed,
-            shuffle=True,
-            rank=self.ctx.rank,
-            world_size=self.ctx.world_size,
-            start_iter=self.iteration,
-            start_position=self.samples_seen,
-        )
-        workers = self.cfg.data.workers
-        return DataLoader(
-            SeededDataset(self.train_set),
-            batch_sampler=sampler,
-            num_workers=workers,
-            collate_fn=collate_fn,
-            pin_memory=self.device.type == "cuda",
-            persistent_workers=workers > 0,
-            worker_init_fn=worker_init if workers > 0 else None,
-            # the loader's own generator: creating it leaves the global random stream alone
-            generator=torch.Generator().manual_seed(mix_seed(self.cfg.seed, self.iteration, 17)),
+        return seeded_loader(
+            self.train_set, self.cfg.data.batch_size, seed=self.cfg.seed,
+            generator_seed=mix_seed(self.cfg.seed, self.iteration, 17),
+            rank=self.ctx.rank, world_size=self.ctx.world_size, start_iter=self.iteration,
+            start_position=self.samples_seen, workers=self.cfg.data.workers, pin_memory=self.device.type == "cuda",
         )
 
     def _loop(self, stop: StopSignal) -> None:

@@ -27,17 +27,16 @@ import time
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from hmkd.distill.base import small_flags
 from hmkd.distill.matching.decoder import MatchingDecoder
 from hmkd.distill.matching.method import FITTED_FORMAT, DecoderDistiller
 from hmkd.engine.checkpoint import load_checkpoint, save_checkpoint, seed_everything
-from hmkd.engine.loaders import close_loader_iter, next_batch, to_device
+from hmkd.engine.loaders import close_loader_iter, next_batch, seeded_loader, to_device
 from hmkd.engine.logging_utils import bar_wanted
 from hmkd.engine.optim import clip_and_step
-from hmkd.engine.sampler import InfiniteBatchSampler, SeededDataset, mix_seed
+from hmkd.engine.sampler import mix_seed
 from hmkd.errors import CheckpointError, ConfigError
 from hmkd.utils import cache_root, json_safe, preserved_random_state
 
@@ -130,8 +129,6 @@ def fit_decoder(
 
 def _fit(distiller: DecoderDistiller, train_set: Any, *, batch_size: int, device: torch.device, seed: int,
          iters: int | None, log_period: int, progress: bool) -> dict[str, Any]:
-    from hmkd.data.transforms import collate_fn
-
     o = distiller.options
     iters = int(iters or o.fit_iters)
     mods = distiller.decoder_modules()
@@ -145,9 +142,7 @@ def _fit(distiller: DecoderDistiller, train_set: Any, *, batch_size: int, device
     mods.train()
     params = list(mods.parameters())
     opt = torch.optim.AdamW(params, lr=distiller.fit_lr, weight_decay=o.decoder_weight_decay)
-    sampler = InfiniteBatchSampler(len(train_set), batch_size, seed=mix_seed(seed, 29), shuffle=True)
-    loader = DataLoader(SeededDataset(train_set), batch_sampler=sampler, num_workers=0, collate_fn=collate_fn,
-                        generator=torch.Generator().manual_seed(mix_seed(seed, 31)))
+    loader = seeded_loader(train_set, batch_size, seed=mix_seed(seed, 29), generator_seed=mix_seed(seed, 31))
     gen = torch.Generator(device=device).manual_seed(mix_seed(seed, 37))
     window: dict[str, list[float]] = {}
     last: dict[str, float] = {}

@@ -265,6 +265,13 @@ class Distiller(nn.Module):
         self._tap.remove()
         self._tap = DetectorTap(wrapped)
 
+    def prepare(self, cfg: Any, train_set: Any, device: torch.device, *, progress: bool = False) -> str | None:
+        """Work the method does once before a run trains, on the run's config and training set:
+        none by default; ICD and HMKD fit their matching decoder on the teacher alone, or load the
+        cached fit (:class:`~hmkd.distill.matching.method.DecoderDistiller`). Returns the file it
+        used, if any. Not called when a run resumes (the checkpoint holds the method's state)."""
+        return None
+
     # -- parameters -----------------------------------------------------------------------------
     def main_clip(self, train_clip_grad: float | None) -> float | None:
         """The main parameters' clip: :attr:`main_clip_grad` when the method sets one, else

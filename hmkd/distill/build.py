@@ -4,8 +4,9 @@
 From a config whose pretrained stand-ins are already resolved (:func:`hmkd.training.resolve_pretrained`)
 it builds, in this order (the order the random stream is drawn in): the student; the teacher, loaded
 and frozen, when the method distils from it or ``distill.init_student`` copies from it; that copy;
-the distiller with its options; the teacher's precision; the matching decoder fitted on the teacher
-alone (ICD and HMKD, ``distill.options.decoder_fit``); then the parameter groups, the main optimiser
+the distiller with its options; the teacher's precision; the method's one-off preparation
+(:meth:`~hmkd.distill.base.Distiller.prepare`: ICD and HMKD fit their matching decoder on the
+teacher alone, ``distill.options.decoder_fit``); then the parameter groups, the main optimiser
 and schedule, and the method's own optimisers and their schedules over the run.
 
 How a run uses its teacher is decided once, by :func:`teacher_use`.
@@ -22,8 +23,6 @@ from torch import nn
 
 from hmkd.config import Config
 from hmkd.distill.base import Distiller
-from hmkd.distill.matching.fit import prepare_decoder
-from hmkd.distill.matching.method import DecoderDistiller
 from hmkd.distill.registry import build_distiller, method_class, needs_teacher
 from hmkd.engine import distributed as du
 from hmkd.engine.optim import build_optimizer, build_scheduler
@@ -84,7 +83,8 @@ class RunParts:
         distiller: the method around them, on the device, in train mode.
         clip_grad: where the main parameters' gradients are clipped (the method's own, e.g. FGD's
             35, or ``train.clip_grad``).
-        decoder_file: the fitted matching decoder the distiller loaded (None: none fitted or loaded).
+        decoder_file: the file the method's preparation used (ICD, HMKD: the fitted matching
+            decoder; None: none).
         main_params: the main optimiser's parameters (student + the distiller's own modules).
         extra_params: parameters of the method's own optimisers that are not main parameters.
         sync_params: the parameters outside DDP whose gradients are averaged over processes.
@@ -186,8 +186,8 @@ def build_run(
             resuming, since the checkpoint holds the student, and in ``hmkd bench cost``, since a
             step's cost does not depend on it).
         load_teacher: load ``teacher.weights`` (``hmkd bench cost`` may time a random teacher).
-        train_set: the training split the matching decoder is fitted on (ICD and HMKD with
-            ``decoder_fit``); None: no decoder is fitted or loaded here.
+        train_set: the training split the method prepares on (:meth:`Distiller.prepare`: ICD and
+            HMKD fit their matching decoder, or load the cached fit); None: no preparation here.
         ctx: the process group: the main process fits the decoder first, the others load it.
         progress: show the decoder fit's progress bar.
     """
@@ -211,13 +211,13 @@ def build_run(
     distiller.set_teacher_dtype(cfg.distill.teacher_dtype)
     distiller.to(device)
     decoder_file = None
-    if isinstance(distiller, DecoderDistiller) and train_set is not None:
-        # a decoder fitted on the teacher alone (distill.options.decoder_fit): the main process fits
-        # or finds it in the cache first, the others then load the cached file
-        def fit() -> str | None:
-            return prepare_decoder(distiller, cfg, train_set, device, progress=progress)
+    if train_set is not None:
+        # the method's one-off work (ICD, HMKD: the decoder fitted on the teacher alone, or the cached
+        # fit): the main process does it first, the others then find its file in the cache
+        def prepare() -> str | None:
+            return distiller.prepare(cfg, train_set, device, progress=progress)
 
-        decoder_file = fit() if ctx is None else du.main_first(ctx, fit)
+        decoder_file = prepare() if ctx is None else du.main_first(ctx, prepare)
     distiller.train()
     main_params = distiller.student_parameters() + distiller.distiller_parameters()
     extras = list(distiller.extra_optimizers())

@@ -11,7 +11,7 @@ has its own seed (:data:`FIT_SEED`), so runs of any seed share it, and it leaves
 streams as they were (a run that fits and one that loads the cached fit end with the same weights).
 Any later run with the same key (ICD or HMKD, any student) loads it instead of fitting again.
 
-A fitted file is a dict: ``format`` (:data:`~hmkd.distill.matching.method.FITTED_FORMAT`), ``key``,
+A fitted file is a dict: ``format`` (:data:`FITTED_FORMAT`), ``key``,
 ``spec``, ``teacher`` (path and SHA-256), ``state_dict`` (the decoder modules'), ``fit`` (iterations,
 seconds, the last losses); written atomically.
 """
@@ -29,9 +29,8 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from hmkd.distill.base import small_flags
+from hmkd.distill.base import Distiller, small_flags
 from hmkd.distill.matching.decoder import MatchingDecoder
-from hmkd.distill.matching.method import FITTED_FORMAT, DecoderDistiller
 from hmkd.engine.checkpoint import load_checkpoint, save_checkpoint, seed_everything
 from hmkd.engine.loaders import close_loader_iter, next_batch, seeded_loader, to_device
 from hmkd.engine.logging_utils import bar_wanted
@@ -44,6 +43,9 @@ __all__ = ["cache_dir", "check_fitted_teacher", "fit_decoder", "fit_key", "load_
            "transformed_batch"]
 
 logger = logging.getLogger(__name__)
+
+#: The ``format`` entry of a fitted decoder file.
+FITTED_FORMAT = "hmkd.fitted_decoder/1"
 
 #: The fit's own seed (its initial weights, batches, fakes): a fit depends on its key only, not on
 #: the seed of the run that asked for it, so every run with the teacher shares one fit.
@@ -64,7 +66,7 @@ def teacher_digest(path: str) -> str:
     return h.hexdigest()
 
 
-def fit_key(distiller: DecoderDistiller, cfg: Any, teacher_sha: str) -> str:
+def fit_key(distiller: Distiller, cfg: Any, teacher_sha: str) -> str:
     """The cache key (24 hex digits) of a fit: see the module docstring for what it covers."""
     m = cfg.model
     spec = {
@@ -87,7 +89,7 @@ def _plain(section: Any) -> dict[str, Any]:
     return json_safe(dict(section))
 
 
-def transformed_batch(distiller: DecoderDistiller, images: list[torch.Tensor], targets: list[dict[str, Any]]
+def transformed_batch(distiller: Distiller, images: list[torch.Tensor], targets: list[dict[str, Any]]
                       ) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]], list[tuple[int, int]], tuple[int, int]]:
     """The student's transform of a batch and the teacher's maps of it (no student forward):
     (teacher features, resized targets, image sizes, padded (H, W))."""
@@ -100,7 +102,7 @@ def transformed_batch(distiller: DecoderDistiller, images: list[torch.Tensor], t
 
 
 def fit_decoder(
-    distiller: DecoderDistiller,
+    distiller: Distiller,
     train_set: Any,
     *,
     batch_size: int,
@@ -127,7 +129,7 @@ def fit_decoder(
                     log_period=log_period, progress=progress)
 
 
-def _fit(distiller: DecoderDistiller, train_set: Any, *, batch_size: int, device: torch.device, seed: int,
+def _fit(distiller: Distiller, train_set: Any, *, batch_size: int, device: torch.device, seed: int,
          iters: int | None, log_period: int, progress: bool) -> dict[str, Any]:
     o = distiller.options
     iters = int(iters or o.fit_iters)
@@ -188,7 +190,7 @@ def check_fitted_teacher(fitted: dict[str, Any], source: str, teacher_weights: s
     """Refuse a fitted decoder (:func:`load_fitted`'s dict) that was fitted on another teacher than the
     checkpoint ``teacher_weights`` (its SHA-256 ``sha``, computed when not given): a one-line
     :class:`ConfigError` ``SOURCE: fitted on another teacher (ITS PATH), not TEACHER_WEIGHTS``.
-    Whether its decoder fits the method's is :meth:`DecoderDistiller.load_decoder_state`'s check.
+    Whether its decoder fits the method's is :meth:`~hmkd.distill.matching.method.DecoderDistiller.load_decoder_state`'s check.
     Returns the teacher's SHA-256."""
     sha = sha if sha is not None else teacher_digest(teacher_weights)
     recorded = fitted.get("teacher", {})
@@ -198,7 +200,7 @@ def check_fitted_teacher(fitted: dict[str, Any], source: str, teacher_weights: s
 
 
 def prepare_decoder(
-    distiller: DecoderDistiller,
+    distiller: Distiller,
     cfg: Any,
     train_set: Any,
     device: torch.device,

@@ -22,15 +22,13 @@ from torch import nn
 
 from hmkd.distill.base import Distiller
 from hmkd.distill.matching.decoder import KeyValues
+from hmkd.distill.matching.fit import prepare_decoder
 from hmkd.distill.matching.optim import decoder_optimizers, decoder_schedulers
 from hmkd.distill.matching.options import DecoderOptions
 from hmkd.distill.matching.task import AuxOutput
 from hmkd.errors import ConfigError
 
-__all__ = ["DecoderDistiller", "FITTED_FORMAT"]
-
-#: ``format`` field of a fitted-decoder file (see :mod:`hmkd.distill.matching.fit`).
-FITTED_FORMAT = "hmkd.fitted_decoder/1"
+__all__ = ["DecoderDistiller"]
 
 
 class DecoderDistiller(Distiller):
@@ -98,6 +96,11 @@ class DecoderDistiller(Distiller):
         }
 
     # -- shared behaviour -----------------------------------------------------------------------
+    def prepare(self, cfg: Any, train_set: Any, device: torch.device, *, progress: bool = False) -> str | None:
+        """Fit the decoder on the teacher alone, or load the cached fit, as ``distill.options.decoder_fit``
+        says (:func:`hmkd.distill.matching.fit.prepare_decoder`); returns the fitted file (None: none)."""
+        return prepare_decoder(self, cfg, train_set, device, progress=progress)
+
     @property
     def fit_lr(self) -> float:
         return float(self.options.fit_lr if self.options.fit_lr is not None else self.options.decoder_lr)

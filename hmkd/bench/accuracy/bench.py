@@ -19,6 +19,7 @@ from hmkd.bench.accuracy.summary import summarise
 from hmkd.bench.accuracy.table import format_table, stage_lines
 from hmkd.bench.accuracy.teacher import obtain_teacher
 from hmkd.config import Config, to_dict
+from hmkd.distill import needs_teacher
 from hmkd.errors import ConfigError
 from hmkd.utils import machine_info, write_json, write_text
 
@@ -133,11 +134,11 @@ def _run_bench(
     n_runs = len(variants) * len(seeds_run)
     say(progress, f"{len(variants)} rows x {len(seeds_run)} seeds = {n_runs} student runs -> {out_dir}")
 
-    needs_teacher = any(v.method != "none" or v.init_student for v in variants)
+    teacher_needed = any(needs_teacher(v.method) or v.init_student for v in variants)
     train_teacher = cfg.teacher is not None and not (teacher or cfg.teacher.weights)
     pretrained = _pretrain_stage(cfg, train_teacher, progress)
     tinfo = obtain_teacher(cfg, out_dir, teacher, teacher_cfg, teacher_iters, isolate=isolate, progress=progress) if (
-        needs_teacher or teacher or teacher_cfg is not None or (cfg.teacher is not None)
+        teacher_needed or teacher or teacher_cfg is not None or (cfg.teacher is not None)
     ) else None
     teacher_weights = tinfo["weights"] if tinfo else None
 

@@ -139,7 +139,7 @@ def _torchvision_file_without_data_set(cfg: Config, info: Any) -> bool:
     then not the checkpoint's. It is not generated for it (a one-line error when it is not on disk)."""
     from hmkd.config import to_dict
     from hmkd.data import synthetic_exists
-    from hmkd.engine.inputs import names_no_data_set
+    from hmkd.data.at_hand import names_no_data_set
     from hmkd.models.torchvision_zoo import is_torchvision
 
     if not (is_torchvision(cfg.model.detector) and info.config is None and names_no_data_set(cfg)):

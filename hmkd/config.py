@@ -564,17 +564,6 @@ def check_config(cfg: Config, *, src: str | None = None, origins: Mapping[str, s
         refuse("train.steps", f"train.steps must be a non-empty list when train.schedule is step, got {cfg.train.steps}")
 
 
-def resolve_num_classes(cfg: Config, dataset: Any) -> int:
-    """The number of classes of ``dataset`` (its ``num_classes``), checked against
-    ``model.num_classes`` where the config sets it. ``teacher.num_classes`` may differ (e.g. 90 for a
-    COCO teacher): distillation uses only the teacher's backbone + FPN."""
-    n_data = int(dataset.num_classes)
-    n = cfg.model.num_classes
-    if n is not None and n != n_data:
-        raise ConfigError(f"model.num_classes is {n} but the data set has {n_data} classes")
-    return n_data
-
-
 def resolve_config(cfg: Config, output_dir: str, num_classes: int) -> Config:
     """A copy of ``cfg`` as the run uses it: ``output_dir`` and the student's and teacher's
     ``num_classes`` filled in (what ``config.yaml`` and the checkpoints record; a teacher that sets

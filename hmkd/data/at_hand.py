@@ -8,12 +8,12 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from hmkd.config import Config, resolve_num_classes, to_dict
-from hmkd.errors import HMKDError
+from hmkd.config import Config, to_dict
+from hmkd.errors import ConfigError, HMKDError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["class_count", "fill_class_count", "names_no_data_set", "val_set"]
+__all__ = ["class_count", "fill_class_count", "names_no_data_set", "resolve_num_classes", "val_set"]
 
 
 def val_set(cfg: Config, *, generate: bool) -> Any | None:
@@ -40,13 +40,24 @@ def names_no_data_set(cfg: Config) -> bool:
     return cfg.data == DataConfig()
 
 
+def resolve_num_classes(cfg: Config, dataset: Any) -> int:
+    """The number of classes of ``dataset`` (its ``num_classes``), checked against
+    ``model.num_classes`` where the config sets it. ``teacher.num_classes`` may differ (e.g. 90 for a
+    COCO teacher): distillation uses only the teacher's backbone + FPN."""
+    n_data = int(dataset.num_classes)
+    n = cfg.model.num_classes
+    if n is not None and n != n_data:
+        raise ConfigError(f"model.num_classes is {n} but the data set has {n_data} classes")
+    return n_data
+
+
 def class_count(cfg: Config, dataset: Any | None = None, checkpoint: int | None = None, *,
                 check: bool = False) -> int | None:
     """The class count (without background) of ``cfg``'s model, from what is at hand:
 
     1. ``model.num_classes`` where the config sets it; with ``check`` (training) it must equal the
        data set's count, else the one-line :class:`ConfigError` of
-       :func:`hmkd.config.resolve_num_classes`;
+       :func:`resolve_num_classes`;
     2. else the data set's ``num_classes``; with ``data.label_map: category_id`` (labels are
        category ids) a ``checkpoint`` with more classes keeps its count (COCO's 90 outputs on a
        part of COCO; logged);

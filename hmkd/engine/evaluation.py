@@ -19,7 +19,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from hmkd.config import Config, resolve_num_classes
+from hmkd.config import Config
+from hmkd.data.at_hand import resolve_num_classes
 from hmkd.engine import distributed as du
 from hmkd.engine.evaluator import coco_metrics
 from hmkd.engine.inference import inference_on_dataset

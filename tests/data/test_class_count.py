@@ -1,7 +1,7 @@
 """The one class-count rule (hmkd.data.at_hand.class_count): the config's count, else the data
 set's (a category-id data set lets a checkpoint with more classes keep its count), else the
 checkpoint's, else None; training checks the config's count against the data set with the message
-of hmkd.config.resolve_num_classes. Tested on the tiny COCO-format set (category ids 5, 2, 9)."""
+of hmkd.data.at_hand.resolve_num_classes. Tested on the tiny COCO-format set (category ids 5, 2, 9)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import logging
 
 import pytest
 
-from hmkd.config import Config, ModelConfig, resolve_num_classes
+from hmkd.config import Config, ModelConfig
+from hmkd.data.at_hand import resolve_num_classes
 from hmkd.data import build_dataset
 from hmkd.data.at_hand import class_count, fill_class_count
 from hmkd.errors import ConfigError

@@ -24,7 +24,7 @@ def build_decoder_method(cfg: Any, train_set: Any, device: torch.device):
     """The config's distiller as a run builds it (:func:`hmkd.distill.build.build_run`: student,
     teacher with its weights, options, teacher precision; no decoder fitted yet), checked to have a
     decoder."""
-    from hmkd.config import resolve_num_classes
+    from hmkd.data.at_hand import resolve_num_classes
     from hmkd.distill.build import build_run
     from hmkd.distill.matching.method import DecoderDistiller
 

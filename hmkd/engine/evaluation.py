@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from hmkd.config import Config
-from hmkd.data.at_hand import resolve_num_classes
+from hmkd.data.at_hand import class_count
 from hmkd.engine import distributed as du
 from hmkd.engine.evaluator import coco_metrics
 from hmkd.engine.inference import inference_on_dataset
@@ -154,22 +154,20 @@ def _torchvision_file_without_data_set(cfg: Config, info: Any) -> bool:
 
 
 def _eval_num_classes(cfg: Config, val: Any, info: Any, unnamed: bool) -> int:
-    """The class count to build the model with: the data set's (:func:`resolve_num_classes`);
-    with ``data.label_map: category_id`` and ``model.num_classes`` unset, a file without a stored
-    config that has more classes keeps its own (labels are category ids: COCO's 90 outputs on a
-    part of COCO, the labels above the data set's largest id being none of its categories)."""
+    """The class count to build the model with, by the one rule (:func:`hmkd.data.at_hand.class_count`,
+    checked against the data set): the data set's; with ``data.label_map: category_id`` and
+    ``model.num_classes`` unset, a file without a stored config that has more classes keeps its own
+    (labels are category ids: COCO's 90 outputs on a part of COCO, the labels above the data set's
+    largest id being none of its categories). A file whose count differs from the default data set's
+    when the config names none is an error saying which keys to give."""
     from hmkd.errors import CheckpointError
     from hmkd.models.checkpoint_info import checkpoint_classes
 
-    n = resolve_num_classes(cfg, val)
     k = checkpoint_classes(info, cfg.model.detector) if info.config is None else None
-    if unnamed and k is not None and k != n:
-        raise CheckpointError(f"{info.path}: has {k} classes, the default data set {cfg.data.root} {n} (the config "
-                              f"names no data set): {_NAME_IT}")
-    if cfg.model.num_classes is None and getattr(val, "label_map", None) == "category_id" and k is not None and k > n:
-        logger.info("%s: %d classes, the data set's category ids go up to %d; labels above are none of its "
-                    "categories and are dropped", info.path, k, n)
-        n = k
+    n = class_count(cfg, val, k, check=True)
+    if unnamed and k is not None and k != int(val.num_classes):
+        raise CheckpointError(f"{info.path}: has {k} classes, the default data set {cfg.data.root} "
+                              f"{int(val.num_classes)} (the config names no data set): {_NAME_IT}")
     return n
 
 

@@ -24,14 +24,14 @@ def build_decoder_method(cfg: Any, train_set: Any, device: torch.device):
     """The config's distiller as a run builds it (:func:`hmkd.distill.build.build_run`: student,
     teacher with its weights, options, teacher precision; no decoder fitted yet), checked to have a
     decoder."""
-    from hmkd.data.at_hand import resolve_num_classes
+    from hmkd.data.at_hand import class_count
     from hmkd.distill.build import build_run
     from hmkd.distill.matching.method import DecoderDistiller
 
     method = cfg.distill.method
     if cfg.teacher is None or not cfg.teacher.weights:
         raise ConfigError("hmkd fit-decoder needs the trained teacher: set teacher.weights to its checkpoint")
-    distiller = build_run(cfg, resolve_num_classes(cfg, train_set), device=device).distiller
+    distiller = build_run(cfg, class_count(cfg, train_set, check=True), device=device).distiller
     if not isinstance(distiller, DecoderDistiller):
         raise ConfigError(f"distill.method {method!r} has no matching decoder (icd and hmkd have one)")
     return distiller

@@ -1,4 +1,4 @@
-"""What distillation costs per training step: seconds, where they go, and peak memory (issue 8).
+"""What distillation costs per training step: seconds, FLOPs, where they go, and peak memory (issues 8, 29).
 
 :func:`run_cost_bench` trains every method (``none`` = no-KD first, then each distiller) for a few
 steps **in one process on the same fixed batches** and reports, per method:
@@ -34,6 +34,22 @@ steps **in one process on the same fixed batches** and reports, per method:
   profiled step. **Backward is not split by part**: autograd runs a part's backward after the
   whole forward, outside its range, so the backward is reported as one number per method (extra
   backward over no-KD). The mask-building target uses the ``hmkd.masks`` range.
+* **FLOPs** (machine-independent, so the headline ratio on a shared machine): after the timed steps
+  each method runs one more, untimed step (as the warm-up steps run, so every-k-th-step work such as
+  HMKD's ``aux_every`` task is in it: for ``aux_every > 1`` an upper bound of the mean step) under
+  ``torch.utils.flop_counter.FlopCounterMode`` (:func:`hmkd.bench.parts.count_step_flops`):
+  ``gflop_per_step`` (forward + backward; the optimiser step is counted too but FlopCounterMode has
+  no formula for its ``_foreach`` updates, so it reads 0), ``gflop_phases``, ``gflop_split``
+  (student, teacher forward, the method's own, outside the distiller) and ``gflop_x_floor``: the
+  step over the floor in FLOPs (``gflop_floor``: no-KD's step FLOPs plus the teacher forward
+  counted in the method's own step, from the counter's per-module breakdown: the teacher's
+  modules are the ones outside the distiller). For plain **HMKD and ICD**, ``gflop_parts``: the
+  forward + backward FLOPs of each part's modules (:data:`hmkd.bench.parts.FLOP_PARTS`: the
+  Inquiry Head, the decoder's key/value projections, its aux layer and heads, HMKD's distillation
+  attention pass, the student-side value projection, adapters, GcBlocks) and ``other`` (the
+  method's FLOPs outside those modules). A module's backward is attributed to it by autograd node,
+  not by FlopCounterMode's own module tracker, whose backward attribution leaks (see
+  :mod:`hmkd.bench.parts`).
 * **peak memory** while the method's models are built and its warm-up steps run (alone), above
   what the process held just before (earlier methods' models stay alive and are in that baseline);
   see :mod:`hmkd.bench.peak_memory` (CUDA: peak allocated; CPU: the process's peak RSS). It counts
@@ -54,9 +70,9 @@ with ``data.root`` there and ``data.synth.n_train`` that count; the generator's 
 not depend on how many are generated, so they are the same images as the full set's first ones).
 
 Outputs in ``out_dir``: ``cost.json`` (everything, with the machine and the command's arguments)
-and ``cost.md`` (tables + the issue-8 targets: HMKD step <= 1.2x no-KD, peak memory <= 1.5x, mask
-building < 2% of the step). Timings on a shared machine are noisy; the load average at start and
-end is recorded.
+and ``cost.md`` (tables, with GFLOP/step and x floor (FLOPs) beside the times, + the issue-8
+targets: HMKD step <= 1.2x no-KD, peak memory <= 1.5x, mask building < 2% of the step). Timings
+on a shared machine are noisy; the load average at start and end is recorded.
 """
 
 from __future__ import annotations
@@ -78,7 +94,7 @@ import torch
 from torch import nn
 
 from hmkd.bench.cost_report import TARGETS, cost_markdown, cost_targets
-from hmkd.bench.parts import part_ranges, profile_parts, timed_range
+from hmkd.bench.parts import FLOP_PARTS, count_step_flops, part_ranges, profile_parts, timed_range
 from hmkd.bench.peak_memory import PeakMemory
 from hmkd.config import PRETRAIN_BACKBONE, Config, parse_overrides, to_dict
 from hmkd.errors import ConfigError
@@ -262,6 +278,7 @@ class _MethodRun:
         self.clock = _Clock(device)
         self.steps: list[dict[str, float]] = []
         self.profiled: dict[str, Any] | None = None
+        self.flops: dict[str, Any] = {}
         self.peak_memory_mb = float("nan")
         self.memory_method = ""
         self.i = 0
@@ -290,8 +307,10 @@ class _MethodRun:
         self.peak_memory_mb = mem.peak_bytes / 2**20
         self.memory_method = mem.method
 
-    def step(self, batches: list, *, warm: bool = False) -> dict[str, float]:
-        """One training step (:func:`hmkd.training.step.train_step`); returns its phase times."""
+    def step(self, batches: list, *, warm: bool = False,
+             on_mark: Callable[[str], None] | None = None) -> dict[str, float]:
+        """One training step (:func:`hmkd.training.step.train_step`); returns its phase times.
+        ``on_mark`` is also called at each of ``train_step``'s clock marks."""
         from hmkd.training import step as engine_step
 
         images, targets = batches[self.i % len(batches)]
@@ -299,17 +318,29 @@ class _MethodRun:
         # method that does some work every k-th step only (HMKD's aux_every) does it on each of
         # them: the memory peak, taken over the warm-up, then includes that work
         it = _STEADY_ITERATION + (0 if warm else self.i)
+
+        def clock(phase: str) -> None:
+            self.clock.mark(phase)
+            if on_mark is not None:
+                on_mark(phase)
+
         self.clock.start()
         engine_step.train_step(
             self.distiller, self.opt, images, targets, it,
             main_params=self.main_params, clip_grad=self.clip_grad, extra_optimizers=self.extra_opts,
-            scaler=self.scaler, amp=self.amp, clock=self.clock.mark,
+            scaler=self.scaler, amp=self.amp, clock=clock,
         )
         self.i += 1
         return self.clock.stop()
 
     def timed_step(self, batches: list) -> None:
         self.steps.append(self.step(batches))
+
+    def count_flops(self, batches: list) -> None:
+        """Count the FLOPs of one more (untimed) step, run as the warm-up steps are (every-k-th-step
+        work included); per part for the methods of :data:`~hmkd.bench.parts.FLOP_PARTS`."""
+        parts = None if self.variant else FLOP_PARTS.get(self.method)
+        self.flops = count_step_flops(lambda mark: self.step(batches, warm=True, on_mark=mark), self.distiller, parts)
 
     def profile(self, batches: list, steps: int) -> None:
         """Profile ``steps`` more steps when the method marks its parts (plain methods only)."""
@@ -343,6 +374,7 @@ class _MethodRun:
                 "extra": sum(p.numel() for m in d.extra_modules().values() for p in m.parameters()),
             },
         }
+        out.update(self.flops)
         if self.profiled is not None:
             out["parts"] = self.profiled["parts"]
             out["profile"] = self.profiled["profile"]
@@ -422,6 +454,8 @@ def run_cost_bench(
         for _ in range(iters):  # interleaved: load changes on a shared machine hit every method alike
             for r in runs:
                 r.timed_step(batches)
+        for r in runs:  # untimed, after the timed steps
+            r.count_flops(batches)
         for r in runs:
             r.profile(batches, profile_steps)
         rows = [r.result() for r in runs]
@@ -435,10 +469,15 @@ def run_cost_bench(
         r["step_ratio"] = r["step_s"] / base["step_s"]
         r["memory_ratio"] = r["peak_memory_mb"] / max(base["peak_memory_mb"], 1e-9)
         r["extra_backward_s"] = r["phases_s"]["backward"] - base["phases_s"]["backward"]
+        r["gflop_x_no_kd"] = r["gflop_per_step"] / base["gflop_per_step"]
         # the floor of a teacher-based method: the no-KD step plus one frozen teacher forward
         if r["phases_s"]["teacher_forward"] > 0:
             r["floor_s"] = base["step_s"] + r["phases_s"]["teacher_forward"]
             r["floor_ratio"] = r["step_s"] / r["floor_s"]
+        # the same floor in FLOPs: no-KD's step + the teacher forward counted in the method's own step
+        if r["gflop_split"]["teacher_forward"] > 0:
+            r["gflop_floor"] = base["gflop_per_step"] + r["gflop_split"]["teacher_forward"]
+            r["gflop_x_floor"] = r["gflop_per_step"] / r["gflop_floor"]
     res: dict[str, Any] = {
         "config": config_name or cfg.name,
         "machine": machine_info(dev),

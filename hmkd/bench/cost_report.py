@@ -26,6 +26,28 @@ def _fmt_ms(s: float) -> str:
     return f"{s * 1000:.0f}" if s >= 0.1 else f"{s * 1000:.1f}"
 
 
+def _fmt_gflop(g: float) -> str:
+    return f"{g:.0f}" if g >= 100 else f"{g:.3g}"
+
+
+def _flop_parts_table(r: dict[str, Any]) -> list[str]:
+    parts = r["gflop_parts"]
+    extra = r["gflop_per_step"] - r["gflop_floor"] if "gflop_floor" in r else None
+    lines = [
+        "",
+        f"{r['method']} FLOPs per part (forward + backward of the part's modules, GFLOP per step"
+        + (f"; share of the method's {_fmt_gflop(extra)} GFLOP over the floor" if extra is not None else "") + "):",
+        "",
+        "| part | GFLOP | % of extra over floor |",
+        "|---|---:|---:|",
+    ]
+    for name, g in parts.items():
+        share = f"{100 * g / extra:.1f}%" if extra else "-"
+        lines.append(f"| {'outside any part (losses, products outside modules)' if name == 'other' else name} "
+                     f"| {_fmt_gflop(g)} | {share} |")
+    return lines
+
+
 def _parts_table(r: dict[str, Any], groups: dict[str, list[str]] | None) -> list[str]:
     parts, prof = r["parts"], r["profile"]
     step = prof["step_s"]
@@ -75,14 +97,16 @@ def cost_markdown(res: dict[str, Any]) -> str:
         f"median of {res['iters']} steps after {res['warmup']} warm-up; teacher: {res['teacher']}"
         + ("; mixed precision (train.amp)" if res.get("amp") else "") + ".",
         "",
-        "| method | s/step | x no-KD | x floor | mean s/step | x no-KD (mean) | teacher fwd share | peak memory (MB) "
-        "| x no-KD |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| method | s/step | x no-KD | x floor | GFLOP/step | x no-KD (FLOPs) | x floor (FLOPs) | mean s/step "
+        "| x no-KD (mean) | teacher fwd share | peak memory (MB) | x no-KD |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         floor = f"{r['floor_ratio']:.2f}" if "floor_ratio" in r else "-"
+        flop_floor = f"{r['gflop_x_floor']:.3f}" if "gflop_x_floor" in r else "-"
         lines.append(
             f"| {r['method']} | {r['step_s']:.3f} | {r['step_s'] / base['step_s']:.2f} | {floor} | "
+            f"{_fmt_gflop(r['gflop_per_step'])} | {r['gflop_per_step'] / base['gflop_per_step']:.3f} | {flop_floor} | "
             f"{r['step_s_mean']:.3f} | {r['step_s_mean'] / base['step_s_mean']:.2f} | "
             f"{100 * r['teacher_forward_share']:.1f}% | {r['peak_memory_mb']:.0f} | "
             f"{r['peak_memory_mb'] / max(base['peak_memory_mb'], 1e-9):.2f} |"
@@ -93,6 +117,14 @@ def cost_markdown(res: dict[str, Any]) -> str:
         lines += ["", f"Floor: the no-KD step plus one frozen teacher forward, the least a teacher-based method can "
                       f"cost: {f:.3f} s = {f / base['step_s']:.2f}x no-KD (median over the methods' own teacher "
                       "forwards); `x floor` is each method's step over its own floor."]
+    flop_floors = [r["gflop_floor"] for r in rows if "gflop_floor" in r]
+    if flop_floors:
+        f = sorted(flop_floors)[len(flop_floors) // 2]
+        lines += ["", "FLOPs (machine-independent): one more, untimed step of each method under "
+                      "`torch.utils.flop_counter.FlopCounterMode` (forward + backward; matrix products and "
+                      "convolutions, the optimiser step counts 0). Floor in FLOPs: no-KD's step plus the teacher forward counted in "
+                      f"the method's own step, {_fmt_gflop(f)} GFLOP = {f / base['gflop_per_step']:.3f}x no-KD; "
+                      "`x floor (FLOPs)` is each method's step FLOPs over it."]
     lines += [
         "",
         "Split of the step (median seconds): student forward | teacher forward | distillation forward | "
@@ -110,6 +142,8 @@ def cost_markdown(res: dict[str, Any]) -> str:
     for r in rows:
         if "parts" in r:
             lines += _parts_table(r, PART_GROUPS if r["base_method"] == "hmkd" else None)
+        if "gflop_parts" in r:
+            lines += _flop_parts_table(r)
     if any("parts" in r for r in rows):
         lines += [
             "",

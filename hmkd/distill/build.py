@@ -25,7 +25,7 @@ from hmkd.config import Config
 from hmkd.distill.base import Distiller
 from hmkd.distill.registry import build_distiller, method_class, needs_teacher
 from hmkd.engine import distributed as du
-from hmkd.engine.optim import build_optimizer, build_scheduler
+from hmkd.engine.optim import build_optimizer, build_scheduler, optimizer_params
 from hmkd.errors import CheckpointError, ConfigError
 from hmkd.models import build_model
 from hmkd.models import weights as weights_io
@@ -47,11 +47,6 @@ class TeacherUse:
 
     distils: bool
     init: str
-
-    @property
-    def built(self) -> bool:
-        """Whether the run builds (and loads) the teacher at all."""
-        return self.distils or self.init != "none"
 
 
 def teacher_use(cfg: Config) -> TeacherUse:
@@ -78,28 +73,23 @@ class RunParts:
     """What :func:`build_run` built.
 
     Attributes:
-        student, teacher: the detectors (``teacher`` None when the method does not distil from it;
-            a teacher built only for ``init_student`` is dropped after the copy).
-        distiller: the method around them, on the device, in train mode.
+        student: the detector being trained.
+        distiller: the method around it and its teacher (``distiller.teacher``; a teacher built only
+            for ``init_student`` is dropped after the copy), on the device, in train mode.
         clip_grad: where the main parameters' gradients are clipped (the method's own, e.g. FGD's
             35, or ``train.clip_grad``).
-        decoder_file: the file the method's preparation used (ICD, HMKD: the fitted matching
-            decoder; None: none).
         main_params: the main optimiser's parameters (student + the distiller's own modules).
-        extra_params: parameters of the method's own optimisers that are not main parameters.
-        sync_params: the parameters outside DDP whose gradients are averaged over processes.
+        sync_params: the parameters outside DDP whose gradients are averaged over processes (the
+            distiller's own modules and its own optimisers' parameters).
         optimizer, scheduler: the main optimiser and its learning-rate schedule.
         extra_optimizers: ``(name, optimiser, clip)`` of the method's own optimisers.
         extra_schedulers: ``(name, schedule)`` of those optimisers over the run.
     """
 
     student: nn.Module
-    teacher: nn.Module | None
     distiller: Distiller
     clip_grad: float | None
-    decoder_file: str | None
     main_params: list[nn.Parameter]
-    extra_params: list[nn.Parameter]
     sync_params: list[nn.Parameter]
     optimizer: torch.optim.Optimizer
     scheduler: Any
@@ -210,14 +200,16 @@ def build_run(
                     method, clip_grad, cfg.train.clip_grad)
     distiller.set_teacher_dtype(cfg.distill.teacher_dtype)
     distiller.to(device)
-    decoder_file = None
     if train_set is not None:
         # the method's one-off work (ICD, HMKD: the decoder fitted on the teacher alone, or the cached
         # fit): the main process does it first, the others then find its file in the cache
-        def prepare() -> str | None:
-            return distiller.prepare(cfg, train_set, device, progress=progress)
+        def prepare() -> None:
+            distiller.prepare(cfg, train_set, device, progress=progress)
 
-        decoder_file = prepare() if ctx is None else du.main_first(ctx, prepare)
+        if ctx is None:
+            prepare()
+        else:
+            du.main_first(ctx, prepare)
     distiller.train()
     main_params = distiller.student_parameters() + distiller.distiller_parameters()
     extras = list(distiller.extra_optimizers())
@@ -225,13 +217,12 @@ def build_run(
     for m in distiller.extra_modules().values():
         extra.update((id(p), p) for p in m.parameters() if p.requires_grad)
     for _, opt, _ in extras:
-        extra.update((id(p), p) for g in opt.param_groups for p in g["params"])
+        extra.update((id(p), p) for p in optimizer_params(opt))
     main_ids = {id(p) for p in main_params}
     extra_params = [p for k, p in extra.items() if k not in main_ids]
     optimizer = build_optimizer(cfg.train, main_params)
     return RunParts(
-        student=student, teacher=teacher, distiller=distiller, clip_grad=clip_grad, decoder_file=decoder_file,
-        main_params=main_params, extra_params=extra_params,
+        student=student, distiller=distiller, clip_grad=clip_grad, main_params=main_params,
         sync_params=distiller.distiller_parameters() + extra_params,
         optimizer=optimizer, scheduler=build_scheduler(cfg.train, optimizer), extra_optimizers=extras,
         # the method's own optimisers' schedules over the run (e.g. ICD's cosine decoder lr)

@@ -35,7 +35,7 @@ def _autocast(amp: bool, images: Sequence[torch.Tensor]) -> Any:
 
 
 def _has_grad(opt: torch.optim.Optimizer) -> bool:
-    return any(p.grad is not None for g in opt.param_groups for p in g["params"])
+    return any(p.grad is not None for p in optimizer_params(opt))
 
 
 def train_step(

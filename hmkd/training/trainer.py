@@ -1,6 +1,6 @@
 """Iteration-based training of a student detector (with or without a teacher).
 
-:func:`train` is torchvision's ``references/detection`` loop reshaped around a
+:func:`hmkd.training.train` runs torchvision's ``references/detection`` loop, reshaped around a
 :class:`~hmkd.distill.base.Distiller` and counted in iterations; each iteration is one
 :func:`~hmkd.training.step.train_step` followed by the learning-rate schedule's step:
 

@@ -26,6 +26,7 @@ from hmkd.cli.commands import (
     cmd_viz_detections,
     cmd_viz_heatmap,
 )
+from hmkd.bench.accuracy.plan import ABLATIONS
 from hmkd.config import SynthConfig
 
 __all__ = ["build_parser", "parse_args"]
@@ -173,10 +174,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = bench.add_parser("accuracy", help="every method side by side (paper Table 1)")
     _add_config(p)
     p.add_argument("--methods", nargs="+", default=None,
-                   help="methods (default: all); none_init adds no-KD from the teacher's FPN and head")
+                   help="methods (default: all); none_init adds no-KD from the teacher's FPN and head; "
+                        "a variant as method:option=value[:option=value], e.g. hmkd:decoder_training=frozen")
     p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--teacher", default=None, help="reuse a trained teacher checkpoint")
-    p.add_argument("--ablation", default=None, help="supplement | heads | start_level | inquiry_head | others_bg | levels | weight | aux_every")
+    p.add_argument("--ablation", default=None, help=" | ".join(ABLATIONS))
     p.add_argument("--out", required=True)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_bench_accuracy)

@@ -164,6 +164,21 @@ def test_plans_and_ablation_variants(tmp_path):
         plan_runs(cfg, ["hmkd", "bogus"])
 
 
+def test_method_variant_rows(tmp_path):
+    """``method:option=value`` rows (as ``hmkd bench cost`` takes them): the method's config options, then
+    these; their own run folders; a bad option fails before any run."""
+    cfg = _tiny_cfg(str(tmp_path / "data"))
+    rows = plan_runs(cfg, ["hmkd", "hmkd:decoder_training=frozen:inquiry_weight=0.5"])
+    assert [v.key for v in rows] == ["none", "hmkd", "hmkd+decoder-training-frozen+inquiry-weight-0.5"]
+    assert rows[2].method == "hmkd" and rows[2].options == {"hidden": 32, "heads": 4, "fit_iters": 2,
+                                                            "decoder_training": "frozen", "inquiry_weight": 0.5}
+    assert rows[2].label == "HMKD (decoder_training=frozen, inquiry_weight=0.5)"
+    with pytest.raises(ConfigError, match="bogus"):
+        plan_runs(cfg, ["hmkd:bogus=1"])
+    with pytest.raises(ConfigError, match="option=value"):
+        plan_runs(cfg, ["hmkd:frozen"])
+
+
 PRESETS = sorted(glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True))
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -210,19 +211,41 @@ def plan_runs(
     if ablation:
         return head + ablation_variants(cfg, ablation, method_options)
     for m in wanted:
-        method, extra, _ = NAMED_ROWS.get(m, (m, {}, ""))
+        method, extra, _ = _row_of(m)
         # unknown methods and bad options fail here
         effective_options(method, {**method_options_of(cfg, method, method_options), **extra})
     order = [r for m in METHOD_ORDER for r in (m, *(n for n, row in NAMED_ROWS.items() if row[0] == m))]
     ordered = [m for m in order if m in wanted] + [m for m in wanted if m not in order]
     out = head
     for m in dict.fromkeys(ordered):
-        if m in NAMED_ROWS:
-            method, extra, label = NAMED_ROWS[m]
-            out.append(Variant(m.replace("_", "-"), method, label, {**method_options_of(cfg, method, method_options), **extra}))
+        if m in NAMED_ROWS or ":" in m:
+            method, extra, label = _row_of(m)
+            key = m.replace("_", "-") if m in NAMED_ROWS else spec_key(m)
+            out.append(Variant(key, method, label, {**method_options_of(cfg, method, method_options), **extra}))
         elif m != "none":
             out.append(Variant(m, m, LABELS.get(m, m), method_options_of(cfg, m, method_options)))
     return out
+
+
+def spec_key(spec: str) -> str:
+    """The run-folder key of a ``method:option=value`` row: ``hmkd:decoder_training=frozen`` ->
+    ``hmkd+decoder-training-frozen`` (characters other than letters, digits, ``.`` and ``-`` become ``-``)."""
+    name, *items = spec.split(":")
+    return "+".join([name] + [re.sub(r"[^A-Za-z0-9.-]+", "-", item) for item in items])
+
+
+def _row_of(m: str) -> tuple[str, dict[str, Any], str]:
+    """(method, its extra options, label) of a ``methods`` entry: a method, a :data:`NAMED_ROWS` name or
+    ``method:option=value[:option=value ...]`` (a variant, values read as YAML, as ``hmkd bench cost`` takes)."""
+    if m in NAMED_ROWS:
+        return NAMED_ROWS[m]
+    if ":" in m:
+        from hmkd.bench.cost import parse_method_spec
+
+        method, extra = parse_method_spec(m)
+        label = f"{LABELS.get(method, method)} ({', '.join(f'{k}={v}' for k, v in extra.items())})"
+        return method, extra, label
+    return m, {}, ""
 
 
 def seed_list(cfg: Config, seeds: int | Sequence[int]) -> list[int]:

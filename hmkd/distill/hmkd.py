@@ -45,7 +45,7 @@ from hmkd.allowed import allowed
 from hmkd.distill.adapter import make_adapter
 from hmkd.distill.base import METRIC_PREFIX, DistillInputs
 from hmkd.distill.common import detector_kind, finer_level, stride_of
-from hmkd.distill.matching.decoder import MatchingDecoder
+from hmkd.distill.matching.decoder import KeyValues, MatchingDecoder, WindowKeyValues, Windowed, window_cells_in_boxes
 from hmkd.distill.matching.method import DecoderDistiller
 from hmkd.distill.matching.options import DecoderOptions
 from hmkd.distill.matching.projection import StudentValueProjection
@@ -53,8 +53,8 @@ from hmkd.distill.matching.task import AuxOutput, attention_in_box_share
 from hmkd.distill.gcblock import GcBlock
 from hmkd.distill.inquiry import InquiryHead, candidate_cells, inquiry_loss, inquiry_targets, widen_to_finer_level
 from hmkd.distill.losses import attention_weighted_mse, background_loss, masked_feature_mse
-from hmkd.distill.masks import box_mask, fg_bg_masks
-from hmkd.distill.options import level_option, levels_option
+from hmkd.distill.masks import box_mask, fg_bg_masks, pad_boxes
+from hmkd.distill.options import level_option, levels_option, refuse
 from hmkd.distill.registry import register
 from hmkd.errors import ConfigError
 from hmkd.models.backbones import level_index
@@ -103,6 +103,17 @@ class HMKDOptions(DecoderOptions):
             the rest of the sum; the share of the attention kept is logged as
             ``metric.attention_kept_pN``). A speed knob for a decoder whose attention is
             concentrated; None (default): every cell, the paper's sum.
+        attention_window: each inquiry attends over a window of this many cells per side of the key
+            level around its centre (shifted to lie inside the image), and the keys, values and the
+            student-side projection are computed only for the cells inside some window: the matching
+            costs O(inquiries x window) instead of O(inquiries x map). A fitted decoder is fitted over
+            the whole map (the fit does not depend on this option); during distillation every attention
+            of the decoder (the distillation pass and, when trained jointly, its aux task) is windowed.
+            None: the whole map, the paper's.
+        inquiry_channels, inquiry_convs: the Inquiry Head's tower: ``inquiry_convs`` 3x3 conv + GroupNorm
+            + ReLU blocks of ``inquiry_channels`` channels (None: the student map's), then a 3x3 conv to
+            one logit. The paper does not fix the head; 2 full-width blocks is our reading of "a light
+            head" as a detection-head tower.
         warmup_iters: iterations during which only the decoder learns (no attention-weighted
             term), since attention from an untrained decoder is noise (ICD: 1000).
         query_feature: inquiries also add the teacher's level-l feature at the object.
@@ -162,6 +173,15 @@ class HMKDOptions(DecoderOptions):
     attention_term: bool = True
     small_foreground: bool = True
     attention_cells: int | None = allowed(None, ge=1)
+    attention_window: int | None = allowed(None, ge=1)
+    inquiry_channels: int | None = allowed(None, ge=1)
+    inquiry_convs: int = allowed(2, ge=0)
+
+    def check(self) -> None:
+        super().check()
+        if self.attention_window is not None and self.attention_cells is not None:
+            refuse("attention_cells", "null when attention_window is set (the window already keeps the cells "
+                   "around each object)", self.attention_cells)
 
 
 @register("hmkd", "HMKD: hierarchical matching (small-object inquiries over finer teacher maps) + supplemental GcBlock")
@@ -199,7 +219,9 @@ class HMKDDistiller(DecoderDistiller):
             }
         )
         self.value_proj = nn.ModuleDict({s: StudentValueProjection(ct, o.hidden, o.heads) for s in pairs})
-        self.inquiry_heads = nn.ModuleDict({s: InquiryHead(cs) for s in self.pairs}) if o.inquiry_head else None
+        self.inquiry_heads = nn.ModuleDict(
+            {s: InquiryHead(cs, hidden=o.inquiry_channels, num_convs=o.inquiry_convs) for s in self.pairs}
+        ) if o.inquiry_head else None
         self.gc = nn.ModuleDict({l: GcBlock(ct) for l in self.levels}) if o.supplement else None
         self.gc_t = nn.ModuleDict({l: GcBlock(ct) for l in self.levels}) if o.supplement and o.bg_form == "fgd" else None
         self.freeze_decoder_if_asked()
@@ -252,6 +274,17 @@ class HMKDDistiller(DecoderDistiller):
 
     def _query_map(self, teacher_features: dict[str, torch.Tensor], start: str) -> torch.Tensor | None:
         return teacher_features[start] if self.options.query_feature else None
+
+    @staticmethod
+    def _in_box_share(m: torch.Tensor, boxes: list[torch.Tensor], kv: KeyValues | WindowKeyValues,
+                      valid: torch.Tensor) -> torch.Tensor:
+        """``metric.in_box``: the inquiries' attention mass inside their own boxes (over their windows
+        with :class:`WindowKeyValues`)."""
+        inside = None
+        if isinstance(kv, WindowKeyValues):
+            padded, _ = pad_boxes([b.to(device=m.device, dtype=torch.float32) for b in boxes])
+            inside = window_cells_in_boxes(padded, kv.rows, kv.cols, kv.grid[0][2])
+        return attention_in_box_share(m, boxes, kv.grid, valid, inside)
 
     # -- loss scale -----------------------------------------------------------------------------
     def _sum_scale(self, input_hw: tuple[int, int], channels: int) -> tuple[float, float]:
@@ -337,25 +370,30 @@ class HMKDDistiller(DecoderDistiller):
                                                        small_fg=small_masks[start])
                        for start, fine in pairs}
 
-        # hierarchical matching: inquiries at `start`, keys/values at `fine` (teacher side)
-        kvs: dict[str, tuple[torch.Tensor, ...]] = {}
+        # hierarchical matching: inquiries at `start`, keys/values at `fine` (teacher side); with
+        # attention_window, a Windowed source whose keys/values each attention computes for its windows
+        def key_source(start: str, fine: str):
+            if o.attention_window is not None:
+                return Windowed(t_feats[fine], input_hw, o.attention_window)
+            return self.decoders[start].keys_values([t_feats[fine]], inputs.image_sizes, input_hw)
+
+        kvs: dict[str, KeyValues | Windowed] = {}
         aux: dict[str, dict[str, torch.Tensor]] = {}
         with record_function("hmkd.decoder_aux"):
             for start, fine in matched if run_aux else ():
-                dec = self.decoders[start]
-                # one key/value pass serves aux and distillation
-                kvs[start] = dec.keys_values([t_feats[fine]], inputs.image_sizes, input_hw)
-                aux[start] = dec.aux_loss(keep, keep_labels, inputs.image_sizes, kvs[start],
-                                          self._query_map(t_feats, start), stride_of(start))
-        attention: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+                # one key/value pass serves aux and distillation (full map)
+                kvs[start] = key_source(start, fine)
+                aux[start] = self.decoders[start].aux_loss(keep, keep_labels, inputs.image_sizes, kvs[start],
+                                                           self._query_map(t_feats, start), stride_of(start))
+        attention: dict[str, tuple[torch.Tensor, torch.Tensor, KeyValues | WindowKeyValues]] = {}
         in_box: dict[str, torch.Tensor] = {}
         with record_function("hmkd.decoder_attention"), torch.no_grad():  # m and O^T are targets: no graph
             for start, fine in matched if not warm else ():
-                dec = self.decoders[start]
-                kv = kvs[start] if start in kvs else dec.keys_values([t_feats[fine]], inputs.image_sizes, input_hw)
-                attention[start] = dec(keep, keep_labels, inputs.image_sizes, kv, self._query_map(t_feats, start),
-                                       stride_of(start))
-                in_box[start] = attention_in_box_share(attention[start][0], keep, kv.grid, attention[start][2])
+                kv = kvs[start] if start in kvs else key_source(start, fine)
+                m_att, valid, kv = self.decoders[start].attention(keep, keep_labels, inputs.image_sizes, kv,
+                                                                  self._query_map(t_feats, start), stride_of(start))
+                attention[start] = (m_att, valid, kv)
+                in_box[start] = self._in_box_share(m_att, keep, kv, valid)
 
         # L_others: fg/bg-separated imitation on every distilled level (K makes it scale-free)
         others: dict[str, torch.Tensor] = {}
@@ -375,7 +413,12 @@ class HMKDDistiller(DecoderDistiller):
         out_metrics: dict[str, torch.Tensor] = {}
         with record_function("hmkd.attention_term"):
             for start, fine in matched if not warm else ():
-                m_att, v_t, valid = attention[start]
+                m_att, valid, kv = attention[start]
+                if isinstance(kv, WindowKeyValues):  # the window cells' values only
+                    v_s = self.value_proj[start](adapted[fine], kv.cells)
+                    attn[start] = o.beta * attention_weighted_mse(m_att, v_s, kv.values.detach(), valid, index=kv.index)
+                    continue
+                v_t = kv.values
                 cells = None
                 if o.attention_cells is not None and o.attention_cells < m_att.shape[-1]:
                     # only the cells the real inquiries attend to most (the term is linear in m)

@@ -73,6 +73,7 @@ def attention_weighted_mse(
     values_t: Tensor,
     valid: Tensor,
     reduction: Literal["batch", "image"] = "batch",
+    index: Tensor | None = None,
 ) -> Tensor:
     """Attention-weighted imitation of the decoder values.
 
@@ -100,6 +101,9 @@ def attention_weighted_mse(
         values_t: teacher values [B, h, U, c].
         valid: bool [B, Nq], False for padded (or fake) inquiries.
         reduction: ``batch`` or ``image`` (above).
+        index: with an attention restricted to windows (``attention_window``): long [B, Nq, K], the
+            row of the values of each inquiry's k-th window cell; ``m`` is then [B, h, Nq, K] and the
+            values are those of the M distinct window cells, [M, h, c]. The same sum, over the window.
 
     Returns:
         Scalar tensor; 0 (still attached to ``values_s``'s graph) when N_s = 0.
@@ -110,6 +114,8 @@ def attention_weighted_mse(
             f"{tuple(values_t.shape)} differ"
         )
     b, h, nq, u = m.shape
+    if index is not None:
+        return _windowed_attention_mse(m, values_s, values_t, valid, reduction, index)
     if values_s.shape[:3] != (b, h, u) or tuple(valid.shape) != (b, nq):
         raise ValueError(
             f"attention_weighted_mse: m {tuple(m.shape)}, values {tuple(values_s.shape)} and "
@@ -127,6 +133,29 @@ def attention_weighted_mse(
     per_head = (w * mse_c).sum(dim=-1)  # [B, h]
     if reduction == "image":
         return (per_head / w.sum(dim=-1).clamp(min=1e-6)).mean()
+    n_s = valid.sum().clamp(min=1).to(mse_c.dtype)
+    return per_head.sum() / (h * n_s)
+
+
+def _windowed_attention_mse(m: Tensor, values_s: Tensor, values_t: Tensor, valid: Tensor, reduction: str,
+                            index: Tensor) -> Tensor:
+    """:func:`attention_weighted_mse` over windows: ``MSE_c`` once per distinct cell, then read at each
+    inquiry's window cells."""
+    b, h, nq, k = m.shape
+    if values_s.dim() != 3 or values_s.shape[1] != h or tuple(index.shape) != (b, nq, k) or tuple(valid.shape) != (b, nq):
+        raise ValueError(
+            f"attention_weighted_mse: m {tuple(m.shape)}, window values {tuple(values_s.shape)}, index "
+            f"{tuple(index.shape)} and valid {tuple(valid.shape)} do not fit"
+        )
+    if reduction not in ("batch", "image"):
+        raise ValueError(f"attention_weighted_mse: reduction must be 'batch' or 'image', got {reduction!r}")
+    c = values_s.shape[-1]
+    mse_c = (F.layer_norm(values_s, (c,)) - F.layer_norm(values_t.detach(), (c,))).pow(2).mean(dim=-1)  # [M, h]
+    at_windows = mse_c[index].permute(0, 3, 1, 2)  # [B, h, Nq, K]
+    w = m.detach().to(mse_c.dtype) * valid[:, None, :, None].to(mse_c.dtype)
+    per_head = (w * at_windows).sum(dim=(2, 3))  # [B, h]
+    if reduction == "image":
+        return (per_head / w.sum(dim=(2, 3)).clamp(min=1e-6)).mean()
     n_s = valid.sum().clamp(min=1).to(mse_c.dtype)
     return per_head.sum() / (h * n_s)
 

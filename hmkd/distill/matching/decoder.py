@@ -57,13 +57,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hmkd.distill.masks import pad_by_image
+from hmkd.distill.masks import pad_boxes, pad_by_image
 from hmkd.distill.matching.positional import (absolute_pos_embed, absolute_sine_code, sine_box_encoding,
                                               sine_split_encoding, valid_cells, valid_extent_pos_embed)
 from hmkd.distill.matching.task import (FAKE_KINDS, MAX_INQUIRIES_DEFAULT, AuxOutput, attention_in_box_loss,
                                         cells_in_boxes, sample_inquiries)
 
-__all__ = ["ENCODINGS", "POSITION_CODES", "KeyValues", "MatchingDecoder", "scale_indicator", "split_heads"]
+__all__ = ["ENCODINGS", "POSITION_CODES", "KeyValues", "MatchingDecoder", "WindowKeyValues", "Windowed", "scale_indicator",
+           "split_heads", "window_cells", "window_cells_in_boxes"]
 
 #: Inquiry encodings: ``icd`` (ICD's) and ``hmkd`` (the HMKD paper's reading).
 ENCODINGS = ("icd", "hmkd")
@@ -120,6 +121,81 @@ class KeyValues(NamedTuple):
     values: Tensor
     pad: Tensor | None
     grid: tuple[tuple[int, int, float], ...] = ()
+
+
+class Windowed(NamedTuple):
+    """Where an attention restricted to windows (``attention_window``) takes its keys and values: the
+    key map, the padded batch's (H, W) and the window's side in cells. The decoder resolves it into a
+    :class:`WindowKeyValues` once it knows the inquiries' centres (:meth:`MatchingDecoder.window_keys_values`)."""
+
+    key_map: Tensor
+    padded_hw: tuple[int, int]
+    size: int
+
+
+class WindowKeyValues(NamedTuple):
+    """Keys and values of the cells inside some inquiry's window only (``attention_window``).
+
+    Each inquiry attends over the ``K = kh x kw`` cells of its own window (``kh = min(size, h)``, the
+    same for w) of one key map; the M distinct cells of all windows of the batch are projected once.
+
+    Attributes:
+        keys, values: [M, heads, c] of the distinct cells.
+        index: long [B, N, K]: the row of ``keys``/``values`` of each inquiry's k-th window cell.
+        pad: bool [B, N, K], True at window cells outside the image's valid (unpadded) extent.
+        rows, cols: long [B, N, K]: each window cell's (row, column) in the key map.
+        cells: long [M]: each distinct cell's flat index ``b * h * w + row * w + col``.
+        grid: the key map's ((h, w, stride px),), as :attr:`KeyValues.grid`.
+    """
+
+    keys: Tensor
+    values: Tensor
+    index: Tensor
+    pad: Tensor
+    rows: Tensor
+    cols: Tensor
+    cells: Tensor
+    grid: tuple[tuple[int, int, float], ...]
+
+
+def window_cells(centres: Tensor, hw: tuple[int, int], stride: float, valid_hw: Tensor, size: int
+                 ) -> tuple[Tensor, Tensor, Tensor]:
+    """The cells of each inquiry's window: ``size x size`` cells (fewer where the map is smaller) around
+    the cell holding its centre, shifted to lie inside its image's valid cells where they fit.
+
+    Args:
+        centres: [B, N, 2] (x, y) px of the inquiries (padded rows give windows callers ignore).
+        hw: the key map's (h, w); ``stride``: its stride in px.
+        valid_hw: long [B, 2]: each image's valid rows and columns of the map (:func:`valid_cells`' extent).
+        size: the window's side in cells.
+
+    Returns:
+        rows, cols (long [B, N, kh * kw], raster order within the window) and pad (bool, True at
+        cells outside the image's valid extent: only when that extent is smaller than the window).
+    """
+    h, w = int(hw[0]), int(hw[1])
+    kh, kw = min(size, h), min(size, w)
+    col = (centres[..., 0] / stride).floor().long().clamp(0, w - 1)  # [B, N]
+    row = (centres[..., 1] / stride).floor().long().clamp(0, h - 1)
+    vh, vw = valid_hw[:, 0, None], valid_hw[:, 1, None]  # [B, 1]
+    y0 = torch.minimum((row - size // 2).clamp(min=0), (vh - kh).clamp(min=0))
+    x0 = torch.minimum((col - size // 2).clamp(min=0), (vw - kw).clamp(min=0))
+    dy = torch.arange(kh, device=centres.device).repeat_interleave(kw)  # raster order
+    dx = torch.arange(kw, device=centres.device).repeat(kh)
+    rows, cols = y0[..., None] + dy, x0[..., None] + dx  # [B, N, K]
+    pad = (rows >= vh[..., None]) | (cols >= vw[..., None])
+    return rows, cols, pad
+
+
+def window_cells_in_boxes(boxes: Tensor, rows: Tensor, cols: Tensor, stride: float) -> Tensor:
+    """Bool [B, N, K]: which of each inquiry's window cells its box covers, by the rule of
+    :func:`~hmkd.distill.matching.task.cells_in_boxes` (the cell's centre in the box, or the cell
+    holding the box's centre). ``boxes`` [B, N, 4] xyxy px; ``rows``/``cols`` from :func:`window_cells`."""
+    x1, y1, x2, y2 = (t[..., None] for t in boxes.unbind(-1))
+    yc, xc = (rows.to(boxes.dtype) + 0.5) * stride, (cols.to(boxes.dtype) + 0.5) * stride
+    inside = (xc >= x1) & (xc < x2) & (yc >= y1) & (yc < y2)
+    centre = (rows == ((y1 + y2) / 2 / stride).floor().long()) & (cols == ((x1 + x2) / 2 / stride).floor().long())
+    return inside | centre
 
 
 class MatchingDecoder(nn.Module):
@@ -398,20 +474,68 @@ class MatchingDecoder(nn.Module):
         pad = torch.cat(pads, dim=1) if self.padding_mask else None
         return KeyValues(split_heads(keys, self.heads), split_heads(values, self.heads), pad, tuple(grid))
 
-    def attend(self, queries: Tensor, kv: KeyValues) -> Tensor:
+    def window_keys_values(self, source: Windowed, centres: Tensor, image_sizes: Sequence[tuple[int, int]]
+                           ) -> WindowKeyValues:
+        """Keys and values of the cells inside the windows of inquiries at ``centres`` ([B, N, 2] (x, y)
+        px, padded per image) only: the distinct cells of all windows are gathered from the key map
+        (detached), get their position code and are projected once (cost O(inquiries x window), not
+        O(map)). The same code and projections as :meth:`keys_values`, so on a window as large as the
+        map the attention is the full map's."""
+        km = source.key_map.detach()
+        b, c_in, h, w = km.shape
+        padded_hw = source.padded_hw
+        stride = (float(padded_hw[0]) / h + float(padded_hw[1]) / w) / 2.0
+        if self.padding_mask:
+            valid_hw = torch.tensor([[min(h, math.ceil(float(ih) / stride)), min(w, math.ceil(float(iw) / stride))]
+                                     for ih, iw in image_sizes], device=km.device)
+        else:
+            valid_hw = torch.tensor([[h, w]] * b, device=km.device)
+        rows, cols, pad = window_cells(centres, (h, w), stride, valid_hw, source.size)
+        img = torch.arange(b, device=km.device)[:, None, None]
+        flat = (img * h + rows) * w + cols  # [B, N, K]
+        cells, index = torch.unique(flat, return_inverse=True)
+        x = km.flatten(2)[cells // (h * w), :, cells % (h * w)]  # [M, C], no copy of the map
+        if self.position_code == "absolute":
+            u = cells % (h * w)
+            yx = torch.stack(((u // w).float() + 0.5, (u % w).float() + 0.5), dim=-1) * stride
+            pe = absolute_sine_code(yx, self.hidden // 2, self.position_min_period)
+        else:
+            valid = valid_cells(image_sizes, (h, w), padded_hw, device=km.device) if self.padding_mask else \
+                torch.ones(b, h, w, dtype=torch.bool, device=km.device)
+            pe = valid_extent_pos_embed(valid, self.hidden, self.temperature).reshape(b * h * w, -1)[cells]
+        keys = self.key_proj(x + self.pos_proj(pe.to(x.dtype)))
+        values = self.value_proj(x)
+        m = cells.shape[0]
+        return WindowKeyValues(keys.reshape(m, self.heads, self.head_dim), values.reshape(m, self.heads, self.head_dim),
+                               index, pad, rows, cols, cells, ((h, w, stride),))
+
+    def resolve(self, kv: KeyValues | WindowKeyValues | Windowed, centres: Tensor,
+                image_sizes: Sequence[tuple[int, int]]) -> KeyValues | WindowKeyValues:
+        """``kv`` itself, or a :class:`Windowed` source made into the keys and values of the windows of
+        inquiries at ``centres`` [B, N, 2]."""
+        return self.window_keys_values(kv, centres, image_sizes) if isinstance(kv, Windowed) else kv
+
+    def attend(self, queries: Tensor, kv: KeyValues | WindowKeyValues) -> Tensor:
         """The layer's attention m [B, heads, Nq, U] of inquiries [B, Nq, hidden] (rows sum to 1,
-        0 on padded positions)."""
+        0 on padded positions); over each inquiry's own K window cells ([B, heads, Nq, K]) with
+        :class:`WindowKeyValues`."""
         q = split_heads(self.query_proj(queries), self.heads)
+        if isinstance(kv, WindowKeyValues):
+            logits = torch.einsum("bhnc,bnkhc->bhnk", q, kv.keys[kv.index]) / math.sqrt(self.head_dim)
+            return logits.masked_fill(kv.pad[:, None], float("-inf")).softmax(dim=-1)
         logits = torch.matmul(q, kv.keys.transpose(-1, -2)) / math.sqrt(self.head_dim)
         if kv.pad is not None:
             logits = logits.masked_fill(kv.pad[:, None, None, :], float("-inf"))
         return logits.softmax(dim=-1)
 
-    def layer(self, queries: Tensor, kv: KeyValues, attention: Tensor | None = None) -> Tensor:
+    def layer(self, queries: Tensor, kv: KeyValues | WindowKeyValues, attention: Tensor | None = None) -> Tensor:
         """The decoder layer's output z [B, Nq, hidden] (module docstring). The attention runs in
         ``scaled_dot_product_attention`` (a fused kernel where one applies), unless ``attention``
         (:meth:`attend` of the same queries, when the caller needs it too) is given."""
-        if attention is None:
+        if isinstance(kv, WindowKeyValues):
+            m = self.attend(queries, kv) if attention is None else attention
+            att = torch.einsum("bhnk,bnkhc->bhnc", m, kv.values[kv.index])
+        elif attention is None:
             q = split_heads(self.query_proj(queries), self.heads)
             mask = None if kv.pad is None else ~kv.pad[:, None, None, :]
             att = F.scaled_dot_product_attention(q, kv.keys, kv.values, attn_mask=mask)  # [B, heads, Nq, c]
@@ -429,9 +553,27 @@ class MatchingDecoder(nn.Module):
         query_map: Tensor | None = None,
         query_stride: int | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """:meth:`build_inquiries` then :meth:`attend`: returns (m, values [B, heads, U, c], valid)."""
+        """:meth:`build_inquiries` then :meth:`attend`: returns (m, values [B, heads, U, c], valid)
+        (over full-map :class:`KeyValues`; :meth:`attention` takes windows too)."""
         queries, valid = self.build_inquiries(boxes, labels, image_sizes, query_map, query_stride)
         return self.attend(queries, kv), kv.values, valid
+
+    def attention(
+        self,
+        boxes: list[Tensor],
+        labels: list[Tensor],
+        image_sizes: Sequence[tuple[int, int]],
+        kv: KeyValues | Windowed,
+        query_map: Tensor | None = None,
+        query_stride: int | None = None,
+    ) -> tuple[Tensor, Tensor, KeyValues | WindowKeyValues]:
+        """The objects' inquiries' attention: (m, valid, the keys and values it is over: ``kv``, or the
+        :class:`WindowKeyValues` of the inquiries' windows when ``kv`` is :class:`Windowed`)."""
+        queries, valid = self.build_inquiries(boxes, labels, image_sizes, query_map, query_stride)
+        if isinstance(kv, Windowed):
+            padded, _ = pad_boxes([bx.to(device=queries.device, dtype=torch.float32) for bx in boxes])
+            kv = self.window_keys_values(kv, (padded[..., :2] + padded[..., 2:]) / 2, image_sizes)
+        return self.attend(queries, kv), valid, kv
 
     # ------------------------------------------------------------------ auxiliary task
     def aux_task(
@@ -439,7 +581,7 @@ class MatchingDecoder(nn.Module):
         boxes: list[Tensor],
         labels: list[Tensor],
         image_sizes: Sequence[tuple[int, int]],
-        kv: KeyValues,
+        kv: KeyValues | Windowed,
         query_map: Tensor | None = None,
         query_stride: int | None = None,
         *,
@@ -461,6 +603,8 @@ class MatchingDecoder(nn.Module):
           of the real inquiries over the key cells of their boxes.
 
         ``keep_attention``: compute the attention explicitly and return it (for the quality measures).
+        With a :class:`Windowed` ``kv`` every inquiry (real or fake) attends over its own window
+        around its (jittered) centre; the returned attention is then over those K cells.
         """
         s = self.sample_inquiries(boxes, labels, image_sizes, generator)
         bx, ctr, img = s["boxes"], s["centres"], s["img"]
@@ -476,6 +620,8 @@ class MatchingDecoder(nn.Module):
         scale, _ = pad_by_image(scale, img, n_img)
 
         box_pad, _ = pad_by_image(bx, img, n_img)
+        centres, _ = pad_by_image(ctr, img, n_img)
+        kv = self.resolve(kv, centres, image_sizes)
         supervise = self.attention_supervision > 0
         m = self.attend(queries, kv) if supervise or keep_attention else None
         pred = self.predictor(self.layer(queries, kv, m)).float()  # [B, Nq, 5]; losses in float32 (AMP too)
@@ -485,9 +631,11 @@ class MatchingDecoder(nn.Module):
         loc = (err * real.float()).sum() / real.sum().clamp(min=1).float()
         losses = {"identification": ident, "localisation": loc}
         if supervise:
-            inside = cells_in_boxes(box_pad, kv.grid)
+            if isinstance(kv, WindowKeyValues):
+                inside = window_cells_in_boxes(box_pad, kv.rows, kv.cols, kv.grid[0][2])
+            else:
+                inside = cells_in_boxes(box_pad, kv.grid)
             losses["attention"] = self.attention_supervision * attention_in_box_loss(m, inside, real)
-        centres, _ = pad_by_image(ctr, img, n_img)
         displaced, _ = pad_by_image(s["displaced"], img, n_img)
         return AuxOutput(losses, queries, real, valid, logit.detach(), box_pad, centres, displaced,
                          pred[..., 1:].sigmoid().detach(), m.detach() if m is not None else None)

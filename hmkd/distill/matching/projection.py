@@ -42,8 +42,14 @@ class StudentValueProjection(nn.Module):
     def forward(self, x: Tensor | list[Tensor], cells: Tensor | None = None) -> Tensor:
         """Map [B, C, H, W] (or a list of maps, concatenated along positions in order, as the
         decoder does for its key maps) -> values [B, heads, U, hidden/heads]; with ``cells``
-        ([B, k] position indices) only those positions are projected: [B, heads, k, hidden/heads]."""
+        ([B, k] position indices) only those positions are projected: [B, heads, k, hidden/heads];
+        with flat ``cells`` ([M] indices ``b * U + u``, a
+        :class:`~hmkd.distill.matching.decoder.WindowKeyValues`' cells) only those: [M, heads, hidden/heads]."""
         maps = [x] if isinstance(x, Tensor) else list(x)
+        if cells is not None and cells.dim() == 1:
+            pos = maps[0].flatten(2) if len(maps) == 1 else torch.cat([mp.flatten(2) for mp in maps], dim=2)  # [B, C, U]
+            picked = self.proj(pos[cells // pos.shape[2], :, cells % pos.shape[2]])  # [M, hidden], no copy of the map
+            return picked.reshape(cells.shape[0], self.heads, -1)
         flat = torch.cat([mp.flatten(2).transpose(1, 2) for mp in maps], dim=1)  # [B, U, C]
         if cells is not None:
             flat = flat.gather(1, cells[..., None].expand(-1, -1, flat.shape[-1]))

@@ -261,7 +261,7 @@ def attention_in_box_loss(attention: Tensor, inside: Tensor, real: Tensor, eps: 
 
 
 def attention_in_box_share(attention: Tensor, boxes: Sequence[Tensor], grid: Sequence[tuple[int, int, float]],
-                           valid: Tensor) -> Tensor:
+                           valid: Tensor, inside: Tensor | None = None) -> Tensor:
     """The mean attention mass inside each inquiry's own box (over heads and inquiries; 0 without any):
     what HMKD logs as ``metric.in_box_*``.
 
@@ -270,8 +270,12 @@ def attention_in_box_share(attention: Tensor, boxes: Sequence[Tensor], grid: Seq
         boxes: per image [N_b, 4] xyxy px.
         grid: the key maps' (h, w, stride) (:attr:`~hmkd.distill.matching.decoder.KeyValues.grid`).
         valid: bool [B, N], the real rows of ``attention``.
+        inside: bool [B, N, U]: the cells of each box, when ``attention`` is not over the key maps'
+            cells in order (e.g. over windows); default :func:`cells_in_boxes` of the boxes over ``grid``.
     """
-    padded, _ = pad_boxes([b.to(device=attention.device, dtype=torch.float32) for b in boxes])
-    mass = (attention.float() * cells_in_boxes(padded, grid)[:, None].float()).sum(-1)  # [B, heads, N]
+    if inside is None:
+        padded, _ = pad_boxes([b.to(device=attention.device, dtype=torch.float32) for b in boxes])
+        inside = cells_in_boxes(padded, grid)
+    mass = (attention.float() * inside[:, None].float()).sum(-1)  # [B, heads, N]
     weight = valid[:, None, :].float().expand_as(mass)
     return (mass * weight).sum() / weight.sum().clamp(min=1.0)

@@ -52,7 +52,7 @@ NORMS = ("gn", "bn", "frozen_bn")
 LEVELS = ("P2", "P3", "P4", "P5", "P6", "P7")
 DATASETS = ("coco", "visdrone", "synthetic")
 LABEL_MAPS = ("contiguous", "category_id")
-SYNTH_PRESETS = ("default", "aitod", "pretrain", "hard")
+SYNTH_PRESETS = ("default", "aitod", "pretrain", "hard", "paper_size")
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "step", "constant")
 TEACHER_DTYPES = ("float32", "bfloat16", "float16")
@@ -112,7 +112,9 @@ class SynthConfig:
 
     n_train: int = allowed(1000, ge=0)
     n_val: int = allowed(200, ge=0)
-    size: int = allowed(320, ge=16)  # the generator's smallest image
+    # an int: a square image's side; [height, width]: any other shape. 16: the generator's smallest side
+    size: int | list[int] = allowed(320, ge=16, length=2, noun="sides (height, width)",
+                                    doc="integer >= 16 or [height, width] of integers >= 16")
     seed: int = allowed(0, ge=0)
     preset: str = allowed("default", one_of=SYNTH_PRESETS)
 

@@ -8,7 +8,9 @@ Layout written by :func:`generate_synthetic`::
 
 How an image is made (all randomness from a numpy ``Generator`` seeded by
 ``(seed, split, index, crc32(preset))``, so the same arguments give byte-identical JSON and
-identical pixels, and image ``i`` does not depend on how many images are generated):
+identical pixels, and image ``i`` does not depend on how many images are generated). ``size`` is an
+int (a square) or ``[height, width]``; what scales with the image (the objects' size cap, the
+distractors' length) takes the shorter side, so a square ``[s, s]`` gives the images of ``s``:
 
 1. Background: a two-colour linear gradient in muted palette colours, low-frequency colour noise
    (bilinearly upsampled coarse grid) and, in some images, a stripe texture.
@@ -35,9 +37,11 @@ Annotations are of what is *visible*: ``segmentation`` is the compressed RLE of 
 Presets: ``"default"`` (the set of docs/CALIBRATION.md: 6-32 objects of 6-160 px, about 80% small, high contrast),
 ``"aitod"`` (the paper-regime benchmark's set: 10-40 objects whose sizes span AI-TOD's buckets, very
 tiny to medium), ``"pretrain"`` (the ImageNet stand-in's set: the same kind of images with six other
-classes, see :mod:`hmkd.training.pretrain`) and ``"hard"`` (30-60 objects, mostly 4-16 px, clustered and
+classes, see :mod:`hmkd.training.pretrain`), ``"hard"`` (30-60 objects, mostly 4-16 px, clustered and
 overlapping, 8 classes with confusable pairs disc/hexagon, square/diamond, cross/star, lower contrast
-and more noise), any of whose keys can be overridden (see ``PRESETS``). A folder already holding a set made with the same
+and more noise) and ``"paper_size"`` (for the paper's 800 x 1333 images, configs/coco/cost_800x1333.yaml:
+45 objects, ~36 of them small, 6-31 px, and ~9 of 32-160 px, VisDrone-like), any of whose keys can be
+overridden (see ``PRESETS``). A folder already holding a set made with the same
 parameters (recorded in ``meta.json``) is not regenerated.
 
 Modules: :mod:`~hmkd.data.synthetic.presets` (``PRESETS``, a preset with overrides resolved and

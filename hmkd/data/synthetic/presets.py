@@ -16,7 +16,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "default": {
         "classes": ["disc", "square", "triangle", "ring", "cross", "diamond"],
         "objects_per_image": [6, 32],
-        # [probability, min side, max side] in pixels; sides are clamped to 0.6 * image size.
+        # [probability, min side, max side] in pixels; sides are clamped to 0.6 * the image's shorter side.
         "size_mix": [[0.75, 6, 31], [0.20, 32, 96], [0.05, 96, 160]],
         "aspect": [0.8, 1.25],
         "rotation_jitter": 10.0,  # degrees, for shapes whose rotation defines the class
@@ -78,6 +78,25 @@ PRESETS: dict[str, dict[str, Any]] = {
         "cluster_prob": 0.45,
         "min_visible": 0.5,
         "min_pixels": 6,
+        "min_colour_distance": 60.0,
+        "place_tries": 6,
+    },
+    # the paper's image size for cost runs (configs/coco/cost_800x1333.yaml, 800 x 1333): VisDrone-like
+    # counts, 45 objects per image of which ~36 small (sides 6-31 px) and ~9 larger (32-160 px), and
+    # clutter in proportion to the larger image
+    "paper_size": {
+        "classes": ["disc", "square", "triangle", "ring", "cross", "diamond"],
+        "objects_per_image": [45, 45],
+        "size_mix": [[0.8, 6, 31], [0.2, 32, 160]],
+        "aspect": [0.8, 1.25],
+        "rotation_jitter": 10.0,
+        "contrast": [0.6, 1.0],
+        "noise_sigma": [2.0, 7.0],
+        "distractors": [40, 100],
+        "texture_prob": 0.4,
+        "cluster_prob": 0.2,
+        "min_visible": 0.6,
+        "min_pixels": 8,
         "min_colour_distance": 60.0,
         "place_tries": 6,
     },

@@ -46,27 +46,42 @@ def _colour(rng: np.random.Generator, jitter: float = 18.0) -> np.ndarray:
     return np.clip(_PALETTE[rng.integers(len(_PALETTE))] + rng.uniform(-jitter, jitter, 3), 0, 255).astype(np.float32)
 
 
-def _background(rng: np.random.Generator, size: int, cfg: dict) -> np.ndarray:
+def _hw(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    """``(height, width)`` of an image ``size``: an int (square) or ``[height, width]``."""
+    if isinstance(size, (list, tuple)):
+        h, w = size
+        return int(h), int(w)
+    return int(size), int(size)
+
+
+def _background(rng: np.random.Generator, h: int, w: int, cfg: dict) -> np.ndarray:
     grey = np.float32(128.0)
     mix = rng.uniform(0.35, 0.7, 2).astype(np.float32)
     c0 = _colour(rng) * mix[0] + grey * (1 - mix[0])
     c1 = _colour(rng) * mix[1] + grey * (1 - mix[1])
     theta = rng.uniform(0, 2 * math.pi)
-    coords = np.arange(size, dtype=np.float32) / np.float32(size - 1)
-    t = coords[None, :] * np.float32(math.cos(theta)) + coords[:, None] * np.float32(math.sin(theta))
+    # pixel coordinates over the longer side's span, so the gradient's direction is theta's on any h x w
+    scale = np.float32(max(h, w) - 1)
+    xc = np.arange(w, dtype=np.float32) / scale
+    yc = np.arange(h, dtype=np.float32) / scale
+    t = xc[None, :] * np.float32(math.cos(theta)) + yc[:, None] * np.float32(math.sin(theta))
     t = (t - t.min()) / max(float(t.max() - t.min()), 1e-6)
     img = c0[None, None, :] + (c1 - c0)[None, None, :] * t[:, :, None]
     g = int(rng.integers(3, 9))
-    coarse = rng.normal(0.0, rng.uniform(8, 22), (g, g, 3)).astype(np.float32)
-    img += _upsample(coarse, size, size)
+    # a g x g grid over the shorter side (square cells on a non-square image; g x g on a square one)
+    short = min(h, w)
+    gh, gw = max(2, int(round(g * h / short))), max(2, int(round(g * w / short)))
+    coarse = rng.normal(0.0, rng.uniform(8, 22), (gh, gw, 3)).astype(np.float32)
+    img += _upsample(coarse, h, w)
     if rng.random() < cfg["texture_prob"]:
         phi = rng.uniform(0, math.pi)
         freq = rng.uniform(0.04, 0.25)
         amp = rng.uniform(4, 14)
-        pos = np.arange(size, dtype=np.float32)
+        xpos = np.arange(w, dtype=np.float32)
+        ypos = np.arange(h, dtype=np.float32)
         wave = np.sin(
             np.float32(2 * math.pi * freq)
-            * (pos[None, :] * np.float32(math.cos(phi)) + pos[:, None] * np.float32(math.sin(phi)))
+            * (xpos[None, :] * np.float32(math.cos(phi)) + ypos[:, None] * np.float32(math.sin(phi)))
         )
         tint = rng.uniform(0.5, 1.0, 3).astype(np.float32) * np.float32(amp)
         img += wave[:, :, None] * tint[None, None, :]
@@ -88,14 +103,15 @@ def _blend(img: np.ndarray, x0: int, y0: int, alpha: np.ndarray, colour: np.ndar
 
 
 def _distractors(rng: np.random.Generator, img: np.ndarray, cfg: dict) -> None:
-    size = img.shape[0]
+    h, w = img.shape[:2]
+    extent = np.array([w, h], dtype=np.float64)  # (x, y) ranges; on a square image rng.uniform(0, size, 2)'s draws
     lo, hi = cfg["distractors"]
     for _ in range(int(rng.integers(lo, hi + 1))):
         kind = rng.integers(4)
-        cx, cy = rng.uniform(0, size, 2)
+        cx, cy = rng.uniform(0, extent)
         colour = _colour(rng, 25.0)
         opacity = rng.uniform(0.4, 0.95)
-        length = float(np.exp(rng.uniform(math.log(4), math.log(max(5.0, 0.25 * size)))))
+        length = float(np.exp(rng.uniform(math.log(4), math.log(max(5.0, 0.25 * min(h, w))))))
         angle = rng.uniform(0, math.pi)
         if kind == 0:  # elongated ellipse
             x0, y0, cov = rasterise(_DISC, {}, cx, cy, length / 2, length * rng.uniform(0.08, 0.3), angle)
@@ -128,6 +144,7 @@ def _distractors(rng: np.random.Generator, img: np.ndarray, cfg: dict) -> None:
 
 
 def _draw_size(rng: np.random.Generator, cfg: dict, image_size: int) -> float:
+    """One object's side, clamped to 0.6 * ``image_size`` (the image's shorter side)."""
     mix = cfg["size_mix"]
     probs = np.array([m[0] for m in mix], dtype=np.float64)
     k = int(rng.choice(len(mix), p=probs / probs.sum()))
@@ -138,20 +155,23 @@ def _draw_size(rng: np.random.Generator, cfg: dict, image_size: int) -> float:
 
 
 def render_image(
-    rng: np.random.Generator, size: int, cfg: dict
+    rng: np.random.Generator, size: int | tuple[int, int] | list[int], cfg: dict
 ) -> tuple[np.ndarray, list[dict[str, Any]]]:
-    """Draw one image.
+    """Draw one image of ``size``: an int (a square of that side) or ``[height, width]``. Sizes that
+    depend on the image (the objects' 0.6 x cap, the distractors' length) use its shorter side; a
+    square ``[s, s]`` gives the same image as ``s``.
 
     Returns:
-        ``(image, objects)``: uint8 ``[size, size, 3]`` and, per labelled object, a dict with
-        ``class_index`` (0-based into ``cfg["classes"]``), ``mask`` (bool ``[size, size]``,
+        ``(image, objects)``: uint8 ``[H, W, 3]`` and, per labelled object, a dict with
+        ``class_index`` (0-based into ``cfg["classes"]``), ``mask`` (bool ``[H, W]``,
         visible pixels), ``bbox`` ``[x, y, w, h]`` and ``area`` (visible pixel count).
     """
+    H, W = _hw(size)
     classes = cfg["classes"]
-    img = _background(rng, size, cfg)
+    img = _background(rng, H, W, cfg)
     _distractors(rng, img, cfg)
 
-    owner = np.full((size, size), -1, dtype=np.int32)
+    owner = np.full((H, W), -1, dtype=np.int32)
     placed: list[dict[str, Any]] = []  # cls, full, visible, x0, y0, h, w, cx, cy, side
     lo, hi = cfg["objects_per_image"]
     n_obj = int(rng.integers(lo, hi + 1))
@@ -159,7 +179,7 @@ def render_image(
     min_dist = float(cfg["min_colour_distance"])
     jitter = math.radians(float(cfg["rotation_jitter"]))
     # larger objects are painted first, so small ones sit on top (and are rarely rejected)
-    sides = sorted((_draw_size(rng, cfg, size) for _ in range(n_obj)), reverse=True)
+    sides = sorted((_draw_size(rng, cfg, min(H, W)) for _ in range(n_obj)), reverse=True)
     for side in sides:
         cls = int(rng.integers(len(classes)))
         test, rot_kind = SHAPES[classes[cls]]
@@ -183,14 +203,14 @@ def render_image(
                 cx, cy = ref["cx"] + rng.normal(0, spread), ref["cy"] + rng.normal(0, spread)
             else:
                 margin = 0.25 * side
-                cx, cy = rng.uniform(-margin, size + margin, 2)
+                cx, cy = rng.uniform(-margin, np.array([W + margin, H + margin], dtype=np.float64))
             x0, y0, cov = rasterise(test, params, cx, cy, half_w, half_h, angle)
             mask = cov >= 0.5
             full = int(mask.sum())
             if full < min_px:
                 continue
             h, w = mask.shape
-            ix0, iy0, ix1, iy1 = max(x0, 0), max(y0, 0), min(x0 + w, size), min(y0 + h, size)
+            ix0, iy0, ix1, iy1 = max(x0, 0), max(y0, 0), min(x0 + w, W), min(y0 + h, H)
             if ix0 >= ix1 or iy0 >= iy1:
                 continue
             m_in = mask[iy0 - y0 : iy1 - y0, ix0 - x0 : ix1 - x0]
@@ -242,7 +262,7 @@ def render_image(
         ys, xs = np.nonzero(own)
         if ys.size == 0:  # cannot happen given the visibility rule; kept for safety
             continue
-        mask = np.zeros((size, size), dtype=bool)
+        mask = np.zeros((H, W), dtype=bool)
         mask[p["y0"] : p["y1"], p["x0"] : p["x1"]] = own
         bx0, by0 = p["x0"] + int(xs.min()), p["y0"] + int(ys.min())
         bx1, by1 = p["x0"] + int(xs.max()) + 1, p["y0"] + int(ys.max()) + 1

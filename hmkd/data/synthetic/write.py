@@ -7,6 +7,7 @@ import dataclasses
 import fcntl
 import json
 import logging
+import numbers
 import os
 import time
 import zlib
@@ -32,14 +33,34 @@ GENERATOR_VERSION = 1
 """Bumped whenever the drawing changes, so stale folders are regenerated."""
 
 
+def _side_ok(v: Any) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 16
+
+
+def _size_key(size: Any) -> int | list[int]:
+    """The image size as the parameters record it: an int (square; as every set before non-square
+    sizes recorded it) or ``[height, width]``; checked (each side at least 16 pixels)."""
+    if isinstance(size, (list, tuple)):
+        sides = list(size)
+        ok = len(sides) == 2 and all(_side_ok(v) for v in sides)
+    else:
+        sides = size
+        ok = _side_ok(size)
+    if not ok:
+        raise ConfigError(
+            f"synthetic option 'size' must be an integer >= 16 (a square) or [height, width] of two such integers, "
+            f"got {size!r}"
+        )
+    return [int(v) for v in sides] if isinstance(sides, list) else int(sides)
+
+
 def _split_options(options: dict[str, Any]) -> tuple[SynthConfig, dict[str, Any], dict[str, Any]]:
     """``options`` -> (the set's size/seed/preset, the preset overrides, the resolved preset), checked.
     The defaults of the first are :class:`hmkd.config.SynthConfig`'s, the run config's ``data.synth``."""
     names = {f.name for f in dataclasses.fields(SynthConfig)}
     spec = SynthConfig(**{k: v for k, v in options.items() if k in names})
     overrides = {k: v for k, v in options.items() if k not in names}
-    if int(spec.size) < 16:
-        raise ConfigError(f"synthetic option 'size' must be at least 16 pixels, got {spec.size}")
+    spec.size = _size_key(spec.size)
     if int(spec.n_train) < 0 or int(spec.n_val) < 0:
         raise ConfigError(f"synthetic n_train/n_val must be >= 0, got {spec.n_train}/{spec.n_val}")
     return spec, overrides, resolve_config(spec.preset, overrides)
@@ -52,7 +73,7 @@ def _params(spec: SynthConfig, overrides: dict) -> dict:
                 "generator_version": GENERATOR_VERSION,
                 "n_train": int(spec.n_train),
                 "n_val": int(spec.n_val),
-                "size": int(spec.size),
+                "size": _size_key(spec.size),
                 "seed": int(spec.seed),
                 "preset": spec.preset,
                 "overrides": {k: overrides[k] for k in sorted(overrides)},
@@ -108,8 +129,10 @@ def _split_stats(objs_per_image: list[int], areas: list[int]) -> dict[str, Any]:
 
 
 def _generate_split(
-    out_dir: Path, split: str, split_code: int, n: int, size: int, seed: int, cfg: dict, preset_code: int
+    out_dir: Path, split: str, split_code: int, n: int, size: int | list[int], seed: int, cfg: dict,
+    preset_code: int,
 ) -> dict[str, Any]:
+    height, width = (size, size) if isinstance(size, int) else size
     img_dir = out_dir / split / "images"
     img_dir.mkdir(parents=True, exist_ok=True)
     for old in img_dir.glob("*.png"):
@@ -121,7 +144,7 @@ def _generate_split(
         pixels, objects = render_image(rng, size, cfg)
         name = f"{i:06d}.png"
         Image.fromarray(pixels).save(img_dir / name, compress_level=1)
-        images.append({"id": i, "file_name": name, "width": size, "height": size})
+        images.append({"id": i, "file_name": name, "width": width, "height": height})
         for o in objects:
             rle = mask_utils.encode(np.asfortranarray(o["mask"].astype(np.uint8)))
             anns.append(
@@ -132,7 +155,7 @@ def _generate_split(
                     "bbox": o["bbox"],
                     "area": float(o["area"]),
                     "iscrowd": 0,
-                    "segmentation": {"size": [size, size], "counts": rle["counts"].decode("ascii")},
+                    "segmentation": {"size": [height, width], "counts": rle["counts"].decode("ascii")},
                 }
             )
             ann_id += 1
@@ -155,7 +178,8 @@ def generate_synthetic(out_dir: str | os.PathLike, **options: Any) -> dict[str, 
     Args:
         out_dir: output folder (created).
         **options: the fields of :class:`SynthConfig` (defaults there): ``n_train``, ``n_val``
-            (images per split), ``size`` (square image side in pixels), ``seed`` (image ``i`` of a
+            (images per split), ``size`` (an int: a square image's side in pixels; ``[height, width]``:
+            any other shape, the objects' size cap then taken from the shorter side), ``seed`` (image ``i`` of a
             split uses ``SeedSequence([seed, split, i, crc32(preset)])``), ``preset``
             (a name of ``PRESETS``); any other name replaces that key of the preset (see
             ``PRESETS``), e.g. ``objects_per_image=[3, 8]``.
@@ -184,8 +208,8 @@ def generate_synthetic(out_dir: str | os.PathLike, **options: Any) -> dict[str, 
             (out / "meta.json").unlink(missing_ok=True)
             t0 = time.perf_counter()
             preset_code = zlib.crc32(preset.encode("utf-8"))
-            train = _generate_split(out, "train", 0, int(n_train), int(size), int(seed), cfg, preset_code)
-            val = _generate_split(out, "val", 1, int(n_val), int(size), int(seed), cfg, preset_code)
+            train = _generate_split(out, "train", 0, int(n_train), size, int(seed), cfg, preset_code)
+            val = _generate_split(out, "val", 1, int(n_val), size, int(seed), cfg, preset_code)
             seconds = time.perf_counter() - t0
             meta = {"params": params, "config": cfg, "train": train, "val": val}
             write_json(out / "meta.json", meta, indent=2, sort_keys=True)

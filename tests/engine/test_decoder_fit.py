@@ -13,7 +13,7 @@ from hmkd.data import build_data
 from hmkd.distill.matching.decoder import KeyValues
 from hmkd.distill.matching import fit as decoder_fit
 from hmkd.distill.matching.fit import fit_key, load_fitted, prepare_decoder, teacher_digest
-from hmkd.distill.matching.quality import measure_decoder, other_image_keys, shuffled_keys
+from hmkd.distill.matching.quality import measure_decoder, other_image_keys, quality_markdown, shuffled_keys
 from hmkd.distill.matching.report import build_decoder_method, fit_decoder_report
 from hmkd.training.step import train_step
 from hmkd.errors import ConfigError
@@ -203,7 +203,7 @@ def test_quality_measures_of_an_attention_spread_over_the_box(synth_root, teache
     cfg = make_cfg(synth_root, teacher_weights, "distill.options.inquiries=all")
     d, _ = _method(cfg)
     real = d.distillation_attention
-    cells = []
+    cells, heads = [], []
 
     def spread(*args):
         out = {}
@@ -212,11 +212,13 @@ def test_quality_measures_of_an_attention_spread_over_the_box(synth_root, teache
             cells.append(inside.sum(-1)[valid])
             even = inside / inside.sum(-1, keepdim=True).clamp(min=1)
             out[name] = (even[:, None].expand_as(m).contiguous(), valid, boxes, kv)
+            heads.append(m.shape[1])
         return out
 
     monkeypatch.setattr(d, "distillation_attention", spread)
     a = measure_decoder(d, build_data(cfg, train=False), device=torch.device("cpu"), batch_size=2)["P4"]["attention"]
     n_cells = torch.cat(cells)
+    m_heads = heads[0]
     assert a["inquiries"] == n_cells.numel() > 0
     s = a["all_heads"]
     assert s["in_box_median"] == pytest.approx(1.0) and s["within2_median"] == pytest.approx(1.0)
@@ -224,6 +226,14 @@ def test_quality_measures_of_an_attention_spread_over_the_box(synth_root, teache
     assert s["exp_entropy_median"] == pytest.approx(float(n_cells.median()), rel=1e-4)
     assert s["in_box_over_uniform_median"] == pytest.approx(float((1.0 / torch.tensor(0.0 + a["uniform_median"]))), rel=0.5)
     assert a["goal_met"] == (s["in_box_over_uniform_median"] >= 10.0)
+    # the mass a window around each inquiry keeps: all of a one-cell box's, more with a larger window
+    win = a["window_inside"]
+    means = [win[k]["mean"] for k in sorted(win)]
+    assert sorted(win) == [3, 5, 7, 9, 11, 15] and means == sorted(means) and 0.0 < means[0] and means[-1] <= 1.0 + 1e-6
+    assert means[0] >= float((n_cells == 1).float().mean()) - 1e-6
+    p10 = [win[k]["p10"] for k in sorted(win)]
+    assert p10 == sorted(p10) and p10[-1] <= 1.0 + 1e-6 and all(len(win[k]["heads_mean"]) == m_heads for k in win)
+    assert "inside a window of k x k cells" in quality_markdown({"fitted": {"P4": {"attention": a}}})
 
 
 def test_nothing_is_fitted_without_a_decoder(synth_root, teacher_weights, cache) -> None:

@@ -485,11 +485,7 @@ class MatchingDecoder(nn.Module):
         b, c_in, h, w = km.shape
         padded_hw = source.padded_hw
         stride = (float(padded_hw[0]) / h + float(padded_hw[1]) / w) / 2.0
-        if self.padding_mask:
-            valid_hw = torch.tensor([[min(h, math.ceil(float(ih) / stride)), min(w, math.ceil(float(iw) / stride))]
-                                     for ih, iw in image_sizes], device=km.device)
-        else:
-            valid_hw = torch.tensor([[h, w]] * b, device=km.device)
+        valid_hw = self.valid_extent(image_sizes, (h, w), padded_hw, km.device)
         rows, cols, pad = window_cells(centres, (h, w), stride, valid_hw, source.size)
         img = torch.arange(b, device=km.device)[:, None, None]
         flat = (img * h + rows) * w + cols  # [B, N, K]
@@ -508,6 +504,17 @@ class MatchingDecoder(nn.Module):
         m = cells.shape[0]
         return WindowKeyValues(keys.reshape(m, self.heads, self.head_dim), values.reshape(m, self.heads, self.head_dim),
                                index, pad, rows, cols, cells, ((h, w, stride),))
+
+    def valid_extent(self, image_sizes: Sequence[tuple[int, int]], hw: tuple[int, int], padded_hw: tuple[int, int],
+                     device: torch.device | None = None) -> Tensor:
+        """Long [B, 2]: each image's valid rows and columns of an h x w key map (as :func:`valid_cells`;
+        the whole map without ``padding_mask``)."""
+        h, w = int(hw[0]), int(hw[1])
+        if not self.padding_mask:
+            return torch.tensor([[h, w]] * len(image_sizes), device=device)
+        stride = (float(padded_hw[0]) / h + float(padded_hw[1]) / w) / 2.0
+        return torch.tensor([[min(h, math.ceil(float(ih) / stride)), min(w, math.ceil(float(iw) / stride))]
+                             for ih, iw in image_sizes], device=device)
 
     def resolve(self, kv: KeyValues | WindowKeyValues | Windowed, centres: Tensor,
                 image_sizes: Sequence[tuple[int, int]]) -> KeyValues | WindowKeyValues:

@@ -16,7 +16,9 @@ on the validation split (teacher maps, ground truth; no student):
   over all heads: the median attention mass inside the object's box and within 2 cells of it, the
   median share a uniform attention would put in the box, the share of inquiries whose top cell is
   in their box, the median exp(entropy) (the number of cells the attention effectively spreads
-  over), and the median of (in-box mass / uniform share).
+  over), and the median of (in-box mass / uniform share); and, for a decoder over one key map, the
+  mean attention mass that falls inside a window of :data:`WINDOW_SIZES` cells around each inquiry
+  (what HMKD's ``attention_window`` keeps of the full-map attention), per head and its 10th percentile.
 
 The goal the project set (a benchmark figure, not a test): median in-box mass >= 10x the uniform
 share, and the top cell in the own box for most inquiries.
@@ -31,14 +33,17 @@ import torch
 from torch.utils.data import DataLoader
 
 from hmkd.distill.base import small_flags
-from hmkd.distill.matching.decoder import KeyValues
+from hmkd.distill.matching.decoder import KeyValues, window_cells
 from hmkd.distill.matching.method import DecoderDistiller
 from hmkd.distill.matching.task import cells_in_boxes
 from hmkd.distill.masks import pad_boxes
 from hmkd.distill.matching.fit import transformed_batch
 from hmkd.engine.loaders import to_device
 
-__all__ = ["measure_decoder", "other_image_keys", "quality_markdown", "shuffled_keys"]
+__all__ = ["WINDOW_SIZES", "measure_decoder", "other_image_keys", "quality_markdown", "shuffled_keys"]
+
+#: window sides (cells) whose share of the full-map attention the quality report measures
+WINDOW_SIZES = (3, 5, 7, 9, 11, 15)
 
 
 def shuffled_keys(kv: KeyValues, generator: torch.Generator | None = None) -> KeyValues:
@@ -161,6 +166,15 @@ def measure_decoder(
             add(name, "att.top_in_box", per_head(top_in.float()))
             add(name, "att.exp_entropy", per_head(entropy.exp()))
             add(name, "att.uniform", uniform[valid])
+            if len(kv.grid) == 1:  # the mass a window around each inquiry keeps (attention_window)
+                h, w, stride = kv.grid[0]
+                dec = distiller.decoder_modules()[name] if name else distiller.decoder_modules()
+                valid_hw = dec.valid_extent(sizes, (h, w), padded, mf.device)
+                centres = (padded_boxes[..., :2] + padded_boxes[..., 2:]) / 2
+                for size in WINDOW_SIZES:
+                    rows, cols, _ = window_cells(centres, (h, w), stride, valid_hw, size)
+                    u = (rows * w + cols)[:, None].expand(-1, heads, -1, -1)
+                    add(name, f"att.window{size}", per_head(mf.gather(-1, u).sum(-1)))
     if was_training:
         mods.train()
     return {name: _summarise(parts) for name, parts in acc.items()}
@@ -203,6 +217,11 @@ def _summarise(parts: dict[str, list[torch.Tensor]]) -> dict[str, Any]:
             "all_heads": stats(slice(None)),
             "heads": [stats(h) for h in range(in_box.shape[0])],
         }
+        out["attention"]["window_inside"] = {
+            size: {"mean": float(cat[f"att.window{size}"].mean()), "p10": float(cat[f"att.window{size}"].quantile(0.1)),
+                   "heads_mean": [float(x) for x in cat[f"att.window{size}"].mean(1)]}
+            for size in WINDOW_SIZES if f"att.window{size}" in cat
+        }
         r = out["attention"]["all_heads"]["in_box_over_uniform_median"]
         out["attention"]["goal_met"] = bool(r is not None and r >= 10.0 and out["attention"]["all_heads"]["top_in_box"] > 0.5)
     return out
@@ -240,4 +259,16 @@ def quality_markdown(results: dict[str, dict[str, dict[str, Any]]]) -> str:
                 lines.append(f"| {tag} | {head} | {_fmt(s['in_box_median'], 4)} | {_fmt(s['within2_median'], 4)} "
                              f"| {_fmt(a['uniform_median'], 4)} | {_fmt(s['in_box_over_uniform_median'], 1)} "
                              f"| {_fmt(s['top_in_box'], 2)} | {_fmt(s['exp_entropy_median'], 0)} |")
+    windows = [(f"{label} {name}".strip(), r["attention"]["window_inside"]) for label, per in results.items()
+               for name, r in per.items() if (r.get("attention") or {}).get("window_inside")]
+    if windows:
+        heads = len(next(iter(windows[0][1].values()))["heads_mean"])
+        lines += ["", "Attention mass inside a window of k x k cells around each inquiry (mean over inquiries; "
+                  "`attention_window: k` keeps this much of the full-map attention; p10: its 10th percentile):", "",
+                  "| decoder | window | all heads | p10 | lowest head | " + " | ".join(f"head {h}" for h in range(heads)) + " |",
+                  "|---|---:|---:|---:|---:|" + "---:|" * heads]
+        for tag, per_size in windows:
+            for size, wv in per_size.items():
+                lines.append(f"| {tag} | {size} | {_fmt(wv['mean'], 4)} | {_fmt(wv['p10'], 4)} | {_fmt(min(wv['heads_mean']), 4)} | "
+                             + " | ".join(_fmt(x, 4) for x in wv["heads_mean"]) + " |")
     return "\n".join(lines) + "\n"

@@ -50,6 +50,13 @@ steps **in one process on the same fixed batches** and reports, per method:
   method's FLOPs outside those modules). A module's backward is attributed to it by autograd node,
   not by FlopCounterMode's own module tracker, whose backward attribution leaks (see
   :mod:`hmkd.bench.parts`).
+* the **biggest tensors** (``biggest_tensors``, default 8; 0: none), recorded in that same untimed
+  FLOP-counted step, not a step of their own: FlopCounterMode's ``TorchDispatchMode`` already sees
+  every aten op's outputs with the module tracker telling whose they are, so this adds a size
+  comparison per op and cannot touch the timed numbers (:func:`hmkd.bench.parts.count_step_flops`).
+  Per method, ``biggest_tensors`` (the step's N biggest new tensors: forward, backward, optimiser)
+  and ``biggest_method_tensors`` (the method's own, outside student and teacher): shape, dtype, MB,
+  op, module and profiler range, saved for backward or not. cost.md: no-KD's and each method's own.
 * **peak memory** while the method's models are built and its warm-up steps run (alone), above
   what the process held just before (earlier methods' models stay alive and are in that baseline);
   see :mod:`hmkd.bench.peak_memory` (CUDA: peak allocated; CPU: the process's peak RSS). It counts
@@ -61,7 +68,22 @@ config's teacher architecture with random weights (no checkpoint needed). ``None
 loads ``teacher.weights`` when that file exists and falls back to random weights otherwise; the
 choice is recorded in the output. ``False`` requires the weights. For the same reason a
 ``backbone_weights: pretrain`` (the pretrained stand-in, student's or teacher's) is replaced by
-random initial weights rather than made (``stand_ins_replaced`` in the output).
+random initial weights rather than made (``stand_ins_replaced`` in the output). A random ResNet
+body with **frozen batch norms** (``model.norm: frozen_bn``, the COCO presets') normalises nothing:
+its maps grow with depth (a random R101's last map ~1e4 on a 64 px image, beyond float16 under
+AMP at 800 x 1333) and a random teacher's distillation losses (~1e11) turned the student NaN in two
+steps; so every frozen norm still at its initial statistics is first given its input's statistics
+on the first batch (:func:`calibrate_untrained_frozen_norms`, ``frozen_norms_calibrated`` in the
+output). The maps are then normalised, as a trained network's are; the cost is the same. A random
+student still differs from a random teacher far more than trained ones do: HMKD's summed losses on
+the 800 x 1333 preset run at 160 px were ~4e4 and SGD at the preset's lr made the student NaN in
+three steps, which stops the bench (a non-finite loss); pass a tiny ``train.lr`` (a step's cost does
+not depend on it), as ``benchmarks/gpu/run_cost.sh`` does.
+
+**Mixed precision** (``train.amp`` on CUDA): the step runs under ``torch.autocast`` (float16) with a
+``GradScaler``, as training does; a scaler that finds inf gradients skips the optimiser step and
+halves its scale, so after the warm-up steps more untimed steps run (at most 40) until one is not
+skipped, and ``amp_scaler`` records the scale, those extra steps and any timed step still skipped.
 
 Data: the configured training set (:func:`hmkd.data.build_data`, with its training transforms,
 seeded), its first ``n_batches * batch_size`` images. A synthetic set that is not on disk yet is
@@ -102,9 +124,10 @@ from hmkd.utils import machine_info, write_json, write_text
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["run_cost_bench", "parse_method_spec", "TARGETS"]
+__all__ = ["run_cost_bench", "parse_method_spec", "calibrate_untrained_frozen_norms", "TARGETS"]
 
 _STEADY_ITERATION = 7_207_200  # past any distiller warm-up; a multiple of every k <= 16 (10 x lcm(1..16))
+_MAX_SCALER_STEPS = 40  # GradScaler's 65536 halved 40 times: ~6e-8
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -263,11 +286,47 @@ def _teacher_mode(cfg: Config, random_teacher: bool | None) -> tuple[bool, str]:
     return False, f"random weights (teacher.weights {w!r} not found; cost does not depend on the weights)"
 
 
+def _untrained(norm: nn.Module) -> bool:
+    return bool((norm.running_mean == 0).all() and (norm.running_var == 1).all() and (norm.weight == 1).all()
+                and (norm.bias == 0).all())
+
+
+def calibrate_untrained_frozen_norms(distiller: nn.Module, batch: tuple[list, list], amp: bool) -> int:
+    """Give every frozen batch norm of the distiller and its teacher still at its initial statistics
+    (mean 0, var 1, weight 1, bias 0: random weights) its input's statistics on ``batch``, in one
+    no-grad forward (each layer set before it runs, on the set layers' output; the global RNG is
+    left as it was); see the module doc. Returns how many norms were set."""
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    models = [distiller] + ([distiller.teacher] if getattr(distiller, "teacher", None) is not None else [])
+    norms = [m for model in models for m in model.modules() if isinstance(m, FrozenBatchNorm2d) and _untrained(m)]
+    if not norms:
+        return 0
+
+    def calibrate(norm: nn.Module, inputs: tuple) -> None:
+        var, mean = torch.var_mean(inputs[0].float(), dim=(0, 2, 3))
+        norm.running_mean.copy_(mean)
+        norm.running_var.copy_(var)
+
+    handles = [m.register_forward_pre_hook(calibrate) for m in norms]
+    images, targets = batch
+    device = images[0].device
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad(), \
+                torch.autocast(device_type="cuda", dtype=torch.float16, enabled=amp):
+            distiller(images, targets, _STEADY_ITERATION)
+    finally:
+        for h in handles:
+            h.remove()
+    return len(norms)
+
+
 class _MethodRun:
     """One method's distiller, optimisers and timings (built and warmed up by :meth:`setup`)."""
 
-    def __init__(self, cfg: Config, spec: str, device: torch.device) -> None:
+    def __init__(self, cfg: Config, spec: str, device: torch.device, biggest: int = 0) -> None:
         self.cfg = cfg
+        self.biggest = biggest
         self.label = spec
         self.method, overrides = parse_method_spec(spec)
         self.device = device
@@ -281,6 +340,9 @@ class _MethodRun:
         self.flops: dict[str, Any] = {}
         self.peak_memory_mb = float("nan")
         self.memory_method = ""
+        self.norms_calibrated = 0
+        self._scale: float | None = None
+        self.amp_extra_warmup = self.amp_timed_skips = 0
         self.i = 0
 
     def setup(self, batches: list, n_cls: int, load_teacher: bool, warmup: int) -> None:
@@ -297,12 +359,20 @@ class _MethodRun:
             self.distiller, self.main_params, self.clip_grad = parts.distiller, parts.main_params, parts.clip_grad
             self.opt, self.extra_opts = parts.optimizer, parts.extra_optimizers
             self.scaler = torch.amp.GradScaler("cuda") if self.amp else None
+            self._scale = float(self.scaler.get_scale()) if self.scaler is not None else None
+            self.norms_calibrated = calibrate_untrained_frozen_norms(self.distiller, batches[0], self.amp)
             self._wraps = _instance_wraps(self.distiller, {
                 "teacher_features": lambda f: self.clock.wrap(f, "teacher_forward"),
                 "distill_losses": lambda f: self.clock.wrap(f, "distill_forward"),
             })
             self._wraps.__enter__()
             for _ in range(max(1, warmup)):
+                self.step(batches, warm=True)
+            # mixed precision: more untimed steps while the GradScaler still finds inf gradients and
+            # skips the optimiser step (it halves its scale each time), so the timed steps are
+            # training's steady state, optimiser step included
+            while self.scaler is not None and self._skipped() and self.amp_extra_warmup < _MAX_SCALER_STEPS:
+                self.amp_extra_warmup += 1
                 self.step(batches, warm=True)
         self.peak_memory_mb = mem.peak_bytes / 2**20
         self.memory_method = mem.method
@@ -333,14 +403,26 @@ class _MethodRun:
         self.i += 1
         return self.clock.stop()
 
+    def _skipped(self) -> bool:
+        """Whether the GradScaler found inf/NaN gradients and skipped the optimiser step since the
+        last call (its scale went down; read outside the timed step: it synchronises)."""
+        scale = float(self.scaler.get_scale())
+        skipped = self._scale is not None and scale < self._scale
+        self._scale = scale
+        return skipped
+
     def timed_step(self, batches: list) -> None:
         self.steps.append(self.step(batches))
+        if self.scaler is not None and self._skipped():
+            self.amp_timed_skips += 1
 
     def count_flops(self, batches: list) -> None:
         """Count the FLOPs of one more (untimed) step, run as the warm-up steps are (every-k-th-step
-        work included); per part for the methods of :data:`~hmkd.bench.parts.FLOP_PARTS`."""
+        work included); per part for the methods of :data:`~hmkd.bench.parts.FLOP_PARTS`; the same
+        step records its ``biggest`` biggest tensors."""
         parts = None if self.variant else FLOP_PARTS.get(self.method)
-        self.flops = count_step_flops(lambda mark: self.step(batches, warm=True, on_mark=mark), self.distiller, parts)
+        self.flops = count_step_flops(lambda mark: self.step(batches, warm=True, on_mark=mark), self.distiller, parts,
+                                      biggest=self.biggest)
 
     def profile(self, batches: list, steps: int) -> None:
         """Profile ``steps`` more steps when the method marks its parts (plain methods only)."""
@@ -368,12 +450,16 @@ class _MethodRun:
             "teacher_forward_share": med["teacher_forward"] / med["step"] if med["step"] > 0 else float("nan"),
             "peak_memory_mb": self.peak_memory_mb,
             "memory_method": self.memory_method,
+            "frozen_norms_calibrated": self.norms_calibrated,
             "parameters": {
                 "student": sum(p.numel() for p in d.student_parameters()),
                 "distiller": sum(p.numel() for p in d.distiller_parameters()),
                 "extra": sum(p.numel() for m in d.extra_modules().values() for p in m.parameters()),
             },
         }
+        if self.scaler is not None:
+            out["amp_scaler"] = {"scale": float(self.scaler.get_scale()), "extra_warmup_steps": self.amp_extra_warmup,
+                                 "timed_skipped_steps": self.amp_timed_skips}
         out.update(self.flops)
         if self.profiled is not None:
             out["parts"] = self.profiled["parts"]
@@ -400,6 +486,7 @@ def run_cost_bench(
     profile_steps: int = 3,
     device: str | torch.device | None = None,
     config_name: str | None = None,
+    biggest_tensors: int = 8,
 ) -> dict[str, Any]:
     """Seconds per training step, its split, and peak memory of no-KD and each method (module doc).
 
@@ -420,6 +507,8 @@ def run_cost_bench(
             (0: no split).
         device: overrides ``cfg.device``.
         config_name: label of the config in the report (default ``cfg.name``).
+        biggest_tensors: how many of the biggest tensors of each method's FLOP-counted step to
+            report (``biggest_tensors`` and ``biggest_method_tensors`` of each method; 0: none).
 
     Returns:
         ``{"table": Markdown, "methods": [per-method dicts], "targets": ..., "paths": ..., ...}``
@@ -427,8 +516,10 @@ def run_cost_bench(
     """
     from hmkd.distill import METHODS
 
-    if iters < 1 or warmup < 0 or n_batches < 1 or profile_steps < 0:
-        raise ConfigError("cost bench: iters and n_batches must be >= 1, warmup and profile_steps >= 0")
+    if iters < 1 or warmup < 0 or n_batches < 1 or profile_steps < 0 or biggest_tensors < 0:
+        raise ConfigError("cost bench: iters and n_batches must be >= 1, warmup, profile_steps and biggest_tensors "
+                          f">= 0 (got iters={iters}, n_batches={n_batches}, warmup={warmup}, "
+                          f"profile_steps={profile_steps}, biggest_tensors={biggest_tensors})")
     names = list(methods) if methods else list(METHODS)
     for m in names:
         _needs_teacher(m)  # unknown method: ConfigError
@@ -446,7 +537,7 @@ def run_cost_bench(
     load_start = [round(x, 2) for x in os.getloadavg()]
     t_start = time.time()
     batches, n_cls, data_info = _load_batches(cfg, n_batches, dev)
-    runs = [_MethodRun(cfg, m, dev) for m in names]
+    runs = [_MethodRun(cfg, m, dev, biggest_tensors) for m in names]
     try:
         for r in runs:  # one after the other, so each peak memory is the method's own
             logger.info("cost bench: building and warming up %s", r.method)
@@ -485,6 +576,7 @@ def run_cost_bench(
         "warmup": warmup,
         "n_batches": n_batches,
         "profile_steps": profile_steps,
+        "biggest_tensors": biggest_tensors,
         "amp": bool(cfg.train.amp) and dev.type == "cuda",
         "teacher": teacher_desc + ("" if cfg.distill.teacher_dtype == "float32" else f", run in {cfg.distill.teacher_dtype}"),
         "data": data_info,

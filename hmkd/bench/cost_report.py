@@ -48,6 +48,45 @@ def _flop_parts_table(r: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _fmt_mb(mb: float) -> str:
+    return f"{mb:.0f}" if mb >= 100 else f"{mb:.3g}"
+
+
+def _tensor_where(t: dict[str, Any]) -> str:
+    return t["module"] + (f" (`{t['range']}`)" if t.get("range") else "")
+
+
+def _tensors_table(rows: list[dict[str, Any]]) -> list[str]:
+    lines = ["", "| # | MB | shape | dtype | op | module (range) | whose | phase | saved for backward |",
+             "|---:|---:|---|---|---|---|---|---|---|"]
+    saved = {True: "yes", False: "no", None: "-"}
+    for i, t in enumerate(rows, 1):
+        lines.append(f"| {i} | {_fmt_mb(t['mb'])} | {'x'.join(map(str, t['shape'])) or 'scalar'} | {t['dtype']} | "
+                     f"`{t['op']}` | {_tensor_where(t)} | {t['owner']} | {t['phase']} | "
+                     f"{saved[t['saved_for_backward']]} |")
+    return lines
+
+
+def _biggest_tensors(rows: list[dict[str, Any]]) -> list[str]:
+    """The biggest tensors of each method's FLOP-counted step: no-KD's whole step, each distilled
+    method's own (the whole step's biggest in one line)."""
+    base = rows[0]
+    lines = ["", f"Biggest tensors of one step (the FLOP-counted one, untimed): each op output's newly allocated "
+                 "storage (views and in-place results are not new), the module active when it was made (in the "
+                 "backward: its autograd node's), whose it is, and for a forward tensor whether autograd saved it "
+                 f"for the backward. {base['method']}, the whole step:"]
+    lines += _tensors_table(base["biggest_tensors"])
+    for r in rows[1:]:
+        if "biggest_method_tensors" not in r:
+            continue
+        top = r["biggest_tensors"][0] if r["biggest_tensors"] else None
+        whole = (f"; the whole step's biggest: {_fmt_mb(top['mb'])} MB, {'x'.join(map(str, top['shape']))} "
+                 f"{top['dtype']} ({top['owner']}, `{top['op']}`, {_tensor_where(top)})") if top else ""
+        lines += ["", f"{r['method']}, the method's own biggest tensors (outside the student and the teacher{whole}):"]
+        lines += _tensors_table(r["biggest_method_tensors"]) if r["biggest_method_tensors"] else ["", "(none)"]
+    return lines
+
+
 def _parts_table(r: dict[str, Any], groups: dict[str, list[str]] | None) -> list[str]:
     parts, prof = r["parts"], r["profile"]
     step = prof["step_s"]
@@ -144,6 +183,8 @@ def cost_markdown(res: dict[str, Any]) -> str:
             lines += _parts_table(r, PART_GROUPS if r["base_method"] == "hmkd" else None)
         if "gflop_parts" in r:
             lines += _flop_parts_table(r)
+    if rows[0].get("biggest_tensors"):
+        lines += _biggest_tensors(rows)
     if any("parts" in r for r in rows):
         lines += [
             "",
@@ -165,6 +206,18 @@ def cost_markdown(res: dict[str, Any]) -> str:
         for v in t.get("floor", []):
             lines.append(f"- {v['method']} step / its floor: {v['value']:.2f}x (target <= {v['target']:.2f}x, "
                          f"{v['decoder']} decoder): {'met' if v['met'] else 'NOT met'}")
+    calibrated = {r["method"]: r["frozen_norms_calibrated"] for r in rows if r.get("frozen_norms_calibrated")}
+    if calibrated:
+        lines += ["", "Random weights with frozen batch norms: each untrained frozen norm was given its input's "
+                      "statistics on the first batch before the warm-up (the values a step computes, not its cost; "
+                      "without it a random deep ResNet's maps blow up): "
+                      + ", ".join(f"{m} {n}" for m, n in calibrated.items()) + " norms."]
+    scalers = [r for r in rows if "amp_scaler" in r]
+    if scalers:
+        lines += ["", "Mixed precision: GradScaler scale after the timed steps, extra warm-up steps run until it "
+                      "stopped skipping, timed steps it skipped (their optimiser step did not run): "
+                      + "; ".join(f"{r['method']} {a['scale']:g}, {a['extra_warmup_steps']}, {a['timed_skipped_steps']}"
+                                  for r in scalers for a in [r["amp_scaler"]]) + "."]
     lines += [
         "",
         f"Peak memory: {rows[0]['memory_method']}; it counts the method's models (the teacher for KD methods), "

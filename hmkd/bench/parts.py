@@ -35,15 +35,38 @@ until the backward ends (measured on the tiny test config: HMKD's decoder ``valu
 also records, for every autograd node the step's forward creates, the modules active when it was
 created, and while the backward runs that node it sets the tracker's active modules to those: a
 module's backward FLOPs (its input and weight gradients) are attributed to the module itself, as
-its forward ones are.
+its forward ones are. It records the ``record_function`` ranges open then too (it follows the
+ranges' enter/exit ops through the dispatch mode), so a part of :data:`FLOP_PARTS` can also be
+named by the method's range (HMKD's decoder attention pass runs the decoder's ``attention``
+method, not its ``forward``: only the range tells its products from the aux task's).
+
+**Biggest tensors** (``count_step_flops(..., biggest=n)``): the same counted step also keeps the
+``n`` biggest tensors it creates (forward, backward and optimiser step), read from the counter's
+own ``TorchDispatchMode``: every aten op's outputs pass through it with the module tracker (and,
+in the backward, the autograd-node owners above) already telling whose they are, so recording them
+costs one size comparison per op and no step of its own; the step is untimed, so the timed numbers
+cannot change. A tensor's size is its storage's bytes; an op's output that shares storage with one
+of its inputs (a view, an in-place op) is not a new tensor and is skipped. Each is reported with its
+shape, dtype, MB (2**20 bytes), the aten op that made it, the deepest module active then (relative
+to the distiller; the teacher trunk, not a sub-module of it, by the tracker's class-based name),
+the innermost ``record_function`` range open then (``hmkd.<part>`` above, or the bench's own
+``hmkd_bench.<phase>``; in the backward: the range its autograd node was created in), whose it is
+(``student``, ``teacher``, ``method``: the distiller's own modules and loss code, ``outside``: e.g.
+the optimiser), the phase, and for a forward tensor whether autograd saved it for the backward
+(read once at the end of the forward from the saved tensors the graph's nodes expose, ``_saved_*``
+or a Python Function's ``saved_tensors``, compared by storage; the recorded forward tensors are
+held until then, so a storage address cannot be reused in between: at most ``2 n`` extra tensors,
+in the untimed step only). Two lists: the whole step's ``n`` biggest, and the ``n`` biggest of the
+method's own (what the distillation adds beside the student's and teacher's maps).
 """
 
 from __future__ import annotations
 
+import heapq
 import importlib
 import statistics
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -178,16 +201,20 @@ def profile_parts(
 
 
 # ------------------------------------------------------------------------------------ FLOPs
-#: The FLOP parts of a method's step: ``(part, module patterns)`` relative to the distiller
-#: (``*`` is one path segment). An op belongs to the first part one of whose patterns matches one
-#: of the modules active when it ran (in the backward: when its autograd node was created).
+#: The FLOP parts of a method's step: ``(part, patterns)``: module paths relative to the distiller
+#: (``*`` is one path segment) or, written ``@name``, a ``record_function`` range of the method's
+#: (for code outside any module of the part's, e.g. the attention products of a decoder method
+#: called as a method, not through ``forward``). An op belongs to the first part one of whose
+#: patterns matches one of the modules active, or one of the ranges open, when it ran (in the
+#: backward: when its autograd node was created).
 FLOP_PARTS: dict[str, tuple[tuple[str, tuple[str, ...]], ...]] = {
     "hmkd": (
-        # the decoder's own forward is only called for HMKD's no-grad distillation attention pass
-        ("decoder_attention", ("decoders.*",)),
+        # the key/value pass over the teacher map (or the windows' cells), wherever it runs
         ("decoder_kv", ("decoders.*.key_proj", "decoders.*.value_proj", "decoders.*.pos_proj")),
+        # HMKD's no-grad distillation attention pass (the decoder's attention method, its inquiries)
+        ("decoder_attention", ("@hmkd.decoder_attention", "decoders.*")),
         # the rest of the decoder: the aux task's inquiry encoder, attention layer and predictor
-        ("decoder_aux", ("decoders.*.*",)),
+        ("decoder_aux", ("@hmkd.decoder_aux", "decoders.*.*")),
         ("inquiry_head", ("inquiry_heads.*",)),
         ("value_proj", ("value_proj.*",)),
         ("adapters", ("adapters.*",)),
@@ -201,31 +228,192 @@ FLOP_PARTS: dict[str, tuple[tuple[str, tuple[str, ...]], ...]] = {
     ),
 }
 _PHASE_AFTER = {"forward": "backward", "backward": "optimizer"}
+_RANGE_ENTER = torch.ops.profiler._record_function_enter_new
+_RANGE_EXIT = torch.ops.profiler._record_function_exit
+
+
+def _whose(active: Iterable[str], root: str) -> tuple[str, list[tuple[str, ...]]]:
+    """Whose an op is, from the modules active when it ran (the tracker names the distiller by its
+    class, ``root``): ``teacher_forward`` (a module outside the distiller: the teacher trunk is not
+    a sub-module), ``student``, ``method`` (the distiller's own) or ``outside``; and the active
+    paths inside the distiller, relative to it."""
+    prefix = root + "."
+    inside = [tuple(a[len(prefix):].split(".")) for a in active if a.startswith(prefix)]
+    if any(a != "Global" and a != root and not a.startswith(prefix) for a in active):
+        return "teacher_forward", inside
+    if any(path[0] == "student" for path in inside):
+        return "student", inside
+    if root in active:
+        return "method", inside
+    return "outside", inside
+
+
+_OWNER_NAMES = {"teacher_forward": "teacher", "student": "student", "method": "method", "outside": "outside"}
+
+
+class _Made:
+    """One tensor a step created (see the module doc)."""
+
+    __slots__ = ("nbytes", "seq", "ptr", "tensor", "row")
+
+    def __init__(self, nbytes: int, seq: int, ptr: int, tensor: torch.Tensor | None, row: dict[str, Any]) -> None:
+        self.nbytes, self.seq, self.ptr, self.tensor, self.row = nbytes, seq, ptr, tensor, row
+
+    def key(self) -> tuple[int, int]:  # bigger first; of equal ones the earlier
+        return self.nbytes, -self.seq
+
+
+def _tensors(x: Any) -> Iterator[torch.Tensor]:
+    if isinstance(x, torch.Tensor):
+        yield x
+    elif isinstance(x, (tuple, list)):
+        for y in x:
+            yield from _tensors(y)
+
+
+def _storage(t: torch.Tensor) -> tuple[int, int] | None:
+    """(data pointer, bytes) of ``t``'s storage; None for a tensor without one (sparse, subclass)."""
+    try:
+        st = t.untyped_storage()
+        return st.data_ptr(), st.nbytes()
+    except (RuntimeError, NotImplementedError, TypeError):
+        return None
+
+
+class _BiggestTensors:
+    """The ``n`` biggest tensors a step creates, and the ``n`` biggest of the method's own (module doc)."""
+
+    def __init__(self, n: int, root: str) -> None:
+        self.n = n
+        self.root = root
+        self.step: list[tuple[tuple[int, int], _Made]] = []  # min-heaps on _Made.key
+        self.method: list[tuple[tuple[int, int], _Made]] = []
+        self.seq = 0
+        self._saved_names: dict[type, list[str]] = {}
+
+    def _floor(self, heap: list) -> int:
+        return heap[0][0][0] if len(heap) >= self.n else 0
+
+    @staticmethod
+    def _push(heap: list, n: int, made: _Made) -> None:
+        item = (made.key(), made)  # keys differ (seq): _Made is never compared
+        if len(heap) < n:
+            heapq.heappush(heap, item)
+        elif item[0] > heap[0][0]:
+            heapq.heapreplace(heap, item)
+
+    def record(self, func_packet: Any, out: Any, args: Any, kwargs: Any, phase: str, active: set[str],
+               where: str | None) -> None:
+        if out is None:
+            return
+        step_floor, method_floor = self._floor(self.step), self._floor(self.method)
+        inputs: set[int] | None = None
+        whose: tuple[str, list[tuple[str, ...]]] | None = None
+        for t in _tensors(out):
+            self.seq += 1
+            st = _storage(t)
+            if st is None or st[1] <= min(step_floor, method_floor):
+                continue
+            if whose is None:
+                whose = _whose(active, self.root)
+            owner, inside = whose
+            if st[1] <= step_floor and owner != "method":
+                continue
+            if inputs is None:  # an output sharing an input's storage is a view or in-place: not new
+                inputs = {s[0] for x in (*_tensors(args), *_tensors(list((kwargs or {}).values())))
+                          if (s := _storage(x)) is not None}
+            if st[0] in inputs:
+                continue
+            if inside:
+                module = ".".join(max(inside, key=len))
+            else:
+                outer = [a for a in active if a != "Global"]
+                module = max(outer, key=lambda a: a.count(".")) if outer else "-"
+            row = {"mb": st[1] / 2**20, "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."),
+                   "op": str(func_packet), "module": module, "range": where, "owner": _OWNER_NAMES[owner],
+                   "phase": phase, "saved_for_backward": None}
+            made = _Made(st[1], self.seq, st[0], t if phase == "forward" else None, row)
+            self._push(self.step, self.n, made)
+            if owner == "method":
+                self._push(self.method, self.n, made)
+
+    def mark_saved(self, nodes: Iterable[Any]) -> None:
+        """At the end of the forward: which recorded forward tensors the graph ``nodes`` saved."""
+        saved: set[int] = set()
+        for node in nodes:
+            names = self._saved_names.get(type(node))
+            if names is None:
+                # built-in nodes expose each saved tensor as _saved_<name>; a Python Function's, saved_tensors
+                names = self._saved_names[type(node)] = [a for a in dir(node)
+                                                         if a.startswith("_saved_") or a == "saved_tensors"]
+            for a in names:
+                try:
+                    value = getattr(node, a)
+                except RuntimeError:  # already freed
+                    continue
+                saved.update(s[0] for t in _tensors(value) if (s := _storage(t)) is not None)
+        for heap in (self.step, self.method):
+            for _, made in heap:
+                if made.tensor is not None:
+                    made.row["saved_for_backward"] = made.ptr in saved
+                    made.tensor = None
+
+    def rows(self, which: str) -> list[dict[str, Any]]:
+        heap = self.step if which == "step" else self.method
+        return [m.row for _, m in sorted(heap, key=lambda item: item[0], reverse=True)]
+
+    def close(self) -> None:
+        for heap in (self.step, self.method):
+            for _, made in heap:
+                made.tensor = None
 
 
 class _StepFlopCounter(FlopCounterMode):
-    """``FlopCounterMode`` that also keeps each op's FLOPs by (step phase, active modules)."""
+    """``FlopCounterMode`` that also keeps each op's FLOPs by (step phase, active modules, open
+    ``record_function`` ranges), and, given a ``biggest`` recorder, the biggest tensors the ops create."""
 
-    def __init__(self) -> None:
+    def __init__(self, biggest: _BiggestTensors | None = None) -> None:
         super().__init__(display=False)
         self.phase = "forward"
-        self.by_owner: dict[tuple[str, frozenset[str]], int] = defaultdict(int)
+        self.by_owner: dict[tuple[str, frozenset[str], tuple[str, ...]], int] = defaultdict(int)
+        self.biggest = biggest
+        self.ranges: list[str] = []  # the open record_function ranges (forward), outermost first
+        self.backward_ranges: tuple[str, ...] = ()  # in the backward: those its node was created in
+
+    def ranges_now(self) -> tuple[str, ...]:
+        """The open ``record_function`` ranges, outermost first (in the backward: those of the node running)."""
+        if self.mod_tracker.is_bw:
+            return self.backward_ranges
+        return tuple(self.ranges)
+
+    def _follow_ranges(self, func_packet: Any, args: Any) -> None:
+        # ranges are context managers: they close in the reverse order they opened (the handle the
+        # exit op gets is not the same Python object as the one the enter op returned)
+        if func_packet is _RANGE_ENTER:
+            self.ranges.append(str(args[0]))
+        elif func_packet is _RANGE_EXIT and self.ranges:
+            self.ranges.pop()
 
     def mark(self, phase: str) -> None:
         """``train_step``'s clock: the phase that just ended."""
         self.phase = _PHASE_AFTER.get(phase, self.phase)
 
     def _count_flops(self, func_packet: Any, out: Any, args: Any, kwargs: Any) -> Any:
+        self._follow_ranges(func_packet, args)
         formula = self.flop_registry.get(func_packet)
         if formula is not None:
-            self.by_owner[(self.phase, frozenset(self.mod_tracker.parents))] += int(formula(*args, **kwargs,
-                                                                                            out_val=out))
+            key = (self.phase, frozenset(self.mod_tracker.parents), self.ranges_now())
+            self.by_owner[key] += int(formula(*args, **kwargs, out_val=out))
+        if self.biggest is not None:
+            ranges = self.ranges_now()
+            self.biggest.record(func_packet, out, args, kwargs, self.phase, self.mod_tracker.parents,
+                                ranges[-1] if ranges else None)
         return super()._count_flops(func_packet, out, args, kwargs)
 
 
 class _BackwardOwners(TorchFunctionMode):
-    """Records the active modules of every autograd node the forward creates; when the backward
-    runs the node, the counter's tracker is set to them (module doc)."""
+    """Records the active modules (and ``record_function`` range) of every autograd node the
+    forward creates; when the backward runs the node, the counter's tracker is set to them (module doc)."""
 
     def __init__(self, counter: _StepFlopCounter) -> None:
         super().__init__()
@@ -239,22 +427,23 @@ class _BackwardOwners(TorchFunctionMode):
             outs = out if isinstance(out, (tuple, list)) else (out,)
             nodes = [t.grad_fn for t in outs if isinstance(t, torch.Tensor) and t.grad_fn is not None]
             if nodes:
-                self._own(nodes, frozenset(self.counter.mod_tracker.parents))
+                self._own(nodes, frozenset(self.counter.mod_tracker.parents), self.counter.ranges_now())
         return out
 
-    def _own(self, nodes: list[Any], owner: frozenset[str]) -> None:
+    def _own(self, nodes: list[Any], owner: frozenset[str], where: tuple[str, ...]) -> None:
         # the new nodes: from the outputs' back to the nodes already owned (a composite op makes several)
         while nodes:
             node = nodes.pop()
             if node is None or node in self.owners or node.name() == "torch::autograd::AccumulateGrad":
                 continue
             self.owners[node] = owner
-            self.handles.append(node.register_prehook(self._enter(owner)))
+            self.handles.append(node.register_prehook(self._enter(owner, where)))
             nodes.extend(n for n, _ in node.next_functions)
 
-    def _enter(self, owner: frozenset[str]) -> Callable:
+    def _enter(self, owner: frozenset[str], where: tuple[str, ...]) -> Callable:
         def hook(grad_outputs: Any) -> None:
             self.counter.mod_tracker.parents = set(owner)
+            self.counter.backward_ranges = where
 
         return hook
 
@@ -270,7 +459,8 @@ def _matches(path: tuple[str, ...], pattern: tuple[str, ...]) -> bool:
 
 
 def count_step_flops(run_step: Callable[[Callable[[str], None]], Any], distiller: nn.Module,
-                     parts: Iterable[tuple[str, tuple[str, ...]]] | None = None) -> dict[str, Any]:
+                     parts: Iterable[tuple[str, tuple[str, ...]]] | None = None, *,
+                     biggest: int = 0) -> dict[str, Any]:
     """Count the FLOPs of one training step, ``run_step(clock)`` (``clock`` is ``train_step``'s, to
     tell forward, backward and optimiser apart), of ``distiller`` (module doc).
 
@@ -280,36 +470,43 @@ def count_step_flops(run_step: Callable[[Callable[[str], None]], Any], distiller
     a sub-module), "method": the distiller's other FLOPs, "outside": ops outside the distiller, e.g.
     the optimiser's}}``, plus with ``parts`` (:data:`FLOP_PARTS`) ``"gflop_parts"``: each part's
     forward + backward FLOPs and ``other``, the method's FLOPs in no part (the distillation losses,
-    the products computed outside any module).
+    the products computed outside any module). With ``biggest > 0`` also ``"biggest_tensors"`` and
+    ``"biggest_method_tensors"``: the step's ``biggest`` biggest tensors and the method's own, biggest
+    first, each ``{"mb", "shape", "dtype", "op", "module", "owner", "phase", "saved_for_backward"}``
+    (module doc).
     """
     root = type(distiller).__name__  # the tracker names the first module called (the distiller) by its class
-    counter = _StepFlopCounter()
+    recorder = _BiggestTensors(biggest, root) if biggest > 0 else None
+    counter = _StepFlopCounter(recorder)
     owners = _BackwardOwners(counter)
+
+    def clock(phase: str) -> None:
+        if recorder is not None and phase == "forward":  # the graph is whole: what it saved for backward
+            recorder.mark_saved(list(owners.owners))
+        counter.mark(phase)
+
     try:
         with counter, owners:
-            run_step(counter.mark)
+            run_step(clock)
     finally:
         owners.close()
-    rules = [(name, [tuple(p.split(".")) for p in pats]) for name, pats in (parts or ())]
+        if recorder is not None:
+            recorder.close()
+    rules = [(name, [tuple(p.split(".")) for p in pats if not p.startswith("@")],
+              {p[1:] for p in pats if p.startswith("@")}) for name, pats in (parts or ())]
     phases = {"forward": 0, "backward": 0, "optimizer": 0}
     split = {"student": 0, "teacher_forward": 0, "method": 0, "outside": 0}
-    part_flops = {name: 0 for name, _ in rules}
+    part_flops = {name: 0 for name, _, _ in rules}
     part_flops["other"] = 0
-    prefix = root + "."
-    for (phase, active), n in counter.by_owner.items():
+    for (phase, active, ranges), n in counter.by_owner.items():
         phases[phase] += n
-        inside = [tuple(a[len(prefix):].split(".")) for a in active if a.startswith(prefix)]
-        if any(a != "Global" and a != root and not a.startswith(prefix) for a in active):
-            split["teacher_forward"] += n
-        elif any(path[0] == "student" for path in inside):
-            split["student"] += n
-        elif root in active:
-            split["method"] += n
-            part = next((name for name, pats in rules if any(_matches(path, q) for path in inside for q in pats)),
+        whose, inside = _whose(active, root)
+        split[whose] += n
+        if whose == "method":
+            part = next((name for name, pats, named in rules
+                         if named.intersection(ranges) or any(_matches(path, q) for path in inside for q in pats)),
                         "other")
             part_flops[part] += n
-        else:
-            split["outside"] += n
     total = counter.get_total_flops()
     g = 1e-9
     out: dict[str, Any] = {
@@ -319,4 +516,7 @@ def count_step_flops(run_step: Callable[[Callable[[str], None]], Any], distiller
     }
     if rules:
         out["gflop_parts"] = {k: v * g for k, v in part_flops.items()}
+    if recorder is not None:
+        out["biggest_tensors"] = recorder.rows("step")
+        out["biggest_method_tensors"] = recorder.rows("method")
     return out

@@ -181,7 +181,7 @@ def cmd_bench_cost(args: argparse.Namespace) -> int:
 
     cfg = load_cfg(args)
     res = run_cost_bench(cfg, methods=args.methods, out_dir=args.out, iters=args.iters, warmup=args.warmup,
-                         profile_steps=args.profile_steps)
+                         profile_steps=args.profile_steps, biggest_tensors=args.biggest_tensors)
     print(res["table"])
     return 0
 

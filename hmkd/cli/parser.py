@@ -197,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--profile-steps", type=int, default=3,
                    help="extra steps of HMKD and ICD under torch.profiler for their per-part split (0: none)")
+    p.add_argument("--biggest-tensors", type=int, default=8, metavar="N",
+                   help="report the N biggest tensors of each method's step and of the method's own (0: none)")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_bench_cost)
 

@@ -271,3 +271,139 @@ def test_flop_count_leaves_the_timed_results_alone(bench):
     assert f"| fitnet | {rows['fitnet']['step_s']:.3f} |" in md
     assert "Floor in FLOPs" in md and "hmkd FLOPs per part" in md and "| inquiry_head |" in md
     assert "icd FLOPs per part" in md
+
+
+# ------------------------------------------------------------------------------------ biggest tensors (issue 29)
+TENSOR_KEYS = {"mb", "shape", "dtype", "op", "module", "range", "owner", "phase", "saved_for_backward"}
+
+
+def test_biggest_tensors_of_every_method(bench):
+    res, rows = bench
+    for name, r in rows.items():
+        for key in ("biggest_tensors", "biggest_method_tensors"):
+            ts = r[key]
+            assert all(set(t) == TENSOR_KEYS for t in ts), (name, key)
+            assert [t["mb"] for t in ts] == sorted((t["mb"] for t in ts), reverse=True), (name, key)
+        assert len(r["biggest_tensors"]) == 8, name
+        assert all(t["owner"] == "method" for t in r["biggest_method_tensors"]), name
+        if name != "none":
+            assert len(r["biggest_method_tensors"]) == 8, name
+            # the method's own are among the step's tensors: none bigger than the step's biggest
+            assert r["biggest_method_tensors"][0]["mb"] <= r["biggest_tensors"][0]["mb"]
+    # no-KD's biggest: resnet18's biggest weight (layer4 3x3 512->512, float32: 9 MiB) gets its gradient
+    # first in the backward, at layer4.1.conv2 (the batch's activations are at most 0.5 MiB here)
+    assert rows["none"]["biggest_tensors"][0] == {
+        "mb": 9.0, "shape": [512, 512, 3, 3], "dtype": "float32", "op": "aten.convolution_backward",
+        "module": "student.backbone.body.layer4.1.conv2", "range": None, "owner": "student", "phase": "backward",
+        "saved_for_backward": None}
+    # FitNet's own: its P2 adapter (1x1, Cs -> Ct) output, batch 2 at 16x16, saved for the MSE's backward
+    adapter = {"mb": B * CT * CELLS["P2"] * 4 / 2**20, "shape": [B, CT, 16, 16], "dtype": "float32",
+               "op": "aten.convolution", "module": "losses.P2.adapter", "range": "hmkd_bench.distill_forward",
+               "owner": "method", "phase": "forward", "saved_for_backward": True}
+    assert adapter in rows["fitnet"]["biggest_method_tensors"]
+    md = res["table"]
+    assert "Biggest tensors of one step" in md
+    assert "| 1 | 9 | 512x512x3x3 | float32 | `aten.convolution_backward` |" in md
+    for name in ("fitnet", "hmkd", "icd"):
+        assert f"{name}, the method's own biggest tensors" in md
+
+
+def test_biggest_forward_tensor_and_n_zero_turns_the_report_off(tiny_cfg, tmp_path, one_thread):
+    res = run_cost_bench(tiny_cfg, methods=["none"], out_dir=str(tmp_path / "a"), iters=1, warmup=0, profile_steps=0,
+                         biggest_tensors=40)
+    (none,) = res["methods"]
+    assert len(none["biggest_tensors"]) == 40 and res["biggest_tensors"] == 40
+    # the tiny config's biggest activation: the ResNet stem's conv output, batch 2 x 64 channels at half
+    # the 64 px input, float32; the group norm's input, so saved for the backward
+    fwd = [t for t in none["biggest_tensors"] if t["phase"] == "forward"]
+    assert fwd[0] == {"mb": 0.5, "shape": [2, 64, 32, 32], "dtype": "float32", "op": "aten.convolution",
+                      "module": "student.backbone.body.conv1", "range": None, "owner": "student", "phase": "forward",
+                      "saved_for_backward": True}
+    off = run_cost_bench(tiny_cfg, methods=["none"], out_dir=str(tmp_path / "b"), iters=1, warmup=0, profile_steps=0,
+                         biggest_tensors=0)
+    (none_off,) = off["methods"]
+    assert "biggest_tensors" not in none_off and "biggest_method_tensors" not in none_off
+    assert off["biggest_tensors"] == 0 and "Biggest tensors" not in off["table"] and "Biggest tensors" in res["table"]
+    assert "biggest_tensors" not in json.loads((tmp_path / "b" / "cost.json").read_text())["methods"][0]
+    with pytest.raises(ConfigError, match=r"biggest_tensors=-1\)$"):
+        run_cost_bench(tiny_cfg, methods=["none"], out_dir=str(tmp_path / "c"), biggest_tensors=-1)
+
+
+# ------------------------------------------------------------------------------------ AMP and random frozen norms
+class _FakeScaler:
+    """A GradScaler that finds inf gradients (halves its scale, skips the step) on its first 3 updates."""
+
+    def __init__(self, *args, **kwargs):
+        self.s, self.updates = 65536.0, 0
+
+    def get_scale(self):
+        return self.s
+
+    def scale(self, loss):
+        return loss
+
+    def unscale_(self, opt):
+        pass
+
+    def step(self, opt):
+        if self.updates >= 3:
+            opt.step()
+
+    def update(self):
+        self.updates += 1
+        if self.updates <= 3:
+            self.s /= 2
+
+
+def test_amp_warm_up_runs_until_the_grad_scaler_stops_skipping(tiny_cfg, tmp_path, one_thread, monkeypatch):
+    import hmkd.bench.cost as cost
+
+    real_init = cost._MethodRun.__init__
+
+    def with_amp(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        self.amp = True  # as on CUDA with train.amp (the autocast itself does nothing to CPU tensors)
+
+    monkeypatch.setattr(cost._MethodRun, "__init__", with_amp)
+    monkeypatch.setattr(torch.amp, "GradScaler", _FakeScaler)
+    res = run_cost_bench(tiny_cfg, methods=["none"], out_dir=str(tmp_path / "amp"), iters=2, warmup=1,
+                         profile_steps=0, biggest_tensors=0)
+    # 1 warm-up step skipped (scale 65536 -> 32768), then 2 more skipped ones and the one that was not
+    assert res["methods"][0]["amp_scaler"] == {"scale": 8192.0, "extra_warmup_steps": 3, "timed_skipped_steps": 0}
+    assert "Mixed precision: GradScaler scale after the timed steps" in res["table"]
+
+
+def test_random_frozen_norms_get_their_input_statistics(tiny_cfg, tmp_path, one_thread):
+    """A random R101 body with frozen norms is a stack of plain residual additions whose maps blow up
+    (a random R101 teacher's distillation losses ~1e11 made the student NaN in two steps): the bench
+    gives each untrained frozen norm its input's statistics first; trained ones are left alone."""
+    import torchvision
+    from torch import nn
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    from hmkd.bench.cost import calibrate_untrained_frozen_norms
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            body = torchvision.models.resnet101(norm_layer=FrozenBatchNorm2d)
+            self.student = nn.Sequential(*list(body.children())[:-2])  # the body, up to its last map
+
+        def forward(self, images, targets, iteration):
+            return self.student(torch.stack(images))
+
+    torch.manual_seed(0)
+    net = Net()
+    trained = net.student[4][0].bn1  # layer1's first norm
+    trained.running_var.fill_(4.0)  # as loaded from a checkpoint: left alone
+    images = [torch.rand(3, 64, 64) for _ in range(2)]
+    with torch.no_grad():
+        before = net(images, None, 0).std().item()
+    rng = torch.get_rng_state()
+    n = calibrate_untrained_frozen_norms(net, (images, []), amp=False)
+    assert n == sum(isinstance(m, FrozenBatchNorm2d) for m in net.modules()) - 1
+    assert torch.equal(torch.get_rng_state(), rng) and torch.all(trained.running_var == 4.0)
+    with torch.no_grad():
+        after = net(images, None, 0).std().item()
+    assert before > 1000 and after < 10  # measured: std 2178 -> 1.08 (max 14528 -> 7.1)
+    assert calibrate_untrained_frozen_norms(net, (images, []), amp=False) == 0  # nothing untrained left

@@ -92,8 +92,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_fit_decoder(args: argparse.Namespace) -> int:
     from hmkd.distill.matching.report import fit_decoder_report
+    from hmkd.training import resolve_pretrained
 
-    cfg = load_cfg(args)
+    # the fit and its report read the teacher only: a student on a pretrained stand-in is built without it
+    cfg = resolve_pretrained(load_cfg(args), student=False, progress=not args.no_progress)
     report = fit_decoder_report(cfg, out=args.out, quality_images=args.quality_images, progress=not args.no_progress)
     print(report["markdown"])
     print(f"fitted decoder: {report['decoder']}")

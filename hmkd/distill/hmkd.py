@@ -109,11 +109,12 @@ class HMKDOptions(DecoderOptions):
             costs O(inquiries x window) instead of O(inquiries x map). A fitted decoder is fitted over
             the whole map (the fit does not depend on this option); during distillation every attention
             of the decoder (the distillation pass and, when trained jointly, its aux task) is windowed.
-            None: the whole map, the paper's.
+            Default 15 (cells of P2: 60 px); None: the whole map, the paper's.
         inquiry_channels, inquiry_convs: the Inquiry Head's tower: ``inquiry_convs`` 3x3 conv + GroupNorm
             + ReLU blocks of ``inquiry_channels`` channels (None: the student map's), then a 3x3 conv to
-            one logit. The paper does not fix the head; 2 full-width blocks is our reading of "a light
-            head" as a detection-head tower.
+            one logit. The paper does not fix the head ("a light head"); default one 64-channel block.
+            Our first reading, 2 full-width blocks like a detection-head tower, is ``inquiry_convs: 2,
+            inquiry_channels: None``.
         warmup_iters: iterations during which only the decoder learns (no attention-weighted
             term), since attention from an untrained decoder is noise (ICD: 1000).
         query_feature: inquiries also add the teacher's level-l feature at the object.
@@ -152,6 +153,7 @@ class HMKDOptions(DecoderOptions):
     position_code: str = "absolute"
     attention_supervision: float = 1.0
     decoder_fit: str = "auto"
+    decoder_training: str = "frozen"
     warmup_iters: int = allowed(0, ge=0)
     levels: list[str] | None = levels_option()
     start_level: str | None = level_option()
@@ -173,9 +175,9 @@ class HMKDOptions(DecoderOptions):
     attention_term: bool = True
     small_foreground: bool = True
     attention_cells: int | None = allowed(None, ge=1)
-    attention_window: int | None = allowed(None, ge=1)
-    inquiry_channels: int | None = allowed(None, ge=1)
-    inquiry_convs: int = allowed(2, ge=0)
+    attention_window: int | None = allowed(15, ge=1)
+    inquiry_channels: int | None = allowed(64, ge=1)
+    inquiry_convs: int = allowed(1, ge=0)
 
     def check(self) -> None:
         super().check()

@@ -26,7 +26,8 @@ model: {{detector: fcos, backbone: resnet18, fpn_channels: 32, levels: [P2, P3, 
 teacher: {{backbone: resnet18, fpn_channels: 64, weights: {root}/no_such_teacher.pth}}
 distill:
   method: hmkd
-  options: {{hidden: 16, heads: 2}}
+  # the decoder trained on jointly over the whole map: every decoder part runs (the FLOP accounting below)
+  options: {{hidden: 16, heads: 2, decoder_training: joint, attention_window: null}}
 """
 
 
@@ -108,7 +109,7 @@ def test_cost_bench_tiny_writes_tables(tiny_cfg, tmp_path, one_thread, counted_s
     none, hmkd, fitnet, icd, variant = data["methods"]
     assert none["phases_s"]["teacher_forward"] == 0 and none["step_ratio"] == 1
     assert hmkd["phases_s"]["teacher_forward"] > 0 and hmkd["phases_s"]["distill_forward"] > 0
-    assert hmkd["options"] == {"hidden": 16, "heads": 2}  # the config's options go to its own method
+    assert hmkd["options"] == {"hidden": 16, "heads": 2, "decoder_training": "joint", "attention_window": None}  # the config's options go to its own method
 
     # HMKD's and ICD's parts: the profiler's ranges in the real distill_losses
     for row, method in ((hmkd, "hmkd"), (icd, "icd")):
@@ -124,7 +125,7 @@ def test_cost_bench_tiny_writes_tables(tiny_cfg, tmp_path, one_thread, counted_s
     for name in ("decoder_aux", "decoder_attention", "others", "small_fg", "attention_term", "gcblock_bg"):
         assert hmkd["parts"][name]["calls"] >= 1 and hmkd["parts"][name]["forward_s"] > 0, name
     assert "parts" not in fitnet and "parts" not in none
-    assert variant["base_method"] == "hmkd" and variant["options"] == {"hidden": 16, "heads": 2, "aux_every": 2}
+    assert variant["base_method"] == "hmkd" and variant["options"] == {"hidden": 16, "heads": 2, "decoder_training": "joint", "attention_window": None, "aux_every": 2}
     assert "parts" not in variant  # the split is for plain methods
     assert set(data["targets"]) == {"step_ratio", "memory_ratio", "mask_share", "floor"}
     # the floor: no-KD step + the method's own teacher forward; every HMKD row is checked against it

@@ -12,7 +12,8 @@ from hmkd.distill.matching.decoder import MatchingDecoder, Windowed, window_cell
 from hmkd.distill.matching.projection import StudentValueProjection
 from hmkd.errors import ConfigError
 
-SMALL = {"hidden": 32, "heads": 4}
+# the decoder trained on jointly over the whole key map unless a test asks for a window
+SMALL = {"hidden": 32, "heads": 4, "decoder_training": "joint", "attention_window": None}
 SIZES = [(44, 64), (48, 60)]  # two images, padded to 48 x 64: a 12 x 16 map of stride 4
 PADDED = (48, 64)
 BOXES = [torch.tensor([[3.0, 4.0, 10.0, 12.0], [30.0, 20.0, 40.0, 33.0]]), torch.tensor([[50.0, 40.0, 58.0, 47.0]])]
@@ -149,9 +150,33 @@ def test_inquiry_head_width_and_depth(make_pair, make_batch) -> None:
                         options={**SMALL, "inquiry_channels": 8, "inquiry_convs": 1})
     convs = [m for m in d.inquiry_heads["P3"].modules() if isinstance(m, torch.nn.Conv2d)]
     assert [(c.in_channels, c.out_channels) for c in convs] == [(32, 8), (8, 1)]
-    default = build_distiller("hmkd", student=student, teacher=teacher, options=SMALL)
+    default = build_distiller("hmkd", student=student, teacher=teacher, options={"hidden": 32, "heads": 4})
     convs = [m for m in default.inquiry_heads["P3"].modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels) for c in convs] == [(32, 64), (64, 1)]  # one 64-channel block
+    full = build_distiller("hmkd", student=student, teacher=teacher,
+                           options={**SMALL, "inquiry_convs": 2, "inquiry_channels": None})
+    convs = [m for m in full.inquiry_heads["P3"].modules() if isinstance(m, torch.nn.Conv2d)]
     assert [(c.in_channels, c.out_channels) for c in convs] == [(32, 32), (32, 32), (32, 1)]
     d.train()
     losses = d(*make_batch(), iteration=10**6)
     assert losses["distill.inquiry_p3"].item() > 0
+
+
+def test_the_default_is_a_frozen_decoder_in_15_cell_windows(make_pair, make_batch) -> None:
+    """HMKD's defaults: a fitted decoder kept frozen (no aux task, no decoder optimiser, no gradient into
+    it), each inquiry attending over 15 x 15 cells of P2, the one-block 64-channel Inquiry Head."""
+    student, teacher = make_pair()
+    d = build_distiller("hmkd", student=student, teacher=teacher, options={"hidden": 32, "heads": 4})
+    o = d.options
+    assert (o.decoder_fit, o.decoder_training, o.attention_window, o.inquiry_convs, o.inquiry_channels) == (
+        "auto", "frozen", 15, 1, 64)
+    assert not any(p.requires_grad for p in d.decoders.parameters())
+    assert all(name != "decoder" for name, _, _ in d.make_extra_optimizers())
+    d.train()
+    losses = d(*make_batch(), iteration=10**6)
+    assert not any(k.startswith("aux.") for k in losses)
+    assert {"distill.small_attn_p2", "distill.inquiry_p3", "distill.small_fg_p2", "metric.in_box_p2"} <= set(losses)
+    losses["distill.small_attn_p2"].backward()
+    assert all(p.grad is None for p in d.decoders.parameters())
+    with pytest.raises(ConfigError, match="decoder_training"):
+        build_distiller("hmkd", student=student, teacher=teacher, options={"decoder_fit": "none"})

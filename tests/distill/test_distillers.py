@@ -168,7 +168,7 @@ def test_hmkd_aux_every_skips_the_decoder_task_exactly_on_off_steps(make_pair, m
     are those of an every-step distiller with the same weights, and no gradient reaches the decoder."""
     student, teacher = make_pair()
     images, targets = make_batch()
-    base = {"hidden": 32, "heads": 4}
+    base = {"hidden": 32, "heads": 4, "decoder_training": "joint"}
     torch.manual_seed(3)
     d1 = build_distiller("hmkd", student=student, teacher=teacher, options=base)
     torch.manual_seed(3)

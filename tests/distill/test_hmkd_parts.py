@@ -13,7 +13,9 @@ from hmkd.distill.hmkd import PROFILE_PARTS
 from hmkd.distill.icd import PROFILE_PARTS as ICD_PARTS
 from hmkd.distill.inquiry import inquiry_loss
 
-SMALL = {"hidden": 32, "heads": 4}
+# the decoder trained on jointly over the whole key map (the full-map reading these tests are about; the
+# default, a frozen fitted decoder attending in windows, is tests/distill/test_attention_window.py's)
+SMALL = {"hidden": 32, "heads": 4, "decoder_training": "joint", "attention_window": None}
 
 
 def _run(d, images, targets, iteration=0):
@@ -111,7 +113,7 @@ def test_hmkd_step_records_every_part_in_order(shared_pair, make_batch) -> None:
 def test_icd_step_records_its_parts(shared_pair, make_batch) -> None:
     assert ICD_PARTS == ("decoder_aux", "decoder_attention", "attention_term")
     student, teacher = shared_pair
-    d = build_distiller("icd", student=student, teacher=teacher, options=SMALL)
+    d = build_distiller("icd", student=student, teacher=teacher, options={"hidden": 32, "heads": 4})
     d.train()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         d(*make_batch(), iteration=0)

@@ -42,7 +42,7 @@ NONE_INIT = "none_init"
 #: name -> (method, options, label); their run folders are ``<name with - for _>_s<seed>``
 NAMED_ROWS: dict[str, tuple[str, dict[str, Any], str]] = {
     "icd_fitted": ("icd", {"decoder_fit": "auto"}, "ICD (decoder pre-fitted on the teacher)"),
-    "hmkd_scratch": ("hmkd", {"decoder_fit": "none"}, "HMKD (decoder learnt from scratch)"),
+    "hmkd_scratch": ("hmkd", {"decoder_fit": "none", "decoder_training": "joint"}, "HMKD (decoder learnt from scratch)"),
 }
 LABELS = {"teacher": "teacher", "none": "student (no-KD)", NONE_INIT: "student (no-KD, teacher-initialised)",
           "fitnet": "FitNet", "fgd": "FGD", "icd": "ICD", "hmkd": "HMKD"}

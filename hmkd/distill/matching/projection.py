@@ -49,7 +49,7 @@ class StudentValueProjection(nn.Module):
         if cells is not None and cells.dim() == 1:
             pos = maps[0].flatten(2) if len(maps) == 1 else torch.cat([mp.flatten(2) for mp in maps], dim=2)  # [B, C, U]
             picked = self.proj(pos[cells // pos.shape[2], :, cells % pos.shape[2]])  # [M, hidden], no copy of the map
-            return picked.reshape(cells.shape[0], self.heads, -1)
+            return picked.reshape(cells.shape[0], self.heads, self.proj.out_features // self.heads)
         flat = torch.cat([mp.flatten(2).transpose(1, 2) for mp in maps], dim=1)  # [B, U, C]
         if cells is not None:
             flat = flat.gather(1, cells[..., None].expand(-1, -1, flat.shape[-1]))

@@ -60,7 +60,9 @@ def test_only_decoder_methods_have_extra_optimisers(pair) -> None:
         d = build_distiller(name, student=student, teacher=teacher if name != "none" else None)
         assert d.extra_optimizers() == [] and d.extra_modules() == {}
     for name in ("icd", "hmkd"):
-        opts = {**SMALL, "decoder_lr": 3e-4, "decoder_weight_decay": 0.02, "decoder_clip": 5.0}
+        # a decoder that learns during distillation (HMKD's default keeps its fitted decoder frozen)
+        learns = {"decoder_training": "joint"} if name == "hmkd" else {}
+        opts = {**SMALL, **learns, "decoder_lr": 3e-4, "decoder_weight_decay": 0.02, "decoder_clip": 5.0}
         d = build_distiller(name, student=student, teacher=teacher, options=opts)
         extra = d.extra_optimizers()
         assert [(n, type(o), c) for n, o, c in extra] == [("decoder", torch.optim.AdamW, 5.0)]
@@ -70,7 +72,7 @@ def test_only_decoder_methods_have_extra_optimisers(pair) -> None:
         assert {id(p) for p in group["params"]} == {id(p) for m in d.extra_modules().values() for p in m.parameters()}
         assert len(d.extra_schedulers(10)) == 1  # the decoder's schedule (ICD cosine, HMKD constant)
         assert d.extra_optimizers() is extra  # built once: the trainer and step_extra_optimizers share it
-        no_clip = build_distiller(name, student=student, teacher=teacher, options={**SMALL, "decoder_clip": None})
+        no_clip = build_distiller(name, student=student, teacher=teacher, options={**SMALL, **learns, "decoder_clip": None})
         assert no_clip.extra_optimizers()[0][2] is None
 
 

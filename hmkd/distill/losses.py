@@ -114,48 +114,32 @@ def attention_weighted_mse(
             f"{tuple(values_t.shape)} differ"
         )
     b, h, nq, u = m.shape
-    if index is not None:
-        return _windowed_attention_mse(m, values_s, values_t, valid, reduction, index)
-    if values_s.shape[:3] != (b, h, u) or tuple(valid.shape) != (b, nq):
-        raise ValueError(
-            f"attention_weighted_mse: m {tuple(m.shape)}, values {tuple(values_s.shape)} and "
-            f"valid {tuple(valid.shape)} do not fit"
-        )
+    if index is None:
+        fits = values_s.shape[:3] == (b, h, u) and tuple(valid.shape) == (b, nq)
+        what = f"values {tuple(values_s.shape)}"
+    else:
+        fits = values_s.dim() == 3 and values_s.shape[1] == h and tuple(index.shape) == (b, nq, u) \
+            and tuple(valid.shape) == (b, nq)
+        what = f"window values {tuple(values_s.shape)}, index {tuple(index.shape)}"
+    if not fits:
+        raise ValueError(f"attention_weighted_mse: m {tuple(m.shape)}, {what} and valid {tuple(valid.shape)} do not fit")
     if reduction not in ("batch", "image"):
         raise ValueError(f"attention_weighted_mse: reduction must be 'batch' or 'image', got {reduction!r}")
     c = values_s.shape[-1]
     ln_s = F.layer_norm(values_s, (c,))
     ln_t = F.layer_norm(values_t.detach(), (c,))
-    mse_c = (ln_s - ln_t).pow(2).mean(dim=-1)  # [B, h, U]
-    # the real inquiries' attention summed: [B, h, U] (ICD's value_mask)
-    sel = valid[:, None, None, :].to(mse_c.dtype).expand(b, h, 1, nq)
-    w = torch.matmul(sel, m.detach().to(mse_c.dtype)).squeeze(2)
-    per_head = (w * mse_c).sum(dim=-1)  # [B, h]
+    mse_c = (ln_s - ln_t).pow(2).mean(dim=-1)  # [B, h, U]; windows: [M, h], once per distinct cell
+    if index is None:
+        # the real inquiries' attention summed: [B, h, U] (ICD's value_mask)
+        sel = valid[:, None, None, :].to(mse_c.dtype).expand(b, h, 1, nq)
+        w = torch.matmul(sel, m.detach().to(mse_c.dtype)).squeeze(2)
+        per_head, weight = (w * mse_c).sum(dim=-1), w.sum(dim=-1)  # [B, h]
+    else:  # each inquiry's attention over its own window cells, MSE_c read there
+        w = m.detach().to(mse_c.dtype) * valid[:, None, :, None].to(mse_c.dtype)
+        per_head = (w * mse_c[index].permute(0, 3, 1, 2)).sum(dim=(2, 3))
+        weight = w.sum(dim=(2, 3))
     if reduction == "image":
-        return (per_head / w.sum(dim=-1).clamp(min=1e-6)).mean()
-    n_s = valid.sum().clamp(min=1).to(mse_c.dtype)
-    return per_head.sum() / (h * n_s)
-
-
-def _windowed_attention_mse(m: Tensor, values_s: Tensor, values_t: Tensor, valid: Tensor, reduction: str,
-                            index: Tensor) -> Tensor:
-    """:func:`attention_weighted_mse` over windows: ``MSE_c`` once per distinct cell, then read at each
-    inquiry's window cells."""
-    b, h, nq, k = m.shape
-    if values_s.dim() != 3 or values_s.shape[1] != h or tuple(index.shape) != (b, nq, k) or tuple(valid.shape) != (b, nq):
-        raise ValueError(
-            f"attention_weighted_mse: m {tuple(m.shape)}, window values {tuple(values_s.shape)}, index "
-            f"{tuple(index.shape)} and valid {tuple(valid.shape)} do not fit"
-        )
-    if reduction not in ("batch", "image"):
-        raise ValueError(f"attention_weighted_mse: reduction must be 'batch' or 'image', got {reduction!r}")
-    c = values_s.shape[-1]
-    mse_c = (F.layer_norm(values_s, (c,)) - F.layer_norm(values_t.detach(), (c,))).pow(2).mean(dim=-1)  # [M, h]
-    at_windows = mse_c[index].permute(0, 3, 1, 2)  # [B, h, Nq, K]
-    w = m.detach().to(mse_c.dtype) * valid[:, None, :, None].to(mse_c.dtype)
-    per_head = (w * at_windows).sum(dim=(2, 3))  # [B, h]
-    if reduction == "image":
-        return (per_head / w.sum(dim=(2, 3)).clamp(min=1e-6)).mean()
+        return (per_head / weight.clamp(min=1e-6)).mean()
     n_s = valid.sum().clamp(min=1).to(mse_c.dtype)
     return per_head.sum() / (h * n_s)
 

@@ -562,8 +562,8 @@ class MatchingDecoder(nn.Module):
     ) -> tuple[Tensor, Tensor, Tensor]:
         """:meth:`build_inquiries` then :meth:`attend`: returns (m, values [B, heads, U, c], valid)
         (over full-map :class:`KeyValues`; :meth:`attention` takes windows too)."""
-        queries, valid = self.build_inquiries(boxes, labels, image_sizes, query_map, query_stride)
-        return self.attend(queries, kv), kv.values, valid
+        m, valid, kv = self.attention(boxes, labels, image_sizes, kv, query_map, query_stride)
+        return m, kv.values, valid
 
     def attention(
         self,
